@@ -1,0 +1,1 @@
+"""Everything that touches the reactor: sockets, timers, websocket, HTTP, signals."""

@@ -1,0 +1,1 @@
+"""The sans-IO core: bytes and ``now`` in, commands out.  Standard library only."""

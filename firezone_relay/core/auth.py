@@ -1,0 +1,84 @@
+"""Firezone credentials and stateless nonces.
+
+Credentials (upstream scheme): the username is ``<unix expiry>:<salt>`` and
+the password is the unpadded standard base64 of
+``SHA-256("<expiry>:<secret>:<salt>")``, so the relay needs no user table:
+anyone holding the relay secret (the portal) can mint credentials.
+
+Nonces are stateless (SPEC §3): ``obMatJos2`` + the RFC 8489 security
+feature set (password algorithms) + the issue time + a truncated HMAC of the
+issue time and the client address under a per-process key.  Checking one
+costs an HMAC and no memory; a nonce is bound to the client address and
+valid for ``NONCE_LIFETIME`` seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from typing import Optional, Tuple
+
+REALM = "firezone"
+NONCE_LIFETIME = 600
+
+#: RFC 8489 §9.2: the nonce cookie and the security feature set with the
+#: "password algorithms" bit (the first of the 24 bits) set, base64-encoded.
+NONCE_COOKIE = "obMatJos2"
+NONCE_FEATURES = base64.b64encode(b"\x80\x00\x00").decode("ascii")
+_NONCE_PREFIX = NONCE_COOKIE + NONCE_FEATURES
+_NONCE_MAC_BYTES = 12
+
+
+def generate_password(secret: str, expiry: int, salt: str) -> str:
+    """The password for ``<expiry>:<salt>`` under ``secret``."""
+    digest = hashlib.sha256(("%d:%s:%s" % (expiry, secret, salt)).encode("utf-8")).digest()
+    return base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def make_credentials(secret: str, expiry: int, salt: str) -> Tuple[str, str]:
+    """``(username, password)`` valid until the unix time ``expiry``."""
+    return "%d:%s" % (expiry, salt), generate_password(secret, expiry, salt)
+
+
+def parse_username(username: str) -> Optional[Tuple[int, str]]:
+    """``(expiry, salt)`` of a Firezone username, or ``None`` when malformed."""
+    expiry_text, sep, salt = username.partition(":")
+    if not sep or ":" in salt or not expiry_text.isdigit() or not expiry_text.isascii():
+        return None
+    expiry = int(expiry_text)
+    if expiry >= 1 << 64:
+        return None
+    return expiry, salt
+
+
+class NonceFactory:
+    """Issues and checks stateless nonces bound to a client address."""
+
+    def __init__(self, key: bytes, lifetime: int = NONCE_LIFETIME) -> None:
+        self._key = key
+        self._lifetime = lifetime
+
+    def _mac(self, issued: int, client: Tuple[str, int]) -> str:
+        text = b"%d|%s|%d" % (issued, client[0].encode("ascii", "replace"), client[1])
+        mac = hmac.new(self._key, text, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
+        return base64.urlsafe_b64encode(mac).decode("ascii")
+
+    def issue(self, client: Tuple[str, int], now: float) -> str:
+        issued = int(now)
+        return "%s%x.%s" % (_NONCE_PREFIX, issued, self._mac(issued, client))
+
+    def is_valid(self, nonce: str, client: Tuple[str, int], now: float) -> bool:
+        """True when ``nonce`` was issued by us to ``client`` less than the lifetime ago."""
+        if not nonce.startswith(_NONCE_PREFIX):
+            return False
+        issued_hex, dot, mac = nonce[len(_NONCE_PREFIX) :].partition(".")
+        if not dot or not 0 < len(issued_hex) <= 16:
+            return False
+        try:
+            issued = int(issued_hex, 16)
+        except ValueError:
+            return False
+        if not issued <= now < issued + self._lifetime:
+            return False
+        return hmac.compare_digest(mac.encode("ascii", "replace"), self._mac(issued, client).encode("ascii"))
