@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, type-check the core and run trial.
+# Ends with a plain "N passed, N failed[, N skipped]" line; exits non-zero when
+# mypy or any test failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# coturn's turnutils_uclient drives the interop tests.  They skip without it,
+# except in CI, so CI must install it.
+if ! command -v turnutils_uclient >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q coturn \
+            || { echo "could not install coturn" >&2; [ "${CI:-}" = true ] && exit 1; }
+        # The package enables a turnserver service on some systems; we only want the client tools.
+        if command -v systemctl >/dev/null 2>&1; then systemctl disable --now coturn >/dev/null 2>&1 || true; fi
+    else
+        echo "turnutils_uclient not found and not root: skipping the coturn install (interop tests will skip)" >&2
+    fi
+fi
+
+. scripts/_venv.sh
+ensure_venv || exit 1
+# Regular install, not editable: an editable install hides the twistd plugin.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check '.[test]' || exit 1
+
+status=0
+echo "== mypy --strict firezone_relay/core"
+.venv/bin/python -m mypy --strict firezone_relay/core || status=1
+
+echo "== trial"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+.venv/bin/python -m twisted.trial -j2 tests 2>&1 | tee "$log"
+trial_status=${PIPESTATUS[0]}
+[ "$trial_status" = 0 ] || status=1
+
+# Trial ends with e.g. "PASSED (skips=1, successes=9)" or
+# "FAILED (failures=1, errors=2, successes=9)"; CI reads "N passed, N failed".
+.venv/bin/python - "$log" "$trial_status" <<'PY'
+import re, sys
+text = open(sys.argv[1], errors="replace").read()
+found = re.findall(r"^(PASSED|FAILED) \(([^)]*)\)\s*$", text, re.M)
+counts = dict((k, int(v)) for k, v in re.findall(r"(\w+)=(\d+)", found[-1][1])) if found else {}
+passed = counts.get("successes", 0)
+failed = counts.get("failures", 0) + counts.get("errors", 0) + counts.get("unexpectedSuccesses", 0)
+if not found and sys.argv[2] != "0":
+    failed = max(failed, 1)  # trial crashed before its summary
+line = "%d passed, %d failed" % (passed, failed)
+skipped = counts.get("skips", 0)
+if skipped:
+    line += ", %d skipped" % skipped
+print(line)
+PY
+exit $status
