@@ -1,0 +1,380 @@
+"""The UDP shell around the relay core.
+
+Theory of operation: the core (``firezone_relay.core.relay.Relay``) is a
+state machine that never touches a socket or a clock.  This module owns the
+sockets and the one timer, and runs a single *pump* after every input:
+
+1. feed the input to the core (a datagram on the listen port, a datagram on
+   an allocation port, or the timer firing);
+2. send the ``Transmit`` tuple it returned, if any (the per-packet path);
+3. drain ``next_command()`` and carry each command out (open/close allocation
+   ports, send control-plane datagrams, log allocations);
+4. re-arm the single ``DelayedCall`` from ``poll_timeout()``.
+
+Sockets: each (port, family) gets its own UDP socket, IPv6 ones with
+``IPV6_V6ONLY`` so IPv4 and IPv6 can share a port number and IPv4 peers never
+show up as ``::ffff:`` addresses.  We create, configure and bind the socket
+ourselves (socket options must be set before ``bind``; a failed bind must be
+reported to the core, not crash), then hand it to the reactor with
+``adoptDatagramPort(..., maxPacketSize=65535)`` (the default of 8192 would
+silently truncate) and close our copy (the reactor dups the descriptor).
+
+The per-packet path sends with the raw socket's ``sendto``: Twisted's
+``Port.write`` re-validates the address on every call.  Send errors are
+counted by reason in ``RelayService.drops`` and the datagram dropped; nothing
+raised by the core or a socket escapes ``datagramReceived`` (a core bug must
+not take the listener down), and such errors are logged at most once per
+kind per ``_ERROR_LOG_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from firezone_relay.core import commands as C
+
+log = Logger(namespace="firezone_relay.adapters.udp")
+
+MAX_DATAGRAM = 65535
+_ERROR_LOG_INTERVAL = 60.0
+
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+# Linux values where the socket module lacks the names.
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+_IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+_IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+
+_SEND_ERRORS = {
+    errno.EAGAIN: "send_eagain",
+    errno.EWOULDBLOCK: "send_eagain",
+    errno.ENOBUFS: "send_enobufs",
+    errno.ECONNREFUSED: "send_refused",
+    errno.EMSGSIZE: "send_too_big",
+    errno.EHOSTUNREACH: "send_unreachable",
+    errno.ENETUNREACH: "send_unreachable",
+    errno.EINVAL: "send_invalid",
+}
+
+
+class _ClientProtocol(DatagramProtocol):
+    """The listen port of one family: datagrams from TURN clients."""
+
+    def __init__(self, service: "RelayService", family: int) -> None:
+        self.service = service
+        self.family = family
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        service = self.service
+        try:
+            transmit = service._handle_client_input(data, addr, service._now())
+            if transmit is not None:
+                service._transmit(transmit)
+            service._pump()
+        except Exception as exc:
+            service._internal_error("client", exc)
+
+    def connectionRefused(self) -> None:
+        self.service.drops["refused"] += 1
+
+
+class _PeerProtocol(DatagramProtocol):
+    """One allocation port of one family: datagrams from peers."""
+
+    def __init__(self, service: "RelayService", port: int, family: int) -> None:
+        self.service = service
+        self.port = port
+        self.family = family
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        service = self.service
+        try:
+            transmit = service._handle_peer_traffic(data, addr, self.port, self.family, service._now())
+            if transmit is not None:
+                service._transmit(transmit)
+            service._pump()
+        except Exception as exc:
+            service._internal_error("peer", exc)
+
+    def connectionRefused(self) -> None:
+        self.service.drops["refused"] += 1
+
+
+class _Drops(dict):  # type: ignore[type-arg]
+    """Drop counters by reason; unknown reasons start at 0."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+class RelayService(Service):
+    """Runs a ``Relay`` core on UDP sockets.
+
+    ``bind_ip4`` / ``bind_ip6``: addresses to bind for each family, ``None``
+    for a family the relay does not serve.  ``reactor`` does the I/O;
+    ``clock`` (default: the reactor) owns time and the timer, so a test can
+    pass a ``task.Clock`` and advance it.
+    """
+
+    def __init__(
+        self,
+        relay: Any,
+        listen_port: int,
+        bind_ip4: Optional[str] = "0.0.0.0",
+        bind_ip6: Optional[str] = None,
+        socket_buffer: int = 0,
+        reactor: Any = None,
+        clock: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.relay = relay
+        self.listen_port = listen_port
+        self.bind = {4: bind_ip4, 6: bind_ip6}
+        self.socket_buffer = socket_buffer
+        self.reactor = reactor
+        self.clock = reactor if clock is None else clock
+        # time.time is what the default reactor's seconds() returns, and
+        # cheaper to call per packet; an injected clock is asked instead.
+        self._now: Callable[[], float] = time.time if clock is None else self.clock.seconds
+        # Bound methods looked up once: the per-packet path is hot.
+        self._handle_client_input = relay.handle_client_input
+        self._handle_peer_traffic = relay.handle_peer_traffic
+        self._next_command = relay.next_command
+        self._poll_timeout = relay.poll_timeout
+        # (port) -> raw socket object, one dict per family, for sendto.
+        self._sockets: Dict[int, Dict[int, socket.socket]] = {4: {}, 6: {}}
+        self._ports: Dict[Tuple[int, int], Any] = {}
+        self._closing: set[defer.Deferred[None]] = set()
+        self._timer: Any = None
+        self._deadline: Optional[float] = None
+        self._error_logged: Dict[str, float] = {}
+        self.drops: Dict[str, int] = _Drops()
+        self.errors: Dict[str, int] = _Drops()
+        self.listening: Dict[int, Any] = {}
+
+    # --- life cycle ---------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        # Listeners open here, before the reactor runs, so that a port that
+        # cannot be bound stops twistd at start-up with the reason.
+        super().privilegedStartService()
+        for family in (4, 6):
+            if self.bind[family] is not None and family not in self.listening:
+                self._open_listener(family)
+
+    def startService(self) -> None:
+        super().startService()
+        for family in (4, 6):  # when used without privilegedStartService (tests)
+            if self.bind[family] is not None and family not in self.listening:
+                self._open_listener(family)
+        self._pump()
+
+    def stopService(self) -> "defer.Deferred[Any]":
+        super().stopService()
+        self._cancel_timer()
+        waits = [d for d in self._closing]
+        for key, port in list(self._ports.items()):
+            waits.append(self._close(key[0], key[1]))
+        self.listening.clear()
+        return defer.gatherResults([d for d in waits if d is not None], consumeErrors=True)
+
+    # --- sockets ------------------------------------------------------------
+
+    def _make_socket(self, family: int, port: int, dont_fragment: bool = False) -> socket.socket:
+        ip = self.bind[family]
+        if ip is None:
+            raise OSError(errno.EAFNOSUPPORT, "family IPv%d is not served" % family)
+        sock = socket.socket(_AF[family], socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if family == 6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if self.socket_buffer:
+                for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, opt, self.socket_buffer)
+                    except OSError:
+                        pass  # best effort: the kernel caps it anyway
+            if dont_fragment:
+                if family == 4:
+                    sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _IPV6_PMTUDISC_DO)
+            sock.bind((ip, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _adopt(self, sock: socket.socket, family: int, protocol: DatagramProtocol) -> Any:
+        try:
+            return self.reactor.adoptDatagramPort(sock.fileno(), _AF[family], protocol, maxPacketSize=MAX_DATAGRAM)
+        finally:
+            sock.close()  # the reactor has its own duplicate of the descriptor
+
+    def _open_listener(self, family: int) -> None:
+        sock = self._make_socket(family, self.listen_port)
+        if self.socket_buffer:
+            log.info(
+                "listener IPv{family} {address}: SO_RCVBUF {rcvbuf} SO_SNDBUF {sndbuf} (asked for {asked})",
+                family=family,
+                address="%s:%d" % (self.bind[family], sock.getsockname()[1]),
+                rcvbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                sndbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                asked=self.socket_buffer,
+            )
+        port = self._adopt(sock, family, _ClientProtocol(self, family))
+        number = port.getHost().port
+        if self.listen_port == 0:  # tests ask for any free port
+            self.listen_port = number
+        self.listening[family] = port
+        self._ports[(number, family)] = port
+        self._sockets[family][number] = port.socket
+
+    def _open_port(self, port: int, family: int, dont_fragment: bool) -> bool:
+        if (port, family) in self._ports:
+            return False
+        try:
+            sock = self._make_socket(family, port, dont_fragment)
+            listening = self._adopt(sock, family, _PeerProtocol(self, port, family))
+        except Exception as exc:  # OSError, CannotListenError: the core picks another port
+            self.errors["open_port:%s" % (getattr(exc, "errno", None) or type(exc).__name__)] += 1
+            return False
+        self._ports[(port, family)] = listening
+        self._sockets[family][port] = listening.socket
+        return True
+
+    def _close(self, port: int, family: int) -> Optional["defer.Deferred[None]"]:
+        listening = self._ports.pop((port, family), None)
+        self._sockets[family].pop(port, None)
+        if listening is None:
+            return None
+        d = listening.stopListening()
+        if d is None:
+            return None
+        self._closing.add(d)
+        d.addBoth(self._closed, d)
+        return d
+
+    def _closed(self, result: Any, d: "defer.Deferred[None]") -> Any:
+        self._closing.discard(d)
+        return result
+
+    def port_numbers(self) -> list[Tuple[int, int]]:
+        """``(port, family)`` of every open socket, listeners included."""
+        return sorted(self._ports)
+
+    # --- the pump -------------------------------------------------------------
+
+    def _transmit(self, transmit: Tuple[int, int, Tuple[str, int], bytes]) -> None:
+        source_port, family, destination, payload = transmit
+        try:
+            self._sockets[family][source_port].sendto(payload, destination)
+        except OSError as exc:
+            self.drops[_SEND_ERRORS.get(exc.errno or 0, "send_error")] += 1
+        except KeyError:
+            self.drops["no_socket"] += 1
+
+    def _pump(self) -> None:
+        command = self._next_command()
+        while command is not None:
+            self._execute(command)
+            command = self._next_command()
+        deadline = self._poll_timeout()
+        if deadline != self._deadline:
+            self._arm(deadline)
+
+    def _arm(self, deadline: Optional[float]) -> None:
+        self._deadline = deadline
+        if deadline is None:
+            self._cancel_timer()
+            return
+        delay = max(0.0, deadline - self.clock.seconds())
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._timer = self.clock.callLater(delay, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        self._deadline = None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline, self._deadline = self._deadline, None
+        now = self.clock.seconds()
+        if deadline is not None and deadline > now:
+            now = deadline  # the core never sees a time before the deadline it asked for
+        try:
+            self.relay.handle_timeout(now)
+            self._pump()
+        except Exception as exc:
+            self._internal_error("timer", exc)
+            if self._timer is None and self.running:
+                # Do not spin on a failing deadline, but do not stop either.
+                self._deadline = None
+                self._timer = self.clock.callLater(1.0, self._on_timer)
+
+    def _execute(self, command: Any) -> None:
+        kind = type(command)
+        if kind is C.SendDatagram:
+            self._transmit((command.source_port, command.family, command.destination, command.payload))
+        elif kind is C.OpenPort:
+            ok = self._open_port(command.port, command.family, command.dont_fragment)
+            self.relay.handle_port_result(command.port, command.family, ok, self._now())
+        elif kind is C.ClosePort:
+            self._close(command.port, command.family)
+        elif kind is C.AllocationCreated:
+            log.info(
+                "allocation created: client {client} user {username} port {port} relayed {relayed} lifetime {lifetime}s",
+                client=_addr(command.client),
+                username=command.username,
+                port=command.port,
+                relayed=[_addr(a) for a in command.relayed],
+                lifetime=command.lifetime,
+            )
+        elif kind is C.AllocationDeleted:
+            log.info(
+                "allocation deleted: client {client} user {username} port {port} ({reason})",
+                client=_addr(command.client),
+                username=command.username,
+                port=command.port,
+                reason=command.reason,
+            )
+        # ChannelBound/Unbound and PermissionAdded/Removed exist for a kernel
+        # fast path that mirrors them; the userspace path needs nothing.
+
+    # --- errors ----------------------------------------------------------------
+
+    def _internal_error(self, where: str, exc: Exception) -> None:
+        kind = "%s:%s" % (where, type(exc).__name__)
+        self.errors[kind] += 1
+        now = time.monotonic()
+        last = self._error_logged.get(kind)
+        if last is None or now - last >= _ERROR_LOG_INTERVAL:
+            self._error_logged[kind] = now
+            log.failure(
+                "internal error handling {where} input (count {count}; logged at most once a minute per kind)",
+                where=where,
+                count=self.errors[kind],
+            )
+
+
+def _addr(address: Tuple[str, int]) -> str:
+    ip, port = address
+    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)

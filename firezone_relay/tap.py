@@ -1,0 +1,424 @@
+"""``twistd firezone-relay``: command-line options and the composition root.
+
+Every flag is also read from an environment variable (the flag in capitals,
+dashes as underscores, e.g. ``LISTEN_PORT``; the portal ones are
+``FIREZONE_API_URL``, ``FIREZONE_TOKEN`` and ``FIREZONE_NAME``).  Precedence
+is flag > environment > default: environment values are prepended to the
+command line as synthetic arguments, so a later (real) flag overrides them
+and both go through the same validation.  ``--help`` shows only the class
+defaults, never the environment, so a token is never echoed.
+
+``makeService`` builds the relay core and the adapters that feed it.  The
+reactor is imported there, not at module level, so that ``twistd
+--reactor=...`` still chooses it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import socket
+import sys
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from firezone_relay import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.application.service import MultiService
+
+log = Logger(namespace="firezone_relay.tap")
+
+SOFTWARE = "firezone-relay (python) %s" % __version__
+DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
+
+#: Portal mode (SPEC §6) is a separate piece of work; until it lands a token
+#: is refused rather than silently ignored.
+PORTAL_MODE_IMPLEMENTED = False
+
+#: Route lookup target for public address detection: connect() on a UDP
+#: socket only asks the kernel for a route, no packet is sent.
+_ROUTE_PROBE_IP4 = ("192.0.2.1", 3478)  # TEST-NET-1; any routable-looking address works
+
+# [long name, short, default, description]
+_PARAMETERS: list[list[Any]] = [
+    ["public-ip4-addr", None, None, "Public IPv4 address of this relay (default: the primary address of the host)"],
+    ["public-ip6-addr", None, None, "Public IPv6 address of this relay (IPv6 is served only when given)"],
+    ["bind-ip4-addr", None, "0.0.0.0", "IPv4 address to bind"],
+    ["bind-ip6-addr", None, "::", "IPv6 address to bind"],
+    ["listen-port", None, "3478", "UDP port for STUN/TURN"],
+    ["lowest-port", None, "49152", "Lowest allocation port"],
+    ["highest-port", None, "65535", "Highest allocation port"],
+    ["api-url", None, "wss://api.firezone.dev", "Portal websocket URL"],
+    ["token", None, None, "Portal token, or the path of a file holding it (portal mode)"],
+    ["name", None, None, "Name of this relay shown in the portal"],
+    ["rng-seed", None, None, "Seed for the random number generator (deterministic secret and ports; testing only)"],
+    ["log-format", None, "human", "Log format: human or json (one JSON object per line on stdout)"],
+    ["health-check-addr", None, "0.0.0.0:8080", "host:port of the HTTP health and metrics endpoint"],
+    ["auth-secret", None, None, "Credential secret (standalone mode only; default: random, logged once)"],
+    ["user-allocation-limit", None, None, "Allocations per username, 0 = unlimited (default: 1 with a token, 0 without)"],
+    ["max-allocations", None, "0", "Allocations in total, 0 = unlimited"],
+    ["drain-timeout", None, None, "Seconds to wait for allocations to end after SIGTERM (default: no limit)"],
+    ["socket-buffer", None, str(DEFAULT_SOCKET_BUFFER), "SO_RCVBUF/SO_SNDBUF in bytes, 0 = OS default"],
+]
+_FLAGS: list[list[Any]] = [
+    ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
+]
+_REPEATABLE = ("allow-peer", "deny-peer")
+
+_SPECIAL_ENV = {"api-url": "FIREZONE_API_URL", "token": "FIREZONE_TOKEN", "name": "FIREZONE_NAME"}
+
+
+def env_name(flag: str) -> str:
+    """The environment variable read for ``--flag``."""
+    return _SPECIAL_ENV.get(flag, flag.upper().replace("-", "_"))
+
+
+def _with_env(description: str, flag: str) -> str:
+    return "%s [env: %s]" % (description, env_name(flag))
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def read_token(value: str) -> str:
+    """The token itself, or the stripped content of the file ``value`` names.
+
+    A value that looks like a path (starts with ``/`` or ``./``) must be a
+    readable file; any other value is a file if one exists by that name, and
+    the token itself otherwise.
+    """
+    looks_like_path = value.startswith("/") or value.startswith("./")
+    if looks_like_path or os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise usage.UsageError(
+                "--token names a file that cannot be read: %s" % (exc.strerror if isinstance(exc, OSError) else exc)
+            ) from None
+        if not token:
+            raise usage.UsageError("--token names an empty file")
+        return token
+    return value
+
+
+def _parse_ip(flag: str, value: str, version: int) -> str:
+    try:
+        ip = ipaddress.ip_address(value.strip("[]") if version == 6 else value)
+    except ValueError:
+        raise usage.UsageError("--%s: %r is not an IPv%d address" % (flag, value, version)) from None
+    if ip.version != version:
+        raise usage.UsageError("--%s: %r is an IPv%d address, expected IPv%d" % (flag, value, ip.version, version))
+    return ip.compressed
+
+
+def _parse_int(flag: str, value: Any, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise usage.UsageError("--%s: %r is not an integer" % (flag, value)) from None
+    if low is not None and number < low:
+        if low == 0:
+            raise usage.UsageError("--%s must not be negative (got %d)" % (flag, number))
+        raise usage.UsageError("--%s must be between %d and %d (got %d)" % (flag, low, high, number))
+    if high is not None and number > high:
+        raise usage.UsageError("--%s must be between %d and %d (got %d)" % (flag, low, high, number))
+    return number
+
+
+def _parse_network(flag: str, value: str) -> str:
+    try:
+        return ipaddress.ip_network(value.strip(), strict=False).compressed
+    except ValueError:
+        raise usage.UsageError("--%s: %r is not a CIDR (e.g. 203.0.113.0/24 or 2001:db8::/32)" % (flag, value)) from None
+
+
+def _parse_host_port(flag: str, value: str) -> Tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise usage.UsageError("--%s: %r is not host:port" % (flag, value))
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise usage.UsageError("--%s: %r is not host:port with an IP address as host" % (flag, value)) from None
+    return host, _parse_int(flag, port_text, 0, 65535)
+
+
+def _check_secret(value: str) -> str:
+    if not value:
+        raise usage.UsageError("--auth-secret must not be empty")
+    if len(value) > 256:
+        raise usage.UsageError("--auth-secret must be at most 256 characters")
+    if not all(33 <= ord(c) <= 126 for c in value) or ":" in value:
+        raise usage.UsageError("--auth-secret must be printable ASCII without spaces or ':'")
+    return value
+
+
+class Options(usage.Options):
+    """Options of ``twistd firezone-relay``; ``Options(environ=...)`` in tests."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "A STUN/TURN relay for Firezone. Without a token it runs standalone: TURN is served at once "
+        "with --auth-secret or a generated secret (logged once, with the command that mints "
+        "credentials for it). Every flag is also read from the environment variable shown."
+    )
+    optParameters = [[n, s, d, _with_env(h, n)] for n, s, d, h in _PARAMETERS]
+    optFlags = [[n, s, _with_env(h, n)] for n, s, h in _FLAGS]
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__()
+        self._environ: Mapping[str, str] = os.environ if environ is None else environ
+        for flag in _REPEATABLE:
+            self[flag] = []
+        self._env_counts = {flag: 0 for flag in _REPEATABLE}
+
+    def opt_allow_peer(self, value: str) -> None:
+        """Allow peers in this CIDR, repeatable [env: ALLOW_PEER, comma-separated]"""
+        self["allow-peer"].append(value)
+
+    def opt_deny_peer(self, value: str) -> None:
+        """Deny peers in this CIDR, repeatable [env: DENY_PEER, comma-separated]"""
+        self["deny-peer"].append(value)
+
+    def opt_version(self) -> None:
+        """Print the version and exit"""
+        print(SOFTWARE)
+        sys.exit(0)
+
+    def _environment_arguments(self) -> list[str]:
+        env = self._environ
+        args: list[str] = []
+        for name, _short, _default, _help in _PARAMETERS:
+            var = env_name(name)
+            if var in env:
+                args += ["--" + name, env[var]]
+        for name, _short, _help in _FLAGS:
+            var = env_name(name)
+            if var in env:
+                text = env[var].strip().lower()
+                if text in _TRUE:
+                    args.append("--" + name)
+                elif text not in _FALSE:
+                    raise usage.UsageError("%s: %r is not a boolean (true/false)" % (var, env[var]))
+        for name in _REPEATABLE:
+            values = [v.strip() for v in env.get(env_name(name), "").split(",") if v.strip()]
+            self._env_counts[name] = len(values)
+            for v in values:
+                args += ["--" + name, v]
+        return args
+
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
+        if options is None:
+            options = sys.argv[1:]
+        super().parseOptions(self._environment_arguments() + list(options))
+
+    def postOptions(self) -> None:
+        # A repeatable flag given on the command line replaces the
+        # environment's list instead of adding to it (flag > env).
+        for name in _REPEATABLE:
+            n = self._env_counts[name]
+            if len(self[name]) > n:
+                self[name] = self[name][n:]
+
+        if self["public-ip4-addr"] is not None:
+            self["public-ip4-addr"] = _parse_ip("public-ip4-addr", self["public-ip4-addr"], 4)
+        if self["public-ip6-addr"] is not None:
+            self["public-ip6-addr"] = _parse_ip("public-ip6-addr", self["public-ip6-addr"], 6)
+        self["bind-ip4-addr"] = _parse_ip("bind-ip4-addr", self["bind-ip4-addr"], 4)
+        self["bind-ip6-addr"] = _parse_ip("bind-ip6-addr", self["bind-ip6-addr"], 6)
+
+        listen = self["listen-port"] = _parse_int("listen-port", self["listen-port"], 1, 65535)
+        lowest = self["lowest-port"] = _parse_int("lowest-port", self["lowest-port"], 1024, 65535)
+        highest = self["highest-port"] = _parse_int("highest-port", self["highest-port"], 1024, 65535)
+        if lowest > highest:
+            raise usage.UsageError("--lowest-port (%d) must not be above --highest-port (%d)" % (lowest, highest))
+        if lowest <= listen <= highest:
+            raise usage.UsageError(
+                "--listen-port (%d) must not be inside the allocation range %d-%d" % (listen, lowest, highest)
+            )
+
+        if self["rng-seed"] is not None:
+            self["rng-seed"] = _parse_int("rng-seed", self["rng-seed"])
+        if self["log-format"] not in ("human", "json"):
+            raise usage.UsageError("--log-format must be human or json (got %r)" % (self["log-format"],))
+        self["health-check-addr"] = _parse_host_port("health-check-addr", self["health-check-addr"])
+        self["max-allocations"] = _parse_int("max-allocations", self["max-allocations"], 0)
+        if self["user-allocation-limit"] is not None:
+            self["user-allocation-limit"] = _parse_int("user-allocation-limit", self["user-allocation-limit"], 0)
+        self["socket-buffer"] = _parse_int("socket-buffer", self["socket-buffer"], 0)
+        if self["drain-timeout"] is not None:
+            try:
+                drain = float(self["drain-timeout"])
+            except ValueError:
+                raise usage.UsageError("--drain-timeout: %r is not a number of seconds" % (self["drain-timeout"],))
+            if not drain >= 0 or drain == float("inf"):
+                raise usage.UsageError("--drain-timeout must be a non-negative number of seconds")
+            self["drain-timeout"] = drain
+        self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
+        self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
+
+        if self["token"] is not None:
+            if not self["token"].strip():
+                self["token"] = None
+            else:
+                self["token"] = read_token(self["token"])
+        if self["auth-secret"] is not None:
+            if self["token"]:
+                raise usage.UsageError(
+                    "--auth-secret is for standalone mode only; in portal mode the relay makes its own secret"
+                )
+            _check_secret(self["auth-secret"])
+        if self["user-allocation-limit"] is None:
+            self["user-allocation-limit"] = 1 if self["token"] else 0
+
+        if self["token"] and not PORTAL_MODE_IMPLEMENTED:
+            raise usage.UsageError(
+                "portal mode (--token / FIREZONE_TOKEN) is not implemented yet; "
+                "run without a token for standalone mode"
+            )
+
+        # twistd: --log-format json becomes twistd's own --logger, so that
+        # twistd's start-up lines and redirected stdout are JSON too and
+        # nothing is written twice (see firezone_relay.logs).
+        parent = getattr(self, "parent", None)
+        if self["log-format"] == "json" and parent is not None and "logger" in parent:
+            if parent["logger"] is None:
+                parent["logger"] = "firezone_relay.logs.json_observer"
+
+
+def detect_public_ip4() -> Optional[str]:
+    """The source address of the host's default IPv4 route, or ``None``.
+
+    ``connect()`` on a UDP socket makes the kernel pick a route and a source
+    address; no packet is sent.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(_ROUTE_PROBE_IP4)
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    if not isinstance(ip, str) or ip == "0.0.0.0":
+        return None
+    return ip
+
+
+def make_secret(auth_secret: Optional[str], rng_seed: Optional[int]) -> Tuple[str, bool]:
+    """``(secret, generated)``: the given secret, or 32 random bytes as 64 lowercase hex."""
+    if auth_secret is not None:
+        return auth_secret, False
+    if rng_seed is not None:
+        raw = random.Random(rng_seed).getrandbits(256).to_bytes(32, "big")
+    else:
+        raw = os.urandom(32)
+    return raw.hex(), True
+
+
+def raise_nofile_limit() -> Optional[Tuple[int, int]]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; ``(old, new)`` or ``None``."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
+def relay_config(options: Options, secret: str) -> Any:
+    """The core's ``RelayConfig`` for these options."""
+    from firezone_relay.core.relay import RelayConfig
+
+    return RelayConfig(
+        auth_secret=secret,
+        public_ip4=options["public-ip4-addr"],
+        public_ip6=options["public-ip6-addr"],
+        listen_port=options["listen-port"],
+        lowest_port=options["lowest-port"],
+        highest_port=options["highest-port"],
+        user_allocation_limit=options["user-allocation-limit"],
+        max_allocations=options["max-allocations"],
+        allow_loopback_peers=bool(options["allow-loopback-peers"]),
+        allow_peers=options["allow-peer"],
+        deny_peers=options["deny-peer"],
+        software=SOFTWARE,
+    )
+
+
+def makeService(options: Options) -> "MultiService":
+    """The relay: core state machine + UDP adapter, in one ``MultiService``."""
+    from twisted.application.service import MultiService
+
+    from firezone_relay.adapters.udp import RelayService
+    from firezone_relay.core.relay import Relay
+
+    limits = raise_nofile_limit()
+    if limits is not None:
+        log.info("open file limit: {old} -> {new}", old=limits[0], new=limits[1])
+
+    if options["public-ip4-addr"] is None and options["public-ip6-addr"] is None:
+        detected = detect_public_ip4()
+        if detected is None:
+            options["public-ip4-addr"] = "127.0.0.1"
+            log.warn(
+                "no --public-ip4-addr/--public-ip6-addr and no IPv4 route found: "
+                "using 127.0.0.1 (only local clients can reach this relay)"
+            )
+        else:
+            options["public-ip4-addr"] = detected
+            log.info(
+                "no --public-ip4-addr/--public-ip6-addr: using {public_ip4}, the source address of the default route",
+                public_ip4=detected,
+            )
+
+    secret, generated = make_secret(options["auth-secret"], options["rng-seed"])
+    rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else random.SystemRandom()
+    relay = Relay(relay_config(options, secret), rng)
+
+    if generated:
+        # Standalone mode without --auth-secret: the secret exists only in
+        # this process, so it is logged exactly once, with how to use it.
+        log.info(
+            "standalone mode: generated auth secret {auth_secret}; mint credentials with: "
+            "firezone-relay-credentials --secret {auth_secret} --ttl 3600",
+            auth_secret=secret,
+        )
+    else:
+        log.info("standalone mode: using the auth secret from --auth-secret")
+
+    log.info(
+        "{software}: STUN/TURN on UDP port {listen_port} (IPv4 {public_ip4}, IPv6 {public_ip6}), "
+        "allocation ports {lowest_port}-{highest_port}",
+        software=SOFTWARE,
+        listen_port=options["listen-port"],
+        public_ip4=options["public-ip4-addr"],
+        public_ip6=options["public-ip6-addr"],
+        lowest_port=options["lowest-port"],
+        highest_port=options["highest-port"],
+    )
+
+    top = MultiService()
+    udp = RelayService(
+        relay,
+        listen_port=options["listen-port"],
+        bind_ip4=options["bind-ip4-addr"] if options["public-ip4-addr"] else None,
+        bind_ip6=options["bind-ip6-addr"] if options["public-ip6-addr"] else None,
+        socket_buffer=options["socket-buffer"],
+    )
+    udp.setName("udp")
+    udp.setServiceParent(top)
+    return top
