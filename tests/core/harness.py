@@ -29,7 +29,7 @@ def make_relay(
     return Relay(config, random.Random(seed))
 
 
-def credentials(expiry: float = NOW + 3600, salt: str = "n23JJ2wKKtt30oXi", secret: str = SECRET) -> tuple[str, str]:
+def credentials(expiry: float = NOW + 86400, salt: str = "n23JJ2wKKtt30oXi", secret: str = SECRET) -> tuple[str, str]:
     return make_credentials(secret, int(expiry), salt)
 
 
@@ -132,7 +132,7 @@ class Driver:
         sha256: bool = False,
         fingerprint: bool = False,
     ) -> bytes:
-        username, password = creds or credentials(self.now + 3600)
+        username, password = creds or credentials()
         if nonce is None:
             nonce = self.relay._nonces.issue(sender, self.now)
         attrs = list(attributes) + [(stun.USERNAME, username), (stun.REALM, REALM), (stun.NONCE, nonce)]
