@@ -61,7 +61,7 @@ class NonceFactory:
 
     def _mac(self, issued: int, client: Tuple[str, int]) -> str:
         text = b"%d|%s|%d" % (issued, client[0].encode("ascii", "replace"), client[1])
-        mac = hmac.new(self._key, text, hashlib.sha256).digest()[:_NONCE_MAC_BYTES]
+        mac = hmac.digest(self._key, text, "sha256")[:_NONCE_MAC_BYTES]
         return base64.urlsafe_b64encode(mac).decode("ascii")
 
     def issue(self, client: Tuple[str, int], now: float) -> str:
