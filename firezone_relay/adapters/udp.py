@@ -69,6 +69,8 @@ _SEND_ERRORS = {
 class _ClientProtocol(DatagramProtocol):
     """The listen port of one family: datagrams from TURN clients."""
 
+    noisy = False
+
     def __init__(self, service: "RelayService", family: int) -> None:
         self.service = service
         self.family = family
@@ -89,6 +91,8 @@ class _ClientProtocol(DatagramProtocol):
 
 class _PeerProtocol(DatagramProtocol):
     """One allocation port of one family: datagrams from peers."""
+
+    noisy = False  # no "Starting protocol" line per allocation
 
     def __init__(self, service: "RelayService", port: int, family: int) -> None:
         self.service = service
