@@ -60,9 +60,8 @@ class NonceFactory:
         self._lifetime = lifetime
 
     def _mac(self, issued: int, client: Tuple[str, int]) -> str:
-        text = b"%d|%s|%d" % (issued, client[0].encode("ascii", "replace"), client[1])
-        mac = hmac.digest(self._key, text, "sha256")[:_NONCE_MAC_BYTES]
-        return base64.urlsafe_b64encode(mac).decode("ascii")
+        text = ("%d|%s|%d" % (issued, client[0], client[1])).encode("utf-8", "replace")
+        return hmac.digest(self._key, text, "sha256")[:_NONCE_MAC_BYTES].hex()
 
     def issue(self, client: Tuple[str, int], now: float) -> str:
         issued = int(now)
@@ -79,6 +78,6 @@ class NonceFactory:
             issued = int(issued_hex, 16)
         except ValueError:
             return False
-        if not issued <= now < issued + self._lifetime:
+        if issued_hex != "%x" % issued or not issued <= now < issued + self._lifetime:
             return False
-        return hmac.compare_digest(mac.encode("ascii", "replace"), self._mac(issued, client).encode("ascii"))
+        return hmac.compare_digest(mac.encode("utf-8", "replace"), self._mac(issued, client).encode("ascii"))

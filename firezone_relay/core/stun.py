@@ -198,10 +198,20 @@ def ip_family(ip: str) -> int:
     return 6 if ":" in ip else 4
 
 
+_OCTETS = {text: i for i, text in enumerate(str(i) for i in range(256))}
+
+
 def _pack_ip(ip: str) -> bytes:
     if ":" in ip:
         return ipaddress.IPv6Address(ip).packed
-    return ipaddress.IPv4Address(ip).packed
+    parts = ip.split(".")
+    if len(parts) == 4:
+        octets = _OCTETS
+        try:
+            return bytes((octets[parts[0]], octets[parts[1]], octets[parts[2]], octets[parts[3]]))
+        except KeyError:
+            pass
+    raise ValueError("not an IPv4 address: %r" % (ip,))
 
 
 #: Decimal text of every byte value: joining four of these is the fastest
@@ -253,6 +263,10 @@ def _decode_xor_address(value: bytes, tid: bytes) -> Address:
 def _encode_xor_address(addr: object, tid: bytes) -> bytes:
     ip, port = _as_address(addr)
     packed = _pack_ip(ip)
+    if len(packed) == 4:
+        return bytes(
+            (0, 1, (port >> 8) ^ 0x21, (port & 0xFF) ^ 0x12, packed[0] ^ 0x21, packed[1] ^ 0x12, packed[2] ^ 0xA4, packed[3] ^ 0x42)
+        )
     mask = _xor_mask(tid, len(packed))
     xored = (int.from_bytes(packed, "big") ^ int.from_bytes(mask, "big")).to_bytes(len(packed), "big")
     family = b"\x00\x02" if len(packed) == 16 else b"\x00\x01"
@@ -767,11 +781,11 @@ def encode(
     mtype = message_type(method, msg_class)
     if integrity_key is not None:
         header = _HEADER.pack(mtype, len(body) + 24, MAGIC_COOKIE) + transaction_id
-        mac = hmac.new(integrity_key, header + body, hashlib.sha1).digest()
+        mac = hmac.digest(integrity_key, header + body, "sha1")
         body += b"\x00\x08\x00\x14" + mac
     if integrity_sha256_key is not None:
         header = _HEADER.pack(mtype, len(body) + 36, MAGIC_COOKIE) + transaction_id
-        mac = hmac.new(integrity_sha256_key, header + body, hashlib.sha256).digest()
+        mac = hmac.digest(integrity_sha256_key, header + body, "sha256")
         body += b"\x00\x1c\x00\x20" + mac
     if fingerprint:
         header = _HEADER.pack(mtype, len(body) + 8, MAGIC_COOKIE) + transaction_id
@@ -791,7 +805,7 @@ def check_integrity(message: Message, key: bytes) -> bool:
     if offset < 0:
         return False
     raw = message.raw
-    mac = hmac.new(key, _adjusted(raw, offset, 24), hashlib.sha1).digest()
+    mac = hmac.digest(key, _adjusted(raw, offset, 24), "sha1")
     return hmac.compare_digest(mac, raw[offset + 4 : offset + 24])
 
 
