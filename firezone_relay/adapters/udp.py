@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -229,7 +230,11 @@ class RelayService(Service):
             sock.close()  # the reactor has its own duplicate of the descriptor
 
     def _open_listener(self, family: int) -> None:
-        sock = self._make_socket(family, self.listen_port)
+        try:
+            sock = self._make_socket(family, self.listen_port)
+        except OSError as exc:
+            # Fatal at start-up: say which address, not just the errno.
+            raise CannotListenError(self.bind[family], self.listen_port, exc) from exc
         if self.socket_buffer:
             log.info(
                 "listener IPv{family} {address}: SO_RCVBUF {rcvbuf} SO_SNDBUF {sndbuf} (asked for {asked})",

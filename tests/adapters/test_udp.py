@@ -15,6 +15,7 @@ import time
 from typing import Any, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer, reactor, task
+from twisted.internet.error import CannotListenError
 from twisted.trial import unittest
 
 from firezone_relay.adapters.udp import RelayService
@@ -389,14 +390,32 @@ class PortTests(RelayFixture, unittest.TestCase):
 
     def test_dont_fragment_sets_pmtu_discovery(self) -> None:
         fake = _FakeRelay()
-        service = RelayService(fake, 0, bind_ip4="127.0.0.1", clock=task.Clock())
+        v6 = ipv6_available()
+        service = RelayService(fake, 0, bind_ip4="127.0.0.1", bind_ip6="::1" if v6 else None, clock=task.Clock())
         self.addCleanup(service.stopService)
-        port = free_udp_port((4,))
+        port = free_udp_port((4, 6))
         fake.commands = [C.OpenPort(port, 4, dont_fragment=True)]
         service._pump()
         self.assertEqual(fake.port_results, [(port, 4, True)])
         sock = service._sockets[4][port]
         self.assertEqual(sock.getsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU_DISCOVER", 10)), 2)
+        if v6:
+            fake.commands = [C.OpenPort(port, 6, dont_fragment=True)]
+            service._pump()
+            self.assertEqual(fake.port_results[-1], (port, 6, True))
+            sock = service._sockets[6][port]
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU_DISCOVER", 23)), 2)
+            self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
+
+    def test_listener_bind_failure_is_fatal_and_clear(self) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(s.close)
+        s.bind(("127.0.0.1", 0))
+        taken = s.getsockname()[1]
+        service = RelayService(_FakeRelay(), taken, bind_ip4="127.0.0.1", clock=task.Clock())
+        error = self.assertRaises(CannotListenError, service.privilegedStartService)
+        self.assertEqual((error.interface, error.port), ("127.0.0.1", taken))
+        self.assertEqual(service.port_numbers(), [])
 
 
 class RobustnessTests(RelayFixture, unittest.TestCase):
