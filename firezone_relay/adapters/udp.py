@@ -79,9 +79,12 @@ class _ClientProtocol(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         service = self.service
         try:
-            transmit = service._handle_client_input(data, addr, service._now())
-            if transmit is not None:
-                service._transmit(transmit)
+            t = service._handle_client_input(data, addr, service._now())
+            if t is not None:  # (source_port, family, destination, payload)
+                try:
+                    service._sockets[t[1]][t[0]].sendto(t[3], t[2])
+                except OSError as exc:
+                    service._send_failed(exc)
             service._pump()
         except Exception as exc:
             service._internal_error("client", exc)
@@ -103,9 +106,12 @@ class _PeerProtocol(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         service = self.service
         try:
-            transmit = service._handle_peer_traffic(data, addr, self.port, self.family, service._now())
-            if transmit is not None:
-                service._transmit(transmit)
+            t = service._handle_peer_traffic(data, addr, self.port, self.family, service._now())
+            if t is not None:
+                try:
+                    service._sockets[t[1]][t[0]].sendto(t[3], t[2])
+                except OSError as exc:
+                    service._send_failed(exc)
             service._pump()
         except Exception as exc:
             service._internal_error("peer", exc)
@@ -292,9 +298,12 @@ class RelayService(Service):
         try:
             self._sockets[family][source_port].sendto(payload, destination)
         except OSError as exc:
-            self.drops[_SEND_ERRORS.get(exc.errno or 0, "send_error")] += 1
+            self._send_failed(exc)
         except KeyError:
             self.drops["no_socket"] += 1
+
+    def _send_failed(self, exc: OSError) -> None:
+        self.drops[_SEND_ERRORS.get(exc.errno or 0, "send_error")] += 1
 
     def _pump(self) -> None:
         command = self._next_command()
