@@ -252,6 +252,32 @@ class DualAllocationTests(RelayFixture, unittest.TestCase):
         self.assertNotIn((port, 6), service.port_numbers())
 
 
+class HairpinTests(RelayFixture, unittest.TestCase):
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def test_two_clients_of_this_relay(self) -> Any:
+        """Both ends use this relay: the core delivers internally (SPEC §5),
+        the adapter just sends what comes back from the listen port."""
+        self.start_relay()
+        alice, bob = self.client(), self.client()
+        _, a = yield alice.allocate(SECRET, self.expiry(), salt="alice")
+        _, b = yield bob.allocate(SECRET, self.expiry(), salt="bob")
+        a_relayed = a.get_address(stun.XOR_RELAYED_ADDRESS)
+        b_relayed = b.get_address(stun.XOR_RELAYED_ADDRESS)
+        response = yield bob.request(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, a_relayed)])
+        self.assertEqual(response.msg_class, stun.SUCCESS, response)
+        response = yield alice.request(
+            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x5000), (stun.XOR_PEER_ADDRESS, b_relayed)]
+        )
+        self.assertEqual(response.msg_class, stun.SUCCESS, response)
+        alice.send(stun.encode_channel_data(0x5000, b"hi bob"))
+        data = yield bob.next_other()
+        indication = stun.decode(data)
+        self.assertEqual(indication.get_bytes(stun.DATA), b"hi bob")
+        self.assertEqual(indication.get_address(stun.XOR_PEER_ADDRESS), a_relayed)
+
+
 class ExpiryTests(RelayFixture, unittest.TestCase):
     timeout = 15
 
