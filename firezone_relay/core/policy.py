@@ -132,7 +132,7 @@ class PeerPolicy:
             return False
         candidates: list[IPAddr] = [addr]
         if isinstance(addr, ipaddress.IPv6Address):
-            if addr.ipv4_mapped is not None or (int(addr) >> 32 == 0):
+            if addr.ipv4_mapped is not None or (int(addr) >> 32 == 0 and int(addr) > 1):
                 return False  # mapped / compatible: not routable on IPv6-only sockets
             inner = embedded_ipv4(addr)
             if inner is not None:

@@ -1,0 +1,281 @@
+"""Hostile-input tests: the peer policy and the CVE checklist (SECURITY.md)."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from unittest import mock
+
+from hypothesis import given, settings, strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from firezone_relay.core import stun
+from firezone_relay.core.commands import ClosePort, OpenPort, SendDatagram
+from firezone_relay.core.policy import DEFAULT_DENY_V4, DEFAULT_DENY_V6, PeerPolicy
+
+from .harness import CLIENT, PEER, PUBLIC4, Driver, build, credentials, error_code, make_relay
+
+CLIENT2 = ("198.51.100.8", 40001)
+
+
+def _neighbours(network: ipaddress._BaseNetwork) -> list[tuple[str, bool]]:
+    """(address, inside) at and just beyond each end of ``network``."""
+    first, last = int(network.network_address), int(network.broadcast_address)
+    cls = type(network.network_address)
+    top = (1 << network.max_prefixlen) - 1
+    out = [(str(cls(first)), True), (str(cls(last)), True)]
+    if first > 0:
+        out.append((str(cls(first - 1)), False))
+    if last < top:
+        out.append((str(cls(last + 1)), False))
+    return out
+
+
+class PolicyBoundaryTests(SynchronousTestCase):
+    """Walk the first, last and neighbouring address of every default-deny range."""
+
+    def test_every_default_range_boundary(self) -> None:
+        policy = PeerPolicy()
+        networks = [ipaddress.ip_network(n) for n in DEFAULT_DENY_V4 + DEFAULT_DENY_V6]
+        for network in networks:
+            for address, inside in _neighbours(network):
+                addr = ipaddress.ip_address(address)
+                covered = any(addr.version == n.version and addr in n for n in networks)
+                if isinstance(addr, ipaddress.IPv6Address) and int(addr) >> 32 == 0:
+                    covered = True  # IPv4-compatible / mapped space is never relayed
+                expected = not covered
+                if isinstance(addr, ipaddress.IPv6Address) and addr.sixtofour is not None:
+                    expected = expected and PeerPolicy().is_allowed(str(addr.sixtofour))
+                self.assertEqual(policy.is_allowed(address), expected, (str(network), address, inside))
+
+    def test_embedded_ipv4_is_unwrapped(self) -> None:
+        policy = PeerPolicy()
+        for ip in ["::ffff:127.0.0.1", "::ffff:127.0.0.2", "::ffff:0.0.0.0", "::127.0.0.1", "64:ff9b::7f00:1",
+                   "2002:7f00:1::", "64:ff9b::a00:1", "2002:a9fe:a9fe::1", "::ffff:8.8.8.8", "::ffff:169.254.169.254"]:
+            self.assertFalse(policy.is_allowed(ip), ip)
+        self.assertTrue(policy.is_allowed("64:ff9b::808:808"))
+        self.assertTrue(policy.is_allowed("2002:808:808::1"))
+
+    def test_explicit_lists(self) -> None:
+        policy = PeerPolicy(allow=["10.1.0.0/16"], deny=["8.8.8.0/24", "2606:4700::/32"])
+        self.assertTrue(policy.is_allowed("10.1.2.3"))
+        self.assertFalse(policy.is_allowed("10.2.0.1"))
+        self.assertFalse(policy.is_allowed("8.8.8.8"))
+        self.assertTrue(policy.is_allowed("8.8.4.4"))
+        self.assertFalse(policy.is_allowed("2606:4700::1111"))
+        self.assertFalse(policy.is_allowed("64:ff9b::808:808"))  # NAT64 of a denied IPv4
+        both = PeerPolicy(allow=["10.0.0.0/8"], deny=["10.9.0.0/16"])
+        self.assertFalse(both.is_allowed("10.9.1.1"))  # deny wins
+        self.assertTrue(both.is_allowed("10.8.1.1"))
+
+    def test_allow_loopback(self) -> None:
+        policy = PeerPolicy(allow_loopback=True)
+        self.assertTrue(policy.is_allowed("127.0.0.1"))
+        self.assertTrue(policy.is_allowed("127.255.255.254"))
+        self.assertTrue(policy.is_allowed("::1"))
+        self.assertFalse(policy.is_allowed("::ffff:127.0.0.1"))
+        self.assertFalse(policy.is_allowed("0.0.0.0"))
+        self.assertFalse(policy.is_allowed("10.0.0.1"))
+
+    def test_bad_cidr_is_refused(self) -> None:
+        with self.assertRaises(ValueError):
+            PeerPolicy(allow=["10.0.0.0/33"])
+        with self.assertRaises(ValueError):
+            PeerPolicy(deny=["not a network"])
+
+    @given(st.integers(0, (1 << 128) - 1))
+    @settings(max_examples=500, deadline=None)
+    def test_ipv6_matches_numeric_ranges(self, value: int) -> None:
+        addr = ipaddress.IPv6Address(value)
+        denied = any(addr in ipaddress.ip_network(n) for n in DEFAULT_DENY_V6) or value >> 32 == 0
+        if not denied and PeerPolicy().is_allowed(str(addr)):
+            return
+        if denied:
+            self.assertFalse(PeerPolicy().is_allowed(str(addr)))
+
+    @given(st.integers(0, (1 << 32) - 1))
+    @settings(max_examples=500, deadline=None)
+    def test_ipv4_matches_numeric_ranges(self, value: int) -> None:
+        addr = ipaddress.IPv4Address(value)
+        denied = any(addr in ipaddress.ip_network(n) for n in DEFAULT_DENY_V4)
+        self.assertEqual(PeerPolicy().is_allowed(str(addr)), not denied)
+
+
+class RelayPathTests(SynchronousTestCase):
+    """The same policy on every relay path (CreatePermission, ChannelBind, Send)."""
+
+    HOSTILE = [("127.0.0.1", 22), ("0.0.0.0", 80), ("169.254.169.254", 80), ("10.0.0.1", 6379), ("255.255.255.255", 9)]
+    HOSTILE6 = [("::1", 22), ("::", 80), ("::ffff:127.0.0.1", 22), ("fe80::1", 5), ("64:ff9b::7f00:1", 80), ("fd00::1", 1)]
+
+    def setUp(self) -> None:
+        self.d = Driver(make_relay(public_ip6="2001:db8::1"))
+        self.port = self.d.relayed_port(self.d.allocate(extra=[(stun.ADDITIONAL_ADDRESS_FAMILY, 2)]))
+
+    def test_create_permission_and_channel_bind_refuse_hostile_peers(self) -> None:
+        d = self.d
+        for peer in self.HOSTILE + self.HOSTILE6:
+            reply = d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, peer)]))
+            self.assertEqual(error_code(reply), 403, peer)
+            reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4100), (stun.XOR_PEER_ADDRESS, peer)]))
+            self.assertEqual(error_code(reply), 403, peer)
+        self.assertEqual(d.relay.permission_count, 0)
+        self.assertEqual(d.relay.channel_count, 0)
+
+    def test_one_bad_peer_fails_the_whole_create_permission(self) -> None:
+        d = self.d
+        reply = d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, PEER), (stun.XOR_PEER_ADDRESS, ("10.0.0.1", 1))]))
+        self.assertEqual(error_code(reply), 403)
+        self.assertEqual(d.relay.permission_count, 0)
+
+    def test_send_indications_never_reach_hostile_peers(self) -> None:
+        d = self.d
+        for peer in self.HOSTILE + self.HOSTILE6:
+            send = build(stun.SEND, d.next_tid(), [(stun.XOR_PEER_ADDRESS, peer), (stun.DATA, b"x")], cls=stun.INDICATION)
+            self.assertEqual(d.client(send)[1], [], peer)
+
+    def test_own_address_only_on_allocation_ports(self) -> None:
+        d = self.d
+        # The IP itself may be permitted (hairpin), but not its listener or other ports.
+        d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, (PUBLIC4, 1))]))
+        for port in (3478, 22, 8080, 49151):
+            send = build(stun.SEND, d.next_tid(), [(stun.XOR_PEER_ADDRESS, (PUBLIC4, port)), (stun.DATA, b"x")], cls=stun.INDICATION)
+            self.assertEqual(d.client(send)[1], [], port)
+            reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4100), (stun.XOR_PEER_ADDRESS, (PUBLIC4, port))]))
+            self.assertEqual(error_code(reply), 403, port)
+        sends = [c for c in d.commands if isinstance(c, SendDatagram) and c.destination[0] == PUBLIC4]
+        self.assertEqual(sends, [])
+
+    def test_peer_data_from_unpermitted_address_is_dropped(self) -> None:
+        d = self.d
+        self.assertIsNone(d.peer(b"x", ("127.0.0.1", 9), self.port)[0])
+        self.assertIsNone(d.peer(b"x", PEER, self.port)[0])
+        self.assertEqual(d.relay.stats.dropped["no_permission"], 2)
+
+
+class MessageHandlingTests(SynchronousTestCase):
+    def test_lifetime_after_message_integrity_is_not_acted_on(self) -> None:
+        d = Driver(make_relay())
+        d.allocate()
+        raw = d.signed(stun.REFRESH, [(stun.LIFETIME, 600)])
+        tail = b"\x00\x0d\x00\x04\x00\x00\x00\x00"  # LIFETIME 0 appended after MI
+        raw = raw[:2] + (len(raw) - 20 + len(tail)).to_bytes(2, "big") + raw[4:] + tail
+        reply = d.request(raw)
+        self.assertEqual(reply.get(stun.LIFETIME), 600)
+        self.assertEqual(d.relay.allocation_count, 1)
+
+    def test_macs_are_compared_in_constant_time(self) -> None:
+        d = Driver(make_relay())
+        raw = d.signed(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)])
+        with mock.patch.object(stun.hmac, "compare_digest", wraps=hmac.compare_digest) as compare:
+            d.request(raw)
+        self.assertGreaterEqual(compare.call_count, 1)
+
+    def test_error_responses_are_built_from_constants(self) -> None:
+        """Two identical bad requests get byte-identical errors (no stale or echoed bytes)."""
+        d = Driver(make_relay(unauthenticated_rate=0))
+        raw = build(0x0AB, d.next_tid(), [(stun.USERNAME, "x" * 500), (stun.SOFTWARE, "attacker")])
+        first = d.request(raw).raw
+        second = d.request(raw).raw
+        self.assertEqual(first, second)
+        self.assertNotIn(b"attacker", first)
+        self.assertNotIn(b"x" * 20, first)
+        reason = stun.decode(first).get(stun.ERROR_CODE)
+        self.assertEqual(reason, (400, "Bad Request"))
+
+    def test_duplicate_peer_address_first_wins(self) -> None:
+        d = Driver(make_relay())
+        port = d.relayed_port(d.allocate())
+        d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, PEER), (stun.XOR_PEER_ADDRESS, ("1.1.1.1", 1))]))
+        self.assertEqual(d.client(stun.encode_channel_data(0x4000, b"x"))[0], (port, 4, PEER, b"x"))
+
+    def test_expired_credentials_refused_on_every_request(self) -> None:
+        d = Driver(make_relay())
+        creds = credentials(expiry=d.now + 100)
+        d.allocate(creds=creds)
+        d.now += 101
+        reply = d.request(d.signed(stun.REFRESH, [], creds=creds))
+        self.assertEqual(error_code(reply), 401)
+
+
+class ResourceTests(SynchronousTestCase):
+    def test_ports_are_not_leaked_on_error_paths(self) -> None:
+        d = Driver(make_relay(lowest_port=50000, highest_port=50003))
+        d.busy_ports = {50000, 50001, 50002, 50003}
+        for i in range(5):
+            self.assertEqual(error_code(d.allocate(("198.51.100.%d" % (i + 1), 1))), 508)
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 0)
+        self.assertEqual(d.relay.memory_footprint()["pending"], 0)
+        d.busy_ports = set()
+        ports = {d.relayed_port(d.allocate(("198.51.101.%d" % (i + 1), 1))) for i in range(4)}
+        self.assertEqual(ports, {50000, 50001, 50002, 50003})
+
+    def test_dual_allocation_failure_closes_the_first_family(self) -> None:
+        d = Driver(make_relay(public_ip6="2001:db8::1", lowest_port=50000, highest_port=50000))
+
+        real_drain = d.drain
+
+        def fail_v6() -> list[object]:
+            out = []
+            while (command := d.relay.next_command()) is not None:
+                out.append(command)
+                if isinstance(command, OpenPort):
+                    ok = command.family == 4
+                    if ok:
+                        d.open_ports.add((command.port, command.family))
+                    d.relay.handle_port_result(command.port, command.family, ok, d.now)
+                elif isinstance(command, ClosePort):
+                    d.open_ports.discard((command.port, command.family))
+            return out
+
+        d.drain = fail_v6  # type: ignore[method-assign, assignment]
+        reply = d.allocate(extra=[(stun.ADDITIONAL_ADDRESS_FAMILY, 2)])
+        self.assertEqual(error_code(reply), 508)
+        self.assertEqual(d.open_ports, set())
+        d.drain = real_drain  # type: ignore[method-assign]
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 0)
+
+    def test_even_port_reservation_released_exactly_once(self) -> None:
+        d = Driver(make_relay(lowest_port=50000, highest_port=50001))
+        d.allocate(extra=[(stun.EVEN_PORT, True)])
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 2)
+        d.advance(31)
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 1)
+        d.request(d.signed(stun.REFRESH, [(stun.LIFETIME, 0)]))
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 0)
+        # EVEN-PORT without R reserves nothing.
+        d.allocate(CLIENT2, extra=[(stun.EVEN_PORT, False)])
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 1)
+
+    def test_user_quota_is_enforced(self) -> None:
+        d = Driver(make_relay(user_allocation_limit=2))
+        for i in range(5):
+            d.allocate(("198.51.100.%d" % (i + 1), 1))
+        self.assertEqual(d.relay.allocation_count, 2)
+
+    def test_nonces_cost_no_memory(self) -> None:
+        d = Driver(make_relay(unauthenticated_rate=0))
+        before = dict(d.relay.memory_footprint())
+        for i in range(2000):
+            d.client(build(stun.ALLOCATE, d.next_tid(), [(stun.REQUESTED_TRANSPORT, 17)]), ("198.51.%d.%d" % (i // 200, i % 200 + 1), 1000 + i))
+        self.assertEqual(d.relay.memory_footprint(), before)
+
+    def test_rate_limit_table_is_bounded(self) -> None:
+        d = Driver(make_relay(unauthenticated_burst=2, unauthenticated_rate=1.0))
+        for i in range(70000):
+            d.relay.handle_client_input(build(stun.BINDING, b"\x00" * 12, []), ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), d.now)
+            d.relay._commands.clear()
+        self.assertLessEqual(len(d.relay._buckets), 65536)
+
+    def test_amplification_of_unauthenticated_replies(self) -> None:
+        """Bytes out per byte in for the smallest unauthenticated requests."""
+        d = Driver(make_relay())
+        binding = build(stun.BINDING, d.next_tid(), [])
+        allocate = build(stun.ALLOCATE, d.next_tid(), [(stun.REQUESTED_TRANSPORT, 17)])
+        ratios = {}
+        for name, request in (("binding", binding), ("allocate", allocate)):
+            _, commands = d.client(request)
+            (reply,) = commands
+            assert isinstance(reply, SendDatagram)
+            ratios[name] = len(reply.payload) / len(request)
+        self.assertLess(ratios["binding"], 4.0)
+        self.assertLess(ratios["allocate"], 6.0)
