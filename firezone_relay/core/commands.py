@@ -8,7 +8,9 @@ directions) do not use them: ``Relay.handle_client_input`` and
 order of magnitude cheaper to build than a dataclass on CPython.
 
 Addresses are ``(ip, port)`` with ``ip`` as text; families are the integers
-4 and 6.
+4 and 6.  A client is identified by its transport address: ``(ip, port)`` for
+UDP, ``(ip, port, connection_id)`` for a stream (TCP or TLS) connection, so
+the two can never be confused and the shell can tell where a reply goes.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 Address = Tuple[str, int]
+#: ``(ip, port)`` for UDP clients, ``(ip, port, connection_id)`` for stream clients.
+Client = Union[Tuple[str, int], Tuple[str, int, int]]
 
 #: ``(source_port, family, destination, payload)``: send ``payload`` to
 #: ``destination`` from the socket bound to ``source_port`` in ``family``.
-Transmit = Tuple[int, int, Address, bytes]
+Transmit = Tuple[int, int, Client, bytes]
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class SendDatagram:
 
     source_port: int
     family: int
-    destination: Address
+    destination: Client
     payload: bytes
 
 
@@ -65,7 +69,7 @@ class ClosePort:
 class ChannelBound:
     """A channel became usable: a kernel fast path may mirror it."""
 
-    client: Address
+    client: Client
     channel: int
     peer: Address
     port: int
@@ -76,7 +80,7 @@ class ChannelBound:
 class ChannelUnbound:
     """A channel stopped being usable (expiry or deletion)."""
 
-    client: Address
+    client: Client
     channel: int
     peer: Address
     port: int
@@ -85,14 +89,14 @@ class ChannelUnbound:
 
 @dataclass(frozen=True)
 class PermissionAdded:
-    client: Address
+    client: Client
     port: int
     peer_ip: str
 
 
 @dataclass(frozen=True)
 class PermissionRemoved:
-    client: Address
+    client: Client
     port: int
     peer_ip: str
 
@@ -101,7 +105,7 @@ class PermissionRemoved:
 class AllocationCreated:
     """For the log: a new allocation is in service."""
 
-    client: Address
+    client: Client
     username: str
     port: int
     relayed: Tuple[Address, ...]
@@ -113,7 +117,7 @@ class AllocationDeleted:
     """For the log: an allocation is gone (``reason``: expired, refresh,
     replaced, port-failed)."""
 
-    client: Address
+    client: Client
     username: str
     port: int
     reason: str

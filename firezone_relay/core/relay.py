@@ -44,6 +44,7 @@ from .auth import NONCE_LIFETIME, REALM, NonceFactory, generate_password, parse_
 from .commands import (
     Address,
     AllocationCreated,
+    Client,
     AllocationDeleted,
     ChannelBound,
     ChannelUnbound,
@@ -184,7 +185,7 @@ class _Request:
 
     __slots__ = ("sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated")
 
-    def __init__(self, sender: Address, message: stun.Message) -> None:
+    def __init__(self, sender: Client, message: stun.Message) -> None:
         self.sender = sender
         self.method = message.method
         self.transaction_id = message.transaction_id
@@ -219,7 +220,7 @@ class _Allocation(_Timed):
         "active",
     )
 
-    def __init__(self, client: Address, username: str, families: tuple[int, ...], lifetime: int) -> None:
+    def __init__(self, client: Client, username: str, families: tuple[int, ...], lifetime: int) -> None:
         super().__init__(0.0)
         self.client = client
         self.username = username
@@ -230,8 +231,8 @@ class _Allocation(_Timed):
         self.permissions: dict[str, _Permission] = {}
         self.channels: dict[int, _Channel] = {}
         self.channel_by_peer: dict[Address, int] = {}
-        #: peer -> (client, 2-byte channel prefix, client family): the fast path
-        self.chan_in: dict[Address, tuple[Address, bytes, int]] = {}
+        #: peer -> (client, 2-byte channel prefix, client family, stream): the fast path
+        self.chan_in: dict[Address, tuple[Client, bytes, int, bool]] = {}
         self.request: Optional[_Request] = None
         self.response = b""
         self.lifetime = lifetime
@@ -267,12 +268,12 @@ class Relay:
         self._software = config.software
         self._draining = False
 
-        self._allocations: dict[Address, _Allocation] = {}
+        self._allocations: dict[Client, _Allocation] = {}
         self._by_port: dict[int, _Allocation] = {}
         self._by_username: dict[str, list[_Allocation]] = {}
         self._pending: dict[tuple[int, int], _Allocation] = {}
         #: client -> channel -> (port, family, peer, hairpin): the fast path
-        self._chan_out: dict[Address, dict[int, tuple[int, int, Address, bool]]] = {}
+        self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool]]] = {}
         self._used_ports: set[int] = set()
         self._reservations: dict[bytes, _Reservation] = {}
         self._timers: list[tuple[float, int, _Timed]] = []
@@ -344,8 +345,9 @@ class Relay:
                 self._expire_reservation(obj)
         self._maybe_clear_timers()
 
-    def handle_client_input(self, data: bytes, sender: Address, now: float) -> Optional[Transmit]:
-        """A datagram from ``sender`` on the listen port."""
+    def handle_client_input(self, data: bytes, sender: Client, now: float) -> Optional[Transmit]:
+        """A datagram from ``sender`` on the listen port, or one framed
+        message from a stream client (``sender`` has three items)."""
         if not data or sender[1] == 0:
             self.stats.drop("malformed" if data else "empty")
             return None
@@ -390,6 +392,8 @@ class Relay:
             stats.peer_to_client_packets += 1
             stats.peer_to_client_bytes += n
             stats.packet_sizes[n // 100 if n < 1600 else 15] += 1
+            if entry[3]:  # streams carry ChannelData padded to 4 bytes (RFC 8656 §12.5)
+                return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data + b"\x00" * (-n % 4))
             return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data)
         permission = alloc.permissions.get(peer[0])
         if permission is None or permission.deadline <= now:
@@ -410,6 +414,22 @@ class Relay:
         stats.peer_to_client_bytes += n
         stats.packet_sizes[n // 100 if n < 1600 else 15] += 1
         return (self.config.listen_port, _family_of(alloc.client[0]), alloc.client, indication)
+
+    def handle_client_closed(self, client: Client, now: float) -> None:
+        """A stream client's connection is gone: its allocation goes with it."""
+        alloc = self._allocations.get(client)
+        if alloc is None:
+            return
+        if alloc.active:
+            self._delete_allocation(alloc, "connection closed")
+        else:  # still waiting for its ports: forget it, close what was bound
+            for key in [k for k, v in self._pending.items() if v is alloc]:
+                del self._pending[key]
+            for family in alloc.opened_families:
+                self._commands.append(ClosePort(alloc.port, family))
+            self._used_ports.discard(alloc.port)
+            del self._allocations[client]
+            alloc.dead = True
 
     def handle_port_result(self, port: int, family: int, ok: bool, now: float) -> None:
         """The shell's answer to ``OpenPort(port, family)``."""
@@ -464,7 +484,7 @@ class Relay:
 
     # --- STUN dispatch -------------------------------------------------------
 
-    def _handle_stun(self, data: bytes, sender: Address, now: float) -> None:
+    def _handle_stun(self, data: bytes, sender: Client, now: float) -> None:
         try:
             message = stun.decode(data)
         except stun.StunDecodeError as exc:
@@ -503,6 +523,7 @@ class Relay:
             elif method == stun.CHANNEL_BIND:
                 self._handle_channel_bind(message, request, now)
             else:
+                self._derive_key(message, request)
                 self._error(request, 400, now)
         elif cls == stun.INDICATION and message.method == stun.SEND:
             self._handle_send(message, sender, now)
@@ -513,7 +534,7 @@ class Relay:
 
     def _send(
         self,
-        to: Address,
+        to: Client,
         method: int,
         cls: int,
         tid: bytes,
@@ -582,7 +603,7 @@ class Relay:
             now,
             [
                 (stun.REALM, REALM),
-                (stun.NONCE, self._nonces.issue(request.sender, now)),
+                (stun.NONCE, self._nonces.issue((request.sender[0], request.sender[1]), now)),
                 (stun.PASSWORD_ALGORITHMS, _PASSWORD_ALGORITHMS),
             ],
         )
@@ -626,32 +647,15 @@ class Relay:
         request whose USERNAME has the Firezone form gets signed replies,
         errors included.
         """
+        parsed, algorithms_ok = self._derive_key(message, request)
         username = message.get_str(stun.USERNAME)
-        parsed = parse_username(username) if username is not None else None
-        algorithm = stun.ALGORITHM_MD5
-        algorithm_value = message.get(stun.PASSWORD_ALGORITHM)
-        algorithms_value = message.get(stun.PASSWORD_ALGORITHMS)
-        algorithms_ok = True
-        if algorithm_value is not None or algorithms_value is not None:
-            algorithms_ok = (
-                isinstance(algorithm_value, tuple)
-                and algorithms_value == _PASSWORD_ALGORITHMS
-                and algorithm_value in _PASSWORD_ALGORITHMS
-            )
-            if algorithms_ok and isinstance(algorithm_value, tuple):
-                algorithm = algorithm_value[0]
-        if username is not None and parsed is not None:
-            request.username = username
-            password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
-            request.key = stun.long_term_key(username, REALM, password, algorithm)
-            request.sha256 = message.integrity_sha256_offset >= 0
         has_integrity = message.integrity_offset >= 0 or message.integrity_sha256_offset >= 0
         nonce = message.get_str(stun.NONCE)
         if not has_integrity or username is None or nonce is None:
             self._auth_failure("missing_credentials")
             self._challenge(request, 401, now)
             return False
-        if not self._nonces.is_valid(nonce, request.sender, now):
+        if not self._nonces.is_valid(nonce, (request.sender[0], request.sender[1]), now):
             self._auth_failure("stale_nonce")
             self._challenge(request, 438, now)
             return False
@@ -677,6 +681,31 @@ class Relay:
             return False
         request.authenticated = True
         return True
+
+    def _derive_key(self, message: stun.Message, request: _Request) -> tuple[Optional[tuple[int, str]], bool]:
+        """Set ``request.key`` from a Firezone-form USERNAME so that every
+        reply to it is signed.  Returns the parsed username and whether the
+        PASSWORD-ALGORITHM(S) attributes are acceptable (RFC 8489 §9.2.4)."""
+        username = message.get_str(stun.USERNAME)
+        parsed = parse_username(username) if username is not None else None
+        algorithm = stun.ALGORITHM_MD5
+        algorithm_value = message.get(stun.PASSWORD_ALGORITHM)
+        algorithms_value = message.get(stun.PASSWORD_ALGORITHMS)
+        algorithms_ok = True
+        if algorithm_value is not None or algorithms_value is not None:
+            algorithms_ok = (
+                isinstance(algorithm_value, tuple)
+                and algorithms_value == _PASSWORD_ALGORITHMS
+                and algorithm_value in _PASSWORD_ALGORITHMS
+            )
+            if algorithms_ok and isinstance(algorithm_value, tuple):
+                algorithm = algorithm_value[0]
+        if username is not None and parsed is not None:
+            request.username = username
+            password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
+            request.key = stun.long_term_key(username, REALM, password, algorithm)
+            request.sha256 = message.integrity_sha256_offset >= 0
+        return parsed, algorithms_ok
 
     def _auth_failure(self, reason: str) -> None:
         failures = self.stats.auth_failures
@@ -711,7 +740,7 @@ class Relay:
         if not self._unauthenticated_allowed(request.sender[0], now):
             self.stats.drop("rate_limited")
             return
-        self._reply(request, [(stun.XOR_MAPPED_ADDRESS, request.sender)])
+        self._reply(request, [(stun.XOR_MAPPED_ADDRESS, (request.sender[0], request.sender[1]))])
 
     # --- Allocate ----------------------------------------------------------------
 
@@ -884,7 +913,7 @@ class Relay:
         self.stats.allocations_total += 1
         relayed = tuple((self._public[f], alloc.port) for f in alloc.families)
         attributes: list[stun.Attribute] = [(stun.XOR_RELAYED_ADDRESS, address) for address in relayed]
-        attributes.append((stun.XOR_MAPPED_ADDRESS, alloc.client))
+        attributes.append((stun.XOR_MAPPED_ADDRESS, (alloc.client[0], alloc.client[1])))
         attributes.append((stun.LIFETIME, alloc.lifetime))
         if alloc.reserve_next:
             token = self._rng.getrandbits(64).to_bytes(8, "big")
@@ -1069,7 +1098,7 @@ class Relay:
             channel.bound = True
             self.channel_count += 1
             self._chan_out.setdefault(alloc.client, {})[number] = (alloc.port, family, peer, hairpin)
-            alloc.chan_in[peer] = (alloc.client, number.to_bytes(2, "big"), _family_of(alloc.client[0]))
+            alloc.chan_in[peer] = (alloc.client, number.to_bytes(2, "big"), _family_of(alloc.client[0]), len(alloc.client) == 3)
             self._commands.append(ChannelBound(alloc.client, number, peer, alloc.port, family))
         self._schedule(channel)
         self._install_permission(alloc, peer[0], now)
@@ -1098,7 +1127,7 @@ class Relay:
 
     # --- Send indication ----------------------------------------------------------------------
 
-    def _handle_send(self, message: stun.Message, sender: Address, now: float) -> None:
+    def _handle_send(self, message: stun.Message, sender: Client, now: float) -> None:
         alloc = self._allocations.get(sender)
         peer = message.get_address(stun.XOR_PEER_ADDRESS)
         data = message.get_bytes(stun.DATA)

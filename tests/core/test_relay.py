@@ -730,3 +730,36 @@ class ConfigTests(SynchronousTestCase):
             RelayConfig(auth_secret=SECRET, public_ip4=PUBLIC4, listen_port=50000)
         with self.assertRaises(ValueError):
             RelayConfig(auth_secret="", public_ip4=PUBLIC4)
+
+
+class StreamClientTests(SynchronousTestCase):
+    """Stream (TCP/TLS) clients are ``(ip, port, connection_id)``: never confused with UDP."""
+
+    STREAM = ("198.51.100.7", 40000, 7)
+
+    def test_stream_client_allocation_is_separate_from_udp(self) -> None:
+        d = Driver(make_relay())
+        udp_port = d.relayed_port(d.allocate(CLIENT))
+        reply = d.request(d.signed(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)], self.STREAM), self.STREAM)
+        self.assertEqual(reply.get(stun.XOR_MAPPED_ADDRESS), CLIENT)
+        self.assertNotEqual(d.relayed_port(reply), udp_port)
+        self.assertEqual(d.relay.allocation_count, 2)
+
+    def test_stream_channel_data_is_padded(self) -> None:
+        d = Driver(make_relay())
+        port = d.relayed_port(d.request(d.signed(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)], self.STREAM), self.STREAM))
+        d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, PEER)], self.STREAM), self.STREAM)
+        self.assertEqual(d.client(stun.encode_channel_data(0x4000, b"abcde", pad=True), self.STREAM)[0], (port, 4, PEER, b"abcde"))
+        out, _ = d.peer(b"abcde", PEER, port)
+        self.assertEqual(out, (3478, 4, self.STREAM, b"\x40\x00\x00\x05abcde\x00\x00\x00"))
+
+    def test_closing_the_connection_deletes_the_allocation(self) -> None:
+        d = Driver(make_relay())
+        port = d.relayed_port(d.request(d.signed(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)], self.STREAM), self.STREAM))
+        d.relay.handle_client_closed(self.STREAM, d.now)
+        commands = d.drain()
+        self.assertIn(ClosePort(port, 4), commands)
+        self.assertEqual(d.relay.allocation_count, 0)
+        d.relay.handle_client_closed(self.STREAM, d.now)  # twice is harmless
+        self.assertEqual(d.drain(), [])
+        self.assertEqual(set(d.relay.memory_footprint().values()), {0})
