@@ -81,10 +81,13 @@ class _ClientProtocol(DatagramProtocol):
         try:
             t = service._handle_client_input(data, addr, service._now())
             if t is not None:  # (source_port, family, destination, payload)
+                # A call that returns a Transmit queued no command and moved
+                # no deadline (core contract): no pump needed.
                 try:
                     service._sockets[t[1]][t[0]].sendto(t[3], t[2])
                 except OSError as exc:
                     service._send_failed(exc)
+                return
             service._pump()
         except Exception as exc:
             service._internal_error("client", exc)
@@ -108,10 +111,13 @@ class _PeerProtocol(DatagramProtocol):
         try:
             t = service._handle_peer_traffic(data, addr, self.port, self.family, service._now())
             if t is not None:
+                # A call that returns a Transmit queued no command and moved
+                # no deadline (core contract): no pump needed.
                 try:
                     service._sockets[t[1]][t[0]].sendto(t[3], t[2])
                 except OSError as exc:
                     service._send_failed(exc)
+                return
             service._pump()
         except Exception as exc:
             service._internal_error("peer", exc)

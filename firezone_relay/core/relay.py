@@ -16,6 +16,8 @@ output; the relay never touches a socket or a clock.
   returned as a ``Transmit``.  Anything else is dropped.
 * ``handle_timeout(now)``: expire whatever is due.  ``poll_timeout()`` is the
   absolute time of the earliest deadline.
+* A call that returns a ``Transmit`` has queued no command and moved no
+  deadline, so the shell may skip draining commands after it (the hot path).
 * ``handle_port_result(port, family, ok, now)``: the shell's answer to an
   ``OpenPort`` command.  An Allocate's success response is queued only once
   every relayed port it needs is bound; a port that could not be bound is
@@ -366,7 +368,7 @@ class Relay:
             stats = self.stats
             stats.client_to_peer_packets += 1
             stats.client_to_peer_bytes += length
-            stats.packet_sizes[length // 100 if length < 1600 else 15] += 1
+            stats.packet_sizes[(length - 1) // 100 if 0 < length <= 1500 else (15 if length else 0)] += 1
             if entry[3]:
                 return self._hairpin(entry[0], entry[1], entry[2], payload, now)
             return (entry[0], entry[1], entry[2], payload)
@@ -391,7 +393,7 @@ class Relay:
             stats = self.stats
             stats.peer_to_client_packets += 1
             stats.peer_to_client_bytes += n
-            stats.packet_sizes[n // 100 if n < 1600 else 15] += 1
+            stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
             if entry[3]:  # streams carry ChannelData padded to 4 bytes (RFC 8656 §12.5)
                 return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data + b"\x00" * (-n % 4))
             return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data)
@@ -412,7 +414,7 @@ class Relay:
         stats = self.stats
         stats.peer_to_client_packets += 1
         stats.peer_to_client_bytes += n
-        stats.packet_sizes[n // 100 if n < 1600 else 15] += 1
+        stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
         return (self.config.listen_port, _family_of(alloc.client[0]), alloc.client, indication)
 
     def handle_client_closed(self, client: Client, now: float) -> None:
@@ -1146,7 +1148,7 @@ class Relay:
         stats = self.stats
         stats.client_to_peer_packets += 1
         stats.client_to_peer_bytes += len(data)
-        stats.packet_sizes[len(data) // 100 if len(data) < 1600 else 15] += 1
+        stats.packet_sizes[(len(data) - 1) // 100 if 0 < len(data) <= 1500 else (15 if data else 0)] += 1
         if hairpin:
             out = self._hairpin(alloc.port, family, peer, data, now)
             if out is not None:
