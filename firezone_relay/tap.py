@@ -360,9 +360,11 @@ def relay_config(options: Options, secret: str) -> Any:
 
 
 def makeService(options: Options) -> "MultiService":
-    """The relay: core state machine + UDP adapter, in one ``MultiService``."""
+    """The relay: core state machine + UDP adapter + HTTP health/metrics, in one ``MultiService``."""
     from twisted.application.service import MultiService
 
+    from firezone_relay.adapters.http import HealthService, Readiness, ServingFlag
+    from firezone_relay.adapters.metrics import StatsLogger, make_registry
     from firezone_relay.adapters.udp import RelayService
     from firezone_relay.core.relay import Relay
 
@@ -421,4 +423,19 @@ def makeService(options: Options) -> "MultiService":
     )
     udp.setName("udp")
     udp.setServiceParent(top)
+
+    # Health, readiness and metrics (SPEC §6, §7).  Children start in order
+    # and stop in reverse: ServingFlag, after the UDP service, turns
+    # /readyz on once the listeners are open and off first at shutdown.  In
+    # portal mode the portal client sets the readiness flags itself.
+    readiness = Readiness(relay, portal_required=bool(options["token"]))
+    registry, collector = make_registry(relay, readiness)
+    collector.add_drop_source(udp.drops)
+    if not options["token"]:
+        ServingFlag(readiness).setServiceParent(top)
+    StatsLogger(relay).setServiceParent(top)
+    host, port = options["health-check-addr"]
+    health = HealthService(host, port, registry, readiness)
+    health.setName("http")
+    health.setServiceParent(top)
     return top

@@ -321,6 +321,7 @@ class MakeServiceTests(unittest.TestCase):
                 "--bind-ip4-addr=127.0.0.1",
                 "--rng-seed=3",
                 "--socket-buffer=0",
+                "--health-check-addr=127.0.0.1:0",
             ]
         )
         service = tap.makeService(options)
@@ -421,6 +422,7 @@ class ProcessTests(unittest.TestCase):
                 "--highest-port=%d" % high,
                 "--public-ip4-addr=127.0.0.1",
                 "--bind-ip4-addr=127.0.0.1",
+                "--health-check-addr=127.0.0.1:0",
             ]
             + list(extra),
             cwd=cwd,

@@ -180,6 +180,7 @@ class RelayService(Service):
         self.drops: Dict[str, int] = _Drops()
         self.errors: Dict[str, int] = _Drops()
         self.listening: Dict[int, Any] = {}
+        self._usernames: Dict[int, str] = {}  # allocation port -> username, for the channel log lines
 
     # --- life cycle ---------------------------------------------------------
 
@@ -372,6 +373,7 @@ class RelayService(Service):
                 relayed=[_addr(a) for a in command.relayed],
                 lifetime=command.lifetime,
             )
+            self._usernames[command.port] = command.username
         elif kind is C.AllocationDeleted:
             log.info(
                 "allocation deleted: client {client} user {username} port {port} ({reason})",
@@ -380,8 +382,19 @@ class RelayService(Service):
                 port=command.port,
                 reason=command.reason,
             )
-        # ChannelBound/Unbound and PermissionAdded/Removed exist for a kernel
-        # fast path that mirrors them; the userspace path needs nothing.
+            self._usernames.pop(command.port, None)
+        elif kind is C.ChannelBound or kind is C.ChannelUnbound:
+            log.info(
+                "channel {state}: client {client} user {username} port {port} channel {channel:#06x} peer {peer}",
+                state="bound" if kind is C.ChannelBound else "unbound",
+                client=_addr(command.client),
+                username=self._usernames.get(command.port, ""),
+                port=command.port,
+                channel=command.channel,
+                peer=_addr(command.peer),
+            )
+        # PermissionAdded/Removed exist for a kernel fast path that mirrors
+        # them; the userspace path needs nothing (and they are too many to log).
 
     # --- errors ----------------------------------------------------------------
 

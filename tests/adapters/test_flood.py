@@ -212,7 +212,7 @@ class FloodTests(unittest.TestCase):
             TWISTD
             + ["-n", "--pidfile=", "firezone-relay", "--listen-port=%d" % listen_port, "--lowest-port=%d" % low,
                "--highest-port=%d" % high, "--public-ip4-addr=127.0.0.1", "--bind-ip4-addr=127.0.0.1",
-               "--allow-loopback-peers", "--auth-secret=%s" % SECRET],
+               "--allow-loopback-peers", "--auth-secret=%s" % SECRET, "--health-check-addr=127.0.0.1:0"],
             cwd=cwd, env=twistd_env(), stdout=log, stderr=subprocess.STDOUT,
         )
 

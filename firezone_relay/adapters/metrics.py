@@ -1,0 +1,263 @@
+"""Prometheus metrics and the periodic stats log line.
+
+Theory of operation: the core keeps plain integers (``Relay.stats``, the
+allocation/permission/channel counts) and the UDP adapter keeps its own drop
+counters; nothing on the per-packet path does more than an integer addition.
+``RelayCollector`` turns those integers into metric families when Prometheus
+scrapes (``prometheus_client.registry.Collector.collect``), so a metric costs
+nothing between scrapes and cannot drift from what the core counted.
+
+``StatsLogger`` is the other reader of the same integers: every 10 s, while
+bytes are moving, one INFO line like upstream's ``allocations=3 channels=5
+throughput=1.23 MB/s``; nothing when the relay is idle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Mapping, Optional
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger(namespace="firezone_relay.adapters.metrics")
+
+#: The datapath label of what the core relays (an XDP fast path would add "xdp").
+USERSPACE = "userspace"
+#: Upper bounds of ``relay_packet_size_bytes``; ``Relay.stats.packet_sizes[i]``
+#: counts payloads in ``(100*i, 100*(i+1)]`` (0 included in index 0) and index
+#: 15 those above 1500.
+PACKET_SIZE_BOUNDS = tuple(100 * (i + 1) for i in range(15))
+STATS_INTERVAL = 10.0
+
+_FAMILY_LABEL = {4: "ipv4", 6: "ipv6"}
+
+
+class RelayCollector(Collector):
+    """Reads the core's counters (and the adapters' drop counters) at scrape time.
+
+    ``relay``: the ``Relay`` core.  ``readiness``: an object with ``ready``,
+    ``draining`` and ``portal_joined`` attributes (``http.Readiness``); without
+    it the relay counts as ready unless the core is draining.  Drop counters
+    of I/O adapters (``RelayService.drops``: reason -> count) are added with
+    ``add_drop_source``; a reason counted in several places is summed.
+    """
+
+    def __init__(self, relay: Any, readiness: Any = None, drop_sources: Iterable[Mapping[str, int]] = ()) -> None:
+        self.relay = relay
+        self.readiness = readiness
+        self._drop_sources: list[Mapping[str, int]] = list(drop_sources)
+
+    def add_drop_source(self, drops: Mapping[str, int]) -> None:
+        self._drop_sources.append(drops)
+
+    def _flags(self) -> tuple[bool, bool, bool]:
+        """``(ready, draining, portal_connected)``."""
+        draining = bool(self.relay.draining)
+        readiness = self.readiness
+        if readiness is None:
+            return not draining, draining, False
+        draining = draining or bool(readiness.draining)
+        return bool(readiness.ready) and not draining, draining, bool(readiness.portal_joined)
+
+    def collect(self) -> Iterator[Metric]:
+        relay = self.relay
+        stats = relay.stats
+        config = relay.config
+
+        by_family = relay.allocation_count_by_family()
+        active = GaugeMetricFamily(
+            "relay_active_allocations",
+            "Allocations in service, by relayed address family (a dual-stack allocation counts in both).",
+            labels=["family"],
+        )
+        for family in (4, 6):
+            active.add_metric([_FAMILY_LABEL[family]], by_family.get(family, 0))
+        yield active
+
+        yield GaugeMetricFamily(
+            "relay_allocated_ports",
+            "Allocation ports held by allocations in service (one per allocation, whatever its families).",
+            value=relay.allocation_count,
+        )
+        yield GaugeMetricFamily(
+            "relay_port_range_size",
+            "Number of ports in the allocation port range (--lowest-port..--highest-port).",
+            value=config.highest_port - config.lowest_port + 1,
+        )
+        yield CounterMetricFamily(
+            "relay_allocations_total",
+            "Allocations created since start.",
+            value=stats.allocations_total,
+        )
+
+        responses = CounterMetricFamily(
+            "relay_responses_total",
+            "STUN responses sent, by method, class (success/error) and error code (empty for successes).",
+            labels=["message_type", "response_class", "error_code"],
+        )
+        for (message_type, response_class, code), count in sorted(stats.responses.items()):
+            responses.add_metric([message_type, response_class, str(code) if code else ""], count)
+        yield responses
+
+        yield GaugeMetricFamily("relay_channels_active", "Channels currently bound.", value=relay.channel_count)
+        yield GaugeMetricFamily(
+            "relay_permissions_active", "Permissions currently installed.", value=relay.permission_count
+        )
+
+        relayed_bytes = CounterMetricFamily(
+            "relay_data_relayed_bytes_total",
+            "Payload bytes relayed (ChannelData payload or the peer datagram), by direction and datapath.",
+            labels=["direction", "datapath"],
+        )
+        relayed_bytes.add_metric(["client_to_peer", USERSPACE], stats.client_to_peer_bytes)
+        relayed_bytes.add_metric(["peer_to_client", USERSPACE], stats.peer_to_client_bytes)
+        yield relayed_bytes
+        relayed_packets = CounterMetricFamily(
+            "relay_data_relayed_packets_total",
+            "Packets relayed, by direction and datapath.",
+            labels=["direction", "datapath"],
+        )
+        relayed_packets.add_metric(["client_to_peer", USERSPACE], stats.client_to_peer_packets)
+        relayed_packets.add_metric(["peer_to_client", USERSPACE], stats.peer_to_client_packets)
+        yield relayed_packets
+
+        sizes = stats.packet_sizes
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, count in zip(PACKET_SIZE_BOUNDS, sizes):
+            cumulative += count
+            buckets.append((str(bound), cumulative))
+        buckets.append(("+Inf", sum(sizes)))
+        histogram = HistogramMetricFamily(
+            "relay_packet_size_bytes",
+            "Payload size of relayed packets, by datapath.",
+            labels=["datapath"],
+        )
+        histogram.add_metric(
+            [USERSPACE], buckets, sum_value=stats.client_to_peer_bytes + stats.peer_to_client_bytes
+        )
+        yield histogram
+
+        drops = dict(stats.dropped)
+        for source in self._drop_sources:
+            for reason, count in list(source.items()):
+                drops[reason] = drops.get(reason, 0) + count
+        dropped = CounterMetricFamily(
+            "relay_dropped_packets_total",
+            "Datagrams dropped without a reply or a relay, by reason (core decisions and socket send errors).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(drops.items()):
+            dropped.add_metric([reason], count)
+        yield dropped
+
+        failures = CounterMetricFamily(
+            "relay_auth_failures_total",
+            "Requests that failed authentication, by reason (missing_credentials is the normal first 401 "
+            "of every client; stale_nonce the normal 438 after a nonce expires).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.auth_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
+
+        ready, draining, portal_connected = self._flags()
+        yield GaugeMetricFamily(
+            "relay_portal_connected",
+            "1 while joined to the portal, else 0 (always 0 in standalone mode).",
+            value=int(portal_connected),
+        )
+        yield GaugeMetricFamily(
+            "relay_draining", "1 once a drain has started (SIGTERM): no new allocations.", value=int(draining)
+        )
+        yield GaugeMetricFamily("relay_ready", "1 while /readyz answers 200, else 0.", value=int(ready))
+
+
+def make_registry(relay: Any, readiness: Any = None, process_metrics: bool = True) -> tuple[CollectorRegistry, RelayCollector]:
+    """A fresh registry with the relay's collector and, by default, the
+    process and platform collectors (``process_*``, ``python_info``)."""
+    registry = CollectorRegistry()
+    collector = RelayCollector(relay, readiness)
+    registry.register(collector)
+    if process_metrics:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+    return registry, collector
+
+
+def format_rate(bytes_per_second: float) -> str:
+    """Human units, base 1000, three significant digits: ``"1.23 MB/s"``."""
+    value = float(bytes_per_second)
+    units = ("B/s", "kB/s", "MB/s", "GB/s", "TB/s")
+    unit = units[0]
+    for unit in units:
+        if value < 999.5 or unit == units[-1]:
+            break
+        value /= 1000.0
+    if value >= 99.95:
+        text = "%.0f" % value
+    elif value >= 9.995:
+        text = "%.1f" % value
+    else:
+        text = "%.2f" % value
+    return "%s %s" % (text, unit)
+
+
+class StatsLogger(Service):
+    """Logs allocations, channels and throughput every ``interval`` seconds,
+    but only when bytes were relayed since the previous line."""
+
+    def __init__(self, relay: Any, interval: float = STATS_INTERVAL, clock: Any = None) -> None:
+        self.relay = relay
+        self.interval = interval
+        self.clock = clock
+        self._loop: Optional[LoopingCall] = None
+        self._last_bytes = 0
+        self._last_time = 0.0
+
+    def _total_bytes(self) -> int:
+        stats = self.relay.stats
+        return int(stats.client_to_peer_bytes + stats.peer_to_client_bytes)
+
+    def startService(self) -> None:
+        super().startService()
+        loop = LoopingCall(self.tick)
+        if self.clock is not None:
+            loop.clock = self.clock
+        self._last_bytes = self._total_bytes()
+        self._last_time = loop.clock.seconds()
+        self._loop = loop
+        loop.start(self.interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        loop, self._loop = self._loop, None
+        if loop is not None and loop.running:
+            loop.stop()
+
+    def tick(self) -> None:
+        assert self._loop is not None
+        now = self._loop.clock.seconds()
+        total = self._total_bytes()
+        moved = total - self._last_bytes
+        elapsed = now - self._last_time
+        self._last_bytes, self._last_time = total, now
+        if moved <= 0 or elapsed <= 0:
+            return
+        rate = moved / elapsed
+        log.info(
+            "allocations={allocations} channels={channels} throughput={throughput}",
+            allocations=self.relay.allocation_count,
+            channels=self.relay.channel_count,
+            throughput=format_rate(rate),
+            bytes_per_second=round(rate, 1),
+        )
