@@ -63,6 +63,10 @@ _PARAMETERS: list[list[Any]] = [
     ["max-allocations", None, "0", "Allocations in total, 0 = unlimited"],
     ["drain-timeout", None, None, "Seconds to wait for allocations to end after SIGTERM (default: no limit)"],
     ["socket-buffer", None, str(DEFAULT_SOCKET_BUFFER), "SO_RCVBUF/SO_SNDBUF in bytes, 0 = OS default"],
+    ["ebpf-offloading", None, None, "Interface to attach the XDP ChannelData fast path to (Linux, root; off by default)"],
+    ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
+    ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
+    ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -254,6 +258,14 @@ class Options(usage.Options):
         if self["user-allocation-limit"] is not None:
             self["user-allocation-limit"] = _parse_int("user-allocation-limit", self["user-allocation-limit"], 0)
         self["socket-buffer"] = _parse_int("socket-buffer", self["socket-buffer"], 0)
+        if self["ebpf-offloading"] is not None and not self["ebpf-offloading"].strip():
+            self["ebpf-offloading"] = None
+        if self["ebpf-attach-mode"] not in ("generic", "driver"):
+            raise usage.UsageError("--ebpf-attach-mode must be generic or driver (got %r)" % (self["ebpf-attach-mode"],))
+        if self["ebpf-int4-addr"] is not None:
+            self["ebpf-int4-addr"] = _parse_ip("ebpf-int4-addr", self["ebpf-int4-addr"], 4)
+        if self["ebpf-int6-addr"] is not None:
+            self["ebpf-int6-addr"] = _parse_ip("ebpf-int6-addr", self["ebpf-int6-addr"], 6)
         if self["drain-timeout"] is not None:
             try:
                 drain = float(self["drain-timeout"])
@@ -359,6 +371,27 @@ def relay_config(options: Options, secret: str) -> Any:
     )
 
 
+def make_xdp_service(options: Options) -> Any:
+    """The XDP fast path service for ``--ebpf-offloading``, or None."""
+    if not options["ebpf-offloading"]:
+        return None
+    from firezone_relay.xdp.service import XdpService
+
+    service = XdpService(
+        options["ebpf-offloading"],
+        options["ebpf-attach-mode"],
+        listen_port=options["listen-port"],
+        lowest_port=options["lowest-port"],
+        highest_port=options["highest-port"],
+        public4=options["public-ip4-addr"],
+        public6=options["public-ip6-addr"],
+        int4=options["ebpf-int4-addr"],
+        int6=options["ebpf-int6-addr"],
+    )
+    service.setName("xdp")
+    return service
+
+
 def makeService(options: Options) -> "MultiService":
     """The relay: core state machine + UDP adapter + HTTP health/metrics, in one ``MultiService``."""
     from twisted.application.service import MultiService
@@ -414,6 +447,11 @@ def makeService(options: Options) -> "MultiService":
     )
 
     top = MultiService()
+    # The XDP fast path starts before the UDP service (and so stops after
+    # it): it must be attached before the first ChannelBound is mirrored.
+    xdp = make_xdp_service(options)
+    if xdp is not None:
+        xdp.setServiceParent(top)
     udp = RelayService(
         relay,
         listen_port=options["listen-port"],
@@ -422,6 +460,7 @@ def makeService(options: Options) -> "MultiService":
         socket_buffer=options["socket-buffer"],
     )
     udp.setName("udp")
+    udp.fast_path = xdp
     udp.setServiceParent(top)
 
     # Health, readiness and metrics (SPEC §6, §7).  Children start in order
@@ -431,9 +470,10 @@ def makeService(options: Options) -> "MultiService":
     readiness = Readiness(relay, portal_required=bool(options["token"]))
     registry, collector = make_registry(relay, readiness)
     collector.add_drop_source(udp.drops)
+    collector.fast_path = xdp
     if not options["token"]:
         ServingFlag(readiness).setServiceParent(top)
-    StatsLogger(relay).setServiceParent(top)
+    StatsLogger(relay, fast_path=xdp).setServiceParent(top)
     host, port = options["health-check-addr"]
     health = HealthService(host, port, registry, readiness)
     health.setName("http")

@@ -18,6 +18,21 @@ if ! command -v turnutils_uclient >/dev/null 2>&1; then
     fi
 fi
 
+# The XDP fast path (tests/xdp): clang compiles the program, the system
+# libbpf loads it, iproute2/ethtool build the test namespaces, bpftool checks
+# the struct layouts against the object's BTF.  Root only (the tests skip
+# without root); in CI the install must succeed.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    xdp_missing=0
+    for tool in clang bpftool ip ethtool; do command -v "$tool" >/dev/null 2>&1 || xdp_missing=1; done
+    [ -e /usr/include/bpf/libbpf.h ] || xdp_missing=1
+    if [ "$xdp_missing" = 1 ]; then
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            clang llvm libbpf-dev bpftool iproute2 ethtool; } \
+            || { echo "could not install the XDP toolchain" >&2; [ "${CI:-}" = true ] && exit 1; }
+    fi
+fi
+
 . scripts/_venv.sh
 ensure_venv || exit 1
 # Regular install, not editable: an editable install hides the twistd plugin.

@@ -30,8 +30,10 @@ from twisted.logger import Logger
 
 log = Logger(namespace="firezone_relay.adapters.metrics")
 
-#: The datapath label of what the core relays (an XDP fast path would add "xdp").
+#: The datapath label of what the core relays.
 USERSPACE = "userspace"
+#: The datapath label of what the XDP fast path relays (``firezone_relay.xdp``).
+XDP = "xdp"
 #: Upper bounds of ``relay_packet_size_bytes``; ``Relay.stats.packet_sizes[i]``
 #: counts payloads in ``(100*i, 100*(i+1)]`` (0 included in index 0) and index
 #: 15 those above 1500.
@@ -55,6 +57,9 @@ class RelayCollector(Collector):
         self.relay = relay
         self.readiness = readiness
         self._drop_sources: list[Mapping[str, int]] = list(drop_sources)
+        #: The XDP fast path (``XdpService``: ``counters()`` -> ``XdpCounters``
+        #: or None while it is off), read at scrape time like the core.
+        self.fast_path: Any = None
 
     def add_drop_source(self, drops: Mapping[str, int]) -> None:
         self._drop_sources.append(drops)
@@ -120,6 +125,10 @@ class RelayCollector(Collector):
         )
         relayed_bytes.add_metric(["client_to_peer", USERSPACE], stats.client_to_peer_bytes)
         relayed_bytes.add_metric(["peer_to_client", USERSPACE], stats.peer_to_client_bytes)
+        xdp = self.fast_path.counters() if self.fast_path is not None else None
+        if xdp is not None:
+            for direction in ("client_to_peer", "peer_to_client"):
+                relayed_bytes.add_metric([direction, XDP], xdp.total("bytes", direction))
         yield relayed_bytes
         relayed_packets = CounterMetricFamily(
             "relay_data_relayed_packets_total",
@@ -128,7 +137,33 @@ class RelayCollector(Collector):
         )
         relayed_packets.add_metric(["client_to_peer", USERSPACE], stats.client_to_peer_packets)
         relayed_packets.add_metric(["peer_to_client", USERSPACE], stats.peer_to_client_packets)
+        if xdp is not None:
+            for direction in ("client_to_peer", "peer_to_client"):
+                relayed_packets.add_metric([direction, XDP], xdp.total("packets", direction))
         yield relayed_packets
+        if xdp is not None:
+            by_family = CounterMetricFamily(
+                "relay_xdp_relayed_packets_total",
+                "Packets relayed by the XDP fast path, by direction and client/peer address family "
+                "(different families: relayed across IPv4 and IPv6).",
+                labels=["direction", "client_family", "peer_family"],
+            )
+            for (direction, cf, pf), count in sorted(xdp.packets.items()):
+                by_family.add_metric([direction, _FAMILY_LABEL[cf], _FAMILY_LABEL[pf]], count)
+            yield by_family
+            yield CounterMetricFamily(
+                "relay_xdp_hairpin_packets_total",
+                "Packets the XDP fast path relayed from one client of this relay straight to another.",
+                value=xdp.hairpin,
+            )
+            passed = CounterMetricFamily(
+                "relay_xdp_passed_packets_total",
+                "TURN-port datagrams the XDP fast path left to userspace, by reason (miss: no binding).",
+                labels=["reason"],
+            )
+            for reason, count in sorted(xdp.passed.items()):
+                passed.add_metric([reason], count)
+            yield passed
 
         sizes = stats.packet_sizes
         buckets: list[tuple[str, float]] = []
@@ -145,6 +180,15 @@ class RelayCollector(Collector):
         histogram.add_metric(
             [USERSPACE], buckets, sum_value=stats.client_to_peer_bytes + stats.peer_to_client_bytes
         )
+        if xdp is not None:
+            cumulative = 0
+            xdp_buckets: list[tuple[str, float]] = []
+            for bound, count in zip(PACKET_SIZE_BOUNDS, xdp.sizes):
+                cumulative += count
+                xdp_buckets.append((str(bound), cumulative))
+            xdp_buckets.append(("+Inf", sum(xdp.sizes)))
+            xdp_bytes = xdp.total("bytes", "client_to_peer") + xdp.total("bytes", "peer_to_client")
+            histogram.add_metric([XDP], xdp_buckets, sum_value=xdp_bytes)
         yield histogram
 
         drops = dict(stats.dropped)
@@ -216,8 +260,11 @@ class StatsLogger(Service):
     """Logs allocations, channels and throughput every ``interval`` seconds,
     but only when bytes were relayed since the previous line."""
 
-    def __init__(self, relay: Any, interval: float = STATS_INTERVAL, clock: Any = None) -> None:
+    def __init__(self, relay: Any, interval: float = STATS_INTERVAL, clock: Any = None, fast_path: Any = None) -> None:
         self.relay = relay
+        #: The XDP fast path, whose bytes count in the throughput too.
+        self.fast_path = fast_path
+        self._last_xdp_bytes = 0
         self.interval = interval
         self.clock = clock
         self._loop: Optional[LoopingCall] = None
@@ -226,7 +273,13 @@ class StatsLogger(Service):
 
     def _total_bytes(self) -> int:
         stats = self.relay.stats
-        return int(stats.client_to_peer_bytes + stats.peer_to_client_bytes)
+        return int(stats.client_to_peer_bytes + stats.peer_to_client_bytes) + self._xdp_bytes()
+
+    def _xdp_bytes(self) -> int:
+        xdp = self.fast_path.counters() if self.fast_path is not None else None
+        if xdp is None:
+            return 0
+        return xdp.total("bytes", "client_to_peer") + xdp.total("bytes", "peer_to_client")
 
     def startService(self) -> None:
         super().startService()
@@ -234,6 +287,7 @@ class StatsLogger(Service):
         if self.clock is not None:
             loop.clock = self.clock
         self._last_bytes = self._total_bytes()
+        self._last_xdp_bytes = self._xdp_bytes()
         self._last_time = loop.clock.seconds()
         self._loop = loop
         loop.start(self.interval, now=False)
@@ -254,10 +308,24 @@ class StatsLogger(Service):
         if moved <= 0 or elapsed <= 0:
             return
         rate = moved / elapsed
+        if self.fast_path is None:
+            log.info(
+                "allocations={allocations} channels={channels} throughput={throughput}",
+                allocations=self.relay.allocation_count,
+                channels=self.relay.channel_count,
+                throughput=format_rate(rate),
+                bytes_per_second=round(rate, 1),
+            )
+            return
+        xdp_total = self._xdp_bytes()
+        xdp_rate = max(0, xdp_total - self._last_xdp_bytes) / elapsed
+        self._last_xdp_bytes = xdp_total
         log.info(
-            "allocations={allocations} channels={channels} throughput={throughput}",
+            "allocations={allocations} channels={channels} throughput={throughput} (xdp {xdp_throughput})",
             allocations=self.relay.allocation_count,
             channels=self.relay.channel_count,
             throughput=format_rate(rate),
+            xdp_throughput=format_rate(xdp_rate),
             bytes_per_second=round(rate, 1),
+            xdp_bytes_per_second=round(xdp_rate, 1),
         )

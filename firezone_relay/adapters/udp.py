@@ -180,6 +180,9 @@ class RelayService(Service):
         self.drops: Dict[str, int] = _Drops()
         self.errors: Dict[str, int] = _Drops()
         self.listening: Dict[int, Any] = {}
+        #: A kernel fast path (``firezone_relay.xdp.service.XdpService``) that
+        #: mirrors the core's ChannelBound/ChannelUnbound, or None.
+        self.fast_path: Any = None
         self._usernames: Dict[int, str] = {}  # allocation port -> username, for the channel log lines
 
     # --- life cycle ---------------------------------------------------------
@@ -384,6 +387,12 @@ class RelayService(Service):
             )
             self._usernames.pop(command.port, None)
         elif kind is C.ChannelBound or kind is C.ChannelUnbound:
+            fast_path = self.fast_path
+            if fast_path is not None:
+                if kind is C.ChannelBound:
+                    fast_path.channel_bound(command)
+                else:
+                    fast_path.channel_unbound(command)
             log.info(
                 "channel {state}: client {client} user {username} port {port} channel {channel:#06x} peer {peer}",
                 state="bound" if kind is C.ChannelBound else "unbound",

@@ -1,0 +1,1 @@
+"""XDP fast path for ChannelData (Linux, root): see ``loader`` and ``service``."""

@@ -1,0 +1,443 @@
+"""Compile, load, attach and drive the XDP program through the system libbpf.
+
+Theory of operation: ``relay_xdp.c`` (next to this file) is compiled with
+``clang -O2 -g -target bpf`` into a temporary directory when the relay
+starts (a ``relay_xdp.o`` shipped next to the source is used instead when
+present); the object is opened and loaded with ``ctypes`` calls into
+``libbpf.so.1`` (no Python dependency), attached to one interface in generic
+(SKB) or driver (native) mode, and its maps are then written from the
+reactor thread only: userspace is the single writer.
+
+Every failure raises ``XdpError`` with a sentence that says why (no clang,
+no libbpf, not root, the verifier's log, an attach error); the caller logs it
+and the relay goes on in userspace.  libbpf 1.x returns ``-errno`` from its
+map and attach calls, and NULL with ``errno`` set from ``open``.
+
+Map layouts (every field big-endian bytes, as on the wire, like upstream):
+
+* ``chan_to_udp_<cf><pf>``: ``{client ip, client port, channel}`` ->
+  ``{peer ip, allocation port, peer port}``
+* ``udp_to_chan_<pf><cf>``: the inverse
+
+where ``cf``/``pf`` are the client and peer families (4 or 6).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "relay_xdp.c")
+PREBUILT = os.path.join(HERE, "relay_xdp.o")
+PROGRAM = "relay_xdp"
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
+MODES = {"generic": XDP_FLAGS_SKB_MODE, "driver": XDP_FLAGS_DRV_MODE}
+
+BPF_ANY = 0
+
+# Mirrors of the C layouts (checked against the object's BTF in the tests).
+CONFIG = struct.Struct("=4s16s4s16sHHHHI")
+CFG_ENABLED, CFG_PUBLIC4, CFG_PUBLIC6, CFG_INT4, CFG_INT6 = 1, 2, 4, 8, 16
+CLIENT_CHAN = {4: struct.Struct(">4sHH"), 6: struct.Struct(">16sHH")}
+PORT_PEER = CLIENT_CHAN  # {ip, allocation port, peer port}: the same shapes
+
+# Counter indexes (enum in relay_xdp.c).
+ST_PACKETS, ST_BYTES, ST_HAIRPIN = 0, 8, 16
+PASS_REASONS = (
+    "miss",
+    "padded",
+    "too_big",
+    "ip_options",
+    "fragment",
+    "no_address",
+    "no_checksum",
+    "malformed",
+    "adjust_failed",
+    "dropped_short",  # XDP_DROP, not a pass: cannot happen, counted to prove it
+    "not_local",
+    "bad_header_checksum",
+)
+ST_PASS = 17
+ST_SIZES = 32
+ST_COUNT = 48
+
+_LOG_SIZE = 4 << 20
+_COMPILE_TIMEOUT = 120.0
+
+_SIOCGIFMTU = 0x8921
+_SIOCGIFADDR = 0x8915
+
+
+class XdpError(Exception):
+    """The fast path could not be set up; the message says why."""
+
+
+def _errno_text(code: int) -> str:
+    return "%s (%s)" % (os.strerror(code), errno.errorcode.get(code, code))
+
+
+# --- libbpf -------------------------------------------------------------------------
+
+
+class _AttachOpts(ctypes.Structure):
+    # struct bpf_xdp_attach_opts { size_t sz; int old_prog_fd; size_t :0; }
+    _fields_ = [("sz", ctypes.c_size_t), ("old_prog_fd", ctypes.c_int), ("_pad", ctypes.c_int)]
+
+
+def _libbpf() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError as exc:
+        raise XdpError("libbpf.so.1 not found (install libbpf1 / libbpf-dev): %s" % exc) from None
+    p, i, u32, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_size_t
+    sigs = {
+        "bpf_object__open_file": (p, [ctypes.c_char_p, p]),
+        "bpf_object__load": (i, [p]),
+        "bpf_object__close": (None, [p]),
+        "bpf_object__find_program_by_name": (p, [p, ctypes.c_char_p]),
+        "bpf_object__find_map_fd_by_name": (i, [p, ctypes.c_char_p]),
+        "bpf_program__fd": (i, [p]),
+        "bpf_program__set_log_buf": (i, [p, ctypes.c_char_p, sz]),
+        "bpf_program__set_log_level": (i, [p, u32]),
+        "bpf_xdp_attach": (i, [i, i, u32, p]),
+        "bpf_xdp_query_id": (i, [i, i, ctypes.POINTER(u32)]),
+        "bpf_map_update_elem": (i, [i, p, p, ctypes.c_uint64]),
+        "bpf_map_delete_elem": (i, [i, p]),
+        "bpf_map_lookup_elem": (i, [i, p, p]),
+        "libbpf_num_possible_cpus": (i, []),
+        "libbpf_set_print": (p, [p]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise XdpError("libbpf.so.1 has no %s (libbpf >= 1.0 is needed)" % name) from None
+        fn.restype = restype
+        fn.argtypes = argtypes
+    return lib
+
+
+# --- building ---------------------------------------------------------------------
+
+
+def build_object(directory: str, clang: Optional[str] = None) -> str:
+    """The path of a compiled ``relay_xdp.o``: the prebuilt one shipped with
+    the package if any, else one compiled into ``directory`` with clang."""
+    if os.path.exists(PREBUILT) and os.path.getmtime(PREBUILT) >= os.path.getmtime(SOURCE):
+        return PREBUILT
+    clang = clang or shutil.which("clang")
+    if clang is None:
+        raise XdpError("clang not found: it compiles the XDP program at start-up (apt-get install clang)")
+    out = os.path.join(directory, "relay_xdp.o")
+    cmd = [clang, "-O2", "-g", "-target", "bpf", "-c", SOURCE, "-o", out]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise XdpError("could not run clang: %s" % exc) from None
+    if done.returncode != 0:
+        raise XdpError("clang failed to compile %s:\n%s" % (SOURCE, done.stderr.strip()[-4000:]))
+    return out
+
+
+# --- interface facts -------------------------------------------------------------------
+
+
+def _ifreq(name: str) -> bytes:
+    return struct.pack("16s24x", name.encode()[:15])
+
+
+def interface_mtu(name: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        raw = fcntl.ioctl(s.fileno(), _SIOCGIFMTU, _ifreq(name))
+    return int(struct.unpack_from("i", raw, 16)[0])
+
+
+def interface_ip4(name: str) -> Optional[str]:
+    """The interface's primary IPv4 address, or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, _ifreq(name))
+    except OSError:
+        return None
+    return socket.inet_ntop(socket.AF_INET, raw[20:24])
+
+
+def interface_ip6(name: str) -> Optional[str]:
+    """The interface's first global IPv6 address (``/proc/net/if_inet6``), or None."""
+    try:
+        with open("/proc/self/net/if_inet6") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # address ifindex prefixlen scope flags name; scope 0 = global,
+        # flag 0x40 = tentative (not usable yet), 0x20 = deprecated is still fine
+        if len(fields) == 6 and fields[5] == name and int(fields[3], 16) == 0 and not int(fields[4], 16) & 0x40:
+            return str(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+    return None
+
+
+def _packed(ip: Optional[str], family: int) -> bytes:
+    if not ip:
+        return bytes(4 if family == 4 else 16)
+    return socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, ip)
+
+
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
+# --- the loaded program --------------------------------------------------------------------
+
+
+@dataclass
+class XdpCounters:
+    """What the program counted, summed over CPUs."""
+
+    #: (direction, client family, peer family) -> packets / bytes;
+    #: direction "client_to_peer" or "peer_to_client".
+    packets: Dict[Tuple[str, int, int], int]
+    bytes: Dict[Tuple[str, int, int], int]
+    hairpin: int
+    #: reason -> datagrams handed to userspace (only TURN-port traffic counts)
+    passed: Dict[str, int]
+    #: as ``RelayStats.packet_sizes``
+    sizes: List[int]
+
+    def total(self, what: str, direction: str) -> int:
+        table = self.packets if what == "packets" else self.bytes
+        return sum(v for k, v in table.items() if k[0] == direction)
+
+
+class XdpProgram:
+    """One loaded and (after ``attach``) attached XDP program with its maps.
+
+    ``config`` fields: ``listen_port``, ``lowest_port``, ``highest_port``,
+    ``public4``/``public6`` (hairpin), ``int4``/``int6`` (source addresses
+    when the family changes), ``mtu`` (default: the interface's).
+    """
+
+    def __init__(self, object_path: str, interface: str) -> None:
+        self.interface = interface
+        try:
+            self.ifindex = socket.if_nametoindex(interface)
+        except OSError:
+            raise XdpError("no network interface named %r" % interface) from None
+        self._lib = lib = _libbpf()
+        self._obj: Optional[int] = None
+        self._attached_flags: Optional[int] = None
+        lib.libbpf_set_print(None)  # failures are reported through XdpError
+        obj = lib.bpf_object__open_file(object_path.encode(), None)
+        if not obj:
+            raise XdpError("libbpf could not open %s: %s" % (object_path, _errno_text(ctypes.get_errno())))
+        self._obj = obj
+        try:
+            prog = lib.bpf_object__find_program_by_name(obj, PROGRAM.encode())
+            if not prog:
+                raise XdpError("%s has no program %s" % (object_path, PROGRAM))
+            log = ctypes.create_string_buffer(_LOG_SIZE)
+            lib.bpf_program__set_log_buf(prog, log, _LOG_SIZE)
+            err = lib.bpf_object__load(obj)
+            if err:
+                code = -err if err < 0 else ctypes.get_errno()
+                text = log.value.decode(errors="replace").strip()
+                hint = " (loading BPF programs needs root or CAP_BPF+CAP_NET_ADMIN)" if code == errno.EPERM else ""
+                raise XdpError(
+                    "the kernel refused the XDP program: %s%s%s"
+                    % (_errno_text(code), hint, ("\nverifier log (tail):\n" + text[-3000:]) if text else "")
+                )
+            self.prog_fd = lib.bpf_program__fd(prog)
+            self.maps: Dict[str, int] = {}
+            for name in [
+                "config",
+                "stats",
+                *("chan_to_udp_%d%d" % (a, b) for a in (4, 6) for b in (4, 6)),
+                *("udp_to_chan_%d%d" % (a, b) for a in (4, 6) for b in (4, 6)),
+            ]:
+                fd = lib.bpf_object__find_map_fd_by_name(obj, name.encode())
+                if fd < 0:
+                    raise XdpError("the XDP object has no map %s" % name)
+                self.maps[name] = fd
+            self.ncpu = lib.libbpf_num_possible_cpus()
+            if self.ncpu <= 0:
+                raise XdpError("libbpf could not count the possible CPUs: %s" % _errno_text(-self.ncpu))
+        except BaseException:
+            self.close()
+            raise
+
+    # --- attach / detach ----------------------------------------------------------
+
+    def attach(self, mode: str = "generic") -> None:
+        """Attach to the interface; refuses to replace another XDP program."""
+        flags = MODES[mode]
+        err = self._lib.bpf_xdp_attach(self.ifindex, self.prog_fd, flags | XDP_FLAGS_UPDATE_IF_NOEXIST, None)
+        if err:
+            code = -err
+            if code in (errno.EBUSY, errno.EEXIST):
+                raise XdpError(
+                    "another XDP program is attached to %s; not replacing it "
+                    "(a stale one from a killed relay: ip link set dev %s xdp off)" % (self.interface, self.interface)
+                )
+            hint = ""
+            if code == errno.EOPNOTSUPP and mode == "driver":
+                hint = " (the driver has no native XDP: use --ebpf-attach-mode generic)"
+            elif code == errno.EPERM:
+                hint = " (needs root or CAP_NET_ADMIN)"
+            raise XdpError("could not attach XDP to %s in %s mode: %s%s" % (self.interface, mode, _errno_text(code), hint))
+        self._attached_flags = flags
+
+    @property
+    def attached(self) -> bool:
+        return self._attached_flags is not None
+
+    def attached_id(self) -> int:
+        """The id of the XDP program on the interface in our mode, 0 if none."""
+        prog_id = ctypes.c_uint32(0)
+        flags = self._attached_flags or XDP_FLAGS_SKB_MODE
+        self._lib.bpf_xdp_query_id(self.ifindex, flags, ctypes.byref(prog_id))
+        return prog_id.value
+
+    def detach(self) -> bool:
+        """Detach if (and only if) our program is still the one attached.
+        Idempotent; returns True when something was detached."""
+        flags, self._attached_flags = self._attached_flags, None
+        if flags is None:
+            return False
+        opts = _AttachOpts(ctypes.sizeof(_AttachOpts), self.prog_fd, 0)
+        err = self._lib.bpf_xdp_attach(self.ifindex, -1, flags | XDP_FLAGS_REPLACE, ctypes.byref(opts))
+        if err:
+            raise XdpError("could not detach XDP from %s: %s" % (self.interface, _errno_text(-err)))
+        return True
+
+    def close(self) -> None:
+        """Detach (best effort) and free the object and its descriptors."""
+        try:
+            self.detach()
+        except XdpError:
+            pass
+        obj, self._obj = self._obj, None
+        if obj:
+            self._lib.bpf_object__close(obj)
+
+    # --- maps ------------------------------------------------------------------------
+
+    def _update(self, name: str, key: bytes, value: bytes) -> None:
+        err = self._lib.bpf_map_update_elem(self.maps[name], key, value, BPF_ANY)
+        if err:
+            raise XdpError("map %s update: %s" % (name, _errno_text(-err)))
+
+    def _delete(self, name: str, key: bytes) -> bool:
+        err = self._lib.bpf_map_delete_elem(self.maps[name], key)
+        if err and -err != errno.ENOENT:
+            raise XdpError("map %s delete: %s" % (name, _errno_text(-err)))
+        return not err
+
+    def _lookup(self, name: str, key: bytes, size: int) -> Optional[bytes]:
+        buf = ctypes.create_string_buffer(size)
+        err = self._lib.bpf_map_lookup_elem(self.maps[name], key, buf)
+        if err:
+            if -err == errno.ENOENT:
+                return None
+            raise XdpError("map %s lookup: %s" % (name, _errno_text(-err)))
+        return buf.raw
+
+    def configure(
+        self,
+        listen_port: int,
+        lowest_port: int,
+        highest_port: int,
+        public4: Optional[str] = None,
+        public6: Optional[str] = None,
+        int4: Optional[str] = None,
+        int6: Optional[str] = None,
+        mtu: Optional[int] = None,
+        enabled: bool = True,
+    ) -> None:
+        if mtu is None:
+            mtu = interface_mtu(self.interface)
+        flags = (
+            (CFG_ENABLED if enabled else 0)
+            | (CFG_PUBLIC4 if public4 else 0)
+            | (CFG_PUBLIC6 if public6 else 0)
+            | (CFG_INT4 if int4 else 0)
+            | (CFG_INT6 if int6 else 0)
+        )
+        value = CONFIG.pack(
+            _packed(public4, 4),
+            _packed(public6, 6),
+            _packed(int4, 4),
+            _packed(int6, 6),
+            listen_port,
+            lowest_port,
+            highest_port,
+            min(mtu, 0xFFFF),
+            flags,
+        )
+        self._update("config", struct.pack("=I", 0), value)
+
+    @staticmethod
+    def _keys(
+        client: Tuple[str, int], channel: int, peer: Tuple[str, int], port: int
+    ) -> Tuple[str, bytes, str, bytes]:
+        cf, pf = _family(client[0]), _family(peer[0])
+        chan_key = CLIENT_CHAN[cf].pack(_packed(client[0], cf), client[1], channel)
+        udp_key = PORT_PEER[pf].pack(_packed(peer[0], pf), port, peer[1])
+        return "chan_to_udp_%d%d" % (cf, pf), chan_key, "udp_to_chan_%d%d" % (pf, cf), udp_key
+
+    def add_channel(self, client: Tuple[str, int], channel: int, peer: Tuple[str, int], port: int) -> None:
+        """Mirror a usable channel binding, both directions."""
+        chan_map, chan_key, udp_map, udp_key = self._keys(client, channel, peer, port)
+        self._update(chan_map, chan_key, udp_key)
+        try:
+            self._update(udp_map, udp_key, chan_key)
+        except XdpError:
+            self._delete(chan_map, chan_key)
+            raise
+
+    def remove_channel(self, client: Tuple[str, int], channel: int, peer: Tuple[str, int], port: int) -> bool:
+        """Remove both directions; False when there was nothing to remove."""
+        chan_map, chan_key, udp_map, udp_key = self._keys(client, channel, peer, port)
+        existed = self._delete(chan_map, chan_key)
+        return self._delete(udp_map, udp_key) or existed
+
+    def has_channel(self, client: Tuple[str, int], channel: int, peer: Tuple[str, int], port: int) -> bool:
+        chan_map, chan_key, udp_map, udp_key = self._keys(client, channel, peer, port)
+        return self._lookup(chan_map, chan_key, len(udp_key)) is not None
+
+    def counters(self) -> XdpCounters:
+        """Read every per-CPU counter and sum over CPUs."""
+        fd = self.maps["stats"]
+        ncpu = self.ncpu
+        buf = ctypes.create_string_buffer(8 * ncpu)
+        key = ctypes.c_uint32(0)
+        values = [0] * ST_COUNT
+        for index in range(ST_COUNT):
+            key.value = index
+            if self._lib.bpf_map_lookup_elem(fd, ctypes.byref(key), buf) == 0:
+                values[index] = sum(struct.unpack("=%dQ" % ncpu, buf.raw))
+        packets: Dict[Tuple[str, int, int], int] = {}
+        nbytes: Dict[Tuple[str, int, int], int] = {}
+        for d, direction in enumerate(("client_to_peer", "peer_to_client")):
+            for c, cf in enumerate((4, 6)):
+                for p, pf in enumerate((4, 6)):
+                    i = d * 4 + c * 2 + p
+                    packets[(direction, cf, pf)] = values[ST_PACKETS + i]
+                    nbytes[(direction, cf, pf)] = values[ST_BYTES + i]
+        passed = {reason: values[ST_PASS + i] for i, reason in enumerate(PASS_REASONS)}
+        return XdpCounters(packets, nbytes, values[ST_HAIRPIN], passed, values[ST_SIZES : ST_SIZES + 16])

@@ -1,0 +1,217 @@
+"""The XDP fast path as a Twisted service, fed by the core's channel commands.
+
+Theory of operation: ``XdpService`` compiles, loads and attaches the program
+in ``privilegedStartService`` (before twistd drops privileges) and detaches
+it in ``stopService`` (so on every clean exit: a reactor stop, the end of a
+drain, a fatal portal error) and, as a last resort, from an ``atexit`` hook.
+If anything fails it logs why and the relay goes on in userspace: the
+service then ignores every command.
+
+The UDP adapter hands it the core's ``ChannelBound`` / ``ChannelUnbound``
+commands (``channel_bound`` / ``channel_unbound``), so the kernel maps are a
+mirror of the core's usable channels and the core stays the source of
+truth: a denied peer never gets a ``ChannelBound``, an expiry or deletion
+removes the entry before the next packet is read.  Stream (TCP/TLS) clients
+are not mirrored.  A map write that fails (e.g. a full map) is counted in
+``errors`` and logged at most once a minute; userspace relays that channel.
+
+A program killed with SIGKILL cannot detach: ``ip link set dev IFACE xdp off``
+(or ``xdpgeneric off``) removes a stale attachment, and the next start says
+so if one is in the way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+import time
+from typing import Any, Dict, Optional
+
+from twisted.application.service import Service
+from twisted.logger import Logger
+
+from firezone_relay.xdp.loader import XdpCounters, XdpError, XdpProgram, build_object, interface_ip4, interface_ip6
+
+log = Logger(namespace="firezone_relay.xdp")
+
+_ERROR_LOG_INTERVAL = 60.0
+
+
+class _Counts(dict):  # type: ignore[type-arg]
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+class XdpService(Service):
+    """Loads the XDP program on ``interface`` and mirrors channel bindings into it.
+
+    ``mode``: ``"generic"`` (SKB mode: veth, bridges, any driver) or
+    ``"driver"`` (native).  ``int4``/``int6``: the source addresses used when
+    a datagram changes family (default: the interface's own addresses).
+    ``public4``/``public6``: the relay's public addresses (hairpin).
+    """
+
+    def __init__(
+        self,
+        interface: str,
+        mode: str,
+        listen_port: int,
+        lowest_port: int,
+        highest_port: int,
+        public4: Optional[str] = None,
+        public6: Optional[str] = None,
+        int4: Optional[str] = None,
+        int6: Optional[str] = None,
+    ) -> None:
+        self.interface = interface
+        self.mode = mode
+        self.listen_port = listen_port
+        self.lowest_port = lowest_port
+        self.highest_port = highest_port
+        self.public4 = public4
+        self.public6 = public6
+        self.int4 = int4
+        self.int6 = int6
+        self.program: Optional[XdpProgram] = None
+        #: Why the fast path is off, once start-up has failed.
+        self.failure: Optional[str] = None
+        self.errors: Dict[str, int] = _Counts()
+        self.channels = 0
+        self._error_logged: Dict[str, float] = {}
+        self._atexit_registered = False
+
+    @property
+    def active(self) -> bool:
+        return self.program is not None
+
+    # --- life cycle -----------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._load()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.program is None and self.failure is None:  # without privilegedStartService (tests)
+            self._load()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.close()
+
+    def _load(self) -> None:
+        workdir = tempfile.mkdtemp(prefix="firezone-relay-xdp-")
+        program = None
+        try:
+            program = XdpProgram(build_object(workdir), self.interface)
+            int4 = self.int4 or interface_ip4(self.interface)
+            int6 = self.int6 or interface_ip6(self.interface)
+            program.configure(
+                listen_port=self.listen_port,
+                lowest_port=self.lowest_port,
+                highest_port=self.highest_port,
+                public4=self.public4,
+                public6=self.public6,
+                int4=int4,
+                int6=int6,
+            )
+            program.attach(self.mode)
+        except XdpError as exc:
+            if program is not None:
+                program.close()
+            self.failure = str(exc)
+            log.warn(
+                "XDP fast path off, relaying in userspace only: {reason}", reason=self.failure, interface=self.interface
+            )
+            return
+        except Exception as exc:  # a bug here must not stop the relay
+            if program is not None:
+                program.close()
+            self.failure = "%s: %s" % (type(exc).__name__, exc)
+            log.failure("XDP fast path off, relaying in userspace only")
+            return
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.program = program
+        if not self._atexit_registered:
+            atexit.register(self.close)
+            self._atexit_registered = True
+        log.info(
+            "XDP fast path attached to {interface} ({mode} mode, program id {prog_id}): ChannelData on port "
+            "{listen_port} and allocation ports {lowest_port}-{highest_port}; cross-family source addresses "
+            "IPv4 {int4}, IPv6 {int6}; hairpin for {public4} {public6}; detach a stale one with: "
+            "ip link set dev {interface} xdp off",
+            interface=self.interface,
+            mode=self.mode,
+            prog_id=program.attached_id(),
+            listen_port=self.listen_port,
+            lowest_port=self.lowest_port,
+            highest_port=self.highest_port,
+            int4=int4,
+            int6=int6,
+            public4=self.public4,
+            public6=self.public6,
+        )
+
+    def close(self) -> None:
+        """Detach and free the program (idempotent)."""
+        program, self.program = self.program, None
+        if program is None:
+            return
+        try:
+            detached = program.detach()
+        except XdpError as exc:
+            log.warn("{reason}", reason=str(exc))
+            detached = False
+        finally:
+            program.close()
+        if detached:
+            log.info("XDP fast path detached from {interface}", interface=self.interface)
+
+    # --- the core's commands ------------------------------------------------------
+
+    def channel_bound(self, command: Any) -> None:
+        program = self.program
+        if program is None or len(command.client) != 2:  # off, or a stream client
+            return
+        try:
+            program.add_channel(command.client, command.channel, command.peer, command.port)
+        except XdpError as exc:
+            self._error("bind", exc)
+            return
+        self.channels += 1
+
+    def channel_unbound(self, command: Any) -> None:
+        program = self.program
+        if program is None or len(command.client) != 2:
+            return
+        try:
+            if program.remove_channel(command.client, command.channel, command.peer, command.port):
+                self.channels -= 1
+        except XdpError as exc:
+            self._error("unbind", exc)
+
+    def counters(self) -> Optional[XdpCounters]:
+        """The program's counters, or None when the fast path is off."""
+        program = self.program
+        if program is None:
+            return None
+        try:
+            return program.counters()
+        except XdpError as exc:
+            self._error("stats", exc)
+            return None
+
+    def _error(self, kind: str, exc: XdpError) -> None:
+        self.errors[kind] += 1
+        now = time.monotonic()
+        last = self._error_logged.get(kind)
+        if last is None or now - last >= _ERROR_LOG_INTERVAL:
+            self._error_logged[kind] = now
+            log.warn(
+                "XDP map {kind} failed (count {count}; userspace relays that channel): {reason}",
+                kind=kind,
+                count=self.errors[kind],
+                reason=str(exc),
+            )

@@ -1,0 +1,596 @@
+"""The XDP fast path: the program on its own, and a real relay process.
+
+Namespace tests need root (CI runs as root); they skip with the reason
+otherwise.  Every test makes its own namespaces (``netns.Topology``, random
+names) and deletes them in a cleanup, with the relay process stopped first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.trial import unittest
+
+from firezone_relay.core import commands as C
+from firezone_relay.core import stun
+from firezone_relay.xdp import loader
+from firezone_relay.xdp.service import XdpService
+from tests.xdp import netns
+from tests.xdp.netns import ADDR, HIGHEST, LISTEN_PORT, LOWEST, SECRET, BlockingTurnClient, RelayProcess, Topology
+
+V4, V6 = 4, 6
+CHAN = 0x4000
+
+
+def _skip_without_root() -> None:
+    reason = netns.need_root()
+    if reason is not None:
+        raise unittest.SkipTest(reason)
+
+
+def _clang_or_skip() -> None:
+    if shutil.which("clang") is None and not os.path.exists(loader.PREBUILT):
+        raise unittest.SkipTest("clang is not installed (apt-get install clang)")
+
+
+def _object(test: unittest.SynchronousTestCase) -> str:
+    _clang_or_skip()
+    directory = tempfile.mkdtemp(prefix="xdp-test-")
+    test.addCleanup(shutil.rmtree, directory, True)
+    return loader.build_object(directory)
+
+
+# --- checksums, checked independently of the kernel -------------------------------------------
+
+
+def _sum16(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def udp_checksum_ok(frame: bytes) -> Tuple[bool, bytes]:
+    """(checksum valid, UDP payload) of an Ethernet frame carrying IPv4/IPv6 UDP."""
+    proto = struct.unpack("!H", frame[12:14])[0]
+    if proto == 0x0800:
+        ip = frame[14:]
+        ihl = (ip[0] & 0xF) * 4
+        total = struct.unpack("!H", ip[2:4])[0]
+        assert _sum16(ip[:ihl]) == 0xFFFF, "bad IPv4 header checksum"
+        udp = ip[ihl:total]
+        if udp[6:8] == b"\0\0":
+            return True, udp[8:]
+        pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, len(udp))
+    else:
+        ip = frame[14:]
+        plen = struct.unpack("!H", ip[4:6])[0]
+        udp = ip[40 : 40 + plen]
+        pseudo = ip[8:40] + struct.pack("!IxxxB", len(udp), 17)
+    return _sum16(pseudo + udp) == 0xFFFF, udp[8:]
+
+
+class Capture:
+    """Frames seen on an interface of a namespace (AF_PACKET, inbound)."""
+
+    def __init__(self, topology: Topology, role: str, dev: str = "eth0", outgoing: bool = False) -> None:
+        self.outgoing = outgoing
+        self.sock = topology.socket(role, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.bind((dev, 0))
+        self.sock.settimeout(0.05)
+
+    def frames(self, contains: bytes, wait: float = 1.0) -> List[bytes]:
+        out: List[bytes] = []
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                frame, meta = self.sock.recvfrom(65535)
+            except socket.timeout:
+                if out:
+                    break
+                continue
+            if (meta[2] == socket.PACKET_OUTGOING) == self.outgoing and contains in frame:
+                out.append(frame)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# --- tests without root ----------------------------------------------------------------------------
+
+
+class LayoutTests(unittest.SynchronousTestCase):
+    """The Python mirrors of the C structs (checked against BTF when bpftool exists)."""
+
+    def test_key_packing_is_big_endian_wire_order(self) -> None:
+        chan_map, chan_key, udp_map, udp_key = loader.XdpProgram._keys(("192.0.2.1", 0x1234), 0x4001, ("2001:db8::5", 80), 40000)
+        self.assertEqual((chan_map, udp_map), ("chan_to_udp_46", "udp_to_chan_64"))
+        self.assertEqual(chan_key, bytes([192, 0, 2, 1, 0x12, 0x34, 0x40, 0x01]))
+        self.assertEqual(udp_key, socket.inet_pton(socket.AF_INET6, "2001:db8::5") + struct.pack(">HH", 40000, 80))
+
+    def test_struct_sizes_match_btf(self) -> None:
+        if shutil.which("bpftool") is None:
+            raise unittest.SkipTest("bpftool is not installed (apt-get install bpftool)")
+        path = _object(self)
+        out = subprocess.run(["bpftool", "-j", "btf", "dump", "file", path], capture_output=True, text=True, check=True)
+        types = {t.get("name"): t for t in json.loads(out.stdout)["types"] if t.get("kind") == "STRUCT"}
+        self.assertEqual(types["relay_config"]["size"], loader.CONFIG.size)
+        for family, name in ((4, "client_chan_v4"), (6, "client_chan_v6")):
+            self.assertEqual(types[name]["size"], loader.CLIENT_CHAN[family].size)
+        for family, name in ((4, "port_peer_v4"), (6, "port_peer_v6")):
+            self.assertEqual(types[name]["size"], loader.PORT_PEER[family].size)
+        offsets = {m["name"]: m["bits_offset"] // 8 for m in types["relay_config"]["members"]}
+        self.assertEqual(
+            offsets,
+            {"public4": 0, "public6": 4, "int4": 20, "int6": 24, "listen_port": 40, "lowest_port": 42,
+             "highest_port": 44, "mtu": 46, "flags": 48},
+        )
+
+
+class _FakeProgram:
+    def __init__(self, fail: bool = False) -> None:
+        self.entries: Dict[Tuple[Any, ...], bool] = {}
+        self.fail = fail
+
+    def add_channel(self, client: Any, channel: int, peer: Any, port: int) -> None:
+        if self.fail:
+            raise loader.XdpError("map chan_to_udp_44 update: Argument list too long (E2BIG)")
+        self.entries[(client, channel, peer, port)] = True
+
+    def remove_channel(self, client: Any, channel: int, peer: Any, port: int) -> bool:
+        return self.entries.pop((client, channel, peer, port), None) is not None
+
+    def detach(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class ServiceTests(unittest.SynchronousTestCase):
+    def service(self, program: Any = None) -> XdpService:
+        s = XdpService("eth0", "generic", 3478, 49152, 65535)
+        s.program = program
+        return s
+
+    def test_mirrors_bound_and_unbound_channels(self) -> None:
+        program = _FakeProgram()
+        s = self.service(program)
+        bound = C.ChannelBound(("192.0.2.1", 5000), CHAN, ("198.51.100.7", 6000), 50000, 4)
+        s.channel_bound(bound)
+        self.assertEqual(list(program.entries), [(("192.0.2.1", 5000), CHAN, ("198.51.100.7", 6000), 50000)])
+        self.assertEqual(s.channels, 1)
+        s.channel_unbound(C.ChannelUnbound(*(getattr(bound, f) for f in ("client", "channel", "peer", "port", "family"))))
+        self.assertEqual(program.entries, {})
+        self.assertEqual(s.channels, 0)
+
+    def test_stream_clients_are_not_mirrored(self) -> None:
+        program = _FakeProgram()
+        s = self.service(program)
+        s.channel_bound(C.ChannelBound(("192.0.2.1", 5000, 7), CHAN, ("198.51.100.7", 6000), 50000, 4))
+        self.assertEqual(program.entries, {})
+
+    def test_a_failed_map_write_is_counted_not_raised(self) -> None:
+        s = self.service(_FakeProgram(fail=True))
+        s.channel_bound(C.ChannelBound(("192.0.2.1", 5000), CHAN, ("198.51.100.7", 6000), 50000, 4))
+        self.assertEqual(s.errors["bind"], 1)
+        self.assertEqual(s.channels, 0)
+
+    def test_off_ignores_commands(self) -> None:
+        s = self.service(None)
+        s.channel_bound(C.ChannelBound(("192.0.2.1", 5000), CHAN, ("198.51.100.7", 6000), 50000, 4))
+        self.assertIsNone(s.counters())
+        self.assertFalse(s.active)
+
+    def test_load_failure_is_logged_and_leaves_the_fast_path_off(self) -> None:
+        s = XdpService("no-such-if0", "generic", 3478, 49152, 65535)
+        s.startService()
+        self.addCleanup(s.stopService)
+        self.assertFalse(s.active)
+        self.assertIsNotNone(s.failure)
+        self.assertTrue(
+            any(w in (s.failure or "") for w in ("no-such-if0", "clang", "libbpf")),
+            s.failure,
+        )
+
+
+# --- the program on its own, in namespaces ----------------------------------------------------------
+
+
+class _Namespaced(unittest.SynchronousTestCase):
+    def make_topology(self) -> Topology:
+        _skip_without_root()
+        _clang_or_skip()
+        topology = Topology()
+        topology.create()
+        self.addCleanup(topology.destroy)
+        return topology
+
+    def sock(self, topology: Topology, role: str, family: int, ip: Optional[str] = None, port: int = 0) -> socket.socket:
+        s = topology.socket(role, family)
+        s.bind((ip or ADDR[role][family == 6], port))
+        s.settimeout(1.0)
+        self.addCleanup(s.close)
+        return s
+
+
+class ProgramTests(_Namespaced):
+    """The program attached in the relay namespace, its maps written directly (no relay process)."""
+
+    def attach(self, topology: Topology, mtu: Optional[int] = None) -> loader.XdpProgram:
+        path = _object(self)
+        with topology.entered("relay"):
+            program = loader.XdpProgram(path, "eth0")  # the verifier accepts it on the first load
+            self.addCleanup(program.close)
+            program.configure(
+                LISTEN_PORT, LOWEST, HIGHEST,
+                public4=ADDR["relay"][0], public6=ADDR["relay"][1],
+                int4=ADDR["relay"][0], int6=ADDR["relay"][1], mtu=mtu,
+            )
+            program.attach("generic")
+        return program
+
+    def test_both_directions_every_family_pair(self) -> None:
+        topology = self.make_topology()
+        program = self.attach(topology)
+        for cf in (V4, V6):
+            for pf in (V4, V6):
+                client = self.sock(topology, "client", cf)
+                peer = self.sock(topology, "peer", pf)
+                port = LOWEST + cf * 10 + pf
+                caddr, paddr = client.getsockname()[:2], peer.getsockname()[:2]
+                program.add_channel(caddr, CHAN + pf, paddr, port)
+                payload = os.urandom(100)
+                client.sendto(struct.pack("!HH", CHAN + pf, len(payload)) + payload, (ADDR["relay"][cf == 6], LISTEN_PORT))
+                data, source = peer.recvfrom(2048)
+                self.assertEqual((data, source[:2]), (payload, (ADDR["relay"][pf == 6], port)), (cf, pf))
+                peer.sendto(payload[::-1], (ADDR["relay"][pf == 6], port))
+                data, source = client.recvfrom(2048)
+                self.assertEqual(data, struct.pack("!HH", CHAN + pf, 100) + payload[::-1], (cf, pf))
+                self.assertEqual(source[:2], (ADDR["relay"][cf == 6], LISTEN_PORT))
+        counters = program.counters()
+        for direction in ("client_to_peer", "peer_to_client"):
+            for cf in (V4, V6):
+                for pf in (V4, V6):
+                    self.assertEqual(counters.packets[(direction, cf, pf)], 1)
+                    self.assertEqual(counters.bytes[(direction, cf, pf)], 100)
+        for role in ("client", "peer"):
+            snmp = topology.snmp(role)
+            self.assertEqual((snmp["UdpInCsumErrors"], snmp["Udp6InCsumErrors"]), (0, 0), role)
+
+    def test_checksums_of_every_rewrite_are_valid(self) -> None:
+        topology = self.make_topology()
+        program = self.attach(topology)
+        for cf in (V4, V6):
+            for pf in (V4, V6):
+                for size in (1, 100, 1201):  # odd sizes: the checksum pads the last byte
+                    client = self.sock(topology, "client", cf)
+                    peer = self.sock(topology, "peer", pf)
+                    port = LOWEST + 50
+                    program.add_channel(client.getsockname()[:2], CHAN, peer.getsockname()[:2], port)
+                    at_peer, at_client = Capture(topology, "peer"), Capture(topology, "client")
+                    self.addCleanup(at_peer.close)
+                    self.addCleanup(at_client.close)
+                    payload = os.urandom(size)
+                    client.sendto(struct.pack("!HH", CHAN, size) + payload, (ADDR["relay"][cf == 6], LISTEN_PORT))
+                    self.assertEqual(peer.recvfrom(2048)[0], payload)
+                    [frame] = at_peer.frames(payload)
+                    self.assertEqual(udp_checksum_ok(frame), (True, payload), (cf, pf, size))
+                    peer.sendto(payload, (ADDR["relay"][pf == 6], port))
+                    client.recvfrom(2048)
+                    [frame] = at_client.frames(payload)
+                    self.assertEqual(udp_checksum_ok(frame), (True, struct.pack("!HH", CHAN, size) + payload))
+                    program.remove_channel(client.getsockname()[:2], CHAN, peer.getsockname()[:2], port)
+
+    def test_ipv4_without_checksum_stays_without_one_and_is_not_made_ipv6(self) -> None:
+        topology = self.make_topology()
+        program = self.attach(topology)
+        client = self.sock(topology, "client", V4)
+        client.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK: send UDP checksum 0
+        peer4, peer6 = self.sock(topology, "peer", V4), self.sock(topology, "peer", V6)
+        program.add_channel(client.getsockname()[:2], CHAN, peer4.getsockname()[:2], LOWEST)
+        program.add_channel(client.getsockname()[:2], CHAN + 1, peer6.getsockname()[:2], LOWEST + 1)
+        capture = Capture(topology, "peer")
+        self.addCleanup(capture.close)
+        client.sendto(struct.pack("!HH", CHAN, 5) + b"zero!", (ADDR["relay"][0], LISTEN_PORT))
+        self.assertEqual(peer4.recvfrom(100)[0], b"zero!")
+        [frame] = capture.frames(b"zero!")
+        self.assertEqual(frame[14 + 20 + 6 : 14 + 20 + 8], b"\0\0")
+        client.sendto(struct.pack("!HH", CHAN + 1, 5) + b"zero6", (ADDR["relay"][0], LISTEN_PORT))
+        self.assertIsNone(netns.recv(peer6, 0.5))  # passed to userspace (no relay running here)
+        self.assertEqual(program.counters().passed["no_checksum"], 1)
+
+    def test_hairpin_between_two_clients(self) -> None:
+        topology = self.make_topology()
+        program = self.attach(topology)
+        a, b = self.sock(topology, "client", V4), self.sock(topology, "client", V6)
+        pa, pb = LOWEST + 1, LOWEST + 2
+        public4 = ADDR["relay"][0]
+        # A (IPv4) talks to B's IPv4 relayed address; B (IPv6 client) to A's.
+        program.add_channel(a.getsockname()[:2], 0x4001, (public4, pb), pa)
+        program.add_channel(b.getsockname()[:2], 0x4002, (public4, pa), pb)
+        a.sendto(struct.pack("!HH", 0x4001, 3) + b"a2b", (ADDR["relay"][0], LISTEN_PORT))
+        data, source = b.recvfrom(100)
+        self.assertEqual((data, source[:2]), (struct.pack("!HH", 0x4002, 3) + b"a2b", (ADDR["relay"][1], LISTEN_PORT)))
+        b.sendto(struct.pack("!HH", 0x4002, 3) + b"b2a", (ADDR["relay"][1], LISTEN_PORT))
+        self.assertEqual(a.recvfrom(100)[0], struct.pack("!HH", 0x4001, 3) + b"b2a")
+        self.assertEqual(program.counters().hairpin, 2)
+
+    def test_removed_binding_stops_on_the_next_packet(self) -> None:
+        topology = self.make_topology()
+        program = self.attach(topology)
+        client, peer = self.sock(topology, "client", V4), self.sock(topology, "peer", V4)
+        binding = (client.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST)
+        program.add_channel(*binding)
+        client.sendto(struct.pack("!HH", CHAN, 2) + b"on", (ADDR["relay"][0], LISTEN_PORT))
+        self.assertEqual(peer.recvfrom(100)[0], b"on")
+        self.assertTrue(program.remove_channel(*binding))
+        client.sendto(struct.pack("!HH", CHAN, 3) + b"off", (ADDR["relay"][0], LISTEN_PORT))
+        peer.sendto(b"off", (ADDR["relay"][0], LOWEST))
+        self.assertIsNone(netns.recv(peer, 0.5))
+        self.assertIsNone(netns.recv(client, 0.2))
+        self.assertEqual(program.counters().passed["miss"], 2)
+
+    def test_what_the_program_leaves_to_userspace(self) -> None:
+        topology = self.make_topology()
+        program = self.attach(topology, mtu=1500)
+        client, peer = self.sock(topology, "client", V4), self.sock(topology, "peer", V4)
+        program.add_channel(client.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST)
+        relay = (ADDR["relay"][0], LISTEN_PORT)
+        client.sendto(struct.pack("!HH", CHAN, 2) + b"pad!", relay)  # padded
+        client.sendto(struct.pack("!HH", CHAN, 9) + b"short", relay)  # length beyond the datagram
+        client.sendto(b"\x40\x00\x00", relay)  # truncated header (malformed)
+        client.sendto(stun.encode(stun.BINDING, stun.REQUEST, os.urandom(12), []), relay)  # STUN
+        client.sendto(struct.pack("!HH", CHAN + 1, 1) + b"?", relay)  # unbound channel
+        peer.sendto(b"x" * 1472, (ADDR["relay"][0], LOWEST))  # 1472 + 4 + 28 > MTU
+        opts = self.sock(topology, "client", V4)
+        opts.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, b"\x01\x01\x01\x00")  # IPv4 options
+        program.add_channel(opts.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST + 1)
+        opts.sendto(struct.pack("!HH", CHAN, 4) + b"opts", relay)
+        big = self.sock(topology, "client", V4)
+        big.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER = DONT: fragment locally
+        program.add_channel(big.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST + 2)
+        big.sendto(struct.pack("!HH", CHAN, 3000) + b"f" * 3000, relay)
+        self.assertIsNone(netns.recv(peer, 0.5))
+        self.assertIsNone(netns.recv(client, 0.2))
+        passed = program.counters().passed
+        self.assertEqual(
+            {k: passed[k] for k in ("padded", "malformed", "miss", "too_big", "ip_options", "fragment")},
+            {"padded": 1, "malformed": 2, "miss": 1, "too_big": 1, "ip_options": 1, "fragment": 3},
+        )
+        self.assertEqual(sum(program.counters().packets.values()), 0)
+        self.assertEqual(passed["dropped_short"], 0)
+
+    def test_truncated_and_corrupted_frames_are_never_relayed_wrongly(self) -> None:
+        """Every truncation and many random byte flips of a valid frame, sent at layer 2."""
+        topology = self.make_topology()
+        program = self.attach(topology)
+        client, peer = self.sock(topology, "client", V4), self.sock(topology, "peer", V4)
+        program.add_channel(client.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST)
+        payload = b"p" * 64
+        capture = Capture(topology, "router", "to-relay", outgoing=True)
+        self.addCleanup(capture.close)
+        client.sendto(struct.pack("!HH", CHAN, len(payload)) + payload, (ADDR["relay"][0], LISTEN_PORT))
+        self.assertEqual(peer.recvfrom(200)[0], payload)
+        [valid] = [f for f in capture.frames(payload) if f[14 + 9] == 17 and f[14 + 16 : 14 + 20] == socket.inet_aton(ADDR["relay"][0])]
+        capture.close()
+        raw = topology.socket("router", socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.addCleanup(raw.close)
+        raw.bind(("to-relay", 0))
+        rng = random.Random(1234)
+        variants = [valid[:n] for n in range(len(valid))]
+        for _ in range(300):
+            frame = bytearray(valid)
+            for _ in range(rng.randint(1, 3)):
+                frame[rng.randrange(14, 14 + 20 + 8 + 4)] = rng.randrange(256)
+            variants.append(bytes(frame))
+        sent = 0
+        for frame in variants:
+            try:
+                raw.send(frame)
+                sent += 1
+            except OSError:  # shorter than an Ethernet header: the kernel refuses it
+                pass
+        self.assertGreater(sent, 300)
+        deadline = time.monotonic() + 2.0
+        received = []
+        while time.monotonic() < deadline:
+            got = netns.recv(peer, 0.3)
+            if got is None:
+                break
+            received.append(got)
+        # Truncations and header damage are passed (the stack drops them); a damaged
+        # port, length or channel is a miss, padding or malformed; a damaged UDP
+        # checksum is relayed with the damage intact (the incremental update keeps
+        # it) and the receiving kernel drops it.  So the peer's socket only ever
+        # gets the intact payload, from the allocation.
+        for data, source in received:
+            self.assertEqual((data, source[:2]), (payload, (ADDR["relay"][0], LOWEST)))
+        counters = program.counters()
+        self.assertEqual(counters.passed["dropped_short"], 0)
+        self.assertGreater(counters.passed["malformed"], 0)
+        self.assertGreater(counters.passed["bad_header_checksum"], 0)
+
+    def test_detach_and_reload_is_clean(self) -> None:
+        topology = self.make_topology()
+        program = self.attach(topology)
+        self.assertTrue(topology.xdp_attached())
+        with topology.entered("relay"):
+            self.assertTrue(program.detach())
+        self.assertFalse(topology.xdp_attached())
+        program.close()
+        self.attach(topology)  # a second load in the same namespace
+        self.assertTrue(topology.xdp_attached())
+
+
+# --- a real relay process --------------------------------------------------------------------------
+
+
+class RelayProcessTests(_Namespaced):
+    """``twistd firezone-relay --ebpf-offloading eth0`` in the relay namespace."""
+
+    timeout = 120
+
+    def start(self, topology: Topology, xdp: bool = True, extra: Tuple[str, ...] = ()) -> RelayProcess:
+        directory = tempfile.mkdtemp(prefix="xdp-relay-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        relay = RelayProcess(topology, directory, xdp=xdp, extra=extra)
+        self.addCleanup(relay.stop)
+        relay.wait_ready()
+        return relay
+
+    def client(self, topology: Topology, family: int, attributes: Tuple[Tuple[int, object], ...] = (), lifetime: int = 600) -> BlockingTurnClient:
+        s = self.sock(topology, "client", family)
+        c = BlockingTurnClient(s, (ADDR["relay"][family == 6], LISTEN_PORT))
+        c.allocate(SECRET, attributes, lifetime=lifetime)
+        return c
+
+    def relayed(self, relay: RelayProcess) -> Dict[Tuple[str, str], float]:
+        metrics = relay.metrics()
+        out = {}
+        for datapath in ("userspace", "xdp"):
+            for direction in ("client_to_peer", "peer_to_client"):
+                key = 'relay_data_relayed_packets_total{datapath="%s",direction="%s"}' % (datapath, direction)
+                out[(datapath, direction)] = metrics.get(key, -1.0)
+        return out
+
+    def test_v4_v6_and_cross_family_go_through_xdp_only(self) -> None:
+        topology = self.make_topology()
+        relay = self.start(topology)
+        dual = ((stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6),)
+        count = 0
+        for cf, pf in ((V4, V4), (V6, V6), (V4, V6), (V6, V4)):
+            attributes = dual if cf != pf else ((stun.REQUESTED_ADDRESS_FAMILY, stun.FAMILY_IPV6),) if cf == V6 else ()
+            c = self.client(topology, cf, attributes)
+            relayed = {_family(a[0]): a for a in c.relayed}
+            peer = self.sock(topology, "peer", pf)
+            self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+            for i in range(5):
+                payload = os.urandom(100 + i)
+                c.send_channel(CHAN, payload)
+                data, source = peer.recvfrom(2048)
+                self.assertEqual((data, source[:2]), (payload, relayed[pf]), (cf, pf))
+                peer.sendto(payload, relayed[pf])
+                self.assertEqual(c.recv(), struct.pack("!HH", CHAN, len(payload)) + payload, (cf, pf))
+                count += 1
+        counts = self.relayed(relay)
+        self.assertEqual(counts[("userspace", "client_to_peer")], 0)
+        self.assertEqual(counts[("userspace", "peer_to_client")], 0)
+        self.assertEqual(counts[("xdp", "client_to_peer")], count)
+        self.assertEqual(counts[("xdp", "peer_to_client")], count)
+        metrics = relay.metrics()
+        for direction in ("client_to_peer", "peer_to_client"):
+            for cf, pf in (("ipv4", "ipv6"), ("ipv6", "ipv4")):
+                key = 'relay_xdp_relayed_packets_total{client_family="%s",direction="%s",peer_family="%s"}' % (cf, direction, pf)
+                self.assertEqual(metrics[key], 5)
+        for role in ("client", "peer"):
+            snmp = topology.snmp(role)
+            self.assertEqual((snmp["UdpInCsumErrors"], snmp["Udp6InCsumErrors"]), (0, 0), role)
+
+    def test_hairpin_two_clients_of_the_relay(self) -> None:
+        topology = self.make_topology()
+        relay = self.start(topology)
+        a, b = self.client(topology, V4), self.client(topology, V4)
+        self.assertIsNone(a.channel_bind(0x4001, b.relayed[0]))
+        self.assertIsNone(b.channel_bind(0x4002, a.relayed[0]))
+        a.send_channel(0x4001, b"hello b")
+        self.assertEqual(b.recv(), struct.pack("!HH", 0x4002, 7) + b"hello b")
+        b.send_channel(0x4002, b"hello a")
+        self.assertEqual(a.recv(), struct.pack("!HH", 0x4001, 7) + b"hello a")
+        self.assertEqual(relay.metrics().get("relay_xdp_hairpin_packets_total"), 2)
+        self.assertEqual(self.relayed(relay)[("userspace", "client_to_peer")], 0)
+
+    def test_removal_and_expiry_stop_the_fast_path_on_the_next_packet(self) -> None:
+        topology = self.make_topology()
+        relay = self.start(topology)
+        peer = self.sock(topology, "peer", V4)
+        removed = self.client(topology, V4)
+        expiring = self.client(topology, V4, lifetime=2)
+        for c in (removed, expiring):
+            self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+            c.send_channel(CHAN, b"before")
+            self.assertEqual(peer.recvfrom(100)[0], b"before")
+        removed.refresh(0)
+        deadline = time.monotonic() + 10
+        while "allocation deleted" not in relay.output() or relay.output().count("allocation deleted") < 2:
+            self.assertLess(time.monotonic(), deadline, relay.output()[-2000:])
+            time.sleep(0.2)
+        for c in (removed, expiring):
+            c.send_channel(CHAN, b"after")
+            peer.sendto(b"after", c.relayed[0])
+            self.assertIsNone(netns.recv(peer, 0.5))
+            self.assertIsNone(c.recv(0.3))
+        metrics = relay.metrics()
+        self.assertEqual(metrics['relay_xdp_passed_packets_total{reason="miss"}'], 4)
+        self.assertEqual(self.relayed(relay)[("xdp", "client_to_peer")], 2)
+
+    def test_userspace_relays_what_xdp_passes(self) -> None:
+        topology = self.make_topology()
+        relay = self.start(topology)
+        c = self.client(topology, V4)
+        peer = self.sock(topology, "peer", V4)
+        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+        c.sock.sendto(struct.pack("!HH", CHAN, 6) + b"padded" + b"\0\0", c.server)
+        self.assertEqual(peer.recvfrom(100)[0], b"padded")
+        peer.sendto(b"m" * 1472, c.relayed[0])  # too big for the MTU once framed: userspace fragments it
+        self.assertEqual(c.recv(), struct.pack("!HH", CHAN, 1472) + b"m" * 1472)
+        counts = self.relayed(relay)
+        self.assertEqual((counts[("userspace", "client_to_peer")], counts[("userspace", "peer_to_client")]), (1, 1))
+        metrics = relay.metrics()
+        self.assertEqual(metrics['relay_xdp_passed_packets_total{reason="padded"}'], 1)
+        self.assertEqual(metrics['relay_xdp_passed_packets_total{reason="too_big"}'], 1)
+
+    def test_a_denied_peer_is_never_relayed(self) -> None:
+        topology = self.make_topology()
+        relay = self.start(topology)
+        c = self.client(topology, V4)
+        denied = self.sock(topology, "peer", V4, ip=ADDR["denied"][0])
+        self.assertEqual(c.channel_bind(CHAN, denied.getsockname()[:2]), 403)
+        c.send_channel(CHAN, b"to denied")
+        denied.sendto(b"from denied", c.relayed[0])
+        self.assertIsNone(netns.recv(denied, 0.5))
+        self.assertIsNone(c.recv(0.3))
+        counts = self.relayed(relay)
+        self.assertEqual(sum(counts.values()), 0)
+
+    def test_detached_after_exit_drain_included(self) -> None:
+        topology = self.make_topology()
+        relay = self.start(topology)
+        self.assertTrue(topology.xdp_attached())
+        c = self.client(topology, V4)
+        relay.proc.terminate()  # a drain: waits for the allocation
+        time.sleep(0.5)
+        self.assertIsNone(relay.proc.poll())
+        self.assertTrue(topology.xdp_attached())  # still relaying while draining
+        c.refresh(0)
+        self.assertEqual(relay.proc.wait(10), 0)
+        self.assertFalse(topology.xdp_attached(), relay.output()[-2000:])
+        self.assertIn("XDP fast path detached", relay.output())
+
+    def test_a_load_failure_leaves_the_relay_in_userspace(self) -> None:
+        topology = self.make_topology()
+        relay = self.start(topology, xdp=False, extra=("--ebpf-offloading=nosuch0",))
+        self.assertIn("XDP fast path off, relaying in userspace only", relay.output())
+        c = self.client(topology, V4)
+        peer = self.sock(topology, "peer", V4)
+        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+        c.send_channel(CHAN, b"userspace")
+        self.assertEqual(peer.recvfrom(100)[0], b"userspace")
+        self.assertEqual(self.relayed(relay)[("userspace", "client_to_peer")], 1)
+        self.assertFalse(topology.xdp_attached())
+
+
+def _family(ip: str) -> int:
+    return V6 if ":" in ip else V4
