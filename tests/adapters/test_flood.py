@@ -187,6 +187,8 @@ def _flood(server: tuple[str, int], pid: int, credentials: tuple[str, str], host
     while counts["back"] < counts["sent"] and time.time() < deadline:
         pump(0.05)
     honest_sent, peer_got, honest_back = counts["sent"], counts["peer"], counts["back"]
+    released = client.request(stun.REFRESH, [(stun.LIFETIME, 0)])  # so a drain on SIGTERM ends at once
+    assert released.msg_class == stun.SUCCESS, released
     elapsed = time.time() - start
     cpu_used = cpu_seconds(proc_pid) - cpu_before
     rss_growth_mib = (rss_kib(proc_pid) - rss_before) / 1024
@@ -233,8 +235,13 @@ class FloodTests(unittest.TestCase):
         self.assertEqual(honest_back, honest_sent)
         self.assertLess(rss_growth_mib, 50)
         self.assertIsNotNone(binding_roundtrip(listen_port, time.time() + 5), "relay stopped answering")
+        # The first SIGTERM drains (the honest allocation is still there), the second stops.
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+        deadline = time.time() + 10
+        while "draining" not in open(log_path).read() and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(timeout=20), 0)
         with open(log_path) as f:
             output = f.read()
         self.assertNotIn("Traceback", output)
