@@ -210,6 +210,7 @@ class BlockingTurnClient:
         self.server = server
         self.timeout = timeout
         self.username = self.key = self.nonce = None  # type: Any
+        self.realm = REALM
         self.relayed: List[Tuple[str, int]] = []
         sock.settimeout(timeout)
 
@@ -218,7 +219,7 @@ class BlockingTurnClient:
             tid = os.urandom(12)
             attrs = list(attributes)
             if signed:
-                attrs += [(stun.USERNAME, self.username), (stun.REALM, REALM), (stun.NONCE, self.nonce)]
+                attrs += [(stun.USERNAME, self.username), (stun.REALM, self.realm), (stun.NONCE, self.nonce)]
                 data = stun.encode(method, stun.REQUEST, tid, attrs, integrity_key=self.key)
             else:
                 data = stun.encode(method, stun.REQUEST, tid, attrs)
@@ -226,6 +227,9 @@ class BlockingTurnClient:
             error = response.get(stun.ERROR_CODE)
             if isinstance(error, tuple) and error[0] in (401, 438) and response.get_str(stun.NONCE):
                 self.nonce = response.get_str(stun.NONCE)
+                if response.get_str(stun.REALM) and response.get_str(stun.REALM) != self.realm:
+                    self.realm = response.get_str(stun.REALM)
+                    self.key = stun.long_term_key(self.username, self.realm, self.password)
                 if signed or error[0] == 401:
                     signed = True
                     continue
@@ -247,9 +251,18 @@ class BlockingTurnClient:
                 continue
         raise TurnError("no answer from %s" % (self.server,))
 
-    def allocate(self, secret: str, attributes: Sequence[Tuple[int, object]] = (), lifetime: int = 600) -> List[Tuple[str, int]]:
-        self.username, password = make_credentials(secret, int(time.time()) + 3600, "xdp")
-        self.key = stun.long_term_key(self.username, REALM, password)
+    def allocate(
+        self,
+        secret: str,
+        attributes: Sequence[Tuple[int, object]] = (),
+        lifetime: int = 600,
+        credentials: Optional[Tuple[str, str]] = None,
+    ) -> List[Tuple[str, int]]:
+        """Allocate with Firezone credentials for ``secret``, or plain long-term ``credentials``."""
+        if credentials is None:
+            credentials = make_credentials(secret, int(time.time()) + 3600, "xdp")
+        self.username, self.password = credentials
+        self.key = stun.long_term_key(self.username, self.realm, self.password)
         attrs: List[Tuple[int, object]] = [(stun.REQUESTED_TRANSPORT, 17), (stun.LIFETIME, lifetime), *attributes]
         response = self.request(stun.ALLOCATE, attrs, signed=False)
         if response.msg_class != stun.SUCCESS:

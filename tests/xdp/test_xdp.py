@@ -139,6 +139,47 @@ class LayoutTests(unittest.SynchronousTestCase):
         )
 
 
+class OptionsTests(unittest.SynchronousTestCase):
+    def parse(self, args: List[str], environ: Optional[Dict[str, str]] = None) -> Any:
+        from firezone_relay import tap
+
+        options = tap.Options(environ=environ or {})
+        options.parseOptions(args)
+        return options
+
+    def test_defaults_are_off_and_generic(self) -> None:
+        o = self.parse([])
+        self.assertIsNone(o["ebpf-offloading"])
+        self.assertEqual(o["ebpf-attach-mode"], "generic")
+        from firezone_relay import tap
+
+        self.assertIsNone(tap.make_xdp_service(o))
+
+    def test_flags_and_environment(self) -> None:
+        o = self.parse(
+            ["--ebpf-attach-mode", "driver", "--ebpf-int6-addr", "[2001:db8::1]"],
+            {"EBPF_OFFLOADING": "eth1", "EBPF_INT4_ADDR": "192.0.2.9"},
+        )
+        self.assertEqual((o["ebpf-offloading"], o["ebpf-attach-mode"]), ("eth1", "driver"))
+        self.assertEqual((o["ebpf-int4-addr"], o["ebpf-int6-addr"]), ("192.0.2.9", "2001:db8::1"))
+        from firezone_relay import tap
+
+        service = tap.make_xdp_service(o)
+        self.assertEqual((service.interface, service.mode, service.int4), ("eth1", "driver", "192.0.2.9"))
+
+    def test_bad_values_are_refused(self) -> None:
+        from twisted.python import usage
+
+        for args, fragment in (
+            (["--ebpf-attach-mode", "native"], "generic or driver"),
+            (["--ebpf-int4-addr", "2001:db8::1"], "expected IPv4"),
+            (["--ebpf-int6-addr", "nope"], "not an IPv6 address"),
+        ):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse(args)
+            self.assertIn(fragment, str(caught.exception))
+
+
 class _FakeProgram:
     def __init__(self, fail: bool = False) -> None:
         self.entries: Dict[Tuple[Any, ...], bool] = {}
@@ -422,6 +463,33 @@ class ProgramTests(_Namespaced):
         self.assertEqual(counters.passed["dropped_short"], 0)
         self.assertGreater(counters.passed["malformed"], 0)
         self.assertGreater(counters.passed["bad_header_checksum"], 0)
+
+    def test_driver_mode_on_veth(self) -> None:
+        """Native XDP_TX on veth needs an XDP program on the other end of the pair too:
+        our own, disabled (it passes everything), stands in for it."""
+        topology = self.make_topology()
+        path = _object(self)
+        with topology.entered("router"):
+            other_end = loader.XdpProgram(path, "to-relay")
+            self.addCleanup(other_end.close)
+            other_end.configure(LISTEN_PORT, LOWEST, HIGHEST, enabled=False)
+            other_end.attach("driver")
+        with topology.entered("relay"):
+            program = loader.XdpProgram(path, "eth0")
+            self.addCleanup(program.close)
+            program.configure(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0])
+            program.attach("driver")
+        client, peer = self.sock(topology, "client", V4), self.sock(topology, "peer", V4)
+        program.add_channel(client.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST)
+        client.sendto(struct.pack("!HH", CHAN, 6) + b"native", (ADDR["relay"][0], LISTEN_PORT))
+        self.assertEqual(peer.recvfrom(100)[0], b"native")
+        peer.sendto(b"back", (ADDR["relay"][0], LOWEST))
+        self.assertEqual(client.recvfrom(100)[0], struct.pack("!HH", CHAN, 4) + b"back")
+        shown = topology.ip("relay", "link", "show", "dev", "eth0").stdout
+        self.assertIn("prog/xdp id", shown)
+        self.assertNotIn("xdpgeneric", shown)  # native, not SKB mode
+        with topology.entered("relay"):
+            self.assertTrue(program.detach())
 
     def test_detach_and_reload_is_clean(self) -> None:
         topology = self.make_topology()

@@ -1,0 +1,412 @@
+"""Closed-loop round trips through a TURN relay in network namespaces (root).
+
+One command::
+
+    sudo .venv/bin/python -m benchmarks.bench_xdp [--runs 5] [--seconds 5] [--window 64]
+
+Topology (``tests/xdp/netns.py``): client, peer, relay and router namespaces
+joined by veth pairs through the router.  A small C load generator (compiled
+here with cc) keeps ``--window`` datagrams in flight from the client and an
+echo in the peer namespace returns each one; every answer sends the next
+datagram.  Configurations, each measured at 100 B and 1200 B payloads:
+
+(a) no relay: client -> router -> peer echo and back (the ceiling);
+(b) our relay with the XDP fast path (generic mode on veth);
+(c) our relay, userspace only (the Twisted process relays);
+(d) coturn (``turnserver``, one relay thread per CPU by default).
+
+For (b)-(d) the client holds an allocation and a channel to the echo, so a
+round trip is two relayed datagrams (client->peer and peer->client).
+
+Reported per configuration and size, medians over ``--runs`` runs of
+``--seconds`` each: round trips/s; machine CPU per round trip (busy time of
+all CPUs from ``/proc/stat``, load generator and echo included); and the
+relay's own CPU per relayed datagram: the relay process's CPU time for (c)
+and (d), the XDP program's run time (``kernel.bpf_stats_enabled``) for (b).
+
+Every namespace is deleted and every process started here is killed at the
+end, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from tests.xdp.netns import (  # noqa: E402
+    ADDR,
+    HIGHEST,
+    LISTEN_PORT,
+    LOWEST,
+    SECRET,
+    BlockingTurnClient,
+    RelayProcess,
+    Topology,
+    need_root,
+)
+
+CHAN = 0x4000
+PEER_PORT = 7000
+COTURN_USER = ("bench", "bench-password")
+
+LOOP_C = r"""
+/* Closed-loop UDP load: "echo FD" reflects datagrams to their sender;
+ * "client FD PREFIXHEX SIZE WINDOW SECONDS" keeps WINDOW datagrams of SIZE
+ * payload bytes (after PREFIX) in flight on a connected socket and prints
+ * the round trips completed in SECONDS. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <netinet/in.h>
+
+#define BATCH 64
+static unsigned char bufs[BATCH][65536];
+
+static double now(void) {
+    struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) return 2;
+    int fd = atoi(argv[2]);
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    struct sockaddr_storage addrs[BATCH];
+    if (!strcmp(argv[1], "echo")) {
+        for (;;) {
+            for (int i = 0; i < BATCH; i++) {
+                iov[i].iov_base = bufs[i]; iov[i].iov_len = sizeof bufs[i];
+                memset(&msgs[i], 0, sizeof msgs[i]);
+                msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
+                msgs[i].msg_hdr.msg_name = &addrs[i]; msgs[i].msg_hdr.msg_namelen = sizeof addrs[i];
+            }
+            int n = recvmmsg(fd, msgs, BATCH, MSG_WAITFORONE, NULL);
+            if (n <= 0) { if (errno == EINTR) continue; return 1; }
+            for (int i = 0; i < n; i++) iov[i].iov_len = msgs[i].msg_len;
+            sendmmsg(fd, msgs, n, 0);
+        }
+    }
+    if (argc < 7) return 2;
+    size_t plen = strlen(argv[3]) / 2, size = atoi(argv[4]);
+    int window = atoi(argv[5]);
+    double seconds = atof(argv[6]);
+    unsigned char out[65536];
+    for (size_t i = 0; i < plen; i++) sscanf(argv[3] + 2 * i, "%2hhx", &out[i]);
+    memset(out + plen, 'x', size);
+    size_t len = plen + size;
+    struct timeval tv = {0, 50000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    struct mmsghdr smsgs[BATCH];
+    struct iovec siov = {out, len};
+    for (int i = 0; i < BATCH; i++) { memset(&smsgs[i], 0, sizeof smsgs[i]); smsgs[i].msg_hdr.msg_iov = &siov; smsgs[i].msg_hdr.msg_iovlen = 1; }
+    int w = window > BATCH ? BATCH : window;
+    sendmmsg(fd, smsgs, w, 0);
+    long done = 0, lost_windows = 0;
+    double end = now() + seconds;
+    while (now() < end) {
+        for (int i = 0; i < BATCH; i++) {
+            iov[i].iov_base = bufs[i]; iov[i].iov_len = sizeof bufs[i];
+            memset(&msgs[i], 0, sizeof msgs[i]);
+            msgs[i].msg_hdr.msg_iov = &iov[i]; msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        int n = recvmmsg(fd, msgs, BATCH, MSG_WAITFORONE, NULL);
+        if (n <= 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) { lost_windows++; sendmmsg(fd, smsgs, w, 0); continue; }
+            if (errno == EINTR || errno == ECONNREFUSED) continue;
+            perror("recvmmsg"); return 1;
+        }
+        done += n;
+        sendmmsg(fd, smsgs, n, 0);
+    }
+    printf("%ld %ld\n", done, lost_windows);
+    return 0;
+}
+"""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = tempfile.mkdtemp(prefix="bench-xdp-")
+        self.loop = os.path.join(self.tmp, "loop")
+        self.procs: List[subprocess.Popen] = []  # type: ignore[type-arg]
+        self.topology = Topology("fzb")
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def build(self) -> None:
+        src = os.path.join(self.tmp, "loop.c")
+        with open(src, "w") as f:
+            f.write(LOOP_C)
+        subprocess.run(["cc", "-O2", "-o", self.loop, src], check=True)
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        self.procs = []
+        self.topology.destroy()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def spawn(self, argv: Sequence[str], fds: Sequence[int] = (), **kw: object) -> subprocess.Popen:  # type: ignore[type-arg]
+        proc = subprocess.Popen(list(argv), pass_fds=tuple(fds), **kw)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def start_echo(self, family: int) -> socket.socket:
+        s = self.topology.socket("peer", family)
+        s.bind((ADDR["peer"][family == 6], PEER_PORT))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.spawn([self.loop, "echo", str(s.fileno())], fds=[s.fileno()])
+        return s
+
+    def client_socket(self, family: int = 4) -> socket.socket:
+        s = self.topology.socket("client", family)
+        s.bind((ADDR["client"][family == 6], 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        return s
+
+    # --- measurements -----------------------------------------------------------------------
+
+    @staticmethod
+    def busy_jiffies() -> Tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields) - idle, sum(fields)
+
+    @staticmethod
+    def process_cpu(pid: int) -> float:
+        """CPU seconds of ``pid`` and its children still running (ip netns exec execs in place)."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/%d/stat" % pid) as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        total += (int(parts[11]) + int(parts[12])) / tick
+        return total
+
+    def bpf_stats(self) -> Tuple[int, int]:
+        """(run_time_ns, run_cnt) of the XDP program on the relay's eth0."""
+        out = self.topology.ip("relay", "-d", "link", "show", "dev", "eth0").stdout
+        prog_id = None
+        words = out.split()
+        for i, w in enumerate(words):
+            if w == "id" and i > 0 and "xdp" in " ".join(words[max(0, i - 8) : i]):
+                prog_id = words[i + 1]
+                break
+        if prog_id is None:
+            return 0, 0
+        import json
+
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", prog_id], capture_output=True, text=True).stdout or "{}")
+        return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
+
+    def run_client(self, sock: socket.socket, prefix: bytes, size: int, pid: Optional[int], xdp: bool) -> Dict[str, float]:
+        seconds = self.args.seconds
+        cpu0 = self.process_cpu(pid) if pid else 0.0
+        bpf0 = self.bpf_stats() if xdp else (0, 0)
+        busy0, all0 = self.busy_jiffies()
+        done = subprocess.run(
+            [self.loop, "client", str(sock.fileno()), prefix.hex(), str(size), str(self.args.window), str(seconds)],
+            pass_fds=(sock.fileno(),),
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+        )
+        busy1, all1 = self.busy_jiffies()
+        cpu1 = self.process_cpu(pid) if pid else 0.0
+        bpf1 = self.bpf_stats() if xdp else (0, 0)
+        count, lost = (int(x) for x in done.stdout.split())
+        rts = count / seconds
+        tick = os.sysconf("SC_CLK_TCK")
+        result = {
+            "rts": rts,
+            "machine_us_per_rt": (busy1 - busy0) / tick / max(count, 1) * 1e6,
+            "lost_windows": lost,
+        }
+        if xdp:
+            runs = max(bpf1[1] - bpf0[1], 1)
+            result["relay_us_per_pkt"] = (bpf1[0] - bpf0[0]) / runs / 1000.0
+        elif pid:
+            result["relay_us_per_pkt"] = (cpu1 - cpu0) / max(2 * count, 1) * 1e6
+        return result
+
+    # --- configurations ------------------------------------------------------------------------
+
+    def measure(self, name: str, sock: socket.socket, prefix_for: object, pid: Optional[int], xdp: bool) -> Dict[int, List[Dict[str, float]]]:
+        results: Dict[int, List[Dict[str, float]]] = {}
+        for size in self.args.sizes:
+            prefix = prefix_for(size)  # type: ignore[operator]
+            self.run_client_warmup(sock, prefix, size)
+            results[size] = [self.run_client(sock, prefix, size, pid, xdp) for _ in range(self.args.runs)]
+            med = statistics.median(r["rts"] for r in results[size])
+            print("  %-22s %5d B: %9.0f round trips/s (median of %d)" % (name, size, med, self.args.runs), flush=True)
+        return results
+
+    def run_client_warmup(self, sock: socket.socket, prefix: bytes, size: int) -> None:
+        subprocess.run(
+            [self.loop, "client", str(sock.fileno()), prefix.hex(), str(size), str(self.args.window), "1"],
+            pass_fds=(sock.fileno(),), capture_output=True, timeout=30,
+        )
+
+    def turn_socket(self, credentials: Optional[Tuple[str, str]] = None) -> socket.socket:
+        sock = self.client_socket()
+        client = BlockingTurnClient(sock, (ADDR["relay"][0], LISTEN_PORT))
+        client.allocate(SECRET, credentials=credentials)
+        error = client.channel_bind(CHAN, (ADDR["peer"][0], PEER_PORT))
+        if error is not None:
+            raise RuntimeError("ChannelBind failed with %s" % error)
+        sock.connect((ADDR["relay"][0], LISTEN_PORT))
+        return sock
+
+    def no_relay(self) -> Dict[int, List[Dict[str, float]]]:
+        sock = self.client_socket()
+        sock.connect((ADDR["peer"][0], PEER_PORT))
+        return self.measure("(a) no relay", sock, lambda size: b"", None, False)
+
+    def ours(self, xdp: bool) -> Dict[int, List[Dict[str, float]]]:
+        relay = RelayProcess(self.topology, self.tmp, xdp=xdp)
+        self.procs.append(relay.proc)
+        try:
+            relay.wait_ready()
+            if xdp and "XDP fast path attached" not in relay.output():
+                raise RuntimeError("the XDP fast path did not attach:\n%s" % relay.output()[-3000:])
+            sock = self.turn_socket()
+            name = "(b) relay, XDP" if xdp else "(c) relay, userspace"
+            return self.measure(name, sock, lambda size: struct.pack("!HH", CHAN, size), relay.proc.pid, xdp)
+        finally:
+            relay.stop()
+
+    def coturn(self) -> Optional[Dict[int, List[Dict[str, float]]]]:
+        turnserver = shutil.which("turnserver")
+        if turnserver is None:
+            print("  (d) coturn: turnserver not installed (apt-get install coturn); skipped")
+            return None
+        argv = [
+            "ip", "netns", "exec", self.topology.ns["relay"], turnserver,
+            "--listening-ip", ADDR["relay"][0], "--relay-ip", ADDR["relay"][0],
+            "--listening-port", str(LISTEN_PORT), "--min-port", str(LOWEST), "--max-port", str(HIGHEST),
+            "--realm", "firezone", "--lt-cred-mech", "--user", "%s:%s" % COTURN_USER,
+            "--allowed-peer-ip", ADDR["peer"][0], "--no-multicast-peers", "--no-cli", "--no-tls", "--no-dtls",
+            "--pidfile", os.path.join(self.tmp, "turnserver.pid"), "--userdb", os.path.join(self.tmp, "turndb"),
+            "--log-file", os.path.join(self.tmp, "turnserver.log"), "--simple-log", "--no-stdout-log",
+        ]
+        proc = self.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    sock = self.turn_socket(COTURN_USER)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise
+                    time.sleep(0.3)
+            return self.measure("(d) coturn", sock, lambda size: struct.pack("!HH", CHAN, size), proc.pid, False)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def main(self) -> int:
+        self.build()
+        self.topology.create()
+        subprocess.run(["sysctl", "-q", "-w", "kernel.bpf_stats_enabled=1"], check=False)
+        self.start_echo(4)
+        results = {
+            "(a) no relay": self.no_relay(),
+            "(b) our relay, XDP (generic)": self.ours(True),
+            "(c) our relay, userspace": self.ours(False),
+        }
+        coturn = self.coturn()
+        if coturn is not None:
+            results["(d) coturn %s" % coturn_version()] = coturn
+        self.report(results)
+        return 0
+
+    def report(self, results: Dict[str, Dict[int, List[Dict[str, float]]]]) -> None:
+        a = self.args
+        print()
+        print("IPv4, window %d, medians of %d x %g s, %d CPUs, kernel %s" % (a.window, a.runs, a.seconds, os.cpu_count() or 0, os.uname().release))
+        print()
+        print("| configuration | payload | round trips/s | vs no relay | vs coturn | machine CPU µs / round trip | relay CPU µs / relayed packet |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        base = results["(a) no relay"]
+        coturn = next((v for k, v in results.items() if k.startswith("(d)")), None)
+        for name, by_size in results.items():
+            for size, runs in by_size.items():
+                rts = statistics.median(r["rts"] for r in runs)
+                machine = statistics.median(r["machine_us_per_rt"] for r in runs)
+                relay = [r["relay_us_per_pkt"] for r in runs if "relay_us_per_pkt" in r]
+                vs_base = rts / statistics.median(r["rts"] for r in base[size])
+                vs_coturn = rts / statistics.median(r["rts"] for r in coturn[size]) if coturn else float("nan")
+                print(
+                    "| %s | %d B | %.0f | %.2f× | %s | %.1f | %s |"
+                    % (
+                        name, size, rts, vs_base,
+                        ("%.2f×" % vs_coturn) if coturn and not name.startswith("(a)") else "–",
+                        machine,
+                        ("%.2f" % statistics.median(relay)) if relay else "–",
+                    )
+                )
+
+
+def coturn_version() -> str:
+    try:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "coturn"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+    return out.split("-")[0] if out else ""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1200])
+    args = parser.parse_args(argv)
+    reason = need_root()
+    if reason is not None:
+        print("bench_xdp: %s" % reason, file=sys.stderr)
+        return 2
+    bench = Bench(args)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return bench.main()
+    finally:
+        bench.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
