@@ -35,10 +35,6 @@ log = Logger(namespace="firezone_relay.tap")
 SOFTWARE = "firezone-relay (python) %s" % __version__
 DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
 
-#: Portal mode (SPEC §6) is a separate piece of work; until it lands a token
-#: is refused rather than silently ignored.
-PORTAL_MODE_IMPLEMENTED = False
-
 #: Route lookup target for public address detection: connect() on a UDP
 #: socket only asks the kernel for a route, no packet is sent.
 _ROUTE_PROBE_IP4 = ("192.0.2.1", 3478)  # TEST-NET-1; any routable-looking address works
@@ -291,11 +287,18 @@ class Options(usage.Options):
         if self["user-allocation-limit"] is None:
             self["user-allocation-limit"] = 1 if self["token"] else 0
 
-        if self["token"] and not PORTAL_MODE_IMPLEMENTED:
-            raise usage.UsageError(
-                "portal mode (--token / FIREZONE_TOKEN) is not implemented yet; "
-                "run without a token for standalone mode"
-            )
+        self["portal-ca-file"] = None
+        if self["token"]:
+            from firezone_relay.adapters.portal import CA_FILE_ENV, portal_url
+
+            try:
+                portal_url(self["api-url"], self["name"], "192.0.2.1", None, 3478)
+            except ValueError as exc:
+                raise usage.UsageError(str(exc)) from None
+            # Not a flag: a private CA for self-hosted portals and tests.
+            ca_file = self._environ.get(CA_FILE_ENV, "").strip()
+            if ca_file:
+                self["portal-ca-file"] = ca_file
 
         # twistd: --log-format json becomes twistd's own --logger, so that
         # twistd's start-up lines and redirected stdout are JSON too and
@@ -424,7 +427,10 @@ def makeService(options: Options) -> "MultiService":
     rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else random.SystemRandom()
     relay = Relay(relay_config(options, secret), rng)
 
-    if generated:
+    if options["token"]:
+        # Portal mode: the secret goes to the portal only (stamp_secret), never to the log.
+        log.info("portal mode: STUN/TURN listeners open when the portal's init arrives")
+    elif generated:
         # Standalone mode without --auth-secret: the secret exists only in
         # this process, so it is logged exactly once, with how to use it.
         log.info(
@@ -458,6 +464,7 @@ def makeService(options: Options) -> "MultiService":
         bind_ip4=options["bind-ip4-addr"] if options["public-ip4-addr"] else None,
         bind_ip6=options["bind-ip6-addr"] if options["public-ip6-addr"] else None,
         socket_buffer=options["socket-buffer"],
+        serve_at_start=not options["token"],  # portal mode: on the first init
     )
     udp.setName("udp")
     udp.fast_path = xdp
@@ -478,4 +485,55 @@ def makeService(options: Options) -> "MultiService":
     health = HealthService(host, port, registry, readiness)
     health.setName("http")
     health.setServiceParent(top)
+    _add_portal_and_drain(options, top, udp, secret, readiness)
     return top
+
+
+def _add_portal_and_drain(options: Options, top: "MultiService", udp: Any, secret: str, readiness: Any) -> None:
+    """Portal mode's control channel, and the SIGTERM drain (both modes).
+
+    A fatal portal error and the end of a drain both go through
+    ``ProcessControl``, which stops the reactor and sets the exit status
+    (twistd itself cannot exit non-zero; see ``adapters.drain``).
+    """
+    from twisted.internet import reactor
+
+    from firezone_relay.adapters.drain import DrainController, ProcessControl
+    from firezone_relay.adapters.portal import PortalClient, load_trust_root, portal_url
+
+    process = ProcessControl(reactor)
+    portal = None
+    if options["token"]:
+        trust_root = None
+        if options["portal-ca-file"]:
+            try:
+                trust_root = load_trust_root(options["portal-ca-file"])
+            except (OSError, ValueError) as exc:
+                raise usage.UsageError("FIREZONE_PORTAL_CA_FILE: %s" % (exc,)) from None
+
+        def first_init() -> None:
+            udp.start_serving()
+            readiness.serving = True
+
+        url = portal_url(
+            options["api-url"],
+            options["name"],
+            options["public-ip4-addr"],
+            options["public-ip6-addr"],
+            options["listen-port"],
+        )
+        portal = PortalClient(
+            url,
+            options["token"],
+            secret,
+            on_init=first_init,
+            on_fatal=process.fail,
+            reactor=reactor,
+            trust_root=trust_root,
+            readiness=readiness,
+        )
+        portal.setServiceParent(top)
+    drain = DrainController(
+        udp, process, portal=portal, readiness=readiness, drain_timeout=options["drain-timeout"], reactor=reactor
+    )
+    drain.setServiceParent(top)

@@ -107,7 +107,6 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertEqual(o["deny-peer"], ("192.0.2.0/24", "2001:db8::/32"))
 
     def test_user_allocation_limit_default_depends_on_mode(self) -> None:
-        self.patch(tap, "PORTAL_MODE_IMPLEMENTED", True)
         self.assertEqual(parse(["--token", "abc"])["user-allocation-limit"], 1)
         self.assertEqual(parse(["--token", "abc", "--user-allocation-limit", "3"])["user-allocation-limit"], 3)
         self.assertEqual(parse()["user-allocation-limit"], 0)
@@ -152,17 +151,18 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertUsageError(["--auth-secret", "a:b"], "without spaces or ':'")
         self.assertUsageError(["--auth-secret", "a b"], "without spaces or ':'")
         self.assertUsageError(["--auth-secret", "x" * 257], "at most 256 characters")
-        self.patch(tap, "PORTAL_MODE_IMPLEMENTED", True)
         self.assertUsageError(["--auth-secret", "s3cret", "--token", "t"], "--auth-secret is for standalone mode only")
 
-    def test_token_is_refused_until_portal_mode_exists(self) -> None:
+    def test_portal_mode_options(self) -> None:
+        o = parse(environ={"FIREZONE_TOKEN": TOKEN, "FIREZONE_PORTAL_CA_FILE": "/etc/ca.pem"})
+        self.assertEqual((o["token"], o["portal-ca-file"]), (TOKEN, "/etc/ca.pem"))
+        self.assertIsNone(parse(environ={"FIREZONE_PORTAL_CA_FILE": "/etc/ca.pem"})["portal-ca-file"])
         with self.assertRaises(usage.UsageError) as caught:
-            parse(environ={"FIREZONE_TOKEN": TOKEN})
-        self.assertIn("portal mode (--token / FIREZONE_TOKEN) is not implemented yet", str(caught.exception))
+            parse(["--api-url", "ftp://portal"], environ={"FIREZONE_TOKEN": TOKEN})
+        self.assertIn("--api-url must be a ws://, wss://, http:// or https:// URL", str(caught.exception))
         self.assertNotIn(TOKEN, str(caught.exception))
 
     def test_token_file(self) -> None:
-        self.patch(tap, "PORTAL_MODE_IMPLEMENTED", True)
         path = Path(self.mktemp())
         path.write_text("  %s\n" % TOKEN)
         self.assertEqual(parse(["--token", str(path.resolve())])["token"], TOKEN)
@@ -396,10 +396,10 @@ class ProcessTests(unittest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("is not an IPv4 address", result.stderr + result.stdout)
 
-    def test_token_refused_and_not_printed(self) -> None:
-        result = self.run_twistd([], env=twistd_env(FIREZONE_TOKEN=TOKEN))
+    def test_token_not_printed(self) -> None:
+        result = self.run_twistd(["--api-url", "ftp://portal"], env=twistd_env(FIREZONE_TOKEN=TOKEN))
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("not implemented yet", result.stderr + result.stdout)
+        self.assertIn("--api-url must be", result.stderr + result.stdout)
         self.assertNotIn(TOKEN, result.stderr + result.stdout)
         result = self.run_twistd(["--help"], env=twistd_env(FIREZONE_TOKEN=TOKEN))
         self.assertEqual(result.returncode, 0, result.stderr)

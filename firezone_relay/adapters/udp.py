@@ -139,7 +139,8 @@ class RelayService(Service):
     ``bind_ip4`` / ``bind_ip6``: addresses to bind for each family, ``None``
     for a family the relay does not serve.  ``reactor`` does the I/O;
     ``clock`` (default: the reactor) owns time and the timer, so a test can
-    pass a ``task.Clock`` and advance it.
+    pass a ``task.Clock`` and advance it.  ``serve_at_start=False`` (portal
+    mode) keeps the STUN/TURN listeners closed until ``start_serving()``.
     """
 
     def __init__(
@@ -151,12 +152,17 @@ class RelayService(Service):
         socket_buffer: int = 0,
         reactor: Any = None,
         clock: Any = None,
+        serve_at_start: bool = True,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.relay = relay
+        #: False until ``start_serving()`` in portal mode: no listener yet.
+        self.serving = serve_at_start
+        #: Called after an allocation was created or deleted (the drain waits for 0).
+        self.on_allocations_changed: Optional[Callable[[], None]] = None
         self.listen_port = listen_port
         self.bind = {4: bind_ip4, 6: bind_ip6}
         self.socket_buffer = socket_buffer
@@ -191,16 +197,26 @@ class RelayService(Service):
         # Listeners open here, before the reactor runs, so that a port that
         # cannot be bound stops twistd at start-up with the reason.
         super().privilegedStartService()
-        for family in (4, 6):
-            if self.bind[family] is not None and family not in self.listening:
-                self._open_listener(family)
+        self._open_listeners()
 
     def startService(self) -> None:
         super().startService()
-        for family in (4, 6):  # when used without privilegedStartService (tests)
+        self._open_listeners()  # when used without privilegedStartService (tests)
+        self._pump()
+
+    def start_serving(self) -> None:
+        """Open the STUN/TURN listeners now (portal mode: on the portal's first ``init``)."""
+        if not self.serving:
+            self.serving = True
+            if self.running:
+                self._open_listeners()
+
+    def _open_listeners(self) -> None:
+        if not self.serving:
+            return
+        for family in (4, 6):
             if self.bind[family] is not None and family not in self.listening:
                 self._open_listener(family)
-        self._pump()
 
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
@@ -377,6 +393,8 @@ class RelayService(Service):
                 lifetime=command.lifetime,
             )
             self._usernames[command.port] = command.username
+            if self.on_allocations_changed is not None:
+                self.on_allocations_changed()
         elif kind is C.AllocationDeleted:
             log.info(
                 "allocation deleted: client {client} user {username} port {port} ({reason})",
@@ -386,6 +404,8 @@ class RelayService(Service):
                 reason=command.reason,
             )
             self._usernames.pop(command.port, None)
+            if self.on_allocations_changed is not None:
+                self.on_allocations_changed()
         elif kind is C.ChannelBound or kind is C.ChannelUnbound:
             fast_path = self.fast_path
             if fast_path is not None:
