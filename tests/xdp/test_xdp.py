@@ -247,6 +247,28 @@ class ServiceTests(unittest.SynchronousTestCase):
         )
 
 
+class VerifierTests(unittest.SynchronousTestCase):
+    def test_a_rejected_program_is_reported_with_the_verifier_log(self) -> None:
+        _skip_without_root()
+        _clang_or_skip()
+        directory = tempfile.mkdtemp(prefix="xdp-bad-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        source = os.path.join(directory, "bad.c")
+        with open(source, "w") as f:
+            f.write(
+                '#define SEC(n) __attribute__((section(n), used))\n'
+                "struct xdp_md { unsigned int data, data_end; };\n"
+                'char LICENSE[] SEC("license") = "GPL";\n'
+                'SEC("xdp") int relay_xdp(struct xdp_md *ctx) '
+                "{ unsigned char *d = (void *)(long)ctx->data; return d[100]; }\n"
+            )
+        subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-c", source, "-o", source + ".o"], check=True)
+        with self.assertRaises(loader.XdpError) as caught:
+            loader.XdpProgram(source + ".o", "lo")
+        self.assertIn("the kernel refused the XDP program", str(caught.exception))
+        self.assertIn("invalid access to packet", str(caught.exception))
+
+
 # --- the program on its own, in namespaces ----------------------------------------------------------
 
 
