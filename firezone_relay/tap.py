@@ -58,6 +58,14 @@ _PARAMETERS: list[list[Any]] = [
     ["user-allocation-limit", None, None, "Allocations per username, 0 = unlimited (default: 1 with a token, 0 without)"],
     ["max-allocations", None, "0", "Allocations in total, 0 = unlimited"],
     ["drain-timeout", None, None, "Seconds to wait for allocations to end after SIGTERM (default: no limit)"],
+    ["tls-port", None, "5349", "TCP port for TURN over TLS (served when --tls-cert and --tls-key are given)"],
+    ["tls-cert", None, None, "PEM certificate chain for TURN over TLS (reloaded on SIGHUP)"],
+    ["tls-key", None, None, "PEM private key of --tls-cert (reloaded on SIGHUP)"],
+    ["tls-handshake-timeout", None, "10", "Seconds a TLS client has to finish its handshake"],
+    ["max-connections", None, "16384", "TCP and TLS client connections in total (0: no TCP/TLS listener)"],
+    ["max-connections-per-ip", None, "256", "TCP and TLS client connections per source IP address"],
+    ["stream-write-buffer", None, "262144", "Bytes queued for a slow TCP/TLS reader before it is disconnected"],
+    ["stream-idle-timeout", None, "60", "Seconds a TCP/TLS connection without an allocation may stay silent"],
     ["socket-buffer", None, str(DEFAULT_SOCKET_BUFFER), "SO_RCVBUF/SO_SNDBUF in bytes, 0 = OS default"],
     ["ebpf-offloading", None, None, "Interface to attach the XDP ChannelData fast path to (Linux, root; off by default)"],
     ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
@@ -159,6 +167,44 @@ def _check_secret(value: str) -> str:
     if not all(33 <= ord(c) <= 126 for c in value) or ":" in value:
         raise usage.UsageError("--auth-secret must be printable ASCII without spaces or ':'")
     return value
+
+
+def _parse_seconds(flag: str, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise usage.UsageError("--%s: %r is not a number of seconds" % (flag, value)) from None
+    if not 0 < seconds < float("inf"):
+        raise usage.UsageError("--%s must be a positive number of seconds" % flag)
+    return seconds
+
+
+def _check_stream_options(options: Any) -> None:
+    """TCP/TLS flags (SPEC §8); the certificate is loaded once here so that a
+    bad file stops the start with a clear message."""
+    tls_port = options["tls-port"] = _parse_int("tls-port", options["tls-port"], 1, 65535)
+    if tls_port == options["listen-port"]:
+        raise usage.UsageError("--tls-port (%d) must differ from --listen-port, which serves TCP" % tls_port)
+    options["tls-handshake-timeout"] = _parse_seconds("tls-handshake-timeout", options["tls-handshake-timeout"])
+    options["stream-idle-timeout"] = _parse_seconds("stream-idle-timeout", options["stream-idle-timeout"])
+    options["max-connections"] = _parse_int("max-connections", options["max-connections"], 0)
+    options["max-connections-per-ip"] = _parse_int("max-connections-per-ip", options["max-connections-per-ip"], 0)
+    options["stream-write-buffer"] = _parse_int("stream-write-buffer", options["stream-write-buffer"], 1)
+    for flag in ("tls-cert", "tls-key"):
+        if options[flag] is not None and not options[flag].strip():
+            options[flag] = None
+    if (options["tls-cert"] is None) != (options["tls-key"] is None):
+        raise usage.UsageError("--tls-cert and --tls-key go together")
+    if options["tls-cert"] is not None:
+        from OpenSSL import SSL
+
+        from firezone_relay.adapters.stream import make_tls_context
+
+        try:
+            make_tls_context(options["tls-cert"], options["tls-key"])
+        except (SSL.Error, OSError) as exc:
+            detail = "%s: %s" % (exc.filename, exc.strerror) if isinstance(exc, OSError) else repr(exc)
+            raise usage.UsageError("--tls-cert/--tls-key cannot be used: %s" % detail) from None
 
 
 class Options(usage.Options):
@@ -272,6 +318,7 @@ class Options(usage.Options):
             self["drain-timeout"] = drain
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
+        _check_stream_options(self)
 
         if self["token"] is not None:
             if not self["token"].strip():
@@ -478,6 +525,7 @@ def makeService(options: Options) -> "MultiService":
     registry, collector = make_registry(relay, readiness)
     collector.add_drop_source(udp.drops)
     collector.fast_path = xdp
+    _add_stream(options, top, udp, registry, collector)
     if not options["token"]:
         ServingFlag(readiness).setServiceParent(top)
     StatsLogger(relay, fast_path=xdp).setServiceParent(top)
@@ -537,3 +585,32 @@ def _add_portal_and_drain(options: Options, top: "MultiService", udp: Any, secre
         udp, process, portal=portal, readiness=readiness, drain_timeout=options["drain-timeout"], reactor=reactor
     )
     drain.setServiceParent(top)
+
+
+def _add_stream(options: Options, top: "MultiService", udp: Any, registry: Any, collector: Any) -> Any:
+    """TURN over TCP on the listen port and, with a certificate, over TLS (SPEC §8)."""
+    from firezone_relay.adapters.stream import StreamCollector, StreamLimits, StreamService, TLSContext
+
+    tls = TLSContext(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
+    stream = StreamService(
+        udp,
+        tcp_port=options["listen-port"],
+        bind_ip4=udp.bind[4],
+        bind_ip6=udp.bind[6],
+        tls=tls,
+        tls_port=options["tls-port"],
+        limits=StreamLimits(
+            max_connections=options["max-connections"],
+            max_connections_per_ip=options["max-connections-per-ip"],
+            write_buffer=options["stream-write-buffer"],
+            handshake_timeout=options["tls-handshake-timeout"],
+            idle_timeout=options["stream-idle-timeout"],
+        ),
+    )
+    stream.setServiceParent(top)
+    registry.register(StreamCollector(stream))
+    collector.add_drop_source(stream.drops)
+    if tls is None:
+        log.info("TURN over TLS is off: give --tls-cert and --tls-key to serve it on port {tls_port}",
+                 tls_port=options["tls-port"])
+    return stream

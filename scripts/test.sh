@@ -18,6 +18,17 @@ if ! command -v turnutils_uclient >/dev/null 2>&1; then
     fi
 fi
 
+# Headless Chromium and its driver run the WebRTC tests (tests/browser) over
+# UDP, TCP and TLS.  They skip without them, except in CI.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+            || { echo "could not install chromium" >&2; [ "${CI:-}" = true ] && exit 1; }
+    else
+        echo "chromium/chromedriver not found and not root: the browser tests will skip" >&2
+    fi
+fi
+
 # The XDP fast path (tests/xdp): clang compiles the program, the system
 # libbpf loads it, iproute2/ethtool build the test namespaces, bpftool checks
 # the struct layouts against the object's BTF.  Root only (the tests skip

@@ -87,6 +87,8 @@ class _ClientProtocol(DatagramProtocol):
                     service._sockets[t[1]][t[0]].sendto(t[3], t[2])
                 except OSError as exc:
                     service._send_failed(exc)
+                except (TypeError, OverflowError, KeyError):  # a stream client: see _transmit
+                    service._transmit(t)
                 return
             service._pump()
         except Exception as exc:
@@ -117,6 +119,8 @@ class _PeerProtocol(DatagramProtocol):
                     service._sockets[t[1]][t[0]].sendto(t[3], t[2])
                 except OSError as exc:
                     service._send_failed(exc)
+                except (TypeError, OverflowError, KeyError):  # a stream client: see _transmit
+                    service._transmit(t)
                 return
             service._pump()
         except Exception as exc:
@@ -189,6 +193,9 @@ class RelayService(Service):
         #: A kernel fast path (``firezone_relay.xdp.service.XdpService``) that
         #: mirrors the core's ChannelBound/ChannelUnbound, or None.
         self.fast_path: Any = None
+        #: The stream shell (``stream.StreamService``) when TCP/TLS is served:
+        #: destinations ``(ip, port, connection_id)`` are written there.
+        self.stream: Any = None
         self._usernames: Dict[int, str] = {}  # allocation port -> username, for the channel log lines
 
     # --- life cycle ---------------------------------------------------------
@@ -210,6 +217,8 @@ class RelayService(Service):
             self.serving = True
             if self.running:
                 self._open_listeners()
+                if self.stream is not None:
+                    self.stream.start_serving()
 
     def _open_listeners(self) -> None:
         if not self.serving:
@@ -319,8 +328,17 @@ class RelayService(Service):
 
     # --- the pump -------------------------------------------------------------
 
-    def _transmit(self, transmit: Tuple[int, int, Tuple[str, int], bytes]) -> None:
+    def _transmit(self, transmit: Tuple[int, int, Any, bytes]) -> None:
         source_port, family, destination, payload = transmit
+        if len(destination) == 3:
+            # A stream client (ip, port, connection_id).  The per-packet paths
+            # come here only from their except branch: a raw sendto refuses
+            # such a 3-tuple (stream.py, "Routing"), so UDP never pays for this test.
+            if self.stream is not None:
+                self.stream.send(destination, payload)
+            else:
+                self.drops["no_stream"] += 1
+            return
         try:
             self._sockets[family][source_port].sendto(payload, destination)
         except OSError as exc:
@@ -385,25 +403,32 @@ class RelayService(Service):
             self._close(command.port, command.family)
         elif kind is C.AllocationCreated:
             log.info(
-                "allocation created: client {client} user {username} port {port} relayed {relayed} lifetime {lifetime}s",
+                "allocation created: client {client} ({transport}) user {username} port {port} relayed {relayed} "
+                "lifetime {lifetime}s",
                 client=_addr(command.client),
+                transport=self._transport_of(command.client),
                 username=command.username,
                 port=command.port,
                 relayed=[_addr(a) for a in command.relayed],
                 lifetime=command.lifetime,
             )
             self._usernames[command.port] = command.username
+            if len(command.client) == 3 and self.stream is not None:
+                self.stream.allocation_event(command)
             if self.on_allocations_changed is not None:
                 self.on_allocations_changed()
         elif kind is C.AllocationDeleted:
             log.info(
-                "allocation deleted: client {client} user {username} port {port} ({reason})",
+                "allocation deleted: client {client} ({transport}) user {username} port {port} ({reason})",
                 client=_addr(command.client),
+                transport=self._transport_of(command.client),
                 username=command.username,
                 port=command.port,
                 reason=command.reason,
             )
             self._usernames.pop(command.port, None)
+            if len(command.client) == 3 and self.stream is not None:
+                self.stream.allocation_event(command)
             if self.on_allocations_changed is not None:
                 self.on_allocations_changed()
         elif kind is C.ChannelBound or kind is C.ChannelUnbound:
@@ -425,6 +450,12 @@ class RelayService(Service):
         # PermissionAdded/Removed exist for a kernel fast path that mirrors
         # them; the userspace path needs nothing (and they are too many to log).
 
+    def _transport_of(self, client: Any) -> str:
+        """``udp``, ``tcp`` or ``tls``: the log field ``transport``."""
+        if len(client) == 3 and self.stream is not None:
+            return str(self.stream.transport_of(client))
+        return "udp"
+
     # --- errors ----------------------------------------------------------------
 
     def _internal_error(self, where: str, exc: Exception) -> None:
@@ -441,6 +472,6 @@ class RelayService(Service):
             )
 
 
-def _addr(address: Tuple[str, int]) -> str:
-    ip, port = address
+def _addr(address: Any) -> str:
+    ip, port = address[0], address[1]  # a stream client has a connection id too
     return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)

@@ -1,0 +1,810 @@
+"""TURN over TCP and TLS: the stream shell around the relay core (SPEC §8).
+
+Theory of operation
+-------------------
+Only the client ↔ relay leg runs on a stream; allocations, peers and the
+relayed leg stay UDP and belong to the UDP shell (``udp.RelayService``),
+whose core, sockets and pump this module shares.  A stream client is
+identified to the core as ``(ip, port, connection_id)``, so one connection is
+one 5-tuple: it holds at most one allocation, and closing the connection
+deletes that allocation at once (``Relay.handle_client_closed``).
+
+Input: ``dataReceived`` cuts the byte stream into frames with
+``core.framing.frame_length`` (STUN by its length field, ChannelData by its
+length padded to 4), feeds each complete frame to
+``Relay.handle_client_input`` and keeps a partial frame (at most
+``framing.MAX_FRAME`` bytes) for the next read.  A frame that cannot be
+parsed ends the connection: a stream has no delimiter to resynchronise on.
+ChannelData goes out as the ``Transmit`` the core returns; after a STUN
+frame the UDP shell's pump drains the replies.
+
+Output: replies and ChannelData for a 3-tuple arrive here through
+``StreamService.send`` (the UDP shell routes them; see below) and are written
+to that connection.  ChannelData towards stream clients is already padded by
+the core.  On TCP what one reactor turn produces for a connection leaves in
+one ``send`` at the start of the next turn (a call at 0 s, before the poll),
+straight on the socket when Twisted's buffer is empty; TLS transports gather
+small writes themselves.  Each connection registers itself as a streaming producer of its
+transport, so Twisted tells it when the transport's buffer is full; past
+that point it counts what it is asked to write, and once that exceeds
+``StreamLimits.write_buffer`` the connection is aborted: a client that does
+not read costs one connection, and the relay never buffers without bound.
+
+Routing: connection ids are drawn from ``[2**20, 2**32)``.  A raw UDP
+``sendto`` refuses such a 3-tuple (``TypeError`` on an IPv4 socket,
+``OverflowError`` on an IPv6 one, where the third item would be a flow label
+of at most 20 bits), so the UDP shell's per-packet path needs no test: it
+sends, and routes to this module only in the exception branch.  A datagram
+meant for a stream client can never leave as UDP.
+
+Timers, all per connection: a TLS handshake must finish within
+``handshake_timeout``; a connection that holds no allocation is closed after
+``idle_timeout`` without a complete frame (a drip-fed partial frame does not
+count, so a slowloris client is closed too); while it holds an allocation
+the allocation's lifetime is the idle timeout: a client that vanished
+without a FIN stops refreshing, the core expires the allocation, and the
+idle check, measured from the last complete frame, closes the connection.
+TCP keepalive is on as well.
+
+Limits at accept time: ``max_connections`` in total and
+``max_connections_per_ip``; beyond them the connection is closed before any
+byte is read.  TLS: 1.2 or newer, ECDHE with AES-GCM or ChaCha20-Poly1305
+only; ``TLSContext.reload`` (on SIGHUP) swaps the certificate for new
+connections while established ones carry on with the old one.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+from OpenSSL import SSL
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from firezone_relay.core.framing import FramingError, frame_length
+
+log = Logger(namespace="firezone_relay.adapters.stream")
+
+TCP = "tcp"
+TLS = "tls"
+TRANSPORTS = (TCP, TLS)
+
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FIRST_ID = 1 << 20  # see "Routing" above
+_ID_LIMIT = 1 << 32
+_LISTEN_BACKLOG = 1024
+_LOG_INTERVAL = 60.0
+
+#: TLS 1.2 suites: forward secrecy and AEAD only (TLS 1.3 suites are all
+#: AEAD and OpenSSL's defaults).  ECDSA and RSA certificates both work.
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Bounds on what stream clients may cost (SPEC §8)."""
+
+    max_connections: int = 16384
+    max_connections_per_ip: int = 256
+    #: Bytes a connection may be asked to write once its transport's own
+    #: buffer is full; beyond it the connection is aborted.
+    write_buffer: int = 256 * 1024
+    handshake_timeout: float = 10.0
+    #: Seconds without a complete frame after which a connection that holds
+    #: no allocation is closed.
+    idle_timeout: float = 60.0
+
+
+class _Counter(dict):  # type: ignore[type-arg]
+    """Counters by key; unknown keys start at 0."""
+
+    def __missing__(self, key: Any) -> int:
+        return 0
+
+
+# --- TLS ----------------------------------------------------------------------
+
+
+def make_tls_context(cert_path: str, key_path: str) -> SSL.Context:
+    """A server context from PEM files: the certificate chain and its key.
+
+    Raises ``SSL.Error`` or ``OSError`` when the files are missing, unreadable
+    or do not belong together."""
+    for path in (cert_path, key_path):
+        with open(path, "rb"):  # OSError naming the file, not OpenSSL's "system lib"
+            pass
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(
+        SSL.OP_NO_COMPRESSION
+        | SSL.OP_CIPHER_SERVER_PREFERENCE
+        | SSL.OP_NO_RENEGOTIATION
+        | SSL.OP_SINGLE_ECDH_USE
+        | SSL.OP_NO_TICKET
+    )
+    ctx.set_cipher_list(TLS12_CIPHERS)
+    # Idle connections give their read/write buffers back (~34 KiB each).
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.use_certificate_chain_file(cert_path.encode())
+    ctx.use_privatekey_file(key_path.encode())
+    ctx.check_privatekey()
+    return ctx
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class TLSContext:
+    """The server side of TLS, with a certificate that can be reloaded.
+
+    Every new connection takes the current ``SSL.Context``; ``reload`` builds
+    a new one from the same files and, only if that succeeds, makes it
+    current.  Established connections keep the context they started with.
+    """
+
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.context = make_tls_context(cert_path, key_path)
+        self.reloads = 0
+
+    def reload(self) -> bool:
+        try:
+            context = make_tls_context(self.cert_path, self.key_path)
+        except (SSL.Error, OSError) as exc:
+            log.error(
+                "TLS certificate reload failed, keeping the current one: {error}",
+                error=_describe(exc),
+                cert=self.cert_path,
+                key=self.key_path,
+            )
+            return False
+        self.context = context
+        self.reloads += 1
+        log.info("TLS certificate reloaded from {cert}", cert=self.cert_path, key=self.key_path)
+        return True
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return "%s: %s" % (exc.filename or "", exc.strerror or exc)
+    return repr(exc)
+
+
+# --- one connection ----------------------------------------------------------------
+
+
+@implementer(IPushProducer, IHandshakeListener)
+class StreamProtocol(Protocol):
+    """One TCP or TLS connection of one TURN client."""
+
+    def __init__(self, service: "StreamService", transport_name: str, ip: str, port: int, connection_id: int) -> None:
+        self.service = service
+        self.transport_name = transport_name
+        self.client = (ip, port, connection_id)
+        self.connection_id = connection_id
+        self.closed = False
+        #: Why the relay closed it; None when the client did.
+        self.close_reason: Optional[str] = None
+        self.has_allocation = False
+        self.handshaken = transport_name == TCP
+        self.last_frame = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._buffer = b""
+        self._paused = False
+        self._backlog = 0
+        self._idle_call: Any = None
+        self._handshake_call: Any = None
+        #: TCP only: the socket, for a direct send when Twisted buffers nothing,
+        #: and what was written during this reactor turn (see flush).
+        self._socket: Optional[socket.socket] = None
+        self._pending: Optional[list[bytes]] = None
+        self._pending_bytes = 0
+
+    # --- life cycle -------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        service = self.service
+        clock = service.clock
+        self.last_frame = service.now()
+        transport = self.transport
+        assert transport is not None
+        transport.registerProducer(self, True)
+        if self.transport_name == TCP:
+            self._socket = getattr(transport, "socket", None)
+        # TLSMemoryBIOProtocol forwards these to the TCP transport.
+        transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
+        transport.setTcpKeepAlive(True)  # type: ignore[attr-defined]
+        if not self.handshaken:
+            self._handshake_call = clock.callLater(service.limits.handshake_timeout, self._handshake_timed_out)
+        self._idle_call = clock.callLater(service.limits.idle_timeout, self._idle_check)
+
+    def handshakeCompleted(self) -> None:
+        self.handshaken = True
+        call, self._handshake_call = self._handshake_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed = True
+        for name in ("_idle_call", "_handshake_call"):
+            call = getattr(self, name)
+            setattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+        self.service.connection_lost(self)
+
+    def abort(self, reason: str) -> None:
+        """Close now, dropping whatever is buffered, and count why."""
+        if self.closed:
+            return
+        self.closed = True
+        self.service.closed_because(self, reason)
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # --- input ---------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        service = self.service
+        self.bytes_in += len(data)
+        buffer = self._buffer + data if self._buffer else data
+        end = len(buffer)
+        offset = 0
+        now = service.now()
+        handle = service.handle_client_input
+        client = self.client
+        while end - offset >= 4:
+            try:
+                size = frame_length(buffer, offset)
+            except FramingError:
+                self._buffer = b""
+                self.abort("bad_frame")
+                return
+            if size == 0 or size > end - offset:
+                break
+            frame = buffer if size == end else buffer[offset : offset + size]
+            offset += size
+            self.last_frame = now  # before the core: its reply may end an allocation
+            try:
+                t = handle(frame, client, now)
+                if t is not None:
+                    service.transmit(t)
+                if frame[0] < 0x40:  # STUN: replies wait in the core's command queue
+                    service.pump()
+            except Exception as exc:  # a core bug must not take the connection down
+                service.internal_error(exc)
+            if self.closed:
+                return
+        self._buffer = buffer[offset:] if offset else buffer
+
+    # --- output -------------------------------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        if self.closed:
+            self.service.drops["stream_closed"] += 1
+            return
+        if self._paused:
+            self._backlog += len(payload)
+            if self._backlog > self.service.limits.write_buffer:
+                self.service.drops["stream_write_buffer"] += 1
+                self.abort("write_buffer")
+                return
+        self.bytes_out += len(payload)
+        pending = self._pending
+        if pending is not None:
+            pending.append(payload)
+            self._pending_bytes += len(payload)
+            if self._pending_bytes > self.service.limits.write_buffer:
+                self.service.drops["stream_write_buffer"] += 1
+                self.abort("write_buffer")
+            return
+        if self._socket is None:  # TLS: its transport gathers small writes itself
+            assert self.transport is not None
+            self.transport.write(payload)
+            return
+        self._pending = [payload]
+        self._pending_bytes = len(payload)
+        self.service.flush_soon(self)
+
+    def flush(self) -> None:
+        """TCP: write what this reactor turn produced, in one send."""
+        pending, self._pending = self._pending, None
+        if not pending or self.closed:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        transport: Any = self.transport
+        sock = self._socket
+        if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
+            # Twisted holds nothing: send now rather than on the reactor's
+            # next turn (a loop iteration and two epoll_ctl calls less).
+            # What the kernel does not take goes through Twisted's buffer, so
+            # order and the write-buffer bound are kept.
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0  # BlockingIOError; anything else the transport's own write notices
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
+
+    # IPushProducer: the transport's buffer is full / drained again.
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._backlog = 0
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # --- timers -------------------------------------------------------------------------
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_call = None
+        if not self.handshaken:
+            self.abort("handshake_timeout")
+
+    def _idle_check(self) -> None:
+        self._idle_call = None
+        if self.closed or self.has_allocation:
+            return  # the allocation's lifetime bounds it; see allocation_ended
+        service = self.service
+        deadline = self.last_frame + service.limits.idle_timeout
+        now = service.now()
+        if deadline <= now:
+            self.abort("idle")
+        else:
+            self._idle_call = service.clock.callLater(deadline - now, self._idle_check)
+
+    def allocation_started(self) -> None:
+        self.has_allocation = True
+        call, self._idle_call = self._idle_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def allocation_ended(self) -> None:
+        self.has_allocation = False
+        if not self.closed and self._idle_call is None:
+            self._idle_check()
+
+
+class _StreamFactory(Factory):
+    """Admits a connection within the limits and gives it an id."""
+
+    noisy = False
+
+    def __init__(self, service: "StreamService", transport_name: str) -> None:
+        self.service = service
+        self.transport_name = transport_name
+
+    def buildProtocol(self, addr: Any) -> Optional[StreamProtocol]:  # type: ignore[override]
+        return self.service.admit(self.transport_name, str(addr.host), int(addr.port))
+
+
+# --- the service ------------------------------------------------------------------------
+
+
+class StreamService(Service):
+    """TCP (and, given a ``TLSContext``, TLS) listeners feeding the core of
+    ``udp_service`` (a ``udp.RelayService``), which routes 3-tuple
+    destinations back here (``udp_service.stream`` is set to this service).
+
+    ``tcp_port`` 0 means the UDP listen port; ``tls_port`` 0 asks for any
+    free port (tests).  ``bind_ip4`` / ``bind_ip6``: ``None`` for a family not
+    served.  ``clock`` (default: the reactor) owns the timers.
+    """
+
+    name = "stream"
+
+    def __init__(
+        self,
+        udp_service: Any,
+        tcp_port: Optional[int] = None,
+        bind_ip4: Optional[str] = "0.0.0.0",
+        bind_ip6: Optional[str] = None,
+        tls: Optional[TLSContext] = None,
+        tls_port: int = 5349,
+        limits: StreamLimits = StreamLimits(),
+        reactor: Any = None,
+        clock: Any = None,
+        reload_signal: Optional[int] = signal.SIGHUP,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.udp = udp_service
+        self.relay = udp_service.relay
+        self.tcp_port = tcp_port
+        self.bind = {4: bind_ip4, 6: bind_ip6}
+        self.tls = tls
+        self.tls_port = tls_port
+        self.limits = limits
+        self.reactor = reactor
+        self.clock = reactor if clock is None else clock
+        self.now = time.time if clock is None else self.clock.seconds
+        self.reload_signal = reload_signal
+        self.handle_client_input = self.relay.handle_client_input
+        self.pump = udp_service._pump
+        self.connections: Dict[int, StreamProtocol] = {}
+        self.per_ip: Dict[str, int] = {}
+        self.listening: Dict[Tuple[str, int], Any] = {}
+        self.accepted: Dict[str, int] = _Counter()
+        self.rejected: Dict[Tuple[str, str], int] = _Counter()
+        self.closed: Dict[Tuple[str, str], int] = _Counter()
+        self.drops: Dict[str, int] = _Counter()
+        self.allocations: Dict[str, int] = _Counter()
+        self.bytes: Dict[Tuple[str, str], int] = _Counter()  # of closed connections
+        self._next_id = _FIRST_ID
+        self._all_closed: Optional[defer.Deferred[None]] = None
+        self._dirty: list[StreamProtocol] = []
+        self._flush_call: Any = None
+        self._previous_handler: Any = None
+        self._logged: Dict[str, float] = {}
+        udp_service.stream = self
+
+    # --- life cycle -----------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._open_listeners()
+
+    def startService(self) -> None:
+        super().startService()
+        self._open_listeners()
+        if self.tls is not None and self.reload_signal is not None:
+            self.reactor.callWhenRunning(self._install_reload_signal)
+
+    def stopService(self) -> "defer.Deferred[Any]":
+        super().stopService()
+        if self._previous_handler is not None:
+            signal.signal(self.reload_signal or signal.SIGHUP, self._previous_handler)
+            self._previous_handler = None
+        waits = []
+        for port in self.listening.values():
+            d = port.stopListening()
+            if d is not None:
+                waits.append(d)
+        self.listening.clear()
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        for conn in list(self.connections.values()):
+            conn.abort("shutdown")
+        if self.connections:  # aborted connections go in the next reactor turn
+            self._all_closed = defer.Deferred()
+            waits.append(self._all_closed)
+        return defer.gatherResults(waits, consumeErrors=True)
+
+    def start_serving(self) -> None:
+        """Portal mode: the UDP shell opened its listeners; open ours too."""
+        if self.running:
+            self._open_listeners()
+
+    def _open_listeners(self) -> None:
+        if not getattr(self.udp, "serving", True):
+            return  # portal mode before the first init: see start_serving
+        if self.limits.max_connections <= 0:
+            return  # TCP and TLS are off
+        if self.tcp_port is None or self.tcp_port == 0:
+            self.tcp_port = self.udp.listen_port
+        wanted = [(TCP, self.tcp_port)]
+        if self.tls is not None:
+            wanted.append((TLS, self.tls_port))
+        for family in (4, 6):
+            if self.bind[family] is None:
+                continue
+            for transport_name, port in wanted:
+                if (transport_name, family) not in self.listening:
+                    self._listen(transport_name, family, port)
+
+    def _listen(self, transport_name: str, family: int, port: int) -> None:
+        ip = self.bind[family]
+        sock = socket.socket(_AF[family], socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == 6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((ip, port))
+            sock.listen(_LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise CannotListenError(ip, port, exc) from exc
+        factory: Any = _StreamFactory(self, transport_name)
+        if transport_name == TLS:
+            # Its small-write aggregation flushes on the reactor, not on our clock.
+            factory = TLSMemoryBIOFactory(self.tls, False, factory, clock=self.reactor)
+        try:
+            listening = self.reactor.adoptStreamPort(sock.fileno(), _AF[family], factory)
+        finally:
+            sock.close()  # the reactor holds its own duplicate
+        number = listening.getHost().port
+        if transport_name == TLS:
+            self.tls_port = number
+        else:
+            self.tcp_port = number
+        self.listening[(transport_name, family)] = listening
+        log.info(
+            "TURN over {transport} on {address}",
+            transport=transport_name.upper(),
+            address="[%s]:%d" % (ip, number) if family == 6 else "%s:%d" % (ip, number),
+        )
+
+    def _install_reload_signal(self) -> None:
+        if not self.running or self._previous_handler is not None or self.reload_signal is None:
+            return
+        self._previous_handler = signal.signal(self.reload_signal, self._on_reload_signal)
+
+    def _on_reload_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload_tls)
+
+    def reload_tls(self) -> bool:
+        """Reload the certificate and key (SIGHUP); connections stay up."""
+        return self.tls.reload() if self.tls is not None else False
+
+    # --- connections ----------------------------------------------------------
+
+    def admit(self, transport_name: str, ip: str, port: int) -> Optional[StreamProtocol]:
+        limits = self.limits
+        reason = None
+        if len(self.connections) >= limits.max_connections:
+            reason = "max_connections"
+        elif self.per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+            reason = "max_connections_per_ip"
+        if reason is not None:
+            self.rejected[(transport_name, reason)] += 1
+            self._log_limited(reason, "stream connection from {ip} refused: {reason}", ip=ip, reason=reason)
+            return None
+        connection_id = self._new_id()
+        conn = StreamProtocol(self, transport_name, ip, port, connection_id)
+        self.connections[connection_id] = conn
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.accepted[transport_name] += 1
+        return conn
+
+    def _new_id(self) -> int:
+        connection_id = self._next_id
+        while connection_id in self.connections:
+            connection_id += 1
+            if connection_id >= _ID_LIMIT:
+                connection_id = _FIRST_ID
+        self._next_id = connection_id + 1 if connection_id + 1 < _ID_LIMIT else _FIRST_ID
+        return connection_id
+
+    def connection_lost(self, conn: StreamProtocol) -> None:
+        if self.connections.get(conn.connection_id) is not conn:
+            return
+        try:
+            # The core deletes the connection's allocation; the pump closes
+            # its ports and logs it (the connection is still known here, so
+            # the log line says which transport it was).
+            self.relay.handle_client_closed(conn.client, self.now())
+            self.pump()
+        except Exception as exc:
+            self.internal_error(exc)
+        del self.connections[conn.connection_id]
+        ip = conn.client[0]
+        left = self.per_ip.get(ip, 1) - 1
+        if left > 0:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)
+        if conn.has_allocation:
+            conn.has_allocation = False
+            self.allocations[conn.transport_name] -= 1
+        self.bytes[(conn.transport_name, "received")] += conn.bytes_in
+        self.bytes[(conn.transport_name, "sent")] += conn.bytes_out
+        if conn.close_reason is None:
+            self.closed[(conn.transport_name, "client")] += 1
+        if not self.connections and self._all_closed is not None:
+            done, self._all_closed = self._all_closed, None
+            done.callback(None)
+
+    def closed_because(self, conn: StreamProtocol, reason: str) -> None:
+        conn.close_reason = reason
+        self.closed[(conn.transport_name, reason)] += 1
+        if reason not in ("shutdown", "idle"):
+            self._log_limited(
+                reason,
+                "{transport} connection from {client} closed: {reason}",
+                transport=conn.transport_name,
+                client=_addr(conn.client),
+                reason=reason,
+            )
+
+    def flush_soon(self, conn: StreamProtocol) -> None:
+        """Flush ``conn`` once the events of this reactor turn are handled:
+        a call at 0 s runs at the start of the next turn, before the poll, so
+        the messages of one burst leave in one send and none waits."""
+        self._dirty.append(conn)
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            try:
+                conn.flush()
+            except Exception as exc:
+                self.internal_error(exc)
+
+    def transport_of(self, client: Any) -> str:
+        """``tcp`` or ``tls`` for a 3-tuple client still connected, else ``udp``."""
+        if len(client) == 3:
+            conn = self.connections.get(client[2])
+            return conn.transport_name if conn is not None else TCP
+        return "udp"
+
+    # --- output, called by the UDP shell and by connections ------------------------------
+
+    def send(self, destination: Any, payload: bytes) -> None:
+        """Write ``payload`` to the connection of the 3-tuple ``destination``."""
+        conn = self.connections.get(destination[2])
+        if conn is None:
+            self.drops["stream_closed"] += 1
+            return
+        conn.send(payload)
+
+    def transmit(self, t: Tuple[int, int, Any, bytes]) -> None:
+        """Carry out a ``Transmit`` returned for stream input."""
+        destination = t[2]
+        if len(destination) == 3:
+            self.send(destination, t[3])
+            return
+        udp = self.udp
+        try:
+            udp._sockets[t[1]][t[0]].sendto(t[3], destination)
+        except OSError as exc:
+            udp._send_failed(exc)
+        except KeyError:
+            udp.drops["no_socket"] += 1
+
+    def allocation_event(self, command: Any) -> None:
+        """``AllocationCreated`` / ``AllocationDeleted`` for a 3-tuple client."""
+        conn = self.connections.get(command.client[2])
+        if conn is None or conn.client != command.client:
+            return
+        created = type(command).__name__ == "AllocationCreated"
+        if created and not conn.has_allocation:
+            self.allocations[conn.transport_name] += 1
+            conn.allocation_started()
+        elif not created and conn.has_allocation:
+            self.allocations[conn.transport_name] -= 1
+            conn.allocation_ended()
+
+    # --- errors ----------------------------------------------------------------------
+
+    def internal_error(self, exc: Exception) -> None:
+        self.udp._internal_error("stream", exc)
+
+    def _log_limited(self, kind: str, fmt: str, **fields: Any) -> None:
+        now = time.monotonic()
+        last = self._logged.get(kind)
+        if last is None or now - last >= _LOG_INTERVAL:
+            self._logged[kind] = now
+            log.info(fmt + " (logged at most once a minute per reason)", **fields)
+
+    # --- introspection ----------------------------------------------------------------
+
+    def connection_count(self, transport_name: Optional[str] = None) -> int:
+        if transport_name is None:
+            return len(self.connections)
+        return sum(1 for c in self.connections.values() if c.transport_name == transport_name)
+
+    def byte_totals(self) -> Dict[Tuple[str, str], int]:
+        totals = dict(self.bytes)
+        for conn in self.connections.values():
+            key = (conn.transport_name, "received")
+            totals[key] = totals.get(key, 0) + conn.bytes_in
+            key = (conn.transport_name, "sent")
+            totals[key] = totals.get(key, 0) + conn.bytes_out
+        return totals
+
+
+def _addr(address: Any) -> str:
+    ip, port = address[0], address[1]
+    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
+
+
+# --- metrics -------------------------------------------------------------------------
+
+
+class StreamCollector(Collector):
+    """Stream metrics, by ``transport`` label, read at scrape time.
+
+    ``relay_active_allocations_by_transport`` covers UDP too: the core's
+    allocation count minus those held by stream connections.
+    """
+
+    def __init__(self, service: StreamService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service = self.service
+        by_transport = GaugeMetricFamily(
+            "relay_active_allocations_by_transport",
+            "Allocations in service, by the transport of the client leg (udp, tcp, tls).",
+            labels=["transport"],
+        )
+        stream_total = sum(service.allocations[t] for t in TRANSPORTS)
+        by_transport.add_metric(["udp"], max(0, service.relay.allocation_count - stream_total))
+        for t in TRANSPORTS:
+            by_transport.add_metric([t], service.allocations[t])
+        yield by_transport
+
+        connections = GaugeMetricFamily(
+            "relay_stream_connections", "Open TURN client connections, by transport.", labels=["transport"]
+        )
+        counts: Dict[str, int] = {t: 0 for t in TRANSPORTS}
+        for conn in service.connections.values():
+            counts[conn.transport_name] += 1
+        for t in TRANSPORTS:
+            connections.add_metric([t], counts[t])
+        yield connections
+
+        accepted = CounterMetricFamily(
+            "relay_stream_connections_accepted", "Connections accepted, by transport.", labels=["transport"]
+        )
+        for t in TRANSPORTS:
+            accepted.add_metric([t], service.accepted[t])
+        yield accepted
+
+        rejected = CounterMetricFamily(
+            "relay_stream_connections_rejected",
+            "Connections refused at accept time, by transport and limit.",
+            labels=["transport", "reason"],
+        )
+        for (t, reason), count in sorted(service.rejected.items()):
+            rejected.add_metric([t, reason], count)
+        yield rejected
+
+        closed = CounterMetricFamily(
+            "relay_stream_connections_closed",
+            "Connections ended, by transport and reason (client: the client closed it; bad_frame, "
+            "write_buffer, handshake_timeout, idle: the relay did).",
+            labels=["transport", "reason"],
+        )
+        for (t, reason), count in sorted(service.closed.items()):
+            closed.add_metric([t, reason], count)
+        yield closed
+
+        stream_bytes = CounterMetricFamily(
+            "relay_stream_bytes",
+            "Bytes read from and written to client connections (framing and TLS records excluded), by transport.",
+            labels=["transport", "direction"],
+        )
+        for (t, direction), count in sorted(service.byte_totals().items()):
+            stream_bytes.add_metric([t, direction], count)
+        yield stream_bytes
+
+
+__all__ = [
+    "StreamCollector",
+    "StreamLimits",
+    "StreamProtocol",
+    "StreamService",
+    "TLSContext",
+    "make_tls_context",
+]

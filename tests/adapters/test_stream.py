@@ -1,0 +1,616 @@
+"""TURN over TCP and TLS (SPEC §8): the stream adapter with the real core.
+
+Real loopback connections; the timers (idle, handshake, allocation expiry)
+run on a ``task.Clock`` that the test advances, so nothing here waits for
+wall-clock time except the I/O itself.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial import unittest
+
+from firezone_relay.adapters.stream import StreamCollector, StreamLimits, StreamService, TLSContext
+from firezone_relay.adapters.udp import RelayService
+from firezone_relay.core import stun
+from firezone_relay.core.framing import Deframer
+from firezone_relay.core.relay import Relay, RelayConfig
+from tests.certs import common_name, make_certificate
+from tests.helpers import Collector, TurnClient, error_code, free_udp_port, ipv6_available, listen, loopback, port_range
+
+SECRET = "4c98bf59c99b3e467ecd7cf9d6b3e5279645fca59be67bc5bb4af3cf653761ab"
+PUBLIC = {4: "203.0.113.1", 6: "2001:db8::1"}
+
+
+def sleep(seconds: float) -> "defer.Deferred[None]":
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+def free_port_for_udp_and_tcp(families: Sequence[int]) -> int:
+    """A port free for UDP (every family) and for TCP on 127.0.0.1 right now."""
+    for _ in range(100):
+        port = free_udp_port(families)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no port free for both UDP and TCP")
+
+
+def channel_data(channel: int, payload: bytes) -> bytes:
+    """Unpadded: ``StreamTurnClient.send`` pads, as a stream client must."""
+    return channel.to_bytes(2, "big") + len(payload).to_bytes(2, "big") + payload
+
+
+class StreamTurnClient(TurnClient):
+    """``TurnClient`` over one TCP or TLS connection: every message it sends is
+    padded to 4 bytes, and what arrives is cut into frames (kept raw in
+    ``frames``, so the tests can look at the padding)."""
+
+    def __init__(self) -> None:
+        super().__init__(("stream", 0))
+        self.deframer = Deframer()
+        self.frames: List[bytes] = []
+        self.lost: defer.Deferred[Any] = defer.Deferred()
+        self.connected = False
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.connected = True
+
+    def dataReceived(self, data: bytes) -> None:
+        for frame in self.deframer.feed(data):
+            self.frames.append(frame)
+            self.datagramReceived(frame, self.server)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected = False
+        self.lost_reason = reason
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data + b"\0" * (-len(data) % 4))
+
+    def local(self) -> Tuple[str, int]:
+        host = self.transport.getHost()
+        return (host.host, host.port)
+
+
+class StreamFixture:
+    families: Sequence[int] = (4,)
+
+    def start(
+        self: Any,
+        families: Optional[Sequence[int]] = None,
+        tls: bool = False,
+        limits: StreamLimits = StreamLimits(max_connections_per_ip=64),
+        fake_clock: bool = True,
+        size: int = 64,
+        **overrides: Any,
+    ) -> StreamService:
+        families = tuple(families or self.families)
+        if 6 in families and not ipv6_available():
+            raise unittest.SkipTest("IPv6 loopback (::1) is not available")
+        listen_port = free_port_for_udp_and_tcp(families)
+        low, high = port_range(size, avoid=[listen_port])
+        settings: dict[str, Any] = dict(
+            auth_secret=SECRET,
+            public_ip4=PUBLIC[4] if 4 in families else None,
+            public_ip6=PUBLIC[6] if 6 in families else None,
+            listen_port=listen_port,
+            lowest_port=low,
+            highest_port=high,
+            allow_loopback_peers=True,
+            software="firezone-relay (python) test",
+        )
+        settings.update(overrides)
+        self.clock: Any = None
+        if fake_clock:
+            self.clock = task.Clock()
+            self.clock.advance(time.time())
+        self.relay = Relay(RelayConfig(**settings), random.Random(11))
+        bind4 = "127.0.0.1" if 4 in families else None
+        bind6 = "::1" if 6 in families else None
+        self.udp = RelayService(self.relay, listen_port, bind_ip4=bind4, bind_ip6=bind6, clock=self.clock)
+        self.tls_context: Optional[TLSContext] = None
+        if tls:
+            cert, key = make_certificate(Path(self.mktemp()), "relay one")
+            self.cert_path, self.key_path = cert, key
+            self.tls_context = TLSContext(str(cert), str(key))
+        self.stream = StreamService(
+            self.udp,
+            bind_ip4=bind4,
+            bind_ip6=bind6,
+            tls=self.tls_context,
+            tls_port=0,
+            limits=limits,
+            clock=self.clock,
+            reload_signal=None,
+        )
+        self.udp.startService()
+        self.stream.startService()
+        self.addCleanup(self.udp.stopService)
+        self.addCleanup(self.stream.stopService)
+        return self.stream
+
+    def expiry(self: Any, seconds: int = 3600) -> int:
+        return int(time.time()) + seconds
+
+    @defer.inlineCallbacks
+    def connect(self: Any, family: int = 4, tls: bool = False, client: Optional[StreamTurnClient] = None) -> Any:
+        client = client or StreamTurnClient()
+        host = loopback(family)
+        if tls:
+            trust = Certificate.loadPEM(self.cert_path.read_bytes())
+            endpoint: Any = SSL4ClientEndpoint(
+                reactor, host, self.stream.tls_port, optionsForClientTLS("localhost", trustRoot=trust)
+            )
+        elif family == 6:
+            endpoint = TCP6ClientEndpoint(reactor, host, self.stream.tcp_port)
+        else:
+            endpoint = TCP4ClientEndpoint(reactor, host, self.stream.tcp_port)
+        yield connectProtocol(endpoint, client)
+        self.addCleanup(self.disconnect, client)
+        return client
+
+    def disconnect(self: Any, client: StreamTurnClient) -> Any:
+        if client.connected:
+            client.transport.abortConnection()
+        return client.lost
+
+    def peer(self: Any, family: int = 4) -> Tuple[Collector, Tuple[str, int]]:
+        peer = Collector()
+        port = listen(peer, family)
+        self.addCleanup(port.stopListening)
+        return peer, (loopback(family), port.getHost().port)
+
+    @defer.inlineCallbacks
+    def allocate(self: Any, client: StreamTurnClient, salt: str = "testsalt") -> Any:
+        _, final = yield client.allocate(SECRET, self.expiry(), salt=salt)
+        self.assertEqual(final.msg_class, stun.SUCCESS, final.get(stun.ERROR_CODE))
+        return final.get_address(stun.XOR_RELAYED_ADDRESS)
+
+    def wait_until(self: Any, predicate: Any, timeout: float = 5.0) -> "defer.Deferred[None]":
+        @defer.inlineCallbacks
+        def poll() -> Any:
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                if time.monotonic() > deadline:
+                    self.fail("condition not met within %.0f s" % timeout)
+                yield sleep(0.01)
+
+        return poll()
+
+
+class TcpTests(StreamFixture, unittest.TestCase):
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def test_binding_reports_the_tcp_address(self) -> Any:
+        self.start()
+        self.assertEqual(self.stream.tcp_port, self.udp.listen_port)
+        client = yield self.connect()
+        response = yield client.request(stun.BINDING, signed=False)
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertEqual(response.get_address(stun.XOR_MAPPED_ADDRESS), client.local())
+
+    @defer.inlineCallbacks
+    def test_ipv6(self) -> Any:
+        self.start(families=(4, 6))
+        client = yield self.connect(6)
+        response = yield client.request(stun.BINDING, signed=False)
+        self.assertEqual(response.get_address(stun.XOR_MAPPED_ADDRESS), ("::1", client.local()[1]))
+        relayed = yield self.allocate(client)
+        self.assertEqual(relayed[0], PUBLIC[4])  # an IPv6 client, an IPv4 relayed address by default
+        client4 = yield self.connect(4)
+        response = yield client4.request(stun.BINDING, signed=False)
+        self.assertEqual(response.get_address(stun.XOR_MAPPED_ADDRESS)[0], "127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_channel_data_both_ways_padded_on_the_stream_only(self) -> Any:
+        self.start()
+        client = yield self.connect()
+        relayed = yield self.allocate(client)
+        peer, peer_addr = self.peer()
+        response = yield client.request(
+            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4001), (stun.XOR_PEER_ADDRESS, peer_addr)]
+        )
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        for size in (0, 1, 2, 3, 4, 5, 1199, 1200):
+            payload = bytes(range(256)) * 5
+            payload = payload[:size]
+            client.send(channel_data(0x4001, payload))
+            data, source = yield peer.next()
+            self.assertEqual(data, payload)  # the relayed leg is UDP: no padding
+            self.assertEqual(source[1], relayed[1])
+            peer.send(payload[::-1], ("127.0.0.1", relayed[1]))
+            frame = yield client.next_other()
+            self.assertEqual(frame[:4], b"\x40\x01" + size.to_bytes(2, "big"))
+            self.assertEqual(frame[4 : 4 + size], payload[::-1])
+            self.assertEqual(len(frame) % 4, 0)  # padded on the stream
+            self.assertEqual(frame[4 + size :], b"\0" * (-size % 4))
+
+    @defer.inlineCallbacks
+    def test_send_and_data_indications(self) -> Any:
+        self.start()
+        client = yield self.connect()
+        relayed = yield self.allocate(client)
+        peer, peer_addr = self.peer()
+        response = yield client.request(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, peer_addr)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        client.send(
+            stun.encode(stun.SEND, stun.INDICATION, b"s" * 12, [(stun.XOR_PEER_ADDRESS, peer_addr), (stun.DATA, b"ping!")])
+        )
+        data, _ = yield peer.next()
+        self.assertEqual(data, b"ping!")
+        peer.send(b"pong", ("127.0.0.1", relayed[1]))
+        frame = yield client.next_other()
+        message = stun.decode(frame)
+        self.assertEqual((message.method, message.msg_class), (stun.DATA_METHOD, stun.INDICATION))
+        self.assertEqual(message.get_bytes(stun.DATA), b"pong")
+
+    @defer.inlineCallbacks
+    def test_partial_frames_wait_and_batched_frames_all_count(self) -> Any:
+        self.start()
+        client = yield self.connect()
+        ids = [bytes([i]) * 12 for i in range(1, 6)]
+        requests = [stun.encode(stun.BINDING, stun.REQUEST, t, []) for t in ids]
+        waits = []
+        for t in ids:
+            d: defer.Deferred[Any] = defer.Deferred()
+            client.pending[t] = d
+            waits.append(d)
+        # The first one a byte at a time, the others in one write.
+        for i in range(len(requests[0])):
+            client.transport.write(requests[0][i : i + 1])
+            yield sleep(0.002)
+        client.transport.write(b"".join(requests[1:]))
+        responses = yield defer.gatherResults(waits)
+        self.assertEqual([r.transaction_id for r in responses], ids)
+
+    @defer.inlineCallbacks
+    def test_garbage_costs_that_connection_only(self) -> Any:
+        self.start()
+        good = yield self.connect()
+        yield self.allocate(good)
+        garbage = [
+            b"\x80" * 32,  # neither STUN nor ChannelData
+            b"\x00\x01\x00\x05" + b"\x21\x12\xa4\x42" + b"\0" * 16,  # STUN length not a multiple of 4
+            b"\x00\x01\x00\x00GET / HTTP/1.1\r\n",  # STUN without the cookie
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 40,  # a TLS ClientHello on the TCP port
+        ]
+        for data in garbage:
+            bad = yield self.connect()
+            yield self.allocate(bad, salt="bad")
+            bad.transport.write(data)
+            yield bad.lost
+        yield self.wait_until(lambda: self.stream.closed[("tcp", "bad_frame")] == len(garbage))
+        self.assertEqual(self.relay.allocation_count, 1)  # their allocations went with them
+        response = yield good.request(stun.REFRESH, [(stun.LIFETIME, 600)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+
+    @defer.inlineCallbacks
+    def test_closing_deletes_the_allocation_at_once(self) -> Any:
+        self.start()
+        client = yield self.connect()
+        relayed = yield self.allocate(client)
+        self.assertIn((relayed[1], 4), self.udp.port_numbers())
+        self.assertEqual(self.stream.allocations["tcp"], 1)
+        client.transport.loseConnection()
+        yield client.lost
+        yield self.wait_until(lambda: self.relay.allocation_count == 0)
+        self.assertNotIn((relayed[1], 4), self.udp.port_numbers())
+        self.assertEqual(self.stream.connections, {})
+        self.assertEqual(self.stream.per_ip, {})
+        self.assertEqual(self.stream.allocations["tcp"], 0)
+        self.assertEqual(self.stream.closed[("tcp", "client")], 1)
+        footprint = self.relay.memory_footprint()
+        self.assertEqual([k for k, v in footprint.items() if v], [], footprint)
+
+    @defer.inlineCallbacks
+    def test_a_huge_length_field_waits_boundedly_then_idles_out(self) -> Any:
+        self.start(limits=StreamLimits(idle_timeout=30.0))
+        client = yield self.connect()
+        client.transport.write(b"\x40\x01\xff\xff" + b"x" * 1000)  # 64 KiB announced, 1000 sent
+        yield self.wait_until(lambda: any(c.bytes_in for c in self.stream.connections.values()))
+        (conn,) = self.stream.connections.values()
+        self.assertEqual(len(conn._buffer), 1004)
+        self.clock.advance(29)
+        self.assertTrue(client.connected)
+        client.transport.write(b"x" * 1000)  # more bytes, still no complete frame
+        yield self.wait_until(lambda: conn.bytes_in == 2004)
+        self.clock.advance(2)
+        yield client.lost
+        self.assertEqual(self.stream.closed[("tcp", "idle")], 1)
+
+    @defer.inlineCallbacks
+    def test_idle_timeout_only_without_an_allocation(self) -> Any:
+        self.start(limits=StreamLimits(idle_timeout=20.0))
+        silent = yield self.connect()
+        busy = yield self.connect()
+        yield self.allocate(busy)  # lifetime 600 s
+        self.clock.advance(21)
+        yield silent.lost
+        self.assertTrue(busy.connected)
+        self.clock.advance(500)
+        yield sleep(0.05)
+        self.assertTrue(busy.connected)
+        # The allocation expires (a client gone without a FIN stops
+        # refreshing): the core deletes it and the connection goes too.
+        self.clock.advance(100)
+        yield busy.lost
+        self.assertEqual(self.relay.allocation_count, 0)
+        self.assertEqual(self.stream.closed[("tcp", "idle")], 2)
+
+    @defer.inlineCallbacks
+    def test_refresh_zero_then_the_idle_timeout_applies_again(self) -> Any:
+        self.start(limits=StreamLimits(idle_timeout=20.0))
+        client = yield self.connect()
+        yield self.allocate(client)
+        self.clock.advance(100)
+        response = yield client.request(stun.REFRESH, [(stun.LIFETIME, 0)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.clock.advance(19)
+        yield sleep(0.05)
+        self.assertTrue(client.connected)
+        self.clock.advance(2)
+        yield client.lost
+
+    @defer.inlineCallbacks
+    def test_connection_limits(self) -> Any:
+        self.start(limits=StreamLimits(max_connections=3, max_connections_per_ip=2))
+        a = yield self.connect()
+        b = yield self.connect()
+        c = yield self.connect()  # refused at accept: closed before any byte
+        yield c.lost
+        self.assertEqual(self.stream.rejected[("tcp", "max_connections_per_ip")], 1)
+        a.transport.loseConnection()
+        yield a.lost
+        yield self.wait_until(lambda: len(self.stream.connections) == 1)
+        d = yield self.connect()
+        response = yield d.request(stun.BINDING, signed=False)
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertTrue(b.connected)
+
+    @defer.inlineCallbacks
+    def test_total_connection_limit(self) -> Any:
+        self.start(limits=StreamLimits(max_connections=1))
+        a = yield self.connect()
+        b = yield self.connect()
+        yield b.lost
+        self.assertEqual(self.stream.rejected[("tcp", "max_connections")], 1)
+        self.assertTrue(a.connected)
+
+    @defer.inlineCallbacks
+    def test_a_client_that_never_reads_is_disconnected(self) -> Any:
+        self.start(limits=StreamLimits(write_buffer=64 * 1024))
+        slow = yield self.connect()
+        relayed = yield self.allocate(slow)
+        other = yield self.connect()
+        yield self.allocate(other, salt="other")
+        peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer_sock.close)
+        peer_sock.bind(("127.0.0.1", 0))
+        response = yield slow.request(
+            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4002), (stun.XOR_PEER_ADDRESS, peer_sock.getsockname())]
+        )
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        # Small kernel buffers on both ends, then the client stops reading.
+        slow.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        (conn,) = [c for c in self.stream.connections.values() if c.client[1] == slow.local()[1]]
+        conn.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        slow.transport.pauseProducing()
+        sent = 0
+        while not self.stream.closed[("tcp", "write_buffer")] and sent < 5000:
+            for _ in range(50):
+                peer_sock.sendto(b"z" * 1200, ("127.0.0.1", relayed[1]))
+                sent += 1
+            yield sleep(0.001)
+        self.assertEqual(self.stream.closed[("tcp", "write_buffer")], 1)
+        # What the kernel took (small buffers: tens of KiB), Twisted's own
+        # buffer (64 KiB), our bound (64 KiB), and nothing more.
+        self.assertLessEqual(conn.bytes_out, 3 * 64 * 1024)
+        slow.transport.resumeProducing()  # it notices the reset once it reads
+        yield slow.lost
+        yield self.wait_until(lambda: self.relay.allocation_count == 1)
+        response = yield other.request(stun.REFRESH, [(stun.LIFETIME, 600)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+
+    @defer.inlineCallbacks
+    def test_hairpin_between_stream_clients_and_a_udp_client(self) -> Any:
+        self.start()
+        a = yield self.connect()
+        b = yield self.connect()
+        relayed_a = yield self.allocate(a, salt="a")
+        relayed_b = yield self.allocate(b, salt="b")
+        u = TurnClient(("127.0.0.1", self.udp.listen_port))
+        port = listen(u)
+        self.addCleanup(port.stopListening)
+        _, final = yield u.allocate(SECRET, self.expiry(), salt="u")
+        relayed_u = final.get_address(stun.XOR_RELAYED_ADDRESS)
+        bindings = [(a, 0x4000, relayed_b), (b, 0x4000, relayed_a), (b, 0x4001, relayed_u), (u, 0x4000, relayed_b)]
+        for client, number, target in bindings:
+            response = yield client.request(
+                stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, number), (stun.XOR_PEER_ADDRESS, target)]
+            )
+            self.assertEqual(response.msg_class, stun.SUCCESS, error_code(response))
+        a.send(channel_data(0x4000, b"a to b"))  # stream -> stream
+        frame = yield b.next_other()
+        self.assertEqual(frame, b"\x40\x00\x00\x06a to b\0\0")
+        b.send(channel_data(0x4001, b"b to u"))  # stream -> UDP: not padded
+        data = yield u.next_other()
+        self.assertEqual(data, b"\x40\x00\x00\x06b to u")
+        u.send(channel_data(0x4000, b"u to b!"))  # UDP -> stream: padded
+        frame = yield b.next_other()
+        self.assertEqual(frame, b"\x40\x01\x00\x07u to b!\0")
+
+    @defer.inlineCallbacks
+    def test_log_and_metrics_carry_the_transport(self) -> Any:
+        events: List[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.start()
+        client = yield self.connect()
+        yield self.allocate(client)
+        created = [e for e in events if e.get("log_format", "").startswith("allocation created")]
+        self.assertEqual([e["transport"] for e in created], ["tcp"])
+        metrics = {m.name: m for m in StreamCollector(self.stream).collect()}
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in metrics.values() for s in m.samples}
+        self.assertEqual(samples[("relay_active_allocations_by_transport", (("transport", "tcp"),))], 1)
+        self.assertEqual(samples[("relay_active_allocations_by_transport", (("transport", "udp"),))], 0)
+        self.assertEqual(samples[("relay_stream_connections", (("transport", "tcp"),))], 1)
+        self.assertEqual(samples[("relay_stream_connections_accepted_total", (("transport", "tcp"),))], 1)
+        client.transport.loseConnection()
+        yield client.lost
+        yield self.wait_until(lambda: self.relay.allocation_count == 0)
+        deleted = [e for e in events if e.get("log_format", "").startswith("allocation deleted")]
+        self.assertEqual([(e["transport"], e["reason"]) for e in deleted], [("tcp", "connection closed")])
+        self.assertEqual([e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], [])
+
+    @defer.inlineCallbacks
+    def test_max_connections_zero_turns_tcp_off(self) -> Any:
+        self.start(limits=StreamLimits(max_connections=0))
+        self.assertEqual(self.stream.listening, {})  # max_connections 0: TCP is off
+        client = StreamTurnClient()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.udp.listen_port)
+        with self.assertRaises(Exception):
+            yield connectProtocol(endpoint, client)
+
+
+class PortalModeTests(unittest.TestCase):
+    def test_listeners_wait_for_start_serving(self) -> None:
+        listen_port = free_udp_port((4,))
+        low, high = port_range(8, avoid=[listen_port])
+        relay = Relay(
+            RelayConfig(auth_secret=SECRET, public_ip4=PUBLIC[4], listen_port=listen_port, lowest_port=low, highest_port=high),
+            random.Random(1),
+        )
+        udp = RelayService(relay, listen_port, bind_ip4="127.0.0.1")
+        if not hasattr(udp, "serving"):
+            raise unittest.SkipTest("this RelayService has no portal mode")
+        udp.serving = False
+        stream = StreamService(udp, bind_ip4="127.0.0.1", reload_signal=None)
+        udp.startService()
+        stream.startService()
+        self.addCleanup(udp.stopService)
+        self.addCleanup(stream.stopService)
+        self.assertEqual(stream.listening, {})
+        udp.start_serving()
+        self.assertEqual(list(stream.listening), [("tcp", 4)])
+        self.assertEqual(stream.tcp_port, udp.listen_port)
+
+
+class TlsTests(StreamFixture, unittest.TestCase):
+    timeout = 15
+
+    @defer.inlineCallbacks
+    def test_allocate_and_relay_over_tls(self) -> Any:
+        self.start(tls=True)
+        self.assertNotEqual(self.stream.tls_port, self.stream.tcp_port)
+        client = yield self.connect(tls=True)
+        relayed = yield self.allocate(client)
+        peer, peer_addr = self.peer()
+        response = yield client.request(
+            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x7FFF), (stun.XOR_PEER_ADDRESS, peer_addr)]
+        )
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        client.send(channel_data(0x7FFF, b"over tls"))
+        data, _ = yield peer.next()
+        self.assertEqual(data, b"over tls")
+        peer.send(b"back", ("127.0.0.1", relayed[1]))
+        frame = yield client.next_other()
+        self.assertEqual(frame, b"\x7f\xff\x00\x04back")
+        self.assertEqual(self.stream.allocations["tls"], 1)
+        self.assertEqual(self.stream.transport_of(client_key(self.stream)), "tls")
+        client.transport.loseConnection()
+        yield client.lost
+        yield self.wait_until(lambda: self.relay.allocation_count == 0)
+
+    def handshake(self, **context_options: Any) -> Tuple[str, str]:
+        """A blocking stdlib TLS client: ``(version, cipher)``."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        for key, value in context_options.items():
+            if key == "ciphers":
+                ctx.set_ciphers(value)
+            else:
+                setattr(ctx, key, value)
+        with socket.create_connection(("127.0.0.1", self.stream.tls_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw) as tls_sock:
+                version, cipher = tls_sock.version() or "", tls_sock.cipher()[0]
+        return version, cipher
+
+    @defer.inlineCallbacks
+    def test_protocol_versions_and_ciphers(self) -> Any:
+        self.start(tls=True)
+        version, _ = yield deferToThread(self.handshake)
+        self.assertEqual(version, "TLSv1.3")
+        version, cipher = yield deferToThread(self.handshake, maximum_version=ssl.TLSVersion.TLSv1_2)
+        self.assertEqual(version, "TLSv1.2")
+        self.assertTrue(cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher), cipher)
+        for options in (
+            {"maximum_version": ssl.TLSVersion.TLSv1_1, "minimum_version": ssl.TLSVersion.MINIMUM_SUPPORTED},
+            {"maximum_version": ssl.TLSVersion.TLSv1_2, "ciphers": "AES128-SHA:AES256-SHA256"},  # no forward secrecy
+        ):
+            with self.assertRaises((ssl.SSLError, ConnectionError)):
+                yield deferToThread(self.handshake, **options)
+
+    @defer.inlineCallbacks
+    def test_a_slow_handshake_is_cut_off(self) -> Any:
+        self.start(tls=True, limits=StreamLimits(handshake_timeout=5.0))
+        client = StreamTurnClient()  # plain TCP to the TLS port: never says hello
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.stream.tls_port), client)
+        client.transport.write(b"\x16\x03\x01")  # a ClientHello's first bytes, then nothing
+        self.clock.advance(4.9)
+        yield sleep(0.05)
+        self.assertTrue(client.connected)
+        self.clock.advance(0.2)
+        yield client.lost
+        self.assertEqual(self.stream.closed[("tls", "handshake_timeout")], 1)
+
+    @defer.inlineCallbacks
+    def test_reload_serves_the_new_certificate_and_keeps_connections(self) -> Any:
+        self.start(tls=True)
+        before = yield self.connect(tls=True)
+        yield self.allocate(before)
+        self.assertEqual(peer_common_name(before), "relay one")
+        make_certificate(self.cert_path.parent, "relay two")  # same paths, new files
+        self.assertTrue(self.stream.reload_tls())
+        after = yield self.connect(tls=True)
+        yield after.request(stun.BINDING, signed=False)  # the handshake is done
+        self.assertEqual(peer_common_name(after), "relay two")
+        response = yield before.request(stun.REFRESH, [(stun.LIFETIME, 600)])  # the old connection still works
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        # A broken file is refused and the current certificate stays.
+        self.key_path.write_text("not a key")
+        self.assertFalse(self.stream.reload_tls())
+        again = yield self.connect(tls=True)
+        yield again.request(stun.BINDING, signed=False)
+        self.assertEqual(peer_common_name(again), "relay two")
+        self.flushLoggedErrors()
+
+
+def client_key(stream: StreamService) -> Tuple[str, int, int]:
+    (conn,) = stream.connections.values()
+    return conn.client
+
+
+def peer_common_name(client: StreamTurnClient) -> str:
+    return common_name(client.transport.getPeerCertificate().to_cryptography().public_bytes(Encoding.PEM))
