@@ -70,6 +70,8 @@ LOOP_C = r"""
  * the round trips completed in SECONDS. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,6 +91,8 @@ static double now(void) {
 int main(int argc, char **argv) {
     if (argc < 3) return 2;
     int fd = atoi(argv[2]);
+    /* Python leaves sockets with a timeout non-blocking: block here. */
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
     struct sockaddr_storage addrs[BATCH];
@@ -114,6 +118,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < plen; i++) sscanf(argv[3] + 2 * i, "%2hhx", &out[i]);
     memset(out + plen, 'x', size);
     size_t len = plen + size;
+    /* Late answers of a previous run would widen the window: drain them. */
+    usleep(200000);
+    while (recv(fd, bufs[0], sizeof bufs[0], MSG_DONTWAIT) >= 0 || errno == ECONNREFUSED) {}
     struct timeval tv = {0, 50000};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     struct mmsghdr smsgs[BATCH];
@@ -151,6 +158,7 @@ class Bench:
         self.loop = os.path.join(self.tmp, "loop")
         self.procs: List[subprocess.Popen] = []  # type: ignore[type-arg]
         self.topology = Topology("fzb")
+        self.relays: List[RelayProcess] = []
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -256,99 +264,111 @@ class Bench:
         return result
 
     # --- configurations ------------------------------------------------------------------------
+    #
+    # All servers run at once, each on its own listen port and allocation range
+    # (the XDP program only looks at its relay's ports and passes the others),
+    # and the runs are interleaved: (a) (b) (c) (d), (a) (b) (c) (d), ... so that
+    # background load on a shared machine spreads over every configuration alike.
 
-    def measure(self, name: str, sock: socket.socket, prefix_for: object, pid: Optional[int], xdp: bool) -> Dict[int, List[Dict[str, float]]]:
-        results: Dict[int, List[Dict[str, float]]] = {}
-        for size in self.args.sizes:
-            prefix = prefix_for(size)  # type: ignore[operator]
-            self.run_client_warmup(sock, prefix, size)
-            results[size] = [self.run_client(sock, prefix, size, pid, xdp) for _ in range(self.args.runs)]
-            med = statistics.median(r["rts"] for r in results[size])
-            print("  %-22s %5d B: %9.0f round trips/s (median of %d)" % (name, size, med, self.args.runs), flush=True)
-        return results
-
-    def run_client_warmup(self, sock: socket.socket, prefix: bytes, size: int) -> None:
-        subprocess.run(
-            [self.loop, "client", str(sock.fileno()), prefix.hex(), str(size), str(self.args.window), "1"],
-            pass_fds=(sock.fileno(),), capture_output=True, timeout=30,
-        )
-
-    def turn_socket(self, credentials: Optional[Tuple[str, str]] = None) -> socket.socket:
+    def turn_socket(self, port: int, credentials: Optional[Tuple[str, str]] = None) -> socket.socket:
         sock = self.client_socket()
-        client = BlockingTurnClient(sock, (ADDR["relay"][0], LISTEN_PORT))
+        client = BlockingTurnClient(sock, (ADDR["relay"][0], port))
         client.allocate(SECRET, credentials=credentials)
         error = client.channel_bind(CHAN, (ADDR["peer"][0], PEER_PORT))
         if error is not None:
             raise RuntimeError("ChannelBind failed with %s" % error)
-        sock.connect((ADDR["relay"][0], LISTEN_PORT))
+        sock.connect((ADDR["relay"][0], port))
         return sock
 
-    def no_relay(self) -> Dict[int, List[Dict[str, float]]]:
-        sock = self.client_socket()
-        sock.connect((ADDR["peer"][0], PEER_PORT))
-        return self.measure("(a) no relay", sock, lambda size: b"", None, False)
-
-    def ours(self, xdp: bool) -> Dict[int, List[Dict[str, float]]]:
-        relay = RelayProcess(self.topology, self.tmp, xdp=xdp)
+    def start_ours(self, xdp: bool) -> Tuple[socket.socket, int]:
+        index = 0 if xdp else 1
+        relay = RelayProcess(
+            self.topology,
+            self.tmp,
+            xdp=xdp,
+            listen_port=LISTEN_PORT + index,
+            ports=(LOWEST + 1000 * index, HIGHEST + 1000 * index),
+            metrics_port=9108 + index,
+        )
         self.procs.append(relay.proc)
-        try:
-            relay.wait_ready()
-            if xdp and "XDP fast path attached" not in relay.output():
-                raise RuntimeError("the XDP fast path did not attach:\n%s" % relay.output()[-3000:])
-            sock = self.turn_socket()
-            name = "(b) relay, XDP" if xdp else "(c) relay, userspace"
-            return self.measure(name, sock, lambda size: struct.pack("!HH", CHAN, size), relay.proc.pid, xdp)
-        finally:
-            relay.stop()
+        self.relays.append(relay)
+        relay.wait_ready()
+        if xdp and "XDP fast path attached" not in relay.output():
+            raise RuntimeError("the XDP fast path did not attach:\n%s" % relay.output()[-3000:])
+        return self.turn_socket(LISTEN_PORT + index), relay.proc.pid
 
-    def coturn(self) -> Optional[Dict[int, List[Dict[str, float]]]]:
+    def start_coturn(self) -> Optional[Tuple[socket.socket, int]]:
         turnserver = shutil.which("turnserver")
         if turnserver is None:
             print("  (d) coturn: turnserver not installed (apt-get install coturn); skipped")
             return None
+        port = LISTEN_PORT + 2
         argv = [
             "ip", "netns", "exec", self.topology.ns["relay"], turnserver,
             "--listening-ip", ADDR["relay"][0], "--relay-ip", ADDR["relay"][0],
-            "--listening-port", str(LISTEN_PORT), "--min-port", str(LOWEST), "--max-port", str(HIGHEST),
+            "--listening-port", str(port), "--min-port", str(LOWEST + 2000), "--max-port", str(HIGHEST + 2000),
             "--realm", "firezone", "--lt-cred-mech", "--user", "%s:%s" % COTURN_USER,
             "--allowed-peer-ip", ADDR["peer"][0], "--no-multicast-peers", "--no-cli", "--no-tls", "--no-dtls",
             "--pidfile", os.path.join(self.tmp, "turnserver.pid"), "--userdb", os.path.join(self.tmp, "turndb"),
             "--log-file", os.path.join(self.tmp, "turnserver.log"), "--simple-log", "--no-stdout-log",
         ]
         proc = self.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    sock = self.turn_socket(COTURN_USER)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise
-                    time.sleep(0.3)
-            return self.measure("(d) coturn", sock, lambda size: struct.pack("!HH", CHAN, size), proc.pid, False)
-        finally:
-            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while True:
             try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                return self.turn_socket(port, COTURN_USER), proc.pid
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.3)
 
     def main(self) -> int:
         self.build()
         self.topology.create()
         subprocess.run(["sysctl", "-q", "-w", "kernel.bpf_stats_enabled=1"], check=False)
         self.start_echo(4)
-        results = {
-            "(a) no relay": self.no_relay(),
-            "(b) our relay, XDP (generic)": self.ours(True),
-            "(c) our relay, userspace": self.ours(False),
-        }
-        coturn = self.coturn()
-        if coturn is not None:
-            results["(d) coturn %s" % coturn_version()] = coturn
+        direct = self.client_socket()
+        direct.connect((ADDR["peer"][0], PEER_PORT))
+        # name -> (socket, server pid or None, ChannelData framing, xdp)
+        setups: Dict[str, Tuple[socket.socket, Optional[int], bool, bool]] = {"(a) no relay": (direct, None, False, False)}
+        configs = self.args.configs
+        if "b" in configs:
+            sock, pid = self.start_ours(True)
+            setups["(b) our relay, XDP (generic)"] = (sock, pid, True, True)
+        if "c" in configs:
+            sock, pid = self.start_ours(False)
+            setups["(c) our relay, userspace"] = (sock, pid, True, False)
+        if "d" in configs:
+            started = self.start_coturn()
+            if started is not None:
+                setups["(d) coturn %s" % coturn_version()] = (started[0], started[1], True, False)
+        results: Dict[str, Dict[int, List[Dict[str, float]]]] = {name: {} for name in setups}
+        for size in self.args.sizes:
+            for name, (sock, pid, framed, xdp) in setups.items():
+                prefix = struct.pack("!HH", CHAN, size) if framed else b""
+                self.run_client_warmup(sock, prefix, size)
+                results[name][size] = []
+            for _ in range(self.args.runs):
+                for name, (sock, pid, framed, xdp) in setups.items():
+                    prefix = struct.pack("!HH", CHAN, size) if framed else b""
+                    results[name][size].append(self.run_client(sock, prefix, size, pid, xdp))
+            for name in setups:
+                runs = results[name][size]
+                print(
+                    "  %-30s %5d B: %9.0f round trips/s (median of %d; %d stalls of 50 ms refilled)"
+                    % (name, size, statistics.median(r["rts"] for r in runs), len(runs), sum(r["lost_windows"] for r in runs)),
+                    flush=True,
+                )
+        for relay in self.relays:
+            relay.stop()
         self.report(results)
         return 0
+
+    def run_client_warmup(self, sock: socket.socket, prefix: bytes, size: int) -> None:
+        subprocess.run(
+            [self.loop, "client", str(sock.fileno()), prefix.hex(), str(size), str(self.args.window), "1"],
+            pass_fds=(sock.fileno(),), capture_output=True, timeout=30,
+        )
 
     def report(self, results: Dict[str, Dict[int, List[Dict[str, float]]]]) -> None:
         a = self.args
@@ -391,6 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1200])
+    parser.add_argument("--configs", nargs="+", default=["a", "b", "c", "d"], help="subset of a b c d ((a) always runs)")
     args = parser.parse_args(argv)
     reason = need_root()
     if reason is not None:

@@ -340,22 +340,33 @@ METRICS = ("127.0.0.1", 9108)
 class RelayProcess:
     """``twistd -n firezone-relay`` inside the relay namespace, JSON logs in a file."""
 
-    def __init__(self, topology: Topology, workdir: str, xdp: bool = True, extra: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        workdir: str,
+        xdp: bool = True,
+        extra: Sequence[str] = (),
+        listen_port: int = LISTEN_PORT,
+        ports: Tuple[int, int] = (LOWEST, HIGHEST),
+        metrics_port: int = METRICS[1],
+    ) -> None:
         self.topology = topology
-        self.log_path = os.path.join(workdir, "relay.log")
+        self.listen_port = listen_port
+        self.metrics_port = metrics_port
+        self.log_path = os.path.join(workdir, "relay-%d.log" % listen_port)
         args = [
             "-n",
             "--pidfile=",
             "firezone-relay",
-            "--listen-port=%d" % LISTEN_PORT,
-            "--lowest-port=%d" % LOWEST,
-            "--highest-port=%d" % HIGHEST,
+            "--listen-port=%d" % listen_port,
+            "--lowest-port=%d" % ports[0],
+            "--highest-port=%d" % ports[1],
             "--public-ip4-addr=%s" % ADDR["relay"][0],
             "--public-ip6-addr=%s" % ADDR["relay"][1],
             "--allow-peer=%s/32" % ADDR["peer"][0],
             "--allow-peer=%s/128" % ADDR["peer"][1],
             "--auth-secret=%s" % SECRET,
-            "--health-check-addr=%s:%d" % METRICS,
+            "--health-check-addr=%s:%d" % (METRICS[0], metrics_port),
             "--log-format=json",
         ]
         if xdp:
@@ -380,7 +391,7 @@ class RelayProcess:
         """Until a Binding request from the client namespace is answered."""
         sock = self.topology.socket("client", 4)
         try:
-            client = BlockingTurnClient(sock, (ADDR["relay"][0], LISTEN_PORT), timeout=0.2)
+            client = BlockingTurnClient(sock, (ADDR["relay"][0], self.listen_port), timeout=0.2)
             deadline = time.monotonic() + timeout
             while True:
                 if self.proc.poll() is not None:
@@ -396,7 +407,7 @@ class RelayProcess:
 
     def metrics(self) -> Dict[str, float]:
         """``/metrics`` as {'name{labels}': value}."""
-        text = http_get(self.topology, "relay", METRICS[0], METRICS[1], "/metrics")
+        text = http_get(self.topology, "relay", METRICS[0], self.metrics_port, "/metrics")
         out: Dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
