@@ -498,13 +498,18 @@ class Relay:
                 and exc.transaction_id is not None
             ):
                 if self._unauthenticated_allowed(sender[0], now):
+                    parsed = parse_username(exc.username) if exc.username is not None else None
+                    key = None
+                    if exc.username is not None and parsed is not None:
+                        password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
+                        key = stun.long_term_key(exc.username, REALM, password)
                     self._send(
                         sender,
                         exc.method,
                         stun.ERROR,
                         exc.transaction_id,
                         [(stun.SOFTWARE, self._software), (stun.ERROR_CODE, (400, "Bad Request"))],
-                        None,
+                        key,
                         False,
                         False,
                     )
@@ -810,6 +815,14 @@ class Relay:
                 self._error(request, 440, now)
                 return
             families = (4,)
+        # A roaming device replaces its own oldest allocation first, so that
+        # the port and the quota it frees count for the new one.
+        limit = self.config.user_allocation_limit
+        if limit > 0:
+            owned = self._by_username.get(request.username, [])
+            while len(owned) >= limit:
+                self._delete_allocation(owned[0], "replaced")
+                owned = self._by_username.get(request.username, [])
         if self.config.max_allocations and len(self._allocations) >= self.config.max_allocations:
             self._error(request, 508, now)
             return
@@ -817,12 +830,6 @@ class Relay:
             self._error(request, 508, now)
             return
         lifetime = self._lifetime(message)
-        limit = self.config.user_allocation_limit
-        if limit > 0:
-            owned = self._by_username.get(request.username, [])
-            while len(owned) >= limit:
-                self._delete_allocation(owned[0], "replaced")
-                owned = self._by_username.get(request.username, [])
 
         alloc = _Allocation(request.sender, request.username, families, lifetime)
         alloc.request = request

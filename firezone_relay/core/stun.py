@@ -159,8 +159,12 @@ class StunDecodeError(Exception):
         method: Optional[int] = None,
         msg_class: Optional[int] = None,
         transaction_id: Optional[bytes] = None,
+        username: Optional[str] = None,
     ) -> None:
         super().__init__(reason)
+        #: The USERNAME decoded before the malformed attribute, if any, so a
+        #: server can still sign its 400.
+        self.username = username
         self.reason = reason
         self.error_code = error_code
         self.method = method
@@ -711,12 +715,14 @@ def _decode(data: bytes) -> Message:
             try:
                 append((atype, decoder(data[start:end], tid)))
             except _AttributeError as exc:
+                seen = [v for t, v in attributes if t == USERNAME]
                 raise StunDecodeError(
                     "attribute 0x%04x: %s" % (atype, exc),
                     error_code=400,
                     method=method,
                     msg_class=msg_class,
                     transaction_id=tid,
+                    username=seen[0] if seen and isinstance(seen[0], str) else None,
                 ) from None
             if atype in _INTEGRITY_TYPES:
                 ignoring = True

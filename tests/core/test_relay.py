@@ -763,3 +763,15 @@ class StreamClientTests(SynchronousTestCase):
         d.relay.handle_client_closed(self.STREAM, d.now)  # twice is harmless
         self.assertEqual(d.drain(), [])
         self.assertEqual(set(d.relay.memory_footprint().values()), {0})
+
+
+class SignedDecodeErrorTests(SynchronousTestCase):
+    def test_400_for_a_malformed_attribute_after_a_firezone_username_is_signed(self) -> None:
+        d = Driver(make_relay())
+        username, password = credentials()
+        raw = bytearray(build(stun.ALLOCATE, d.next_tid(), [(stun.USERNAME, username), (stun.XOR_PEER_ADDRESS, PEER)]))
+        offset = 20 + 4 + ((len(username.encode()) + 3) & ~3)
+        raw[offset + 5] = 0x07  # XOR-PEER-ADDRESS with an unknown family
+        reply = d.request(bytes(raw))
+        self.assertEqual(error_code(reply), 400)
+        self.assertTrue(verify_signed(reply, (username, password)))

@@ -16,7 +16,7 @@ Three parts:
 * ``HairpinTests``: two clients of the same relay relaying to each other's
   relayed addresses; nothing may be sent to the relay's own address.
 * ``RoamingTests``: scripted cases the machine found where the relay
-  refuses a roaming client instead of replacing its allocation.
+  once refused a roaming client instead of replacing its allocation.
 
 Failing examples print a ``@reproduce_failure`` blob and are kept in the
 hypothesis example database, so the next run replays them first.
@@ -600,22 +600,18 @@ class RelayMachine(RuleBasedStateMachine):
                 code = 440
             else:
                 families = (4,)
+        username = auth.username
+        if code is None and self.USER_LIMIT:
+            # The username's oldest allocation is replaced before capacity is
+            # checked, so the port it frees counts (upstream deletes first).
+            while len(self.by_user[username]) >= self.USER_LIMIT:
+                self.delete(self.by_user[username][0])
         if code is None and token is None and len(self.used_ports()) >= self.HIGH_PORT - LOW + 1:
-            # Range exhausted: 508, unless the username's oldest allocation is
-            # about to be replaced and frees a port (upstream deletes first).
-            # The relay checks capacity before it replaces (RoamingTests), so
-            # both answers are accepted here and the model follows the reply.
-            replaces = self.USER_LIMIT and len(self.by_user[auth.username]) >= self.USER_LIMIT
-            if not replaces or error_code(reply) == 508:
-                code = 508
+            code = 508
         if code is not None:
             self.expect(reply, code)
             return
         lifetime = 600 if req.lifetime is None else min(req.lifetime, 3600)
-        username = auth.username
-        if self.USER_LIMIT:
-            while len(self.by_user[username]) >= self.USER_LIMIT:
-                self.delete(self.by_user[username][0])
         used = self.used_ports()
         busy = self.driver.busy_ports
         if reservation is not None:
