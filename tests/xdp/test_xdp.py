@@ -180,6 +180,79 @@ class OptionsTests(unittest.SynchronousTestCase):
             self.assertIn(fragment, str(caught.exception))
 
 
+class _FakeFastPath:
+    """An ``XdpService`` stand-in whose counters a test sets."""
+
+    def __init__(self) -> None:
+        zero = {(d, c, p): 0 for d in ("client_to_peer", "peer_to_client") for c in (4, 6) for p in (4, 6)}
+        self.value = loader.XdpCounters(dict(zero), dict(zero), 0, {r: 0 for r in loader.PASS_REASONS}, [0] * 16)
+
+    def counters(self) -> loader.XdpCounters:
+        return self.value
+
+
+class MetricsTests(unittest.SynchronousTestCase):
+    def test_xdp_series_next_to_userspace(self) -> None:
+        from prometheus_client import generate_latest
+
+        from firezone_relay.adapters.metrics import make_registry
+        from tests.core.harness import make_relay
+
+        relay = make_relay()
+        registry, collector = make_registry(relay, process_metrics=False)
+        fast_path = _FakeFastPath()
+        collector.fast_path = fast_path
+        c = fast_path.value
+        c.packets[("client_to_peer", 4, 6)] = 3
+        c.packets[("client_to_peer", 4, 4)] = 2
+        c.bytes[("client_to_peer", 4, 6)] = 300
+        c.packets[("peer_to_client", 6, 6)] = 7
+        c.hairpin = 1
+        c.passed["miss"] = 4
+        c.sizes[1] = 5
+        text = generate_latest(registry).decode()
+        for line in (
+            'relay_data_relayed_packets_total{datapath="xdp",direction="client_to_peer"} 5.0',
+            'relay_data_relayed_packets_total{datapath="xdp",direction="peer_to_client"} 7.0',
+            'relay_data_relayed_packets_total{datapath="userspace",direction="client_to_peer"} 0.0',
+            'relay_data_relayed_bytes_total{datapath="xdp",direction="client_to_peer"} 300.0',
+            'relay_xdp_relayed_packets_total{client_family="ipv4",direction="client_to_peer",peer_family="ipv6"} 3.0',
+            "relay_xdp_hairpin_packets_total 1.0",
+            'relay_xdp_passed_packets_total{reason="miss"} 4.0',
+            'relay_packet_size_bytes_bucket{datapath="xdp",le="200"} 5.0',
+        ):
+            self.assertIn(line, text)
+        collector.fast_path = None  # off: no xdp series at all
+        self.assertNotIn('datapath="xdp"', generate_latest(registry).decode())
+
+    def test_stats_line_counts_xdp_bytes(self) -> None:
+        from twisted.internet import task
+        from twisted.logger import globalLogPublisher
+
+        from firezone_relay.adapters.metrics import StatsLogger
+        from tests.core.harness import make_relay
+
+        events: List[Dict[str, Any]] = []
+
+        def observe(event: Dict[str, Any]) -> None:
+            if event.get("log_namespace") == "firezone_relay.adapters.metrics":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        fast_path = _FakeFastPath()
+        clock = task.Clock()
+        service = StatsLogger(make_relay(), clock=clock, fast_path=fast_path)
+        service.startService()
+        self.addCleanup(service.stopService)
+        clock.advance(10)
+        self.assertEqual(events, [])
+        fast_path.value.bytes[("peer_to_client", 4, 4)] = 20000
+        clock.advance(10)
+        [event] = events
+        self.assertEqual((event["throughput"], event["xdp_throughput"]), ("2.00 kB/s", "2.00 kB/s"))
+
+
 class _FakeProgram:
     def __init__(self, fail: bool = False) -> None:
         self.entries: Dict[Tuple[Any, ...], bool] = {}
