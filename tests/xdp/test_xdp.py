@@ -342,6 +342,28 @@ class VerifierTests(unittest.SynchronousTestCase):
         self.assertIn("invalid access to packet", str(caught.exception))
 
 
+    def test_not_root_is_reported_and_the_fast_path_stays_off(self) -> None:
+        _skip_without_root()
+        _clang_or_skip()
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise unittest.SkipTest("setpriv (util-linux) is not installed")
+        script = (
+            "import sys; sys.path.insert(0, %r)\n"
+            "from firezone_relay.xdp.service import XdpService\n"
+            "s = XdpService('lo', 'generic', 3478, 49152, 65535)\n"
+            "s.startService()\n"
+            "print(s.active, s.failure)\n" % netns.ROOT
+        )
+        done = subprocess.run(
+            [setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
+             __import__("sys").executable, "-c", script],
+            capture_output=True, text=True, timeout=120, cwd="/",
+        )
+        self.assertIn("False the kernel refused the XDP program: Operation not permitted", done.stdout, done.stderr)
+        self.assertIn("needs root or CAP_BPF+CAP_NET_ADMIN", done.stdout)
+
+
 # --- the program on its own, in namespaces ----------------------------------------------------------
 
 
