@@ -23,8 +23,8 @@ Output: replies and ChannelData for a 3-tuple arrive here through
 to that connection.  ChannelData towards stream clients is already padded by
 the core.  On TCP what one reactor turn produces for a connection leaves in
 one ``send`` at the start of the next turn (a call at 0 s, before the poll),
-straight on the socket when Twisted's buffer is empty; TLS transports gather
-small writes themselves.  Each connection registers itself as a streaming producer of its
+straight on the socket when Twisted's buffer is empty (TLS: one record,
+handed to the TCP transport, which is told to write at once).  Each connection registers itself as a streaming producer of its
 transport, so Twisted tells it when the transport's buffer is full; past
 that point it counts what it is asked to write, and once that exceeds
 ``StreamLimits.write_buffer`` the connection is aborted: a client that does
@@ -70,7 +70,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from firezone_relay.core.framing import FramingError, frame_length
@@ -210,8 +210,8 @@ class StreamProtocol(Protocol):
         self._backlog = 0
         self._idle_call: Any = None
         self._handshake_call: Any = None
-        #: TCP only: the socket, for a direct send when Twisted buffers nothing,
-        #: and what was written during this reactor turn (see flush).
+        #: TCP only: the socket, for a direct send when Twisted buffers nothing.
+        #: What was written during this reactor turn (see flush).
         self._socket: Optional[socket.socket] = None
         self._pending: Optional[list[bytes]] = None
         self._pending_bytes = 0
@@ -316,23 +316,28 @@ class StreamProtocol(Protocol):
                 self.service.drops["stream_write_buffer"] += 1
                 self.abort("write_buffer")
             return
-        if self._socket is None:  # TLS: its transport gathers small writes itself
-            assert self.transport is not None
-            self.transport.write(payload)
-            return
         self._pending = [payload]
         self._pending_bytes = len(payload)
         self.service.flush_soon(self)
 
     def flush(self) -> None:
-        """TCP: write what this reactor turn produced, in one send."""
+        """Write what this reactor turn produced, in one send (one TLS record)."""
         pending, self._pending = self._pending, None
         if not pending or self.closed:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         transport: Any = self.transport
         sock = self._socket
-        if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
+        if sock is None:
+            # TLS: encrypt into the TCP transport's buffer, then let it send
+            # now (IWriteDescriptor.doWrite; it keeps what the kernel refuses
+            # and stops writing once empty) rather than on the next turn.
+            transport.write(data)
+            tcp = transport.transport
+            if not tcp.disconnecting:
+                tcp.doWrite()
+            return
+        if not transport._tempDataLen and not transport.dataBuffer:
             # Twisted holds nothing: send now rather than on the reactor's
             # next turn (a loop iteration and two epoll_ctl calls less).
             # What the kernel does not take goes through Twisted's buffer, so
@@ -386,6 +391,13 @@ class StreamProtocol(Protocol):
         self.has_allocation = False
         if not self.closed and self._idle_call is None:
             self._idle_check()
+
+
+class _TLSFactory(TLSMemoryBIOFactory):
+    """TLS without Twisted's small-write aggregation (``BufferingTLSTransport``):
+    ``StreamProtocol.flush`` already writes once per reactor turn."""
+
+    protocol = TLSMemoryBIOProtocol
 
 
 class _StreamFactory(Factory):
@@ -533,8 +545,7 @@ class StreamService(Service):
             raise CannotListenError(ip, port, exc) from exc
         factory: Any = _StreamFactory(self, transport_name)
         if transport_name == TLS:
-            # Its small-write aggregation flushes on the reactor, not on our clock.
-            factory = TLSMemoryBIOFactory(self.tls, False, factory, clock=self.reactor)
+            factory = _TLSFactory(self.tls, False, factory, clock=self.reactor)
         try:
             listening = self.reactor.adoptStreamPort(sock.fileno(), _AF[family], factory)
         finally:
