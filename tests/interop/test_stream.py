@@ -25,6 +25,7 @@ import ssl
 import struct
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -255,4 +256,15 @@ class HostileStreamTests(TestCase):
         reasons = [str(r.get("reason")) for r in relay.records() if "connection from" in str(r.get("msg"))]
         self.assertIn("bad_frame", reasons)
         self.assertIn("handshake_timeout", reasons)
+        # ... and counted on /metrics, by transport.
+        (address,) = [r["address"] for r in relay.records() if str(r.get("msg", "")).startswith("HTTP health")]
+        with urllib.request.urlopen("http://%s/metrics" % address, timeout=5) as response:
+            metrics = response.read().decode()
+        for line in (
+            'relay_stream_connections_closed_total{reason="bad_frame",transport="tcp"} 1.0',
+            'relay_stream_connections_closed_total{reason="idle",transport="tcp"} 1.0',
+            'relay_stream_connections_closed_total{reason="handshake_timeout",transport="tls"} 1.0',
+            'relay_stream_connections{transport="tcp"} 1.0',
+        ):
+            self.assertIn(line, metrics)
         relay.assert_healthy()
