@@ -228,8 +228,8 @@ class StreamProtocol(Protocol):
         if self.transport_name == TCP:
             self._socket = getattr(transport, "socket", None)
         # TLSMemoryBIOProtocol forwards these to the TCP transport.
-        transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
-        transport.setTcpKeepAlive(True)  # type: ignore[attr-defined]
+        transport.setTcpNoDelay(True)
+        transport.setTcpKeepAlive(True)
         if not self.handshaken:
             self._handshake_call = clock.callLater(service.limits.handshake_timeout, self._handshake_timed_out)
         self._idle_call = clock.callLater(service.limits.idle_timeout, self._idle_check)
@@ -256,7 +256,7 @@ class StreamProtocol(Protocol):
         self.closed = True
         self.service.closed_because(self, reason)
         assert self.transport is not None
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
     # --- input ---------------------------------------------------------------------
 
@@ -409,7 +409,7 @@ class _StreamFactory(Factory):
         self.service = service
         self.transport_name = transport_name
 
-    def buildProtocol(self, addr: Any) -> Optional[StreamProtocol]:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> Optional[StreamProtocol]:
         return self.service.admit(self.transport_name, str(addr.host), int(addr.port))
 
 
@@ -545,7 +545,7 @@ class StreamService(Service):
             raise CannotListenError(ip, port, exc) from exc
         factory: Any = _StreamFactory(self, transport_name)
         if transport_name == TLS:
-            factory = _TLSFactory(self.tls, False, factory, clock=self.reactor)
+            factory = _TLSFactory(self.tls, False, factory, clock=self.reactor)  # type: ignore[arg-type]
         try:
             listening = self.reactor.adoptStreamPort(sock.fileno(), _AF[family], factory)
         finally:
