@@ -542,6 +542,16 @@ class TlsTests(StreamFixture, unittest.TestCase):
         yield client.lost
         yield self.wait_until(lambda: self.relay.allocation_count == 0)
 
+    @defer.inlineCallbacks
+    def test_ipv6(self) -> Any:
+        self.start(families=(4, 6), tls=True)
+        self.assertIn(("tls", 6), self.stream.listening)
+        client = yield self.connect(6, tls=True)
+        response = yield client.request(stun.BINDING, signed=False)
+        self.assertEqual(response.get_address(stun.XOR_MAPPED_ADDRESS), ("::1", client.local()[1]))
+        yield self.allocate(client)
+        self.assertEqual(self.stream.allocations["tls"], 1)
+
     def handshake(self, **context_options: Any) -> Tuple[str, str]:
         """A blocking stdlib TLS client: ``(version, cipher)``."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
