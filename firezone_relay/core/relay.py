@@ -497,7 +497,7 @@ class Relay:
                 and exc.method is not None
                 and exc.transaction_id is not None
             ):
-                if self._unauthenticated_allowed(sender[0], now):
+                if self._unauthenticated_allowed(sender, now):
                     parsed = parse_username(exc.username) if exc.username is not None else None
                     key = None
                     if exc.username is not None and parsed is not None:
@@ -581,7 +581,7 @@ class Relay:
         )
 
     def _error(self, request: _Request, code: int, now: float, extra: Optional[list[stun.Attribute]] = None) -> None:
-        if not request.authenticated and not self._unauthenticated_allowed(request.sender[0], now):
+        if not request.authenticated and not self._unauthenticated_allowed(request.sender, now):
             self.stats.drop("rate_limited")
             return
         self._count_response(request.method, code)
@@ -615,10 +615,14 @@ class Relay:
             ],
         )
 
-    def _unauthenticated_allowed(self, ip: str, now: float) -> bool:
+    def _unauthenticated_allowed(self, client: Client, now: float) -> bool:
+        """The reflection guard.  Stream clients are exempt: a TCP/TLS peer
+        completed a handshake, so its source address cannot be spoofed, and
+        it does not retransmit a reply we drop."""
         rate = self.config.unauthenticated_rate
-        if rate <= 0:
+        if rate <= 0 or len(client) == 3:
             return True
+        ip = client[0]
         burst = float(self.config.unauthenticated_burst)
         bucket = self._buckets.get(ip)
         if bucket is None:
@@ -744,7 +748,7 @@ class Relay:
         if message.unknown_required:
             self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, message.unknown_required)])
             return
-        if not self._unauthenticated_allowed(request.sender[0], now):
+        if not self._unauthenticated_allowed(request.sender, now):
             self.stats.drop("rate_limited")
             return
         self._reply(request, [(stun.XOR_MAPPED_ADDRESS, (request.sender[0], request.sender[1]))])

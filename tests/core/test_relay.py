@@ -775,3 +775,12 @@ class SignedDecodeErrorTests(SynchronousTestCase):
         reply = d.request(bytes(raw))
         self.assertEqual(error_code(reply), 400)
         self.assertTrue(verify_signed(reply, (username, password)))
+
+
+class StreamRateLimitTests(SynchronousTestCase):
+    def test_stream_clients_are_not_rate_limited(self) -> None:
+        d = Driver(make_relay(unauthenticated_burst=2, unauthenticated_rate=1.0))
+        for i in range(10):
+            stream = ("203.0.113.9", 1000 + i, i)
+            _, commands = d.client(build(stun.ALLOCATE, d.next_tid(), [(stun.REQUESTED_TRANSPORT, 17)]), stream)
+            self.assertEqual(len(commands), 1)
