@@ -1,0 +1,290 @@
+"""Start and stop the servers under test; read their CPU time and RSS.
+
+Both servers run on loopback, on a free listen port, with an allocation port
+range given by the caller.  Every process started here is remembered and
+killed by its PID at exit (``atexit`` and SIGTERM/SIGINT), and ``Server`` is a
+context manager, so an interrupted benchmark leaves nothing behind.  Nothing
+here ever signals a process it did not start.
+
+CPU time is the sum over the server's threads of ``/proc/<pid>/task/*/
+schedstat`` (nanoseconds on the CPU), which counts every coturn thread and is
+finer than the clock ticks of ``/proc/<pid>/stat``; RSS is ``VmRSS`` from
+``/proc/<pid>/status``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
+
+from benchmarks._turnclient import wait_for_binding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REALM = "firezone"
+# A fixed secret: the benchmark mints its own credentials for it.
+SECRET = "4c98bf59c99b3e467ecd7cf9d6b3e5279645fca59be67bc5bb4af3cf653761ab"
+
+_started: Dict[int, subprocess.Popen] = {}  # type: ignore[type-arg]
+
+
+def _kill_all() -> None:
+    for pid, proc in list(_started.items()):
+        if proc.poll() is None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                proc.wait(5)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        _started.pop(pid, None)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _kill_all()
+    sys.exit(128 + signum)
+
+
+atexit.register(_kill_all)
+for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(_sig, _on_signal)
+
+
+def credentials(ttl: int = 86400) -> Tuple[str, str]:
+    """A username/password pair our relay accepts (coturn gets a static user with this password)."""
+    from firezone_relay.core.auth import make_credentials
+
+    return make_credentials(SECRET, int(time.time()) + ttl, "benchmark")
+
+
+#: coturn's ``--user name:password`` splits at the first ':', so its static
+#: user cannot be our ``<expiry>:<salt>`` name; it gets this name and the same password.
+COTURN_USER = "bench"
+
+
+def free_port() -> int:
+    """A UDP port free on 127.0.0.1 right now (from the kernel's ephemeral range)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far, in nanoseconds."""
+    total = 0
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except FileNotFoundError:
+        return 0
+    for tid in tasks:
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            pass
+    return total
+
+
+def self_cpu_ns() -> int:
+    return cpu_ns(os.getpid())
+
+
+def rss_kb(pid: int) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def thread_count(pid: int) -> int:
+    try:
+        return len(os.listdir("/proc/%d/task" % pid))
+    except FileNotFoundError:
+        return 0
+
+
+class Server:
+    """One server process: ``kind`` is ``"ours"`` or ``"coturn"``."""
+
+    def __init__(self, kind: str, lowest_port: int, highest_port: int, extra: Optional[List[str]] = None) -> None:
+        self.kind = kind
+        self.lowest_port = lowest_port
+        self.highest_port = highest_port
+        self.extra = list(extra or [])
+        self.port = 0
+        self.proc: Optional[subprocess.Popen] = None  # type: ignore[type-arg]
+        self.dir = tempfile.mkdtemp(prefix="bench-%s-" % kind)
+        self.log_path = os.path.join(self.dir, "server.log")
+        self.argv: List[str] = []
+        username, password = credentials()
+        self.password = password
+        self.username = username if kind == "ours" else COTURN_USER
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _command(self) -> Tuple[List[str], Dict[str, str]]:
+        env = dict(os.environ)
+        if self.kind == "ours":
+            env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            argv = [
+                sys.executable,
+                "-c",
+                "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "firezone-relay",
+                "--listen-port", str(self.port),
+                "--lowest-port", str(self.lowest_port),
+                "--highest-port", str(self.highest_port),
+                "--public-ip4-addr", "127.0.0.1",
+                "--bind-ip4-addr", "127.0.0.1",
+                "--health-check-addr", "127.0.0.1:%d" % free_port(),
+                "--allow-loopback-peers",
+                "--auth-secret", SECRET,
+            ]  # fmt: skip
+        elif self.kind == "coturn":
+            turnserver = shutil.which("turnserver")
+            if turnserver is None:
+                raise RuntimeError("coturn's turnserver is not installed")
+            argv = [
+                turnserver,
+                "-n",
+                "--listening-ip", "127.0.0.1",
+                "--relay-ip", "127.0.0.1",
+                "--listening-port", str(self.port),
+                "--min-port", str(self.lowest_port),
+                "--max-port", str(self.highest_port),
+                "--realm", REALM,
+                "--lt-cred-mech",
+                "--user", "%s:%s" % (COTURN_USER, self.password),
+                "--allow-loopback-peers",
+                "--no-multicast-peers",
+                "--no-cli",
+                "--no-tls",
+                "--no-dtls",
+                "--pidfile", os.path.join(self.dir, "turnserver.pid"),
+                "--userdb", os.path.join(self.dir, "turndb"),
+                "--log-file", "stdout",
+                "--simple-log",
+            ]  # fmt: skip
+        else:
+            raise ValueError(self.kind)
+        return argv + self.extra, env
+
+    def start(self) -> "Server":
+        last_error: Optional[BaseException] = None
+        for _attempt in range(3):
+            self.port = free_port()
+            while self.lowest_port <= self.port <= self.highest_port:
+                self.port = free_port()
+            self.argv, env = self._command()
+            os.makedirs(self.dir, exist_ok=True)
+            log = open(self.log_path, "ab")
+            try:
+                self.proc = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir
+                )
+            finally:
+                log.close()
+            _started[self.proc.pid] = self.proc
+            try:
+                wait_for_binding(self.address, 20.0)
+                return self
+            except TimeoutError as exc:
+                last_error = exc
+                self.stop(keep_logs=True)
+        raise RuntimeError("%s did not start: %s (log: %s)" % (self.kind, last_error, self.log_path))
+
+    def stop(self, keep_logs: bool = False) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if proc.poll() is None:
+                # Our relay drains on the first SIGTERM; the second one exits at once.
+                for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
+                    try:
+                        os.kill(proc.pid, sig)
+                    except ProcessLookupError:
+                        break
+                    try:
+                        proc.wait(wait)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+        finally:
+            _started.pop(proc.pid, None)
+        if not keep_logs and not os.environ.get("BENCH_KEEP_LOGS"):
+            shutil.rmtree(self.dir, ignore_errors=True)  # set BENCH_KEEP_LOGS=1 to keep the server logs
+
+    def cpu_ns(self) -> int:
+        return cpu_ns(self.pid)
+
+    def rss_kb(self) -> int:
+        return rss_kb(self.pid)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command_line(self) -> str:
+        """The command as run, with the repo path and per-run values shortened for the README."""
+        out = []
+        for a in self.argv:
+            if a == sys.executable:
+                a = "python"
+            out.append(a if not any(c in a for c in " ;()") else "'%s'" % a)
+        return " ".join(out)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def machine_facts() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    coturn = "?"
+    try:
+        out = subprocess.run(["turnserver", "--version"], capture_output=True, text=True, timeout=5)
+        coturn = (out.stdout or out.stderr).strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    return "%d CPU cores (%s), %d MiB RAM, Linux %s, Python %s, coturn %s" % (
+        os.cpu_count() or 0,
+        model,
+        mem,
+        os.uname().release,
+        sys.version.split()[0],
+        coturn,
+    )
