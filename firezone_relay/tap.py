@@ -57,6 +57,8 @@ _PARAMETERS: list[list[Any]] = [
     ["auth-secret", None, None, "Credential secret (standalone mode only; default: random, logged once)"],
     ["user-allocation-limit", None, None, "Allocations per username, 0 = unlimited (default: 1 with a token, 0 without)"],
     ["max-allocations", None, "0", "Allocations in total, 0 = unlimited"],
+    ["unauthenticated-rate", None, "100", "Replies per second per source IP to unauthenticated UDP requests (reflection guard), 0 = unlimited"],
+    ["unauthenticated-burst", None, "200", "Burst allowance of --unauthenticated-rate"],
     ["drain-timeout", None, None, "Seconds to wait for allocations to end after SIGTERM (default: no limit)"],
     ["tls-port", None, "5349", "TCP port for TURN over TLS (served when --tls-cert and --tls-key are given)"],
     ["tls-cert", None, None, "PEM certificate chain for TURN over TLS (reloaded on SIGHUP)"],
@@ -133,6 +135,8 @@ def _parse_int(flag: str, value: Any, low: Optional[int] = None, high: Optional[
     if low is not None and number < low:
         if low == 0:
             raise usage.UsageError("--%s must not be negative (got %d)" % (flag, number))
+        if high is None:
+            raise usage.UsageError("--%s must be at least %d (got %d)" % (flag, low, number))
         raise usage.UsageError("--%s must be between %d and %d (got %d)" % (flag, low, high, number))
     if high is not None and number > high:
         raise usage.UsageError("--%s must be between %d and %d (got %d)" % (flag, low, high, number))
@@ -297,6 +301,14 @@ class Options(usage.Options):
             raise usage.UsageError("--log-format must be human or json (got %r)" % (self["log-format"],))
         self["health-check-addr"] = _parse_host_port("health-check-addr", self["health-check-addr"])
         self["max-allocations"] = _parse_int("max-allocations", self["max-allocations"], 0)
+        self["unauthenticated-burst"] = _parse_int("unauthenticated-burst", self["unauthenticated-burst"], 1)
+        try:
+            rate = float(self["unauthenticated-rate"])
+        except (TypeError, ValueError):
+            rate = -1.0
+        if not 0 <= rate < float("inf"):
+            raise usage.UsageError("--unauthenticated-rate must be a number >= 0 (got %r)" % (self["unauthenticated-rate"],))
+        self["unauthenticated-rate"] = rate
         if self["user-allocation-limit"] is not None:
             self["user-allocation-limit"] = _parse_int("user-allocation-limit", self["user-allocation-limit"], 0)
         self["socket-buffer"] = _parse_int("socket-buffer", self["socket-buffer"], 0)
@@ -414,6 +426,8 @@ def relay_config(options: Options, secret: str) -> Any:
         highest_port=options["highest-port"],
         user_allocation_limit=options["user-allocation-limit"],
         max_allocations=options["max-allocations"],
+        unauthenticated_rate=options["unauthenticated-rate"],
+        unauthenticated_burst=options["unauthenticated-burst"],
         allow_loopback_peers=bool(options["allow-loopback-peers"]),
         allow_peers=options["allow-peer"],
         deny_peers=options["deny-peer"],

@@ -474,3 +474,16 @@ class ProcessTests(unittest.TestCase):
         secret_lines = [r for r in records if "generated auth secret" in r["msg"]]
         self.assertEqual(len(secret_lines), 1)
         self.assertEqual(len(secret_lines[0]["auth_secret"]), 64)
+
+
+class ReflectionGuardOptionTests(unittest.TestCase):
+    def test_unauthenticated_rate_flags(self) -> None:
+        options = parse(["--public-ip4-addr", "192.0.2.1", "--unauthenticated-rate", "5", "--unauthenticated-burst", "7"])
+        config = tap.relay_config(options, "ab" * 32)
+        self.assertEqual((config.unauthenticated_rate, config.unauthenticated_burst), (5.0, 7))
+        self.assertEqual(parse([], {"UNAUTHENTICATED_RATE": "0"})["unauthenticated-rate"], 0.0)
+        defaults = tap.relay_config(parse(["--public-ip4-addr", "192.0.2.1"]), "ab" * 32)
+        self.assertEqual((defaults.unauthenticated_rate, defaults.unauthenticated_burst), (100.0, 200))
+        for bad in (["--unauthenticated-rate", "-1"], ["--unauthenticated-rate", "fast"], ["--unauthenticated-rate", "inf"], ["--unauthenticated-burst", "0"]):
+            with self.assertRaises(usage.UsageError):
+                parse(bad)

@@ -103,8 +103,8 @@ class RelayConfig:
     #: Token bucket per source IP for replies to unauthenticated requests
     #: (Binding answers and unsigned errors): burst and refill per second.
     #: A rate of 0 disables the limit.
-    unauthenticated_burst: int = 64
-    unauthenticated_rate: float = 32.0
+    unauthenticated_burst: int = 200
+    unauthenticated_rate: float = 100.0
     nonce_lifetime: int = NONCE_LIFETIME
 
     def __post_init__(self) -> None:
