@@ -88,6 +88,23 @@ def udp_checksum_ok(frame: bytes) -> Tuple[bool, bytes]:
     return _sum16(pseudo + udp) == 0xFFFF, udp[8:]
 
 
+def _udp_payload(frame: bytes) -> bytes:
+    """The UDP payload of an Ethernet frame, or b"" for anything else.
+
+    Matching on "the payload occurs somewhere in the frame" is not enough:
+    a 1-byte payload also occurs in neighbour discovery and other chatter.
+    """
+    ethertype = frame[12:14]
+    if ethertype == b"\x08\x00" and len(frame) >= 34 and frame[23] == 17:
+        start = 14 + (frame[14] & 0x0F) * 4 + 8
+        length = int.from_bytes(frame[start - 4 : start - 2], "big") - 8
+        return frame[start : start + length]
+    if ethertype == b"\x86\xdd" and len(frame) >= 62 and frame[20] == 17:
+        length = int.from_bytes(frame[58:60], "big") - 8
+        return frame[62 : 62 + length]
+    return b""
+
+
 class Capture:
     """Frames seen on an interface of a namespace (AF_PACKET, inbound)."""
 
@@ -107,7 +124,7 @@ class Capture:
                 if out:
                     break
                 continue
-            if (meta[2] == socket.PACKET_OUTGOING) == self.outgoing and contains in frame:
+            if (meta[2] == socket.PACKET_OUTGOING) == self.outgoing and _udp_payload(frame).endswith(contains):
                 out.append(frame)
         return out
 
