@@ -406,7 +406,7 @@ class ProcessTests(unittest.TestCase):
         self.assertIn("--listen-port", result.stdout)
         self.assertNotIn(TOKEN, result.stdout + result.stderr)
 
-    def start(self, extra: Sequence[str]) -> Any:
+    def start(self, extra: Sequence[str], attempt: int = 1) -> Any:
         listen_port = free_udp_port((4,))
         low, high = port_range(32, avoid=[listen_port])
         cwd = self.mktemp()
@@ -438,6 +438,10 @@ class ProcessTests(unittest.TestCase):
                 proc.communicate(timeout=10)
 
         self.addCleanup(kill)
+        if binding_roundtrip(listen_port, time.time() + 20) is None and proc.poll() is not None and attempt < 3:
+            # It exited before answering: most likely another parallel test
+            # took the port between our check and its bind.  Try other ports.
+            return self.start(extra, attempt + 1)
         return proc, listen_port
 
     def stop(self, proc: Any) -> str:
