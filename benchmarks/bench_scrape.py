@@ -73,6 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--allocations", type=int, default=200, help="extra idle allocations (scrape work)")
     p.add_argument("--cost-scrapes", type=int, default=50, help="back-to-back scrapes to measure the CPU per scrape")
     p.add_argument("--client", choices=("auto", "c", "python"), default="auto")
+    p.add_argument("--pin", action="store_true", help="pin the server to CPU 1 and the load generator to CPU 0 (as bench_relay --pin)")
     args = p.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="bench-scrape-")
