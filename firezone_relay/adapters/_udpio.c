@@ -1,0 +1,602 @@
+/*
+ * Batched UDP I/O for the relay's per-packet path (Linux: recvmmsg/sendmmsg).
+ *
+ * This module moves no relay logic out of Python: every datagram still goes
+ * to the core (Relay.handle_client_input / handle_peer_traffic), which decides
+ * what to do with it.  What moves here is the plumbing around that call,
+ * which in pure Python costs more than the core itself:
+ *
+ *   - reading: one recvmmsg() fills up to BATCH datagrams per system call,
+ *     each in its own slot of one static buffer, and the sender's address
+ *     comes from a small cache of (sockaddr -> Python tuple), so a steady
+ *     flow allocates no address objects and formats no address strings;
+ *   - sending: the Transmit tuples (source_port, family, destination,
+ *     payload) the core returns are queued and leave in one sendmmsg() per
+ *     run of datagrams on the same socket, with destination tuples turned
+ *     into sockaddrs through a cache keyed by object identity.
+ *
+ * Contract with the Python shell (firezone_relay/adapters/udp.py):
+ *
+ *   io = IO(now, pump, fds, fallback, send_failed, internal_error)
+ *   io.read(fd, handler, port, family, always_view, refused) -> datagrams read
+ *
+ * ``handler`` is the core's entry point.  For the listen port (``port`` is
+ * None) it is called as handler(data, addr, now); for an allocation port as
+ * handler(data, addr, port, family, now).  ``data`` is a read-only memoryview
+ * of the slot when ``always_view`` is true or the datagram is ChannelData
+ * (first byte 0x40-0x7F), ``bytes`` otherwise; a view is only valid during
+ * the call and until the end of the batch (the slot is reused by the next
+ * read), which is the same contract as the pure-Python reader.
+ *
+ * A returned Transmit whose destination is an (ip, port) pair and whose
+ * (family, source_port) has a descriptor in ``fds`` ({family: {port: fd}})
+ * is queued; anything else that is not None (a stream client's 3-tuple, a
+ * socket that is gone, an address that does not parse) goes to
+ * ``fallback(transmit)``, the shell's general send.  After each batch the
+ * queue is flushed; then, if any handler returned None (the core may have
+ * queued commands or moved a deadline), ``pump()`` runs once.  A failed
+ * sendmmsg entry is reported as ``send_failed(errno)`` and the rest of the
+ * batch still goes.  An exception from the handler, the fallback or the pump
+ * is passed to ``internal_error(where, exc)`` and the batch carries on:
+ * nothing a datagram causes escapes ``read``.  ``refused()`` is called for a
+ * pending ECONNREFUSED (an ICMP error) on the socket.
+ *
+ * Reentrancy: the buffers are static and the reactor is single-threaded; a
+ * nested read (a handler that somehow reads another port) is refused with
+ * RuntimeError rather than overwriting slots still in use.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#define BATCH 64
+#define SLOT (65536)
+#define ROUNDS 4           /* batches per read() before going back to the reactor */
+#define RECV_CACHE 16
+#define SEND_CACHE 16
+
+/* --- static buffers ------------------------------------------------------ */
+
+static unsigned char *slots = NULL; /* BATCH * SLOT bytes, allocated on first use */
+static struct mmsghdr rmsgs[BATCH];
+static struct iovec riov[BATCH];
+static struct sockaddr_storage raddr[BATCH];
+
+typedef struct {
+    int fd;
+    Py_buffer buf;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+} queued_t;
+
+static struct mmsghdr smsgs[BATCH];
+static struct iovec siov[BATCH];
+static queued_t queue[BATCH];
+static int queued = 0;
+static int busy = 0;
+
+/* --- address caches ------------------------------------------------------- */
+
+typedef struct {
+    struct sockaddr_storage key; /* only family, port and address are compared */
+    PyObject *value;             /* (ip, port) */
+} recv_entry_t;
+
+static recv_entry_t recv_cache[RECV_CACHE];
+static int recv_next = 0;
+
+typedef struct {
+    PyObject *key; /* the destination tuple itself (strong reference) */
+    int family;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+} send_entry_t;
+
+static send_entry_t send_cache[SEND_CACHE];
+static int send_next = 0;
+
+static int
+same_sockaddr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family)
+        return 0;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (a->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+        return x->sin6_port == y->sin6_port &&
+               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
+    }
+    return 0;
+}
+
+/* A new reference to (ip, port) for a received sockaddr. */
+static PyObject *
+address_of(const struct sockaddr_storage *sa)
+{
+    for (int i = 0; i < RECV_CACHE; i++) {
+        if (recv_cache[i].value != NULL && same_sockaddr(&recv_cache[i].key, sa)) {
+            Py_INCREF(recv_cache[i].value);
+            return recv_cache[i].value;
+        }
+    }
+    char text[INET6_ADDRSTRLEN];
+    int port;
+    if (sa->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const void *)sa;
+        if (inet_ntop(AF_INET, &a->sin_addr, text, sizeof(text)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        port = ntohs(a->sin_port);
+    } else if (sa->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const void *)sa;
+        if (inet_ntop(AF_INET6, &a->sin6_addr, text, sizeof(text)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        port = ntohs(a->sin6_port);
+    } else {
+        PyErr_Format(PyExc_OSError, "unexpected address family %d", (int)sa->ss_family);
+        return NULL;
+    }
+    PyObject *value = Py_BuildValue("(si)", text, port);
+    if (value == NULL)
+        return NULL;
+    recv_entry_t *e = &recv_cache[recv_next];
+    recv_next = (recv_next + 1) % RECV_CACHE;
+    Py_XSETREF(e->value, value);
+    Py_INCREF(value);
+    memcpy(&e->key, sa, sizeof(*sa));
+    return value;
+}
+
+/* Fill q->addr from an (ip, port) tuple for a socket of ``family``.
+   Returns 1 on success, 0 when the tuple does not parse (no exception set). */
+static int
+sockaddr_of(PyObject *dest, int family, queued_t *q)
+{
+    for (int i = 0; i < SEND_CACHE; i++) {
+        if (send_cache[i].key == dest && send_cache[i].family == family) {
+            memcpy(&q->addr, &send_cache[i].addr, send_cache[i].addrlen);
+            q->addrlen = send_cache[i].addrlen;
+            return 1;
+        }
+    }
+    PyObject *ip = PyTuple_GET_ITEM(dest, 0), *port_obj = PyTuple_GET_ITEM(dest, 1);
+    if (!PyUnicode_Check(ip) || !PyLong_Check(port_obj))
+        return 0;
+    const char *text = PyUnicode_AsUTF8(ip);
+    long port = PyLong_AsLong(port_obj);
+    if (text == NULL || port < 0 || port > 65535) {
+        PyErr_Clear();
+        return 0;
+    }
+    memset(&q->addr, 0, sizeof(q->addr));
+    if (family == 4) {
+        struct sockaddr_in *a = (void *)&q->addr;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, text, &a->sin_addr) != 1)
+            return 0;
+        q->addrlen = sizeof(*a);
+    } else {
+        struct sockaddr_in6 *a = (void *)&q->addr;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET6, text, &a->sin6_addr) != 1)
+            return 0;
+        q->addrlen = sizeof(*a);
+    }
+    send_entry_t *e = &send_cache[send_next];
+    send_next = (send_next + 1) % SEND_CACHE;
+    Py_INCREF(dest);
+    Py_XSETREF(e->key, dest);
+    e->family = family;
+    memcpy(&e->addr, &q->addr, q->addrlen);
+    e->addrlen = q->addrlen;
+    return 1;
+}
+
+/* --- the IO object ----------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *now;            /* () -> float */
+    PyObject *pump;           /* () -> None */
+    PyObject *fds;            /* {family: {port: fd}} */
+    PyObject *fallback;       /* (transmit) -> None */
+    PyObject *send_failed;    /* (errno) -> None */
+    PyObject *internal_error; /* (where, exc) -> None */
+    Py_ssize_t batches;       /* recvmmsg calls that returned datagrams */
+    Py_ssize_t datagrams;     /* datagrams read */
+    Py_ssize_t sent;          /* datagrams sent by sendmmsg */
+    Py_ssize_t send_calls;    /* sendmmsg calls */
+} IOObject;
+
+static PyObject *str_client, *str_peer, *str_send, *str_pump;
+
+/* Pass the current exception (if an Exception) to internal_error.  Returns 0,
+   or -1 when it must propagate (BaseException, or internal_error failed). */
+static int
+report(IOObject *self, PyObject *where)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (type == NULL)
+        return 0;
+    if (!PyErr_GivenExceptionMatches(type, PyExc_Exception)) {
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    PyObject *r = PyObject_CallFunctionObjArgs(self->internal_error, where, value, NULL);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static void
+release_queue(void)
+{
+    for (int i = 0; i < queued; i++)
+        PyBuffer_Release(&queue[i].buf);
+    queued = 0;
+}
+
+/* Send everything queued.  Returns 0, or -1 with an exception set (from
+   send_failed; the queue is released either way). */
+static int
+flush(IOObject *self)
+{
+    int i = 0, status = 0;
+    for (int k = 0; k < queued; k++) {
+        siov[k].iov_base = queue[k].buf.buf;
+        siov[k].iov_len = (size_t)queue[k].buf.len;
+        memset(&smsgs[k], 0, sizeof(smsgs[k]));
+        smsgs[k].msg_hdr.msg_name = &queue[k].addr;
+        smsgs[k].msg_hdr.msg_namelen = queue[k].addrlen;
+        smsgs[k].msg_hdr.msg_iov = &siov[k];
+        smsgs[k].msg_hdr.msg_iovlen = 1;
+    }
+    while (i < queued) {
+        int fd = queue[i].fd, j = i + 1;
+        while (j < queued && queue[j].fd == fd)
+            j++;
+        int r;
+        Py_BEGIN_ALLOW_THREADS
+        r = sendmmsg(fd, &smsgs[i], (unsigned int)(j - i), MSG_DONTWAIT);
+        Py_END_ALLOW_THREADS
+        self->send_calls++;
+        if (r > 0) {
+            self->sent += r;
+            i += r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        /* datagram i failed: count it, go on with the next one */
+        int err = r < 0 ? errno : EAGAIN;
+        i++;
+        if (status == 0) {
+            PyObject *res = PyObject_CallFunction(self->send_failed, "i", err);
+            if (res == NULL)
+                status = report(self, str_send);
+            else
+                Py_DECREF(res);
+        }
+    }
+    release_queue();
+    return status;
+}
+
+/* Queue (or hand to the fallback) one Transmit.  Returns 0 or -1. */
+static int
+transmit(IOObject *self, PyObject *t)
+{
+    if (PyTuple_CheckExact(t) && PyTuple_GET_SIZE(t) == 4) {
+        PyObject *src = PyTuple_GET_ITEM(t, 0), *fam = PyTuple_GET_ITEM(t, 1);
+        PyObject *dest = PyTuple_GET_ITEM(t, 2), *payload = PyTuple_GET_ITEM(t, 3);
+        if (PyTuple_CheckExact(dest) && PyTuple_GET_SIZE(dest) == 2 && PyLong_CheckExact(fam)) {
+            long family = PyLong_AsLong(fam);
+            PyObject *ports = PyDict_GetItemWithError(self->fds, fam);
+            PyObject *fd_obj = ports != NULL && PyDict_Check(ports) ? PyDict_GetItemWithError(ports, src) : NULL;
+            if (PyErr_Occurred())
+                return -1;
+            if (fd_obj != NULL && (family == 4 || family == 6)) {
+                if (queued == BATCH && flush(self) < 0)
+                    return -1;
+                queued_t *q = &queue[queued];
+                int fd = (int)PyLong_AsLong(fd_obj);
+                if (fd < 0 && PyErr_Occurred())
+                    return -1;
+                if (sockaddr_of(dest, (int)family, q)) {
+                    if (PyObject_GetBuffer(payload, &q->buf, PyBUF_SIMPLE) < 0) {
+                        PyErr_Clear(); /* not a buffer: the fallback says why */
+                    } else {
+                        q->fd = fd;
+                        queued++;
+                        return 0;
+                    }
+                }
+            }
+        }
+    }
+    PyObject *r = PyObject_CallOneArg(self->fallback, t);
+    if (r == NULL)
+        return report(self, str_send);
+    Py_DECREF(r);
+    return 0;
+}
+
+static void
+setup_recv(void)
+{
+    for (int i = 0; i < BATCH; i++) {
+        riov[i].iov_base = slots + (size_t)i * SLOT;
+        riov[i].iov_len = SLOT;
+        memset(&rmsgs[i], 0, sizeof(rmsgs[i]));
+        rmsgs[i].msg_hdr.msg_name = &raddr[i];
+        rmsgs[i].msg_hdr.msg_namelen = sizeof(raddr[i]);
+        rmsgs[i].msg_hdr.msg_iov = &riov[i];
+        rmsgs[i].msg_hdr.msg_iovlen = 1;
+    }
+}
+
+static PyObject *
+IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused)");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return NULL;
+    }
+    PyObject *handler = args[1], *port = args[2], *family = args[3], *refused = args[5];
+    int always_view = PyObject_IsTrue(args[4]);
+    if (always_view < 0)
+        return NULL;
+    int is_peer = port != Py_None;
+    PyObject *where = is_peer ? str_peer : str_client;
+
+    if (busy) {
+        PyErr_SetString(PyExc_RuntimeError, "_udpio.read is not reentrant");
+        return NULL;
+    }
+    if (slots == NULL) {
+        slots = PyMem_RawMalloc((size_t)BATCH * SLOT);
+        if (slots == NULL)
+            return PyErr_NoMemory();
+    }
+    busy = 1;
+    Py_ssize_t total = 0;
+    int status = 0;
+    for (int round = 0; round < ROUNDS && status == 0; round++) {
+        setup_recv();
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = recvmmsg(fd, rmsgs, BATCH, MSG_DONTWAIT, NULL);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            int err = errno;
+            if (err == EINTR)
+                continue;
+            if (err == ECONNREFUSED) {
+                PyObject *r = PyObject_CallNoArgs(refused);
+                if (r == NULL)
+                    status = report(self, where);
+                else
+                    Py_DECREF(r);
+                continue;
+            }
+            if (err != EAGAIN && err != EWOULDBLOCK) {
+                errno = err;
+                PyErr_SetFromErrno(PyExc_OSError);
+                status = -1;
+            }
+            break;
+        }
+        if (n == 0)
+            break;
+        self->batches++;
+        self->datagrams += n;
+        total += n;
+        PyObject *now = PyObject_CallNoArgs(self->now);
+        if (now == NULL) {
+            status = -1;
+            break;
+        }
+        int need_pump = 0;
+        for (int i = 0; i < n && status == 0; i++) {
+            unsigned char *p = riov[i].iov_base;
+            Py_ssize_t len = (Py_ssize_t)rmsgs[i].msg_len;
+            PyObject *addr = address_of(&raddr[i]);
+            if (addr == NULL) {
+                status = report(self, where);
+                continue;
+            }
+            PyObject *data;
+            if (len > 0 && (always_view || (p[0] >= 0x40 && p[0] < 0x80)))
+                data = PyMemoryView_FromMemory((char *)p, len, PyBUF_READ);
+            else
+                data = PyBytes_FromStringAndSize((const char *)p, len);
+            if (data == NULL) {
+                Py_DECREF(addr);
+                status = -1;
+                break;
+            }
+            PyObject *call_args[5];
+            PyObject *t;
+            call_args[0] = data;
+            call_args[1] = addr;
+            if (is_peer) {
+                call_args[2] = port;
+                call_args[3] = family;
+                call_args[4] = now;
+                t = PyObject_Vectorcall(handler, call_args, 5, NULL);
+            } else {
+                call_args[2] = now;
+                t = PyObject_Vectorcall(handler, call_args, 3, NULL);
+            }
+            Py_DECREF(data);
+            Py_DECREF(addr);
+            if (t == NULL) {
+                need_pump = 1; /* the core may have queued commands before failing */
+                status = report(self, where);
+            } else if (t == Py_None) {
+                Py_DECREF(t);
+                need_pump = 1;
+            } else {
+                status = transmit(self, t);
+                Py_DECREF(t);
+            }
+        }
+        Py_DECREF(now);
+        if (flush(self) < 0 && status == 0)
+            status = -1;
+        if (need_pump && status == 0) {
+            PyObject *r = PyObject_CallNoArgs(self->pump);
+            if (r == NULL)
+                status = report(self, str_pump);
+            else
+                Py_DECREF(r);
+        }
+        if (n < BATCH)
+            break; /* the socket is (very likely) empty: back to the reactor */
+    }
+    release_queue();
+    busy = 0;
+    if (status < 0)
+        return NULL;
+    return PyLong_FromSsize_t(total);
+}
+
+static int
+IO_init(IOObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"now", "pump", "fds", "fallback", "send_failed", "internal_error", NULL};
+    PyObject *now, *pump, *fds, *fallback, *send_failed, *internal_error;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!OOO", kwlist, &now, &pump, &PyDict_Type, &fds, &fallback,
+                                     &send_failed, &internal_error))
+        return -1;
+    Py_INCREF(now);
+    Py_XSETREF(self->now, now);
+    Py_INCREF(pump);
+    Py_XSETREF(self->pump, pump);
+    Py_INCREF(fds);
+    Py_XSETREF(self->fds, fds);
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    Py_INCREF(send_failed);
+    Py_XSETREF(self->send_failed, send_failed);
+    Py_INCREF(internal_error);
+    Py_XSETREF(self->internal_error, internal_error);
+    return 0;
+}
+
+static int
+IO_traverse(IOObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->now);
+    Py_VISIT(self->pump);
+    Py_VISIT(self->fds);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->send_failed);
+    Py_VISIT(self->internal_error);
+    return 0;
+}
+
+static int
+IO_clear(IOObject *self)
+{
+    Py_CLEAR(self->now);
+    Py_CLEAR(self->pump);
+    Py_CLEAR(self->fds);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->send_failed);
+    Py_CLEAR(self->internal_error);
+    return 0;
+}
+
+static void
+IO_dealloc(IOObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    IO_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+IO_stats(IOObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("{snsnsnsn}", "batches", self->batches, "datagrams", self->datagrams, "sent", self->sent,
+                         "send_calls", self->send_calls);
+}
+
+static PyMethodDef IO_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))IO_read, METH_FASTCALL,
+     "read(fd, handler, port, family, always_view, refused) -> number of datagrams read"},
+    {"stats", (PyCFunction)IO_stats, METH_NOARGS, "counters: batches, datagrams, sent, send_calls"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject IOType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "firezone_relay.adapters._udpio.IO",
+    .tp_basicsize = sizeof(IOObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Batched UDP reads and sends for one relay shell (see the module docstring).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)IO_init,
+    .tp_dealloc = (destructor)IO_dealloc,
+    .tp_traverse = (traverseproc)IO_traverse,
+    .tp_clear = (inquiry)IO_clear,
+    .tp_methods = IO_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "firezone_relay.adapters._udpio",
+    .m_doc = "Batched UDP I/O (recvmmsg/sendmmsg) for the relay's per-packet path.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__udpio(void)
+{
+    if (PyType_Ready(&IOType) < 0)
+        return NULL;
+    str_client = PyUnicode_InternFromString("client");
+    str_peer = PyUnicode_InternFromString("peer");
+    str_send = PyUnicode_InternFromString("send");
+    str_pump = PyUnicode_InternFromString("pump");
+    if (!str_client || !str_peer || !str_send || !str_pump)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&IOType);
+    if (PyModule_AddObject(m, "IO", (PyObject *)&IOType) < 0) {
+        Py_DECREF(&IOType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "BATCH", BATCH) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
