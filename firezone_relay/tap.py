@@ -39,6 +39,15 @@ DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
 #: socket only asks the kernel for a route, no packet is sent.
 _ROUTE_PROBE_IP4 = ("192.0.2.1", 3478)  # TEST-NET-1; any routable-looking address works
 
+def _udpio_missing() -> str:
+    """Why the batched UDP I/O extension cannot be used, or "" when it can."""
+    try:
+        from firezone_relay.adapters import _udpio  # noqa: F401
+    except ImportError as exc:
+        return str(exc) or "import failed"
+    return ""
+
+
 # [long name, short, default, description]
 _PARAMETERS: list[list[Any]] = [
     ["public-ip4-addr", None, None, "Public IPv4 address of this relay (default: the primary address of the host)"],
@@ -69,6 +78,7 @@ _PARAMETERS: list[list[Any]] = [
     ["stream-write-buffer", None, "262144", "Bytes queued for a slow TCP/TLS reader before it is disconnected"],
     ["stream-idle-timeout", None, "60", "Seconds a TCP/TLS connection without an allocation may stay silent"],
     ["socket-buffer", None, str(DEFAULT_SOCKET_BUFFER), "SO_RCVBUF/SO_SNDBUF in bytes, 0 = OS default"],
+    ["udp-io", None, "auto", "UDP per-packet I/O: batched (recvmmsg/sendmmsg, C extension), python, or auto (batched when built)"],
     ["ebpf-offloading", None, None, "Interface to attach the XDP ChannelData fast path to (Linux, root; off by default)"],
     ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
@@ -312,6 +322,13 @@ class Options(usage.Options):
         if self["user-allocation-limit"] is not None:
             self["user-allocation-limit"] = _parse_int("user-allocation-limit", self["user-allocation-limit"], 0)
         self["socket-buffer"] = _parse_int("socket-buffer", self["socket-buffer"], 0)
+        if self["udp-io"] not in ("auto", "batched", "python"):
+            raise usage.UsageError("--udp-io must be auto, batched or python (got %r)" % (self["udp-io"],))
+        if self["udp-io"] == "batched" and _udpio_missing():
+            raise usage.UsageError(
+                "--udp-io batched needs the C extension firezone_relay.adapters._udpio, which is not built (%s); "
+                "reinstall with a C compiler and the Python headers, or use --udp-io python" % (_udpio_missing(),)
+            )
         if self["ebpf-offloading"] is not None and not self["ebpf-offloading"].strip():
             self["ebpf-offloading"] = None
         if self["ebpf-attach-mode"] not in ("generic", "driver"):
@@ -526,7 +543,14 @@ def makeService(options: Options) -> "MultiService":
         bind_ip6=options["bind-ip6-addr"] if options["public-ip6-addr"] else None,
         socket_buffer=options["socket-buffer"],
         serve_at_start=not options["token"],  # portal mode: on the first init
+        batched_io={"auto": None, "batched": True, "python": False}[options["udp-io"]],
     )
+    if udp.io is not None:
+        log.info("UDP I/O: batched (recvmmsg/sendmmsg, up to {batch} datagrams per system call)", batch=udp.io_batch)
+    elif options["udp-io"] == "python":
+        log.info("UDP I/O: pure Python (--udp-io python)")
+    else:
+        log.warn("UDP I/O: pure Python, slower: the C extension is not built ({reason})", reason=_udpio_missing())
     udp.setName("udp")
     udp.fast_path = xdp
     udp.setServiceParent(top)

@@ -41,8 +41,18 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet import udp
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from firezone_relay.core import commands as C
+
+try:  # the optional C extension (setup.py); the pure-Python reader otherwise
+    from firezone_relay.adapters import _udpio as _udpio_module
+
+    _udpio: Any = _udpio_module
+    UDPIO_MISSING = ""
+except ImportError as exc:  # not built: no compiler or headers at install time, or not Linux
+    _udpio = None
+    UDPIO_MISSING = str(exc)
 
 log = Logger(namespace="firezone_relay.adapters.udp")
 
@@ -147,6 +157,11 @@ class _FastPort(udp.Port):  # type: ignore[misc]
     core slices and the adapter sends without another copy; STUN messages
     are handed over as ``bytes``.  The view is only valid during the call:
     nothing keeps it.
+
+    With the C extension (``batched`` set by ``RelayService._adopt``) the
+    whole read goes to ``_udpio.IO.read`` instead: recvmmsg, the core's
+    entry point called per datagram, sendmmsg of what it returned, one pump
+    per batch.  See firezone_relay/adapters/_udpio.c.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -155,8 +170,14 @@ class _FastPort(udp.Port):  # type: ignore[misc]
         self._view = memoryview(self._buffer)
         #: True for allocation ports: every datagram is peer data.
         self.always_view = False
+        #: ``() -> int``: the batched read, or None for the Python loop below.
+        self.batched: Optional[Callable[[], int]] = None
 
     def doRead(self) -> None:
+        batched = self.batched
+        if batched is not None:
+            batched()
+            return
         recv_into = self.socket.recvfrom_into
         buffer = self._buffer
         view = self._view
@@ -208,6 +229,7 @@ class RelayService(Service):
         reactor: Any = None,
         clock: Any = None,
         serve_at_start: bool = True,
+        batched_io: Optional[bool] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -233,6 +255,16 @@ class RelayService(Service):
         self._poll_timeout = relay.poll_timeout
         # (port) -> raw socket object, one dict per family, for sendto.
         self._sockets: Dict[int, Dict[int, socket.socket]] = {4: {}, 6: {}}
+        # The same, as descriptors, for the batched reader's sendmmsg.
+        self._fds: Dict[int, Dict[int, int]] = {4: {}, 6: {}}
+        if batched_io and _udpio is None:
+            raise RuntimeError("batched UDP I/O needs the _udpio C extension, which is not built: " + UDPIO_MISSING)
+        #: The C extension's batched reader/sender, or None (pure Python).
+        self.io: Any = None
+        #: Datagrams per recvmmsg/sendmmsg call when ``io`` is set.
+        self.io_batch = _udpio.BATCH if _udpio is not None else 1
+        if batched_io is not False and _udpio is not None:
+            self.io = _udpio.IO(self._now, self._pump, self._fds, self._transmit, self._send_failed, self._internal_error)
         self._ports: Dict[Tuple[int, int], Any] = {}
         self._closing: set[defer.Deferred[None]] = set()
         self._timer: Any = None
@@ -325,9 +357,20 @@ class RelayService(Service):
             )
             port.always_view = isinstance(protocol, _PeerProtocol)
             port.startListening()
+            if self.io is not None:
+                port.batched = self._batched_reader(port, protocol)
             return port
         finally:
             sock.close()  # the reactor has its own duplicate of the descriptor
+
+    def _batched_reader(self, port: Any, protocol: DatagramProtocol) -> Callable[[], int]:
+        read, fd, refused = self.io.read, port.fileno(), protocol.connectionRefused
+        if isinstance(protocol, _PeerProtocol):
+            number, family = protocol.port, protocol.family
+            # The entry point is looked up per read (not per datagram), so
+            # that replacing it on the service (tests do) takes effect.
+            return lambda: read(fd, self._handle_peer_traffic, number, family, True, refused)  # type: ignore[no-any-return]
+        return lambda: read(fd, self._handle_client_input, None, 0, False, refused)  # type: ignore[no-any-return]
 
     def _open_listener(self, family: int) -> None:
         try:
@@ -351,6 +394,7 @@ class RelayService(Service):
         self.listening[family] = port
         self._ports[(number, family)] = port
         self._sockets[family][number] = port.socket
+        self._fds[family][number] = port.fileno()
 
     def _open_port(self, port: int, family: int, dont_fragment: bool) -> bool:
         if (port, family) in self._ports:
@@ -363,11 +407,13 @@ class RelayService(Service):
             return False
         self._ports[(port, family)] = listening
         self._sockets[family][port] = listening.socket
+        self._fds[family][port] = listening.fileno()
         return True
 
     def _close(self, port: int, family: int) -> Optional["defer.Deferred[None]"]:
         listening = self._ports.pop((port, family), None)
         self._sockets[family].pop(port, None)
+        self._fds[family].pop(port, None)
         if listening is None:
             return None
         d = listening.stopListening()
@@ -517,7 +563,7 @@ class RelayService(Service):
 
     # --- errors ----------------------------------------------------------------
 
-    def _internal_error(self, where: str, exc: Exception) -> None:
+    def _internal_error(self, where: str, exc: BaseException) -> None:
         kind = "%s:%s" % (where, type(exc).__name__)
         self.errors[kind] += 1
         now = time.monotonic()
@@ -526,6 +572,9 @@ class RelayService(Service):
             self._error_logged[kind] = now
             log.failure(
                 "internal error handling {where} input (count {count}; logged at most once a minute per kind)",
+                # Built from the exception: the batched reader reports it
+                # after the fact, outside any ``except`` block.
+                failure=Failure(exc, type(exc), exc.__traceback__),
                 where=where,
                 count=self.errors[kind],
             )
