@@ -133,6 +133,9 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertUsageError(["--allow-peer", "10.0.0.0/33"], "--allow-peer: '10.0.0.0/33' is not a CIDR")
         self.assertUsageError(["--deny-peer", "nonsense"], "--deny-peer: 'nonsense' is not a CIDR")
         self.assertUsageError(["--log-format", "xml"], "--log-format must be human or json")
+        self.assertUsageError(["--udp-io", "fast"], "--udp-io must be auto, batched or python")
+        self.patch(tap, "_udpio_missing", lambda: "No module named '_udpio'")
+        self.assertUsageError(["--udp-io", "batched"], "needs the C extension firezone_relay.adapters._udpio")
         self.assertUsageError(["--health-check-addr", "8080"], "--health-check-addr: '8080' is not host:port")
         self.assertUsageError(["--health-check-addr", "localhost:80"], "with an IP address as host")
         self.assertUsageError(["--health-check-addr", "0.0.0.0:http"], "is not an integer")
@@ -460,6 +463,21 @@ class ProcessTests(unittest.TestCase):
         output = self.stop(proc)
         self.assertEqual(output.count("generated auth secret"), 1, output)
         self.assertIn("firezone-relay-credentials --secret", output)
+        # Which UDP I/O it runs is said once (batched in CI, where the extension is built).
+        if tap._udpio_missing():
+            self.assertEqual(output.count("UDP I/O: pure Python, slower: the C extension is not built"), 1, output)
+        else:
+            self.assertEqual(output.count("UDP I/O: batched (recvmmsg/sendmmsg"), 1, output)
+
+    def test_udp_io_python_and_batched(self) -> None:
+        proc, port = self.start(["--udp-io", "python"])
+        self.assertIsNotNone(binding_roundtrip(port, time.time() + 20))
+        self.assertIn("UDP I/O: pure Python (--udp-io python)", self.stop(proc))
+        if tap._udpio_missing():
+            raise unittest.SkipTest("the _udpio extension is not built: --udp-io batched must refuse to start")
+        proc, port = self.start(["--udp-io", "batched"])
+        self.assertIsNotNone(binding_roundtrip(port, time.time() + 20))
+        self.assertIn("UDP I/O: batched", self.stop(proc))
 
     def test_json_log_format(self) -> None:
         proc, port = self.start(["--log-format", "json"])

@@ -46,6 +46,9 @@ class RelayFixture:
     """Starts a relay (core + adapter) on loopback for a test case."""
 
     families: Sequence[int] = (4,)
+    #: RelayService(batched_io=...): None uses the C extension when built;
+    #: the PythonIO* classes at the end run the same tests with False.
+    batched_io: Optional[bool] = None
 
     def start_relay(
         self: Any,
@@ -78,6 +81,7 @@ class RelayFixture:
             bind_ip4="127.0.0.1" if 4 in families else None,
             bind_ip6="::1" if 6 in families else None,
             clock=clock,
+            batched_io=self.batched_io,
         )
         self.service.startService()
         self.addCleanup(self.service.stopService)
@@ -519,3 +523,31 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
         yield service.stopService()
         self.assertEqual(service.port_numbers(), [])
         self.assertIsNone(service._timer)
+
+
+# The same end-to-end tests on the pure-Python reader (``--udp-io python``);
+# the classes above use the C extension's batched reader whenever it is built.
+
+
+class PythonIOBindingTests(BindingTests):
+    batched_io = False
+
+
+class PythonIOFullExchangeIPv4Tests(FullExchangeIPv4Tests):
+    batched_io = False
+
+
+class PythonIOFullExchangeIPv6Tests(FullExchangeIPv6Tests):
+    batched_io = False
+
+
+class PythonIODualAllocationTests(DualAllocationTests):
+    batched_io = False
+
+
+class PythonIOHairpinTests(HairpinTests):
+    batched_io = False
+
+
+class PythonIORobustnessTests(RobustnessTests):
+    batched_io = False

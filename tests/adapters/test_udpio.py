@@ -1,0 +1,353 @@
+"""The batched UDP I/O extension (firezone_relay/adapters/_udpio.c) on real sockets.
+
+These call ``IO.read`` directly, with recording callables in place of the
+core and the shell, so every branch of the contract in the C file's header
+is driven by real datagrams on loopback.  The end-to-end tests in
+test_udp.py run the relay on it as well (and on the pure-Python reader).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from firezone_relay.adapters import udp
+from firezone_relay.adapters.udp import RelayService
+from tests.adapters.test_udp import _FakeRelay
+from tests.helpers import ipv6_available
+
+_udpio: Any = udp._udpio
+
+
+def _socket(family: int = socket.AF_INET) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    s.setblocking(False)
+    return s
+
+
+class BuiltTests(unittest.TestCase):
+    def test_extension_is_built_in_ci(self) -> None:
+        """CI builds the extension (scripts/test.sh); elsewhere its absence only skips."""
+        if _udpio is None:
+            if os.environ.get("CI") == "true":
+                self.fail("firezone_relay.adapters._udpio is not built in CI: %s" % udp.UDPIO_MISSING)
+            raise unittest.SkipTest("the _udpio extension is not built (python setup.py build_ext --inplace)")
+        self.assertEqual(_udpio.BATCH, 64)
+
+    def test_service_uses_it_by_default_and_on_request_only(self) -> None:
+        relay = _FakeRelay()
+        if _udpio is None:
+            self.assertRaises(RuntimeError, RelayService, relay, 0, batched_io=True, clock=task.Clock())
+            raise unittest.SkipTest("the _udpio extension is not built")
+        self.assertIsNotNone(RelayService(relay, 0, clock=task.Clock()).io)
+        self.assertIsNotNone(RelayService(relay, 0, batched_io=True, clock=task.Clock()).io)
+        self.assertIsNone(RelayService(relay, 0, batched_io=False, clock=task.Clock()).io)
+
+
+class Harness:
+    """An ``IO`` whose shell callables record what they are given."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.pumps = 0
+        self.fallback: List[Any] = []
+        self.send_errors: List[int] = []
+        self.errors: List[Tuple[str, BaseException]] = []
+        self.fds: Dict[int, Dict[int, int]] = {4: {}, 6: {}}
+        self.io = _udpio.IO(
+            lambda: now, self._pump, self.fds, self.fallback.append, self.send_errors.append,
+            lambda where, exc: self.errors.append((where, exc)),
+        )  # fmt: skip
+        self.refused = 0
+
+    def _pump(self) -> None:
+        self.pumps += 1
+
+    def _refused(self) -> None:
+        self.refused += 1
+
+    def read(self, sock: socket.socket, handler: Callable[..., Any], port: Optional[int] = None, family: int = 4,
+             always_view: bool = False) -> int:  # fmt: skip
+        return int(self.io.read(sock.fileno(), handler, port, family, always_view, self._refused))
+
+
+def _recv_all(sock: socket.socket, count: int, timeout: float = 2.0) -> List[Tuple[bytes, Any]]:
+    got: List[Tuple[bytes, Any]] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and time.monotonic() < deadline:
+        try:
+            got.append(sock.recvfrom(70000))
+        except BlockingIOError:
+            time.sleep(0.001)
+    return got
+
+
+def _settle() -> None:
+    time.sleep(0.02)  # loopback delivery is synchronous, but give the kernel a moment
+
+
+class ReadTests(unittest.TestCase):
+    def setUp(self) -> None:
+        if _udpio is None:
+            raise unittest.SkipTest("the _udpio extension is not built")
+        self.h = Harness()
+        self.listener = _socket()
+        self.client = _socket()
+        self.addCleanup(self.listener.close)
+        self.addCleanup(self.client.close)
+        self.dest = self.listener.getsockname()
+
+    def test_client_mode_arguments_and_types(self) -> None:
+        seen: List[Tuple[str, bytes, Any, float]] = []
+
+        def handler(data: Any, addr: Any, now: float) -> None:
+            seen.append((type(data).__name__, bytes(data), addr, now))
+
+        for d in (b"\x40\x00\x00\x01x", b"\x00\x01\x00\x00" + b"\x21\x12\xa4\x42" + b"t" * 12, b"", b"\x80zz", b"\x7f"):
+            self.client.sendto(d, self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, handler), 5)
+        me = self.client.getsockname()
+        self.assertEqual(
+            seen,
+            [
+                ("memoryview", b"\x40\x00\x00\x01x", me, 1000.0),  # ChannelData: a view
+                ("bytes", b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"t" * 12, me, 1000.0),  # STUN: bytes
+                ("bytes", b"", me, 1000.0),
+                ("bytes", b"\x80zz", me, 1000.0),
+                ("memoryview", b"\x7f", me, 1000.0),
+            ],
+        )
+        self.assertEqual(self.h.pumps, 1, "one pump per batch in which the core returned None")
+        self.assertEqual(self.h.errors, [])
+        # An empty socket: nothing read, no pump.
+        self.assertEqual(self.h.read(self.listener, handler), 0)
+        self.assertEqual(self.h.pumps, 1)
+
+    def test_peer_mode_arguments_and_views(self) -> None:
+        seen: List[Tuple[Any, ...]] = []
+
+        def handler(data: Any, addr: Any, port: int, family: int, now: float) -> None:
+            seen.append((type(data).__name__, bytes(data), addr, port, family, now))
+
+        self.client.sendto(b"\x00\x01stun-looking", self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, handler, port=50000, family=4, always_view=True), 1)
+        self.assertEqual(seen, [("memoryview", b"\x00\x01stun-looking", self.client.getsockname(), 50000, 4, 1000.0)])
+
+    def test_transmits_are_sent_from_the_right_socket_and_no_pump(self) -> None:
+        relay_out = _socket()
+        self.addCleanup(relay_out.close)
+        out_port = relay_out.getsockname()[1]
+        self.h.fds[4][out_port] = relay_out.fileno()
+        peer = _socket()
+        self.addCleanup(peer.close)
+        peer_addr = peer.getsockname()
+
+        def handler(data: Any, addr: Any, now: float) -> Any:
+            return (out_port, 4, peer_addr, data[4:])  # a slice of the view, as the core returns it
+
+        payloads = [b"\x40\x00\x00\x10" + bytes([i]) * (i + 1) for i in range(100)]
+        for d in payloads:
+            self.client.sendto(d, self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, handler), 100)  # more than one recvmmsg batch
+        got = _recv_all(peer, 100)
+        self.assertEqual([g[0] for g in got], [d[4:] for d in payloads])
+        self.assertEqual({g[1] for g in got}, {relay_out.getsockname()})
+        self.assertEqual(self.h.pumps, 0)
+        stats = self.h.io.stats()
+        self.assertEqual(stats["datagrams"], 100)
+        self.assertEqual(stats["sent"], 100)
+        self.assertLess(stats["send_calls"], 100)  # batched: sendmmsg carried several at once
+        self.assertEqual(self.h.fallback, [])
+
+    def test_everything_else_goes_to_the_fallback(self) -> None:
+        relay_out = _socket()
+        self.addCleanup(relay_out.close)
+        out_port = relay_out.getsockname()[1]
+        self.h.fds[4][out_port] = relay_out.fileno()
+        peer_addr = ("127.0.0.1", 9)
+        odd = [
+            (out_port, 4, ("127.0.0.1", 9, 1 << 20), b"x"),  # a stream client (ip, port, connection id)
+            (out_port + 1, 4, peer_addr, b"x"),  # no such socket
+            (out_port, 6, peer_addr, b"x"),  # no socket of that family
+            (out_port, 4, ("not an address", 9), b"x"),
+            (out_port, 4, ("127.0.0.1", 70000), b"x"),
+            (out_port, 4, peer_addr, "not a buffer"),
+            (out_port, 4, peer_addr),  # not a 4-tuple
+            [out_port, 4, peer_addr, b"x"],  # not a tuple
+        ]
+        replies = iter(odd)
+
+        def handler(data: Any, addr: Any, now: float) -> Any:
+            return next(replies)
+
+        for _ in odd:
+            self.client.sendto(b"\x40\x00\x00\x00", self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, handler), len(odd))
+        self.assertEqual(self.h.fallback, odd)
+        self.assertEqual(self.h.io.stats()["sent"], 0)
+
+    def test_send_errors_are_reported_and_the_rest_still_goes(self) -> None:
+        relay_out = _socket()
+        self.addCleanup(relay_out.close)
+        out_port = relay_out.getsockname()[1]
+        self.h.fds[4][out_port] = relay_out.fileno()
+        peer = _socket()
+        self.addCleanup(peer.close)
+        sizes = iter([10, 70000, 20, 70000, 30])
+
+        def handler(data: Any, addr: Any, now: float) -> Any:
+            return (out_port, 4, peer.getsockname(), b"p" * next(sizes))
+
+        for _ in range(5):
+            self.client.sendto(b"\x40\x00\x00\x00", self.dest)
+        _settle()
+        self.h.read(self.listener, handler)
+        self.assertEqual(self.h.send_errors, [errno.EMSGSIZE, errno.EMSGSIZE])
+        self.assertEqual([len(g[0]) for g in _recv_all(peer, 3)], [10, 20, 30])
+
+    def test_handler_exceptions_are_reported_and_the_batch_goes_on(self) -> None:
+        seen: List[bytes] = []
+
+        def handler(data: Any, addr: Any, now: float) -> None:
+            if bytes(data) == b"boom":
+                raise ZeroDivisionError("core bug")
+            seen.append(bytes(data))
+
+        for d in (b"a", b"boom", b"b", b"boom", b"c"):
+            self.client.sendto(d, self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, handler), 5)
+        self.assertEqual(seen, [b"a", b"b", b"c"])
+        self.assertEqual([(w, type(e)) for w, e in self.h.errors], [("client", ZeroDivisionError)] * 2)
+        self.assertIsNotNone(self.h.errors[0][1].__traceback__)
+        self.assertEqual(self.h.pumps, 1)
+
+    def test_pump_and_fallback_exceptions_are_reported(self) -> None:
+        def bad_pump() -> None:
+            raise KeyError("pump bug")
+
+        def bad_fallback(t: Any) -> None:
+            raise ValueError("send bug")
+
+        errors: List[Tuple[str, str]] = []
+        io = _udpio.IO(lambda: 0.0, bad_pump, {4: {}, 6: {}}, bad_fallback, lambda e: None,
+                       lambda where, exc: errors.append((where, type(exc).__name__)))  # fmt: skip
+        self.client.sendto(b"x", self.dest)
+        self.client.sendto(b"y", self.dest)
+        _settle()
+        replies = iter([None, (1, 4, ("127.0.0.1", 1, 2), b"z")])
+        io.read(self.listener.fileno(), lambda d, a, n: next(replies), None, 4, False, lambda: None)
+        self.assertEqual(errors, [("send", "ValueError"), ("pump", "KeyError")])
+
+    def test_nested_read_is_refused(self) -> None:
+        other = _socket()
+        self.addCleanup(other.close)
+
+        def handler(data: Any, addr: Any, now: float) -> None:
+            self.h.read(other, handler)
+
+        self.client.sendto(b"x", self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, handler), 1)
+        self.assertEqual([(w, type(e)) for w, e in self.h.errors], [("client", RuntimeError)])
+        # ... and the buffers are usable again afterwards.
+        self.client.sendto(b"y", self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, lambda d, a, n: None), 1)
+
+    def test_largest_datagram_arrives_whole(self) -> None:
+        seen: List[bytes] = []
+        big = bytes(range(256)) * 255 + b"\x01\x02"  # 65282 bytes
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.client.sendto(b"\x00" * 65507, self.dest)  # the largest IPv4 UDP payload
+        self.client.sendto(big, self.dest)
+        _settle()
+        self.h.read(self.listener, lambda d, a, n: seen.append(bytes(d)))
+        self.assertEqual([len(s) for s in seen], [65507, len(big)])
+        self.assertEqual(seen[1], big)
+
+    def test_many_senders_and_destinations_beyond_the_caches(self) -> None:
+        """40 sources and 40 destinations: more than the 16-entry address caches."""
+        senders = [_socket() for _ in range(40)]
+        peers = [_socket() for _ in range(40)]
+        for s in senders + peers:
+            self.addCleanup(s.close)
+        relay_out = _socket()
+        self.addCleanup(relay_out.close)
+        out_port = relay_out.getsockname()[1]
+        self.h.fds[4][out_port] = relay_out.fileno()
+        route = {s.getsockname(): p.getsockname() for s, p in zip(senders, peers)}
+        seen_addrs: List[Any] = []
+
+        def handler(data: Any, addr: Any, now: float) -> Any:
+            seen_addrs.append(addr)
+            # an equal but new tuple each time: the send cache must not rely on identity alone
+            ip, port = route[addr]
+            return (out_port, 4, (ip, port), bytes(data))
+
+        for rnd in range(3):
+            for i, s in enumerate(senders):
+                s.sendto(b"%d:%d" % (rnd, i), self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, handler), 120)
+        self.assertEqual(seen_addrs, [s.getsockname() for _ in range(3) for s in senders])
+        for i, p in enumerate(peers):
+            got = _recv_all(p, 3)
+            self.assertEqual([g[0] for g in got], [b"%d:%d" % (rnd, i) for rnd in range(3)])
+
+    def test_repeated_sender_gets_one_address_object(self) -> None:
+        addrs: List[Any] = []
+        for _ in range(3):
+            self.client.sendto(b"x", self.dest)
+        _settle()
+        self.h.read(self.listener, lambda d, a, n: addrs.append(a))
+        self.assertEqual(len(addrs), 3)
+        self.assertIs(addrs[0], addrs[1])
+        self.assertIs(addrs[1], addrs[2])
+
+    def test_icmp_refusal_is_reported(self) -> None:
+        closed = _socket()
+        gone = closed.getsockname()
+        closed.close()
+        self.listener.connect(gone)  # a connected UDP socket reports ICMP port unreachable
+        self.listener.send(b"x")
+        _settle()
+        self.h.read(self.listener, lambda d, a, n: None)
+        self.assertEqual(self.h.refused, 1)
+
+    def test_ipv6(self) -> None:
+        if not ipv6_available():
+            raise unittest.SkipTest("IPv6 loopback (::1) is not available")
+        listener, client, out, peer = (_socket(socket.AF_INET6) for _ in range(4))
+        for s in (listener, client, out, peer):
+            self.addCleanup(s.close)
+        self.h.fds[6][out.getsockname()[1]] = out.fileno()
+        seen: List[Any] = []
+
+        def handler(data: Any, addr: Any, now: float) -> Any:
+            seen.append(addr)
+            return (out.getsockname()[1], 6, peer.getsockname()[:2], bytes(data))
+
+        client.sendto(b"\x40\x00\x00\x02hi", listener.getsockname())
+        _settle()
+        self.h.read(listener, handler)
+        self.assertEqual(seen, [client.getsockname()[:2]])
+        got = _recv_all(peer, 1)
+        self.assertEqual(got[0][0], b"\x40\x00\x00\x02hi")
+        self.assertEqual(got[0][1][:2], out.getsockname()[:2])
+
+    def test_bad_arguments(self) -> None:
+        self.assertRaises(TypeError, self.h.io.read, 1, 2)
+        self.assertRaises(ValueError, self.h.io.read, -1, None, None, 4, False, None)
+        self.assertRaises(TypeError, _udpio.IO, 1, 2, "not a dict", 4, 5, 6)
+        self.assertRaises(OSError, self.h.io.read, 10**6, lambda d, a, n: None, None, 4, False, lambda: None)
