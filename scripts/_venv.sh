@@ -19,3 +19,20 @@ ensure_venv() {
         fi
     fi
 }
+
+# Build the optional C extension (firezone_relay/adapters/_udpio.c) next to
+# the sources: trial, twistd started from the checkout and the benchmarks
+# import this tree, not the installed copy.  Python.h comes with pyenv and
+# python.org builds; Debian's own python3 needs python3-dev.  Returns 1 when
+# it cannot be built (the relay then falls back to pure-Python UDP I/O).
+build_extension() {
+    local include
+    include=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    if [ ! -f "$include/Python.h" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "Python.h not found: installing Debian's python3-dev" >&2
+        apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-dev gcc
+    fi
+    .venv/bin/python -c 'import setuptools' 2>/dev/null \
+        || .venv/bin/python -m pip install --quiet --disable-pip-version-check setuptools || return 1
+    .venv/bin/python setup.py --quiet build_ext --inplace || return 1
+}

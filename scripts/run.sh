@@ -7,4 +7,7 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 ensure_venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check .
+# twistd imports this checkout (the current directory), so the optional C
+# extension is built here too; without it the relay says so and runs slower.
+build_extension || echo "could not build the _udpio C extension: pure-Python UDP I/O" >&2
 exec .venv/bin/twistd -n --pidfile= firezone-relay "$@"

@@ -48,6 +48,9 @@ fi
 ensure_venv || exit 1
 # Regular install, not editable: an editable install hides the twistd plugin.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check '.[test]' || exit 1
+# In CI the extension must build (tests/adapters/test_udpio.py also fails
+# there without it); elsewhere the pure-Python path is tested alone.
+build_extension || { echo "could not build the _udpio C extension" >&2; [ "${CI:-}" = true ] && exit 1; }
 
 status=0
 echo "== mypy --strict firezone_relay/core"
