@@ -560,6 +560,8 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
     rows: List[Dict[str, Any]] = []
     commands: List[str] = []
     servers = [Server("ours", 20000, 20999), Server("coturn", 21000, 21999)]
+    if args.python_io:
+        servers.insert(1, Server("ours-python", 22000, 22999))
     targets: Dict[str, Target] = {}
     wait_budget = args.quiet_wait_total
     try:
@@ -704,13 +706,18 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
             r["server_cores"], r["client_cores"], r["other_cores"],
             " (%d noisy)" % r["noisy"] if r["noisy"] else ""))  # fmt: skip
     out.append("")
-    out.append("| payload | ours/coturn round trips/s | ours/coturn CPU per packet |")
-    out.append("|---:|---:|---:|")
+    out.append("`ours` reads and sends with the C extension (`--udp-io batched`: recvmmsg/sendmmsg, every datagram "
+               "still through the Python core); `ours-python` is the same relay with `--udp-io python`.")
+    out.append("")
+    out.append("| server | payload | /coturn round trips/s | /coturn CPU per packet |")
+    out.append("|---|---:|---:|---:|")
     by = {(r["server"], r["size"]): r for r in rows}
-    for size in args.sizes:
-        o, c = by.get(("ours", size)), by.get(("coturn", size))
-        if o and c:
-            out.append("| %d B | **%.2f×** | %.2f× |" % (size, o["rt_per_s"] / c["rt_per_s"], o["cpu_us_per_pkt"] / c["cpu_us_per_pkt"]))
+    for kind in ("ours", "ours-python"):
+        for size in args.sizes:
+            o, c = by.get((kind, size)), by.get(("coturn", size))
+            if o and c:
+                out.append("| %s | %d B | **%.2f×** | %.2f× |" % (
+                    kind, size, o["rt_per_s"] / c["rt_per_s"], o["cpu_us_per_pkt"] / c["cpu_us_per_pkt"]))  # fmt: skip
     out.append("")
     if uc:
         out.append("Many clients: `%s` (u/w: each server's credentials) against `turnutils_peer`:" % uc[0]["argv"].split(" -u ")[0])
@@ -768,6 +775,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--uclient-length", type=int, default=100)
     p.add_argument("--uclient-timeout", type=float, default=120.0)
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--python-io", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure our relay with --udp-io python (pure-Python UDP I/O)")
     args = p.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
