@@ -126,3 +126,6 @@ class PluginTests(unittest.SynchronousTestCase):
 
         names = {plugin.tapname for plugin in getPlugins(IServiceMaker)}
         self.assertIn("firezone-relay", names)
+        # `pip install .` compiled the batched UDP I/O extension (setup.py).
+        built = [p for d in installed for p in (d / "firezone_relay" / "adapters").glob("_udpio*.so")]
+        self.assertTrue(built, "pip install did not build firezone_relay.adapters._udpio")
