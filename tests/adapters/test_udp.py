@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.error import CannotListenError
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from firezone_relay.adapters.udp import RelayService
@@ -523,6 +524,27 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
         yield service.stopService()
         self.assertEqual(service.port_numbers(), [])
         self.assertIsNone(service._timer)
+
+    @defer.inlineCallbacks
+    def test_no_twisted_port_lines_per_allocation(self) -> Any:
+        """Twisted's "starting on N" / "(UDP Port N Closed)" are not logged for our ports."""
+        events: List[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        service = self.start_relay()
+        client = self.client()
+        _, response = yield client.allocate(SECRET, self.expiry())
+        self.assertEqual(response.msg_class, stun.SUCCESS, response)
+        ours = [p for p, _ in service.port_numbers()]
+        response = yield client.request(stun.REFRESH, [(stun.LIFETIME, 0)])
+        self.assertEqual(response.msg_class, stun.SUCCESS, response)
+        yield sleep(0.05)  # the port closes on the next reactor turn
+        yield service.stopService()
+        texts = [formatEvent(e) or "" for e in events]
+        self.assertTrue([t for t in texts if t.startswith("allocation created")], texts)
+        self.assertTrue([t for t in texts if t.startswith("allocation deleted")], texts)
+        port_lines = [t for t in texts for p in ours if t.endswith("starting on %d" % p) or "UDP Port %d Closed" % p in t]
+        self.assertEqual(port_lines, [])
 
 
 # The same end-to-end tests on the pure-Python reader (``--udp-io python``);
