@@ -19,7 +19,15 @@ reported to the core, not crash), then hand it to the reactor with
 ``adoptDatagramPort(..., maxPacketSize=65535)`` (the default of 8192 would
 silently truncate) and close our copy (the reactor dups the descriptor).
 
-The per-packet path sends with the raw socket's ``sendto``: Twisted's
+Two readers serve the per-packet path, with the same contract.  When the C
+extension ``_udpio`` is built (setup.py; ``--udp-io``), each readiness event
+becomes one ``recvmmsg`` of up to 64 datagrams, the core's entry point is
+called for each, the Transmits it returns leave in one ``sendmmsg`` per
+socket, and the pump runs once per batch if any call returned None (steps
+1-4 above, per batch instead of per datagram).  Otherwise the pure-Python
+reader below does the same one datagram at a time.
+
+The pure-Python path sends with the raw socket's ``sendto``: Twisted's
 ``Port.write`` re-validates the address on every call.  Send errors are
 counted by reason in ``RelayService.drops`` and the datagram dropped; nothing
 raised by the core or a socket escapes ``datagramReceived`` (a core bug must
