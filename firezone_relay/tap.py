@@ -562,6 +562,7 @@ def makeService(options: Options) -> "MultiService":
     readiness = Readiness(relay, portal_required=bool(options["token"]))
     registry, collector = make_registry(relay, readiness)
     collector.add_drop_source(udp.drops)
+    collector.udp = udp
     collector.fast_path = xdp
     _add_stream(options, top, udp, registry, collector)
     if not options["token"]:

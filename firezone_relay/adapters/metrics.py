@@ -60,6 +60,9 @@ class RelayCollector(Collector):
         #: The XDP fast path (``XdpService``: ``counters()`` -> ``XdpCounters``
         #: or None while it is off), read at scrape time like the core.
         self.fast_path: Any = None
+        #: The UDP shell (``RelayService``): its ``io`` is the batched reader
+        #: (``stats()`` -> counters) or None for the pure-Python one.
+        self.udp: Any = None
 
     def add_drop_source(self, drops: Mapping[str, int]) -> None:
         self._drop_sources.append(drops)
@@ -213,6 +216,24 @@ class RelayCollector(Collector):
         for reason, count in sorted(stats.auth_failures.items()):
             failures.add_metric([reason], count)
         yield failures
+
+        if self.udp is not None:
+            io = self.udp.io
+            yield GaugeMetricFamily(
+                "relay_udp_batched_io",
+                "1 when UDP datagrams are read and sent in batches (recvmmsg/sendmmsg, the _udpio extension), "
+                "0 with the pure-Python reader.",
+                value=int(io is not None),
+            )
+            if io is not None:
+                counts = io.stats()
+                for name, key, text in (
+                    ("relay_udp_read_batches_total", "batches", "recvmmsg calls that returned datagrams."),
+                    ("relay_udp_read_datagrams_total", "datagrams", "Datagrams read by recvmmsg."),
+                    ("relay_udp_send_batches_total", "send_calls", "sendmmsg calls."),
+                    ("relay_udp_sent_datagrams_total", "sent", "Datagrams sent by sendmmsg."),
+                ):
+                    yield CounterMetricFamily(name, text, value=counts[key])
 
         ready, draining, portal_connected = self._flags()
         yield GaugeMetricFamily(

@@ -446,6 +446,24 @@ class MakeServiceTests(HttpFixture, unittest.TestCase):
         self.assertEqual(value(s, "relay_dropped_packets_total", reason="send_enobufs"), 2)
         self.assertEqual(value(s, "relay_port_range_size"), 8)
         self.assertEqual(value(s, "relay_ready"), 1)
+        # The UDP reader in use, and (batched) what it read: exactly our datagrams.
+        udp = top.getServiceNamed("udp")
+        self.assertEqual(value(s, "relay_udp_batched_io"), int(udp.io is not None))
+        if udp.io is not None:
+            self.assertEqual(value(s, "relay_udp_read_datagrams_total"), 0)
+            from tests.helpers import TurnClient, listen
+
+            client = TurnClient(("127.0.0.1", listen_port))
+            port = listen(client)
+            self.addCleanup(port.stopListening)
+            for _ in range(3):
+                response = yield client.request(stun.BINDING, signed=False)
+                self.assertEqual(response.msg_class, stun.SUCCESS)
+            s = yield self.scrape()
+            self.assertEqual(value(s, "relay_udp_read_datagrams_total"), 3)
+            self.assertGreaterEqual(value(s, "relay_udp_read_batches_total"), 1)
+            self.assertLessEqual(value(s, "relay_udp_read_batches_total"), 3)
+            self.assertEqual(value(s, "relay_udp_sent_datagrams_total"), 0)  # replies leave through the pump
 
 
 # --- the real process --------------------------------------------------------
