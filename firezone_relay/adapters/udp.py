@@ -154,9 +154,15 @@ class _PeerProtocol(DatagramProtocol):
 _READ_BATCH = 64
 _READ_IGNORE = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
+# The pure-Python reader's one buffer, shared by every port: the reactor
+# reads one socket at a time and a view of it lives only during the call.
+# (One 64 KiB buffer per port cost 64 KiB of RSS per allocation.)
+_BUFFER = bytearray(MAX_DATAGRAM)
+_VIEW = memoryview(_BUFFER)
+
 
 class _FastPort(udp.Port):  # type: ignore[misc]
-    """A UDP port that reads into one preallocated buffer.
+    """A UDP port that reads into one preallocated, shared buffer.
 
     Twisted's ``doRead`` calls ``recvfrom(65535)`` for every datagram,
     allocating (and shrinking) a 64 KiB object each time.  This one uses
@@ -174,8 +180,6 @@ class _FastPort(udp.Port):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._buffer = bytearray(MAX_DATAGRAM)
-        self._view = memoryview(self._buffer)
         #: True for allocation ports: every datagram is peer data.
         self.always_view = False
         #: ``() -> int``: the batched read, or None for the Python loop below.
@@ -214,8 +218,8 @@ class _FastPort(udp.Port):  # type: ignore[misc]
             batched()
             return
         recv_into = self.socket.recvfrom_into
-        buffer = self._buffer
-        view = self._view
+        buffer = _BUFFER
+        view = _VIEW
         received = self.protocol.datagramReceived
         always_view = self.always_view
         v6 = self.addressFamily == socket.AF_INET6
