@@ -570,29 +570,15 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
 # the classes above use the C extension's batched reader whenever it is built.
 
 
-class PythonIOBindingTests(BindingTests):
-    batched_io = False
-
-
-class PythonIOFullExchangeIPv4Tests(FullExchangeIPv4Tests):
-    batched_io = False
-
-
-class PythonIOFullExchangeIPv6Tests(FullExchangeIPv6Tests):
-    batched_io = False
-
-
-class PythonIODualAllocationTests(DualAllocationTests):
-    batched_io = False
-
-
-class PythonIOHairpinTests(HairpinTests):
-    batched_io = False
-
-
-class PythonIORobustnessTests(RobustnessTests):
-    batched_io = False
-
-
-class PythonIOPortTests(PortTests):
-    batched_io = False
+for _case in (
+    BindingTests,
+    FullExchangeIPv4Tests,
+    FullExchangeIPv6Tests,
+    DualAllocationTests,
+    HairpinTests,
+    RobustnessTests,
+    PortTests,
+):
+    _name = "PythonIO" + _case.__name__
+    globals()[_name] = type(_name, (_case,), {"batched_io": False, "__module__": __name__})
+del _case, _name

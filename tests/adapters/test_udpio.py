@@ -103,6 +103,14 @@ class ReadTests(unittest.TestCase):
         self.addCleanup(self.client.close)
         self.dest = self.listener.getsockname()
 
+    def relay_socket(self) -> Tuple[socket.socket, int]:
+        """A socket the IO may send from: (socket, its port), registered in ``fds``."""
+        s = _socket()
+        self.addCleanup(s.close)
+        port = s.getsockname()[1]
+        self.h.fds[4][port] = s.fileno()
+        return s, port
+
     def test_client_mode_arguments_and_types(self) -> None:
         seen: List[Tuple[str, bytes, Any, float]] = []
 
@@ -142,10 +150,7 @@ class ReadTests(unittest.TestCase):
         self.assertEqual(seen, [("memoryview", b"\x00\x01stun-looking", self.client.getsockname(), 50000, 4, 1000.0)])
 
     def test_transmits_are_sent_from_the_right_socket_and_no_pump(self) -> None:
-        relay_out = _socket()
-        self.addCleanup(relay_out.close)
-        out_port = relay_out.getsockname()[1]
-        self.h.fds[4][out_port] = relay_out.fileno()
+        relay_out, out_port = self.relay_socket()
         peer = _socket()
         self.addCleanup(peer.close)
         peer_addr = peer.getsockname()
@@ -169,10 +174,7 @@ class ReadTests(unittest.TestCase):
         self.assertEqual(self.h.fallback, [])
 
     def test_everything_else_goes_to_the_fallback(self) -> None:
-        relay_out = _socket()
-        self.addCleanup(relay_out.close)
-        out_port = relay_out.getsockname()[1]
-        self.h.fds[4][out_port] = relay_out.fileno()
+        relay_out, out_port = self.relay_socket()
         peer_addr = ("127.0.0.1", 9)
         odd = [
             (out_port, 4, ("127.0.0.1", 9, 1 << 20), b"x"),  # a stream client (ip, port, connection id)
@@ -197,10 +199,7 @@ class ReadTests(unittest.TestCase):
         self.assertEqual(self.h.io.stats()["sent"], 0)
 
     def test_send_errors_are_reported_and_the_rest_still_goes(self) -> None:
-        relay_out = _socket()
-        self.addCleanup(relay_out.close)
-        out_port = relay_out.getsockname()[1]
-        self.h.fds[4][out_port] = relay_out.fileno()
+        relay_out, out_port = self.relay_socket()
         peer = _socket()
         self.addCleanup(peer.close)
         sizes = iter([10, 70000, 20, 70000, 30])
@@ -282,10 +281,7 @@ class ReadTests(unittest.TestCase):
         peers = [_socket() for _ in range(40)]
         for s in senders + peers:
             self.addCleanup(s.close)
-        relay_out = _socket()
-        self.addCleanup(relay_out.close)
-        out_port = relay_out.getsockname()[1]
-        self.h.fds[4][out_port] = relay_out.fileno()
+        relay_out, out_port = self.relay_socket()
         route = {s.getsockname(): p.getsockname() for s, p in zip(senders, peers)}
         seen_addrs: List[Any] = []
 
