@@ -271,6 +271,7 @@ class StreamProtocol(Protocol):
         now = service.now()
         handle = service.handle_client_input
         client = self.client
+        sockets = service.udp._sockets
         while end - offset >= 4:
             try:
                 size = frame_length(buffer, offset)
@@ -286,8 +287,15 @@ class StreamProtocol(Protocol):
             try:
                 t = handle(frame, client, now)
                 if t is not None:
-                    service.transmit(t)
-                if frame[0] < 0x40:  # STUN: replies wait in the core's command queue
+                    # As the UDP shell's per-packet path: a 3-tuple (another
+                    # stream client) makes sendto raise; see "Routing".
+                    try:
+                        sockets[t[1]][t[0]].sendto(t[3], t[2])
+                    except OSError as exc:
+                        service.udp._send_failed(exc)
+                    except (TypeError, OverflowError, KeyError):
+                        service.transmit(t)
+                elif frame[0] < 0x40:  # STUN: replies wait in the core's command queue
                     service.pump()
             except Exception as exc:  # a core bug must not take the connection down
                 service.internal_error(exc)
