@@ -21,14 +21,15 @@ frame the UDP shell's pump drains the replies.
 Output: replies and ChannelData for a 3-tuple arrive here through
 ``StreamService.send`` (the UDP shell routes them; see below) and are written
 to that connection.  ChannelData towards stream clients is already padded by
-the core.  On TCP what one reactor turn produces for a connection leaves in
-one ``send`` at the start of the next turn (a call at 0 s, before the poll),
-straight on the socket when Twisted's buffer is empty (TLS: one record,
-handed to the TCP transport, which is told to write at once).  Each connection registers itself as a streaming producer of its
-transport, so Twisted tells it when the transport's buffer is full; past
-that point it counts what it is asked to write, and once that exceeds
-``StreamLimits.write_buffer`` the connection is aborted: a client that does
-not read costs one connection, and the relay never buffers without bound.
+the core.  What one reactor turn produces for a connection leaves in one
+``send`` at the start of the next turn (a call at 0 s, before the poll),
+straight on the socket when Twisted's buffer is empty (TLS: encrypted as
+one record per 16 KiB first).  Each connection registers itself as a
+streaming producer of its TCP transport, so Twisted tells it when the
+transport's buffer is full; past that point it counts what it is asked to
+write, and once that exceeds ``StreamLimits.write_buffer`` the connection
+is aborted: a client that does not read costs one connection, and the
+relay never buffers without bound.
 
 Routing: connection ids are drawn from ``[2**20, 2**32)``.  A raw UDP
 ``sendto`` refuses such a 3-tuple (``TypeError`` on an IPv4 socket,
@@ -51,6 +52,12 @@ Limits at accept time: ``max_connections`` in total and
 byte is read.  TLS: 1.2 or newer, ECDHE with AES-GCM or ChaCha20-Poly1305
 only; ``TLSContext.reload`` (on SIGHUP) swaps the certificate for new
 connections while established ones carry on with the old one.
+
+TLS runs inside the connection (``TLSStreamProtocol``: an OpenSSL
+connection on memory BIOs, fed by ``dataReceived`` and drained into the
+same direct send as TCP) rather than in Twisted's ``TLSMemoryBIOProtocol``,
+whose wrapper protocol and buffered second transport cost, per round trip,
+a few Python layers and an epoll_ctl pair (issue #9).
 """
 
 from __future__ import annotations
@@ -67,10 +74,9 @@ from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator, IPushProducer
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from firezone_relay.core.framing import FramingError, frame_length
@@ -188,9 +194,9 @@ def _describe(exc: BaseException) -> str:
 # --- one connection ----------------------------------------------------------------
 
 
-@implementer(IPushProducer, IHandshakeListener)
+@implementer(IPushProducer)
 class StreamProtocol(Protocol):
-    """One TCP or TLS connection of one TURN client."""
+    """One TCP connection of one TURN client (``TLSStreamProtocol``: TLS)."""
 
     def __init__(self, service: "StreamService", transport_name: str, ip: str, port: int, connection_id: int) -> None:
         self.service = service
@@ -201,7 +207,7 @@ class StreamProtocol(Protocol):
         #: Why the relay closed it; None when the client did.
         self.close_reason: Optional[str] = None
         self.has_allocation = False
-        self.handshaken = transport_name == TCP
+        self.handshaken = True
         self.last_frame = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -210,9 +216,9 @@ class StreamProtocol(Protocol):
         self._backlog = 0
         self._idle_call: Any = None
         self._handshake_call: Any = None
-        #: TCP only: the socket, for a direct send when Twisted buffers nothing.
-        #: What was written during this reactor turn (see flush).
+        #: The socket, for a direct send when Twisted buffers nothing.
         self._socket: Optional[socket.socket] = None
+        #: What was written during this reactor turn (see flush).
         self._pending: Optional[list[bytes]] = None
         self._pending_bytes = 0
 
@@ -225,20 +231,12 @@ class StreamProtocol(Protocol):
         transport = self.transport
         assert transport is not None
         transport.registerProducer(self, True)
-        if self.transport_name == TCP:
-            self._socket = getattr(transport, "socket", None)
-        # TLSMemoryBIOProtocol forwards these to the TCP transport.
+        self._socket = getattr(transport, "socket", None)
         transport.setTcpNoDelay(True)
         transport.setTcpKeepAlive(True)
         if not self.handshaken:
             self._handshake_call = clock.callLater(service.limits.handshake_timeout, self._handshake_timed_out)
         self._idle_call = clock.callLater(service.limits.idle_timeout, self._idle_check)
-
-    def handshakeCompleted(self) -> None:
-        self.handshaken = True
-        call, self._handshake_call = self._handshake_call, None
-        if call is not None and call.active():
-            call.cancel()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.closed = True
@@ -333,23 +331,16 @@ class StreamProtocol(Protocol):
         pending, self._pending = self._pending, None
         if not pending or self.closed:
             return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _write(self, data: bytes) -> None:
+        """Bytes for the wire, straight on the socket when Twisted holds
+        nothing: a loop iteration and two epoll_ctl calls less than
+        ``transport.write``.  What the kernel does not take goes through
+        Twisted's buffer, so order and the write-buffer bound are kept."""
         transport: Any = self.transport
         sock = self._socket
-        if sock is None:
-            # TLS: encrypt into the TCP transport's buffer, then let it send
-            # now (IWriteDescriptor.doWrite; it keeps what the kernel refuses
-            # and stops writing once empty) rather than on the next turn.
-            transport.write(data)
-            tcp = transport.transport
-            if not tcp.disconnecting:
-                tcp.doWrite()
-            return
-        if not transport._tempDataLen and not transport.dataBuffer:
-            # Twisted holds nothing: send now rather than on the reactor's
-            # next turn (a loop iteration and two epoll_ctl calls less).
-            # What the kernel does not take goes through Twisted's buffer, so
-            # order and the write-buffer bound are kept.
+        if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
             try:
                 sent = sock.send(data)
             except OSError:
@@ -401,11 +392,126 @@ class StreamProtocol(Protocol):
             self._idle_check()
 
 
-class _TLSFactory(TLSMemoryBIOFactory):
-    """TLS without Twisted's small-write aggregation (``BufferingTLSTransport``):
-    ``StreamProtocol.flush`` already writes once per reactor turn."""
+#: Plaintext read per ``SSL_read``: one record holds at most 2**14 bytes.
+_TLS_READ = 1 << 14
+#: Plaintext per ``SSL_write``: one record (the context allows partial writes).
+_TLS_WRITE = 1 << 14
 
-    protocol = TLSMemoryBIOProtocol
+
+class TLSStreamProtocol(StreamProtocol):
+    """One TLS connection: ``StreamProtocol`` with an ``SSL.Connection`` on
+    memory BIOs in between, on the TCP transport itself.
+
+    Twisted's ``TLSMemoryBIOProtocol`` would do the same through a wrapper
+    protocol, a second transport and the TCP transport's buffer (an
+    epoll_ctl pair per record); here a read is one ``bio_write`` and the
+    ``recv`` calls, and a flush is one ``send`` per record and one
+    ``bio_read``, sent like TCP.  The handshake is driven by the client's
+    bytes; a TLS error or the client's close_notify ends the connection
+    (counted as closed by the client, as before).
+    """
+
+    def __init__(self, service: "StreamService", transport_name: str, ip: str, port: int, connection_id: int) -> None:
+        super().__init__(service, transport_name, ip, port, connection_id)
+        self.handshaken = False
+        self._tls: Any = None
+
+    def connectionMade(self) -> None:
+        tls_context = self.service.tls
+        assert tls_context is not None
+        self._tls = tls_context.serverConnectionForTLS(self)
+        self._tls.set_accept_state()
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._tls = None
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        tls = self._tls
+        if self.closed or tls is None:
+            return
+        tls.bio_write(data)
+        if not self.handshaken:
+            try:
+                tls.do_handshake()
+            except SSL.WantReadError:
+                self._send_tls_output()
+                return
+            except SSL.Error:
+                self._tls_ended()
+                return
+            self.handshaken = True
+            call, self._handshake_call = self._handshake_call, None
+            if call is not None and call.active():
+                call.cancel()
+            self._send_tls_output()  # the server's last flight (and TLS 1.3 tickets)
+        # Each record's data is handled as soon as it is decrypted: the
+        # ChannelData it carries leaves before the next recv, which usually
+        # only finds the BIO empty.
+        delivered = False
+        while True:
+            try:
+                data = tls.recv(_TLS_READ)
+            except SSL.WantReadError:
+                break
+            except SSL.Error:  # ZeroReturnError (close_notify) included
+                if not self.closed:
+                    self._tls_ended()
+                return
+            delivered = True
+            StreamProtocol.dataReceived(self, data)
+            if self.closed:
+                return
+        if not delivered:
+            # Records without application data (alerts, key updates): their
+            # answer, if any, leaves now.  Otherwise it leaves with the next
+            # record, ahead of it: the BIO is a FIFO.
+            self._send_tls_output()
+
+    def _tls_ended(self) -> None:
+        """The client closed TLS or broke it: answer (close_notify or the
+        alert OpenSSL wrote), then close once that is sent."""
+        self.closed = True
+        tls = self._tls
+        try:
+            tls.shutdown()
+        except SSL.Error:
+            pass
+        self._send_tls_output()
+        transport: Any = self.transport
+        transport.loseConnection()
+
+    def _write(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None:
+            return
+        try:
+            if len(data) <= _TLS_WRITE:
+                tls.send(data)
+            else:
+                view = memoryview(data)
+                while view:
+                    view = view[tls.send(view[:_TLS_WRITE]) :]
+        except SSL.Error:
+            self._tls_ended()
+            return
+        self._send_tls_output(len(data) + 1024)
+
+    def _send_tls_output(self, size: int = 1 << 15) -> None:
+        """Send what OpenSSL wrote into its outgoing BIO, in one send."""
+        tls = self._tls
+        chunks = []
+        while True:
+            try:
+                chunk = tls.bio_read(size)
+            except SSL.WantReadError:
+                break
+            chunks.append(chunk)
+            if len(chunk) < size:
+                break  # the BIO is empty: no call that raises
+        if chunks:
+            StreamProtocol._write(self, chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
 
 class _StreamFactory(Factory):
@@ -551,9 +657,7 @@ class StreamService(Service):
         except OSError as exc:
             sock.close()
             raise CannotListenError(ip, port, exc) from exc
-        factory: Any = _StreamFactory(self, transport_name)
-        if transport_name == TLS:
-            factory = _TLSFactory(self.tls, False, factory, clock=self.reactor)  # type: ignore[arg-type]
+        factory = _StreamFactory(self, transport_name)
         try:
             listening = self.reactor.adoptStreamPort(sock.fileno(), _AF[family], factory)
         finally:
@@ -596,7 +700,9 @@ class StreamService(Service):
             self._log_limited(reason, "stream connection from {ip} refused: {reason}", ip=ip, reason=reason)
             return None
         connection_id = self._new_id()
-        conn = StreamProtocol(self, transport_name, ip, port, connection_id)
+        conn = (TLSStreamProtocol if transport_name == TLS else StreamProtocol)(
+            self, transport_name, ip, port, connection_id
+        )
         self.connections[connection_id] = conn
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         self.accepted[transport_name] += 1
@@ -825,5 +931,6 @@ __all__ = [
     "StreamProtocol",
     "StreamService",
     "TLSContext",
+    "TLSStreamProtocol",
     "make_tls_context",
 ]

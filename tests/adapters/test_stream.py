@@ -552,6 +552,56 @@ class TlsTests(StreamFixture, unittest.TestCase):
         yield self.allocate(client)
         self.assertEqual(self.stream.allocations["tls"], 1)
 
+    @defer.inlineCallbacks
+    def test_a_burst_of_several_records_arrives_whole_and_in_order(self) -> Any:
+        # What one reactor turn produces leaves in one flush; past 16 KiB that
+        # is several TLS records, all in one send.
+        self.start(tls=True)
+        client = yield self.connect(tls=True)
+        relayed = yield self.allocate(client)
+        peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer_sock.close)
+        peer_sock.bind(("127.0.0.1", 0))
+        response = yield client.request(
+            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4003), (stun.XOR_PEER_ADDRESS, peer_sock.getsockname())]
+        )
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        payloads = [bytes([i]) * (1197 + i % 4) for i in range(60)]  # ~70 KiB
+        for payload in payloads:
+            peer_sock.sendto(payload, ("127.0.0.1", relayed[1]))
+        for payload in payloads:
+            frame = yield client.next_other()
+            self.assertEqual(frame, b"\x40\x03" + len(payload).to_bytes(2, "big") + payload + b"\0" * (-len(payload) % 4))
+
+    @defer.inlineCallbacks
+    def test_a_tls_client_that_never_reads_is_disconnected(self) -> Any:
+        self.start(tls=True, limits=StreamLimits(write_buffer=64 * 1024))
+        slow = yield self.connect(tls=True)
+        relayed = yield self.allocate(slow)
+        peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(peer_sock.close)
+        peer_sock.bind(("127.0.0.1", 0))
+        response = yield slow.request(
+            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4002), (stun.XOR_PEER_ADDRESS, peer_sock.getsockname())]
+        )
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        tcp = slow.transport.transport  # under the client's TLS layer
+        tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        (conn,) = self.stream.connections.values()
+        conn.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        tcp.pauseProducing()
+        sent = 0
+        while not self.stream.closed[("tls", "write_buffer")] and sent < 5000:
+            for _ in range(50):
+                peer_sock.sendto(b"z" * 1200, ("127.0.0.1", relayed[1]))
+                sent += 1
+            yield sleep(0.001)
+        self.assertEqual(self.stream.closed[("tls", "write_buffer")], 1)
+        self.assertLessEqual(conn.bytes_out, 3 * 64 * 1024)
+        tcp.resumeProducing()
+        yield slow.lost
+        yield self.wait_until(lambda: self.relay.allocation_count == 0)
+
     def handshake(self, **context_options: Any) -> Tuple[str, str]:
         """A blocking stdlib TLS client: ``(version, cipher)``."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
