@@ -274,11 +274,12 @@ class StreamClient:
 # --- 1. closed loop ------------------------------------------------------------------
 
 
-def closed_loop(server: Server, tls: bool, size: int, inflight: int, warmup: float, measure: float) -> Dict[str, Any]:
+def closed_loop(
+    server: Server, tls: bool, size: int, inflight: int, warmup: float, measure: float, avoid: Tuple[int, int] = (0, -1)
+) -> Dict[str, Any]:
     client = StreamClient(server, tls)
     relayed = client.allocate()
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind(("127.0.0.1", 0))
+    peer = echo_peer(avoid)
     client.channel_bind(peer.getsockname())
     peer.setblocking(False)
     sock = client.sock
@@ -335,6 +336,21 @@ def closed_loop(server: Server, tls: bool, size: int, inflight: int, warmup: flo
     sock.close()
     peer.close()
     return {"rt_per_s": trips / elapsed, "server_cpu_us_per_rt": cpu / 1000.0 / max(trips, 1), "trips": trips}
+
+
+def echo_peer(avoid: Tuple[int, int]) -> socket.socket:
+    """A UDP socket on 127.0.0.1 whose port is outside ``avoid`` (the
+    servers' allocation ranges).  The servers' relayed addresses are on
+    127.0.0.1 too: a peer on a port inside our relay's range is, to the
+    relay, one of its own relayed addresses, so ChannelData to it is
+    hairpinned to that (absent) allocation and dropped, and the closed loop
+    stalls at 0 round trips."""
+    while True:
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        if not avoid[0] <= peer.getsockname()[1] <= avoid[1]:
+            return peer
+        peer.close()
 
 
 def _send_all(sock: socket.socket, data: bytes) -> None:
@@ -519,7 +535,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         for inflight in levels:
             for transport in ("tcp", "tls"):
                 for kind, server in servers.items():
-                    r = closed_loop(server, transport == "tls", args.size, inflight, args.warmup, args.measure)
+                    r = closed_loop(
+                        server, transport == "tls", args.size, inflight, args.warmup, args.measure,
+                        avoid=(low, low + len(servers) * port_span - 1),
+                    )  # fmt: skip
                     samples.setdefault((kind, transport, inflight), []).append(r)
     print("| transport | in flight | server | round trips/s | server CPU µs per round trip "
           "| ours/coturn: rate | ours/coturn: CPU per round trip |")
