@@ -29,6 +29,19 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     fi
 fi
 
+# promtool (Debian's prometheus package) checks the alert rules in deploy/
+# (tests/test_deploy.py).  The package also ships a Prometheus server, which we
+# do not want running: only the tool is used.
+if ! command -v promtool >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus; } \
+            || { echo "could not install prometheus (promtool)" >&2; [ "${CI:-}" = true ] && exit 1; }
+        if command -v systemctl >/dev/null 2>&1; then systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+    else
+        echo "promtool not found and not root: the alert-rule test will skip" >&2
+    fi
+fi
+
 # The XDP fast path (tests/xdp): clang compiles the program, the system
 # libbpf loads it, iproute2/ethtool build the test namespaces, bpftool checks
 # the struct layouts against the object's BTF.  Root only (the tests skip
