@@ -303,7 +303,7 @@ class RelayService(Service):
         #: Datagrams per recvmmsg/sendmmsg call when ``io`` is set.
         self.io_batch = _udpio.BATCH if _udpio is not None else 1
         if batched_io is not False and _udpio is not None:
-            self.io = _udpio.IO(self._now, self._pump, self._fds, self._transmit, self._send_failed, self._internal_error)
+            self.io = _udpio.IO(self._now, self._pump, self._fds, self._transmit, self._send_errno, self._internal_error)
         self._ports: Dict[Tuple[int, int], Any] = {}
         self._closing: set[defer.Deferred[None]] = set()
         self._timer: Any = None
@@ -492,6 +492,11 @@ class RelayService(Service):
 
     def _send_failed(self, exc: OSError) -> None:
         self.drops[_SEND_ERRORS.get(exc.errno or 0, "send_error")] += 1
+
+    def _send_errno(self, err: int) -> None:
+        """The batched I/O's ``send_failed``: it reports a failed sendmmsg
+        entry by its errno, not by an exception."""
+        self.drops[_SEND_ERRORS.get(err, "send_error")] += 1
 
     def _pump(self) -> None:
         command = self._next_command()

@@ -516,6 +516,27 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
         logged = self.flushLoggedErrors(ZeroDivisionError)
         self.assertEqual(len(logged), 1)  # rate limited: once per kind
 
+    @defer.inlineCallbacks
+    def test_a_failed_send_on_the_per_packet_path_is_a_counted_drop(self) -> Any:
+        """A Transmit the kernel refuses (EMSGSIZE here) is counted by its
+        errno, through either reader, and is not an internal error."""
+        service = self.start_relay()
+        client = self.client()
+        real = service._handle_client_input
+        listen_port = service.listen_port
+
+        def too_big(data: bytes, sender: Any, now: float) -> Any:
+            if bytes(data) == b"big":
+                return (listen_port, 4, sender, b"x" * 70000)
+            return real(data, sender, now)
+
+        service._handle_client_input = too_big
+        client.send(b"big")
+        response = yield client.request(stun.BINDING, signed=False)
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertEqual(service.drops["send_too_big"], 1)
+        self.assertEqual(dict(service.errors), {})
+
     def test_send_errors_are_counted(self) -> None:
         fake = _FakeRelay()
         service = RelayService(fake, 0, bind_ip4="127.0.0.1", clock=task.Clock())
