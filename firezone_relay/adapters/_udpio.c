@@ -19,6 +19,7 @@
  *
  *   io = IO(now, pump, fds, fallback, send_failed, internal_error)
  *   io.read(fd, handler, port, family, always_view, refused) -> datagrams read
+ *   io.send(transmits) -> None
  *
  * ``handler`` is the core's entry point.  For the listen port (``port`` is
  * None) it is called as handler(data, addr, now); for an allocation port as
@@ -40,6 +41,13 @@
  * is passed to ``internal_error(where, exc)`` and the batch carries on:
  * nothing a datagram causes escapes ``read``.  ``refused()`` is called for a
  * pending ECONNREFUSED (an ICMP error) on the socket.
+ *
+ * ``send`` takes a list of Transmits that did not come from a read (the
+ * stream shell collects the ChannelData of one TCP/TLS read this way) and
+ * treats each as read() treats a returned one: queued, or passed to the
+ * fallback, then everything leaves in sendmmsg calls before it returns.
+ * send_failed and internal_error report failures as for read().  It may run
+ * inside a read (the shared queue is simply flushed early, in order).
  *
  * Reentrancy: the buffers are static and the reactor is single-threaded; a
  * nested read (a handler that somehow reads another port) is refused with
@@ -485,6 +493,30 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(total);
 }
 
+/* io.send(transmits): queue a list of Transmits as read() does with what the
+   handler returns (the stream shell's ChannelData towards peers), then flush. */
+static PyObject *
+IO_send(IOObject *self, PyObject *transmits)
+{
+    if (!PyList_CheckExact(transmits)) {
+        PyErr_SetString(PyExc_TypeError, "send(transmits): a list of Transmit tuples");
+        return NULL;
+    }
+    int status = 0;
+    /* The size is read on every turn: a fallback (Python) could change the list. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(transmits) && status == 0; i++) {
+        PyObject *t = PyList_GET_ITEM(transmits, i);
+        Py_INCREF(t);
+        status = transmit(self, t);
+        Py_DECREF(t);
+    }
+    if (flush(self) < 0 && status == 0)
+        status = -1;
+    if (status < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static int
 IO_init(IOObject *self, PyObject *args, PyObject *kwds)
 {
@@ -550,6 +582,8 @@ IO_stats(IOObject *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef IO_methods[] = {
     {"read", (PyCFunction)(void (*)(void))IO_read, METH_FASTCALL,
      "read(fd, handler, port, family, always_view, refused) -> number of datagrams read"},
+    {"send", (PyCFunction)IO_send, METH_O,
+     "send(transmits) -> None: queue each Transmit of the list (or pass it to the fallback), then sendmmsg"},
     {"stats", (PyCFunction)IO_stats, METH_NOARGS, "counters: batches, datagrams, sent, send_calls"},
     {NULL, NULL, 0, NULL},
 };

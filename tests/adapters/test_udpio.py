@@ -92,7 +92,7 @@ def _settle() -> None:
     time.sleep(0.02)  # loopback delivery is synchronous, but give the kernel a moment
 
 
-class ReadTests(unittest.TestCase):
+class _IOCase(unittest.TestCase):
     def setUp(self) -> None:
         if _udpio is None:
             raise unittest.SkipTest("the _udpio extension is not built")
@@ -111,6 +111,8 @@ class ReadTests(unittest.TestCase):
         self.h.fds[4][port] = s.fileno()
         return s, port
 
+
+class ReadTests(_IOCase):
     def test_client_mode_arguments_and_types(self) -> None:
         seen: List[Tuple[str, bytes, Any, float]] = []
 
@@ -347,3 +349,54 @@ class ReadTests(unittest.TestCase):
         self.assertRaises(ValueError, self.h.io.read, -1, None, None, 4, False, None)
         self.assertRaises(TypeError, _udpio.IO, 1, 2, "not a dict", 4, 5, 6)
         self.assertRaises(OSError, self.h.io.read, 10**6, lambda d, a, n: None, None, 4, False, lambda: None)
+
+
+class SendTests(_IOCase):
+    """``IO.send``: Transmits that come from the stream shell, not from a read."""
+
+    def test_a_list_leaves_in_sendmmsg_calls_in_order(self) -> None:
+        relay_out, out_port = self.relay_socket()
+        peer = _socket()
+        self.addCleanup(peer.close)
+        payloads = [bytes([i]) * (i + 1) for i in range(100)]  # more than one batch of 64
+        self.assertIsNone(self.h.io.send([(out_port, 4, peer.getsockname(), p) for p in payloads]))
+        got = _recv_all(peer, 100)
+        self.assertEqual([g[0] for g in got], payloads)
+        self.assertEqual({g[1] for g in got}, {relay_out.getsockname()})
+        stats = self.h.io.stats()
+        self.assertEqual(stats["sent"], 100)
+        self.assertEqual(stats["send_calls"], 2)
+        self.assertEqual((self.h.fallback, self.h.send_errors, self.h.errors, self.h.pumps), ([], [], [], 0))
+
+    def test_what_cannot_be_queued_goes_to_the_fallback_in_its_place(self) -> None:
+        relay_out, out_port = self.relay_socket()
+        peer = _socket()
+        self.addCleanup(peer.close)
+        stream_client = (out_port, 4, ("127.0.0.1", 9, 1 << 20), b"to a stream")
+        self.h.io.send([(out_port, 4, peer.getsockname(), b"a"), stream_client, (out_port, 4, peer.getsockname(), b"b")])
+        self.assertEqual(self.h.fallback, [stream_client])
+        self.assertEqual([g[0] for g in _recv_all(peer, 2)], [b"a", b"b"])
+
+    def test_failures_are_reported_and_the_rest_still_goes(self) -> None:
+        relay_out, out_port = self.relay_socket()
+        peer = _socket()
+        self.addCleanup(peer.close)
+        to = peer.getsockname()
+        self.h.io.send([(out_port, 4, to, b"x" * n) for n in (10, 70000, 20)])
+        self.assertEqual(self.h.send_errors, [errno.EMSGSIZE])
+        self.assertEqual([len(g[0]) for g in _recv_all(peer, 2)], [10, 20])
+
+        def bad_fallback(t: Any) -> None:
+            raise ZeroDivisionError("shell bug")
+
+        io = _udpio.IO(lambda: 0.0, lambda: None, self.h.fds, bad_fallback, self.h.send_errors.append,
+                       lambda where, exc: self.h.errors.append((where, exc)))  # fmt: skip
+        io.send([(out_port, 4, ("127.0.0.1", 9, 1 << 20), b"x"), (out_port, 4, to, b"after")])
+        self.assertEqual([(w, type(e)) for w, e in self.h.errors], [("send", ZeroDivisionError)])
+        self.assertEqual([g[0] for g in _recv_all(peer, 1)], [b"after"])
+
+    def test_only_a_list(self) -> None:
+        self.assertRaises(TypeError, self.h.io.send, ())
+        self.assertRaises(TypeError, self.h.io.send)
+        self.assertIsNone(self.h.io.send([]))
+        self.assertEqual(self.h.io.stats()["send_calls"], 0)
