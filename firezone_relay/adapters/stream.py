@@ -21,10 +21,13 @@ frame the UDP shell's pump drains the replies.
 Output: replies and ChannelData for a 3-tuple arrive here through
 ``StreamService.send`` (the UDP shell routes them; see below) and are written
 to that connection.  ChannelData towards stream clients is already padded by
-the core.  What one reactor turn produces for a connection leaves in one
-``send`` at the start of the next turn (a call at 0 s, before the poll),
-straight on the socket when Twisted's buffer is empty (TLS: encrypted as
-one record per 16 KiB first).  Each connection registers itself as a
+the core.  What one read (a stream's, or a batched UDP read) produces for a
+connection leaves in one ``send`` when that read has been handled; anything
+written outside a read leaves at the start of the next reactor turn (a call
+at 0 s, before the poll).  The send goes straight on the socket when
+Twisted's buffer is empty (TLS: encrypted as one record per 16 KiB first).
+With the batched UDP I/O, the ChannelData one stream read relays to peers
+leaves in one ``sendmmsg`` per socket (``_udpio.IO.send``).  Each connection registers itself as a
 streaming producer of its TCP transport, so Twisted tells it when the
 transport's buffer is full; past that point it counts what it is asked to
 write, and once that exceeds ``StreamLimits.write_buffer`` the connection
@@ -262,6 +265,17 @@ class StreamProtocol(Protocol):
         if self.closed:
             return
         service = self.service
+        service.reading = True
+        try:
+            self._frames(data)
+        finally:
+            service.reading = False
+            if service._dirty:
+                service._flush()
+
+    def _frames(self, data: bytes) -> None:
+        """Cut ``data`` (plaintext) into frames and hand each to the core."""
+        service = self.service
         self.bytes_in += len(data)
         buffer = self._buffer + data if self._buffer else data
         end = len(buffer)
@@ -269,37 +283,56 @@ class StreamProtocol(Protocol):
         now = service.now()
         handle = service.handle_client_input
         client = self.client
+        io = service.udp.io
+        # With the batched UDP I/O, the ChannelData this read relays leaves in
+        # one sendmmsg per socket (io.send) instead of one sendto each.
+        out: Optional[list[Any]] = [] if io is not None else None
         sockets = service.udp._sockets
-        while end - offset >= 4:
-            try:
-                size = frame_length(buffer, offset)
-            except FramingError:
-                self._buffer = b""
-                self.abort("bad_frame")
-                return
-            if size == 0 or size > end - offset:
-                break
-            frame = buffer if size == end else buffer[offset : offset + size]
-            offset += size
-            self.last_frame = now  # before the core: its reply may end an allocation
-            try:
-                t = handle(frame, client, now)
-                if t is not None:
-                    # As the UDP shell's per-packet path: a 3-tuple (another
-                    # stream client) makes sendto raise; see "Routing".
-                    try:
-                        sockets[t[1]][t[0]].sendto(t[3], t[2])
-                    except OSError as exc:
-                        service.udp._send_failed(exc)
-                    except (TypeError, OverflowError, KeyError):
-                        service.transmit(t)
-                elif frame[0] < 0x40:  # STUN: replies wait in the core's command queue
-                    service.pump()
-            except Exception as exc:  # a core bug must not take the connection down
-                service.internal_error(exc)
-            if self.closed:
-                return
-        self._buffer = buffer[offset:] if offset else buffer
+        try:
+            while end - offset >= 4:
+                try:
+                    size = frame_length(buffer, offset)
+                except FramingError:
+                    self._buffer = b""
+                    self.abort("bad_frame")
+                    return
+                if size == 0 or size > end - offset:
+                    break
+                frame = buffer if size == end else buffer[offset : offset + size]
+                offset += size
+                self.last_frame = now  # before the core: its reply may end an allocation
+                try:
+                    t = handle(frame, client, now)
+                    if t is not None:
+                        if out is not None:
+                            out.append(t)
+                        else:
+                            # As the UDP shell's per-packet path: a 3-tuple (another
+                            # stream client) makes sendto raise; see "Routing".
+                            try:
+                                sockets[t[1]][t[0]].sendto(t[3], t[2])
+                            except OSError as exc:
+                                service.udp._send_failed(exc)
+                            except (TypeError, OverflowError, KeyError):
+                                service.transmit(t)
+                    elif frame[0] < 0x40:  # STUN: replies wait in the core's command queue
+                        if out:
+                            # What the core relayed leaves first: the commands
+                            # may close the socket it was relayed from.
+                            io.send(out)
+                            out = []
+                        service.pump()
+                except Exception as exc:  # a core bug must not take the connection down
+                    service.internal_error(exc)
+                if self.closed:
+                    return
+            self._buffer = buffer[offset:] if offset else buffer
+        finally:
+            if out:
+                try:
+                    io.send(out)
+                except Exception as exc:
+                    service.internal_error(exc)
 
     # --- output -------------------------------------------------------------------
 
@@ -428,9 +461,20 @@ class TLSStreamProtocol(StreamProtocol):
         super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
-        tls = self._tls
-        if self.closed or tls is None:
+        if self.closed or self._tls is None:
             return
+        service = self.service
+        service.reading = True
+        try:
+            self._records(data)
+        finally:
+            service.reading = False
+            if service._dirty:
+                service._flush()
+
+    def _records(self, data: bytes) -> None:
+        """Decrypt ``data`` and hand each record's plaintext to ``_frames``."""
+        tls = self._tls
         tls.bio_write(data)
         if not self.handshaken:
             try:
@@ -460,7 +504,7 @@ class TLSStreamProtocol(StreamProtocol):
                     self._tls_ended()
                 return
             delivered = True
-            StreamProtocol.dataReceived(self, data)
+            self._frames(data)
             if self.closed:
                 return
         if not delivered:
@@ -585,6 +629,10 @@ class StreamService(Service):
         self._all_closed: Optional[defer.Deferred[None]] = None
         self._dirty: list[StreamProtocol] = []
         self._flush_call: Any = None
+        #: True while a read is being handled (a stream's, or a batched UDP
+        #: read: see ``udp.RelayService._batched_reader``); its end flushes,
+        #: so ``flush_soon`` schedules nothing.
+        self.reading = False
         self._previous_handler: Any = None
         self._logged: Dict[str, float] = {}
         udp_service.stream = self
@@ -759,15 +807,18 @@ class StreamService(Service):
             )
 
     def flush_soon(self, conn: StreamProtocol) -> None:
-        """Flush ``conn`` once the events of this reactor turn are handled:
-        a call at 0 s runs at the start of the next turn, before the poll, so
-        the messages of one burst leave in one send and none waits."""
+        """Flush ``conn`` once the read being handled ends (``reading``), or
+        else once the events of this reactor turn are handled: a call at 0 s
+        runs at the start of the next turn, before the poll.  Either way the
+        messages of one burst leave in one send and none waits."""
         self._dirty.append(conn)
-        if self._flush_call is None:
+        if self._flush_call is None and not self.reading:
             self._flush_call = self.reactor.callLater(0, self._flush)
 
     def _flush(self) -> None:
-        self._flush_call = None
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             try:

@@ -405,11 +405,29 @@ class RelayService(Service):
     def _batched_reader(self, port: Any, protocol: DatagramProtocol) -> Callable[[], int]:
         read, fd, refused = self.io.read, port.fileno(), protocol.connectionRefused
         if isinstance(protocol, _PeerProtocol):
-            number, family = protocol.port, protocol.family
+            number: Any = protocol.port
+            family, always_view = protocol.family, True
+        else:
+            number, family, always_view = None, 0, False
+
+        def batched() -> int:
             # The entry point is looked up per read (not per datagram), so
             # that replacing it on the service (tests do) takes effect.
-            return lambda: read(fd, self._handle_peer_traffic, number, family, True, refused)  # type: ignore[no-any-return]
-        return lambda: read(fd, self._handle_client_input, None, 0, False, refused)  # type: ignore[no-any-return]
+            handler = self._handle_peer_traffic if always_view else self._handle_client_input
+            stream = self.stream
+            if stream is None:
+                return read(fd, handler, number, family, always_view, refused)  # type: ignore[no-any-return]
+            # What this read sends to stream clients leaves when it ends, in
+            # one send per connection (stream.StreamService.flush_soon).
+            stream.reading = True
+            try:
+                return read(fd, handler, number, family, always_view, refused)  # type: ignore[no-any-return]
+            finally:
+                stream.reading = False
+                if stream._dirty:
+                    stream._flush()
+
+        return batched
 
     def _open_listener(self, family: int) -> None:
         try:

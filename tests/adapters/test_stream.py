@@ -247,6 +247,58 @@ class TcpTests(StreamFixture, unittest.TestCase):
             self.assertEqual(frame[4 + size :], b"\0" * (-size % 4))
 
     @defer.inlineCallbacks
+    def test_a_burst_is_relayed_in_order_each_way_in_few_calls(self) -> Any:
+        """One read of many ChannelData frames leaves towards the peer in
+        sendmmsg calls (batched UDP I/O), and what one batched UDP read brings
+        for the client is written when that read ends, with no 0-second call."""
+        self.start()
+        client = yield self.connect()
+        relayed = yield self.allocate(client)
+        peer, peer_addr = self.peer()
+        response = yield client.request(
+            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4002), (stun.XOR_PEER_ADDRESS, peer_addr)]
+        )
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        io = self.udp.io
+        before = io.stats() if io is not None else None
+        payloads = [b"%03d" % i * (1 + i % 5) for i in range(40)]
+        frames = [channel_data(0x4002, p) for p in payloads]
+        client.transport.write(b"".join(f + b"\0" * (-len(f) % 4) for f in frames))
+        got = []
+        for _ in payloads:
+            data, _source = yield peer.next()
+            got.append(data)
+        self.assertEqual(got, payloads)
+
+        zero_delay: List[Any] = []
+
+        class Recording:
+            def __init__(self, real: Any) -> None:
+                self.real = real
+
+            def callLater(self, delay: float, *args: Any) -> Any:
+                if delay == 0:
+                    zero_delay.append(args)
+                return self.real.callLater(delay, *args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.real, name)
+
+        self.patch(self.stream, "reactor", Recording(self.stream.reactor))
+        for p in payloads:
+            peer.send(p[::-1], ("127.0.0.1", relayed[1]))
+        back = []
+        for _ in payloads:
+            frame = yield client.next_other()
+            back.append(frame[4 : 4 + int.from_bytes(frame[2:4], "big")])
+        self.assertEqual(back, [p[::-1] for p in payloads])
+        if io is not None:
+            after = io.stats()
+            self.assertEqual(after["sent"] - before["sent"], len(payloads))  # the 40 towards the peer
+            self.assertLess(after["send_calls"] - before["send_calls"], len(payloads))
+            self.assertEqual(zero_delay, [])
+
+    @defer.inlineCallbacks
     def test_send_and_data_indications(self) -> Any:
         self.start()
         client = yield self.connect()
