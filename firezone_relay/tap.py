@@ -210,15 +210,12 @@ def _check_stream_options(options: Any) -> None:
     if (options["tls-cert"] is None) != (options["tls-key"] is None):
         raise usage.UsageError("--tls-cert and --tls-key go together")
     if options["tls-cert"] is not None:
-        from OpenSSL import SSL
-
-        from firezone_relay.adapters.stream import make_tls_context
+        from firezone_relay.adapters.stream import describe_tls_error, make_tls_context
 
         try:
             make_tls_context(options["tls-cert"], options["tls-key"])
-        except (SSL.Error, OSError) as exc:
-            detail = "%s: %s" % (exc.filename, exc.strerror) if isinstance(exc, OSError) else repr(exc)
-            raise usage.UsageError("--tls-cert/--tls-key cannot be used: %s" % detail) from None
+        except OSError as exc:  # ssl.SSLError included
+            raise usage.UsageError("--tls-cert/--tls-key cannot be used: %s" % describe_tls_error(exc)) from None
 
 
 class Options(usage.Options):

@@ -148,6 +148,28 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertUsageError(["--rng-seed", "x"], "--rng-seed: 'x' is not an integer")
         self.assertUsageError([], "ALLOW_LOOPBACK_PEERS: 'maybe' is not a boolean", {"ALLOW_LOOPBACK_PEERS": "maybe"})
 
+    def test_tls_errors(self) -> None:
+        """Each bad --tls-cert/--tls-key is refused at start-up with what is wrong."""
+        from tests.certs import make_certificate
+
+        directory = Path(self.mktemp())
+        cert, key = make_certificate(directory, stem="one")
+        other_cert, other_key = make_certificate(directory, stem="two")
+        garbage = directory / "garbage.pem"
+        garbage.write_text("not a certificate\n")
+        self.assertUsageError(["--tls-cert", str(cert)], "--tls-cert and --tls-key go together")
+        self.assertUsageError(["--tls-key", str(key)], "--tls-cert and --tls-key go together")
+        missing = str(directory / "missing.pem")
+        self.assertUsageError(["--tls-cert", missing, "--tls-key", str(key)], "cannot be used: %s: No such file" % missing)
+        self.assertUsageError(["--tls-cert", str(cert), "--tls-key", str(other_key)], "KEY_VALUES_MISMATCH")
+        self.assertUsageError(["--tls-cert", str(garbage), "--tls-key", str(key)], "not a PEM certificate chain")
+        self.assertUsageError(["--tls-cert", str(cert), "--tls-key", str(garbage)], "not a PEM certificate chain")
+        self.assertUsageError(
+            ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-port", "3478"], "--tls-port (3478) must differ"
+        )
+        options = parse(["--tls-cert", str(other_cert), "--tls-key", str(other_key)])
+        self.assertEqual(options["tls-cert"], str(other_cert))
+
     def test_auth_secret(self) -> None:
         self.assertEqual(parse(["--auth-secret", "s3cret"])["auth-secret"], "s3cret")
         self.assertUsageError(["--auth-secret", ""], "--auth-secret must not be empty")
