@@ -669,6 +669,59 @@ class TlsTests(StreamFixture, unittest.TestCase):
                 version, cipher = tls_sock.version() or "", tls_sock.cipher()[0]
         return version, cipher
 
+    def bindings_over_split_records(self, count: int) -> Tuple[List[bytes], List[bytes]]:
+        """A blocking stdlib TLS client on memory BIOs: ``count`` Binding
+        requests, one TLS record each, the first half of the bytes sent 7 at
+        a time (records and their headers split anywhere), the rest at once.
+        Returns (transaction ids sent, transaction ids answered)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing)
+        with socket.create_connection(("127.0.0.1", self.stream.tls_port), timeout=5) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    data = raw.recv(65536)
+                    self.assertTrue(data, "the relay closed during the handshake")
+                    incoming.write(data)
+            raw.sendall(outgoing.read())
+            ids = [bytes([i]) * 12 for i in range(1, count + 1)]
+            wire = b""
+            for t in ids:
+                tls.write(stun.encode(stun.BINDING, stun.REQUEST, t, []))
+                wire += outgoing.read()
+            half = len(wire) // 2
+            for i in range(0, half, 7):
+                raw.sendall(wire[i : min(i + 7, half)])
+                time.sleep(0.001)
+            raw.sendall(wire[half:])
+            deframer = Deframer()
+            answered: List[bytes] = []
+            while len(answered) < count:
+                data = raw.recv(65536)
+                if not data:
+                    break
+                incoming.write(data)
+                while True:
+                    try:
+                        plain = tls.read(65536)
+                    except ssl.SSLWantReadError:
+                        break
+                    answered += [stun.decode(frame).transaction_id for frame in deframer.feed(plain)]
+        return ids, answered
+
+    @defer.inlineCallbacks
+    def test_records_split_across_reads_or_many_in_one(self) -> Any:
+        self.start(tls=True)
+        sent, answered = yield deferToThread(self.bindings_over_split_records, 30)
+        self.assertEqual(answered, sent)
+
     @defer.inlineCallbacks
     def test_protocol_versions_and_ciphers(self) -> Any:
         self.start(tls=True)
