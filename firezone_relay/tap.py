@@ -548,6 +548,14 @@ def makeService(options: Options) -> "MultiService":
         log.info("UDP I/O: pure Python (--udp-io python)")
     else:
         log.warn("UDP I/O: pure Python, slower: the C extension is not built ({reason})", reason=_udpio_missing())
+    from twisted.internet import reactor as running_reactor
+
+    from firezone_relay.adapters import dispatch
+
+    if dispatch.install(running_reactor):
+        log.info("event dispatch: the relay's sockets without Twisted's per-event log context")
+    else:
+        log.info("event dispatch: Twisted's ({reactor})", reactor=type(running_reactor).__name__)
     udp.setName("udp")
     udp.fast_path = xdp
     udp.setServiceParent(top)

@@ -431,13 +431,14 @@ class ProcessTests(unittest.TestCase):
         self.assertIn("--listen-port", result.stdout)
         self.assertNotIn(TOKEN, result.stdout + result.stderr)
 
-    def start(self, extra: Sequence[str], attempt: int = 1) -> Any:
+    def start(self, extra: Sequence[str], attempt: int = 1, twistd_args: Sequence[str] = ()) -> Any:
         listen_port = free_udp_port((4,))
         low, high = port_range(32, avoid=[listen_port])
         cwd = self.mktemp()
         os.makedirs(cwd)
         proc = subprocess.Popen(
             TWISTD
+            + list(twistd_args)
             + [
                 "-n",
                 "--pidfile=",
@@ -466,7 +467,7 @@ class ProcessTests(unittest.TestCase):
         if binding_roundtrip(listen_port, time.time() + 20) is None and proc.poll() is not None and attempt < 3:
             # It exited before answering: most likely another parallel test
             # took the port between our check and its bind.  Try other ports.
-            return self.start(extra, attempt + 1)
+            return self.start(extra, attempt + 1, twistd_args)
         return proc, listen_port
 
     def stop(self, proc: Any) -> str:
@@ -490,6 +491,15 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(output.count("UDP I/O: pure Python, slower: the C extension is not built"), 1, output)
         else:
             self.assertEqual(output.count("UDP I/O: batched (recvmmsg/sendmmsg"), 1, output)
+        # twistd's default reactor on Linux is epoll: the direct dispatch is on.
+        self.assertEqual(output.count("event dispatch: the relay's sockets without Twisted's per-event log context"), 1, output)
+
+    def test_another_reactor_keeps_twisteds_dispatch(self) -> None:
+        proc, port = self.start([], twistd_args=["--reactor=poll"])
+        response = binding_roundtrip(port, time.time() + 20)
+        self.assertIsNotNone(response, "no Binding response from the relay on the poll reactor")
+        output = self.stop(proc)
+        self.assertIn("event dispatch: Twisted's (PollReactor)", output)
 
     def test_udp_io_python_and_batched(self) -> None:
         proc, port = self.start(["--udp-io", "python"])

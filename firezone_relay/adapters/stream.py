@@ -75,13 +75,14 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from firezone_relay.adapters import dispatch
 from firezone_relay.core.framing import FramingError, frame_length
 
 log = Logger(namespace="firezone_relay.adapters.stream")
@@ -559,6 +560,12 @@ class TLSStreamProtocol(StreamProtocol):
             StreamProtocol._write(self, outgoing.read())
 
 
+@dispatch.fast_type
+class _StreamServer(tcp.Server):  # type: ignore[misc]
+    """Twisted's accepted TCP connection, as its own type so that
+    ``dispatch`` hands its events to it without the per-event log context."""
+
+
 class _StreamFactory(Factory):
     """Admits a connection within the limits and gives it an id."""
 
@@ -711,6 +718,8 @@ class StreamService(Service):
             listening = self.reactor.adoptStreamPort(sock.fileno(), _AF[family], factory)
         finally:
             sock.close()  # the reactor holds its own duplicate
+        if isinstance(listening, tcp.Port):
+            listening.transport = _StreamServer  # accepted connections: see dispatch
         number = listening.getHost().port
         if transport_name == TLS:
             self.tls_port = number

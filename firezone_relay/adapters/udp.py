@@ -51,6 +51,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from firezone_relay.adapters import dispatch
 from firezone_relay.core import commands as C
 
 try:  # the optional C extension (setup.py); the pure-Python reader otherwise
@@ -161,6 +162,7 @@ _BUFFER = bytearray(MAX_DATAGRAM)
 _VIEW = memoryview(_BUFFER)
 
 
+@dispatch.fast_type
 class _FastPort(udp.Port):  # type: ignore[misc]
     """A UDP port that reads into one preallocated, shared buffer.
 
