@@ -716,6 +716,38 @@ class TlsTests(StreamFixture, unittest.TestCase):
                     answered += [stun.decode(frame).transaction_id for frame in deframer.feed(plain)]
         return ids, answered
 
+    def send_raw_and_wait_for_close(self, data: bytes) -> bytes:
+        """Send ``data`` on a plain TCP connection to the TLS port; return
+        what the relay answered before it closed the connection."""
+        answer = b""
+        with socket.create_connection(("127.0.0.1", self.stream.tls_port), timeout=5) as raw:
+            raw.sendall(data)
+            while True:
+                chunk = raw.recv(65536)
+                if not chunk:
+                    return answer
+                answer += chunk
+
+    @defer.inlineCallbacks
+    def test_garbage_on_the_tls_port_costs_that_connection_only(self) -> Any:
+        self.start(tls=True)
+        good = yield self.connect(tls=True)
+        yield self.allocate(good)
+        garbage = [
+            b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n",  # not TLS at all
+            b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"t" * 12,  # plain STUN on the TLS port
+            b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",  # a ClientHello too short for its body
+            bytes(random.Random(5).getrandbits(8) for _ in range(3000)),
+        ]
+        for data in garbage:
+            answer = yield deferToThread(self.send_raw_and_wait_for_close, data)
+            # Closed, after at most a TLS alert (content type 21), never a STUN answer.
+            self.assertTrue(answer == b"" or answer[0] == 21, answer[:16])
+        response = yield good.request(stun.REFRESH, [(stun.LIFETIME, 600)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertEqual(self.relay.allocation_count, 1)
+        self.assertEqual(dict(self.udp.errors), {})
+
     @defer.inlineCallbacks
     def test_records_split_across_reads_or_many_in_one(self) -> Any:
         self.start(tls=True)
