@@ -275,11 +275,15 @@ class StreamProtocol(Protocol):
         service = self.service
         service.reading = True
         try:
-            self._frames(data)
+            self._input(data)
         finally:
             service.reading = False
             if service._dirty:
                 service._flush()
+
+    def _input(self, data: bytes) -> None:
+        """What a read brought: frames here; TLS records in ``TLSStreamProtocol``."""
+        self._frames(data)
 
     def _frames(self, data: bytes) -> None:
         """Cut ``data`` (plaintext) into frames and hand each to the core."""
@@ -471,19 +475,7 @@ class TLSStreamProtocol(StreamProtocol):
         self._tls = self._tls_in = self._tls_out = None
         super().connectionLost(reason)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.closed or self._tls is None:
-            return
-        service = self.service
-        service.reading = True
-        try:
-            self._records(data)
-        finally:
-            service.reading = False
-            if service._dirty:
-                service._flush()
-
-    def _records(self, data: bytes) -> None:
+    def _input(self, data: bytes) -> None:
         """Decrypt ``data`` and hand each record's plaintext to ``_frames``."""
         tls = self._tls
         incoming = self._tls_in

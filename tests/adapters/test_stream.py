@@ -186,6 +186,13 @@ class StreamFixture:
         self.assertEqual(final.msg_class, stun.SUCCESS, final.get(stun.ERROR_CODE))
         return final.get_address(stun.XOR_RELAYED_ADDRESS)
 
+    @defer.inlineCallbacks
+    def bind_channel(self: Any, client: StreamTurnClient, channel: int, peer_addr: Any) -> Any:
+        response = yield client.request(
+            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, channel), (stun.XOR_PEER_ADDRESS, peer_addr)]
+        )
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+
     def wait_until(self: Any, predicate: Any, timeout: float = 5.0) -> "defer.Deferred[None]":
         @defer.inlineCallbacks
         def poll() -> Any:
@@ -228,10 +235,7 @@ class TcpTests(StreamFixture, unittest.TestCase):
         client = yield self.connect()
         relayed = yield self.allocate(client)
         peer, peer_addr = self.peer()
-        response = yield client.request(
-            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4001), (stun.XOR_PEER_ADDRESS, peer_addr)]
-        )
-        self.assertEqual(response.msg_class, stun.SUCCESS)
+        yield self.bind_channel(client, 0x4001, peer_addr)
         for size in (0, 1, 2, 3, 4, 5, 1199, 1200):
             payload = bytes(range(256)) * 5
             payload = payload[:size]
@@ -255,10 +259,7 @@ class TcpTests(StreamFixture, unittest.TestCase):
         client = yield self.connect()
         relayed = yield self.allocate(client)
         peer, peer_addr = self.peer()
-        response = yield client.request(
-            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4002), (stun.XOR_PEER_ADDRESS, peer_addr)]
-        )
-        self.assertEqual(response.msg_class, stun.SUCCESS)
+        yield self.bind_channel(client, 0x4002, peer_addr)
         io = self.udp.io
         before = io.stats() if io is not None else None
         payloads = [b"%03d" % i * (1 + i % 5) for i in range(40)]
@@ -459,10 +460,7 @@ class TcpTests(StreamFixture, unittest.TestCase):
         peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(peer_sock.close)
         peer_sock.bind(("127.0.0.1", 0))
-        response = yield slow.request(
-            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4002), (stun.XOR_PEER_ADDRESS, peer_sock.getsockname())]
-        )
-        self.assertEqual(response.msg_class, stun.SUCCESS)
+        yield self.bind_channel(slow, 0x4002, peer_sock.getsockname())
         # Small kernel buffers on both ends, then the client stops reading.
         slow.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         (conn,) = [c for c in self.stream.connections.values() if c.client[1] == slow.local()[1]]
@@ -578,10 +576,7 @@ class TlsTests(StreamFixture, unittest.TestCase):
         client = yield self.connect(tls=True)
         relayed = yield self.allocate(client)
         peer, peer_addr = self.peer()
-        response = yield client.request(
-            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x7FFF), (stun.XOR_PEER_ADDRESS, peer_addr)]
-        )
-        self.assertEqual(response.msg_class, stun.SUCCESS)
+        yield self.bind_channel(client, 0x7FFF, peer_addr)
         client.send(channel_data(0x7FFF, b"over tls"))
         data, _ = yield peer.next()
         self.assertEqual(data, b"over tls")
@@ -614,10 +609,7 @@ class TlsTests(StreamFixture, unittest.TestCase):
         peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(peer_sock.close)
         peer_sock.bind(("127.0.0.1", 0))
-        response = yield client.request(
-            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4003), (stun.XOR_PEER_ADDRESS, peer_sock.getsockname())]
-        )
-        self.assertEqual(response.msg_class, stun.SUCCESS)
+        yield self.bind_channel(client, 0x4003, peer_sock.getsockname())
         payloads = [bytes([i]) * (1197 + i % 4) for i in range(60)]  # ~70 KiB
         for payload in payloads:
             peer_sock.sendto(payload, ("127.0.0.1", relayed[1]))
@@ -633,10 +625,7 @@ class TlsTests(StreamFixture, unittest.TestCase):
         peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(peer_sock.close)
         peer_sock.bind(("127.0.0.1", 0))
-        response = yield slow.request(
-            stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4002), (stun.XOR_PEER_ADDRESS, peer_sock.getsockname())]
-        )
-        self.assertEqual(response.msg_class, stun.SUCCESS)
+        yield self.bind_channel(slow, 0x4002, peer_sock.getsockname())
         tcp = slow.transport.transport  # under the client's TLS layer
         tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         (conn,) = self.stream.connections.values()
