@@ -585,9 +585,10 @@ class TlsTests(StreamFixture, unittest.TestCase):
         self.assertEqual(frame, b"\x7f\xff\x00\x04back")
         self.assertEqual(self.stream.allocations["tls"], 1)
         self.assertEqual(self.stream.transport_of(client_key(self.stream)), "tls")
-        client.transport.loseConnection()
+        client.transport.loseConnection()  # TLS close_notify first, then FIN
         yield client.lost
         yield self.wait_until(lambda: self.relay.allocation_count == 0)
+        self.assertEqual(dict(self.stream.closed), {("tls", "client"): 1})
 
     @defer.inlineCallbacks
     def test_ipv6(self) -> Any:
