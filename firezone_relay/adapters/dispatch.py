@@ -19,7 +19,8 @@ lost for those selectables only: the legacy ``system`` field of log events
 emitted during their events (the relay's own log lines carry a namespace
 and do not use it).  Every other selectable (HTTP, the portal websocket,
 listening ports) keeps Twisted's dispatch.  Any other reactor is left as it
-is, and so is an ``EPollReactor`` whose ``doPoll`` is not Twisted's own.
+is, and so is an ``EPollReactor`` whose ``doPoll`` is not Twisted's own or
+that lacks the private attributes the loop uses (another Twisted version).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def install(reactor: Any) -> bool:
         return True
     epoll = _epoll_reactor_type()
     if epoll is None or type(reactor) is not epoll or type(reactor).doPoll is not epoll.doPoll:
+        return False
+    # The loop below uses these private parts of Twisted's reactor; a Twisted
+    # without them keeps its own dispatch rather than failing at start-up.
+    if not all(hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite")):
         return False
     reactor.doIteration = _make_do_poll(reactor)
     reactor._firezone_fast_dispatch = True

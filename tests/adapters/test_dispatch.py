@@ -122,6 +122,15 @@ class DispatchTests(unittest.TestCase):
         self.addCleanup(self._close, custom)
         self.assertFalse(dispatch.install(custom))
 
+    def test_a_twisted_without_the_private_parts_keeps_its_dispatch(self) -> None:
+        selectables = self.reactor._selectables
+        del self.reactor._selectables
+        try:
+            self.assertFalse(dispatch.install(self.reactor))
+            self.assertFalse(dispatch.installed(self.reactor))
+        finally:
+            self.reactor._selectables = selectables
+
     def test_the_relays_selectables_are_registered(self) -> None:
         self.assertIn(udp._FastPort, dispatch._FAST_TYPES)
         self.assertIn(stream._StreamServer, dispatch._FAST_TYPES)
