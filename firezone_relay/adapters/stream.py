@@ -27,11 +27,11 @@ written outside a read leaves at the start of the next reactor turn (a call
 at 0 s, before the poll).  The send goes straight on the socket when
 Twisted's buffer is empty (TLS: encrypted as one record per 16 KiB first).
 With the batched UDP I/O, the ChannelData one stream read relays to peers
-leaves in one ``sendmmsg`` per socket (``_udpio.IO.send``).  Each connection registers itself as a
-streaming producer of its TCP transport, so Twisted tells it when the
-transport's buffer is full; past that point it counts what it is asked to
-write, and once that exceeds ``StreamLimits.write_buffer`` the connection
-is aborted: a client that does not read costs one connection, and the
+leaves in one ``sendmmsg`` per socket (``_udpio.IO.send``).  Each
+connection registers itself as a streaming producer of its TCP transport,
+so Twisted tells it when the transport's buffer is full; past that point it
+counts what it is asked to write, and once that exceeds
+``StreamLimits.write_buffer`` the connection is aborted: a client that does not read costs one connection, and the
 relay never buffers without bound.
 
 Routing: connection ids are drawn from ``[2**20, 2**32)``.  A raw UDP
@@ -277,9 +277,7 @@ class StreamProtocol(Protocol):
         try:
             self._input(data)
         finally:
-            service.reading = False
-            if service._dirty:
-                service._flush()
+            service.end_read()
 
     def _input(self, data: bytes) -> None:
         """What a read brought: frames here; TLS records in ``TLSStreamProtocol``."""
@@ -817,6 +815,12 @@ class StreamService(Service):
         self._dirty.append(conn)
         if self._flush_call is None and not self.reading:
             self._flush_call = self.reactor.callLater(0, self._flush)
+
+    def end_read(self) -> None:
+        """A read (``reading``) has been handled: write what it produced."""
+        self.reading = False
+        if self._dirty:
+            self._flush()
 
     def _flush(self) -> None:
         call, self._flush_call = self._flush_call, None

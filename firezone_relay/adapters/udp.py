@@ -408,28 +408,25 @@ class RelayService(Service):
 
     def _batched_reader(self, port: Any, protocol: DatagramProtocol) -> Callable[[], int]:
         read, fd, refused = self.io.read, port.fileno(), protocol.connectionRefused
-        if isinstance(protocol, _PeerProtocol):
-            number: Any = protocol.port
-            family, always_view = protocol.family, True
-        else:
-            number, family, always_view = None, 0, False
+        peer = isinstance(protocol, _PeerProtocol)
+        number: Any = protocol.port if peer else None  # type: ignore[attr-defined]
+        family = protocol.family if peer else 0  # type: ignore[attr-defined]
 
         def batched() -> int:
             # The entry point is looked up per read (not per datagram), so
             # that replacing it on the service (tests do) takes effect.
-            handler = self._handle_peer_traffic if always_view else self._handle_client_input
+            # Peer datagrams always come as views (``always_view``).
+            handler = self._handle_peer_traffic if peer else self._handle_client_input
             stream = self.stream
             if stream is None:
-                return read(fd, handler, number, family, always_view, refused)  # type: ignore[no-any-return]
+                return read(fd, handler, number, family, peer, refused)  # type: ignore[no-any-return]
             # What this read sends to stream clients leaves when it ends, in
             # one send per connection (stream.StreamService.flush_soon).
             stream.reading = True
             try:
-                return read(fd, handler, number, family, always_view, refused)  # type: ignore[no-any-return]
+                return read(fd, handler, number, family, peer, refused)  # type: ignore[no-any-return]
             finally:
-                stream.reading = False
-                if stream._dirty:
-                    stream._flush()
+                stream.end_read()
 
         return batched
 
@@ -513,11 +510,11 @@ class RelayService(Service):
             self.drops["no_socket"] += 1
 
     def _send_failed(self, exc: OSError) -> None:
-        self.drops[_SEND_ERRORS.get(exc.errno or 0, "send_error")] += 1
+        self._send_errno(exc.errno or 0)
 
     def _send_errno(self, err: int) -> None:
-        """The batched I/O's ``send_failed``: it reports a failed sendmmsg
-        entry by its errno, not by an exception."""
+        """Count a datagram the kernel refused, by its errno (the batched
+        I/O's ``send_failed`` reports it so; ``_send_failed`` by exception)."""
         self.drops[_SEND_ERRORS.get(err, "send_error")] += 1
 
     def _pump(self) -> None:
