@@ -39,7 +39,7 @@ def fast_type(kind: type) -> type:
     return kind
 
 
-def _epoll_reactor_type() -> Optional[type]:
+def _epoll_reactor_type() -> Any:
     try:
         from twisted.internet.epollreactor import EPollReactor
     except ImportError:  # not Linux
