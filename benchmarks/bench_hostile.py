@@ -71,6 +71,7 @@ import hmac
 import os
 import random
 import select
+import shutil
 import socket
 import ssl
 import statistics
@@ -391,6 +392,7 @@ class Result:
         self.size = 0
         self.sent = 0
         self.received = 0  # by the server: sent minus its socket's drops
+        self.drops = 0
         self.probes = 0
         self.cpu_ns = 0
         self.us = float("nan")
@@ -496,7 +498,7 @@ def measure_udp(target: Target, shape: Shape, seconds: float) -> Result:
             if fixed is None:
                 sock.close()
     cpu1 = cpu_ns(target.server.pid)
-    drops = udp_drops(port) - drops0
+    drops = res.drops = udp_drops(port) - drops0
     res.seconds = time.monotonic() - t0
     res.cpu_ns = cpu1 - cpu0
     res.received = max(0, res.sent + res.probes - drops - answered)
@@ -660,9 +662,11 @@ def render(results: Dict[Tuple[str, str], List[Result]], args: argparse.Namespac
             sum(r.received for r in ours), sum(r.received for r in theirs), top_reply(ours), top_reply(theirs),
             honest(ours), honest(theirs)))  # fmt: skip
     lines.append("")
+    drops = {kind: sum(r.drops for (_, k), rs in results.items() if k == kind for r in rs) for kind in ("ours", "coturn")}
     lines.append("%d of %d shapes miss a target. \"datagrams\": received by the server over all runs (sent minus "
-                 "its socket's drops); replies: share of the datagrams sent, by reply (an error code, success, "
-                 "or for TLS the first record of the server's answer)." % (fails, len(SHAPES)))  # fmt: skip
+                 "the drops on its UDP sockets, %d for ours and %d for coturn in all); replies: share of the datagrams "
+                 "sent, by reply (an error code, success, or for TLS the first record of the server's answer)."
+                 % (fails, len(SHAPES), drops["ours"], drops["coturn"]))  # fmt: skip
     lines.append("")
     lines.append("Server command lines (ports and the password vary per run):")
     lines.append("")
@@ -706,8 +710,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for target in order:
                     r = measure(target, shape, args.seconds)
                     results[(shape.key, target.kind)].append(r)
-                    print("run %d %-14s %-6s %6d datagrams (%d probes, %.1f s) %10.1f us/datagram; replies %s; honest Binding %s"
-                          % (run + 1, shape.key, target.kind, r.received, r.probes, r.seconds, r.us,
+                    print("run %d %-18s %-6s %6d datagrams (%d probes, %d dropped, %.1f s) %10.1f us/datagram; replies %s; "
+                          "honest Binding %s"
+                          % (run + 1, shape.key, target.kind, r.received, r.probes, r.drops, r.seconds, r.us,
                              dict(r.replies.most_common(3)), "%.1f ms" % r.honest_ms if r.honest_ms is not None
                              else "NO ANSWER"), flush=True)  # fmt: skip
                     if not r.alive:
@@ -717,6 +722,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             t.close()
         for server in servers:
             server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     body = render(results, args, commands, started, time.monotonic() - wall0)
     print()
     print(body)
