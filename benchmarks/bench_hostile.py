@@ -186,16 +186,28 @@ class HostileServer(Server):
         return argv, env
 
     def start(self) -> "HostileServer":
-        super().start()
-        deadline = time.monotonic() + 10
-        while True:
+        # Other work on the machine may take a port between our choice and the server's bind:
+        # then the server exits, and it is started again on new ports.
+        for attempt in range(3):
+            super().start()
+            deadline = time.monotonic() + 10
+            while self.alive() and time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.tls_port), timeout=0.5).close()
+                    return self
+                except OSError:
+                    time.sleep(0.1)
             try:
-                socket.create_connection(("127.0.0.1", self.tls_port), timeout=0.5).close()
-                return self
+                with open(self.log_path, errors="replace") as f:
+                    tail = f.read()[-2000:]
             except OSError:
-                if time.monotonic() > deadline or not self.alive():
-                    raise RuntimeError("%s does not listen on its TLS port (log: %s)" % (self.kind, self.log_path))
-                time.sleep(0.1)
+                tail = ""
+            print("%s did not listen on its TLS port %d (attempt %d); its log ends:\n%s"
+                  % (self.kind, self.tls_port, attempt + 1, tail), file=sys.stderr)  # fmt: skip
+            self.stop()
+            self.dir = tempfile.mkdtemp(prefix="bench-%s-" % self.kind)
+            self.log_path = os.path.join(self.dir, "server.log")
+        raise RuntimeError("%s does not listen on its TLS port" % self.kind)
 
 
 class Target:
