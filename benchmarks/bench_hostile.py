@@ -85,7 +85,7 @@ from pathlib import Path
 from typing import Callable, Counter, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks import _turnclient as T
-from benchmarks._procs import Server, cpu_ns, free_port, machine_facts
+from benchmarks._procs import Server, cpu_ns, machine_facts
 from benchmarks.bench_relay import README, update_readme
 
 # --- targets ----------------------------------------------------------------
@@ -212,9 +212,9 @@ class HostileServer(Server):
 
 
 class Target:
-    """A running server with two allocations: one for the typical signed
-    request and the 64 KiB ChannelData, one for the max-peers CreatePermission
-    (so that its thousands of permissions do not weigh on the typical one)."""
+    """A running server with three allocations: one for the typical signed
+    request and the 64 KiB ChannelData, one for each max-peers CreatePermission
+    (so that their thousands of permissions do not weigh on the typical one)."""
 
     def __init__(self, server: HostileServer) -> None:
         self.server = server
