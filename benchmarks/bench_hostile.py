@@ -796,6 +796,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             t.close()
         for server in servers:
             server.stop()
+            if not os.environ.get("BENCH_KEEP_LOGS"):  # also the directory of a server never started
+                shutil.rmtree(server.dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     body = render(results, args, commands, started, time.monotonic() - wall0)
     print()
