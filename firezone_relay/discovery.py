@@ -92,6 +92,8 @@ def non_public_reason(ip: str) -> Optional[str]:
         return "a documentation address"
     if address.version == 4 and address in _SHARED:
         return "a shared (carrier-grade NAT) address"
+    if address.is_reserved:
+        return "a reserved address"
     if address.is_private:
         return "a private address"
     if not address.is_global:
@@ -203,8 +205,8 @@ def _request(endpoint: Endpoint, method: str, path: str, headers: Dict[str, str]
     return _Answer(response.status, answer_headers, body)
 
 
-def _excerpt(text: str) -> str:
-    return repr(text if len(text) <= 60 else text[:60] + "...")
+def _excerpt(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _body(what: str, answer: _Answer) -> Optional[str]:
@@ -214,7 +216,7 @@ def _body(what: str, answer: _Answer) -> Optional[str]:
     if 300 <= answer.status < 400:
         raise AddressError(
             "%s: redirected (HTTP %d to %s); metadata redirects are not followed"
-            % (what, answer.status, _excerpt(answer.headers.get("location", "nowhere")))
+            % (what, answer.status, _excerpt(answer.headers.get("location", "nowhere"), 200))
         )
     if answer.status != 200:
         raise AddressError("%s: HTTP %d" % (what, answer.status))
@@ -394,6 +396,6 @@ def _discover_into(options: MutableMapping[str, Any], method: str) -> None:
             log.info("public IPv{version} {ip} from {source}", version=version, ip=ip, source=source)
     if options["public-ip4-addr"] is None and options["public-ip6-addr"] is None:
         raise AddressError(
-            "%s reports no public IPv4 or IPv6 address for this instance (none attached?): "
-            "attach one, or give --public-ip4-addr/--public-ip6-addr" % source
+            "cannot discover the public address from %s: it reports no public IPv4 or IPv6 address for this "
+            "instance (none attached?): attach one, or give --public-ip4-addr/--public-ip6-addr" % source
         )
