@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
@@ -121,6 +121,22 @@ class _NotHttp(Protocol):
         assert self.transport is not None
         self.transport.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
         self.transport.loseConnection()
+
+
+class _Trickle(Protocol):
+    """Starts an answer and then sends one header line every 0.5 s, forever:
+    every read is quick, the answer never completes."""
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        if getattr(self, "loop", None) is None:
+            self.transport.write(b"HTTP/1.1 200 OK\r\n")
+            self.loop = task.LoopingCall(self.transport.write, b"X-Slow: yes\r\n")
+            self.loop.start(0.5)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if getattr(self, "loop", None) is not None and self.loop.running:
+            self.loop.stop()
 
 
 def closed_port() -> int:
@@ -440,6 +456,13 @@ class DiscoveryProcessTests(unittest.TestCase):
         self.addCleanup(port.stopListening)
         yield self.fails("gce_metadata", "127.0.0.1:%d" % port.getHost().port, "no answer within 2 s")
         yield self.fails("aws_ec2_metadata", "127.0.0.1:%d" % closed_port(), "/latest/api/token: connection refused")
+
+    @defer.inlineCallbacks
+    def test_an_answer_that_never_completes_meets_the_overall_deadline(self) -> Any:
+        factory = Factory.forProtocol(_Trickle)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        yield self.fails("gce_metadata", "127.0.0.1:%d" % port.getHost().port, "no complete answer within 5 s")
 
     # --- without discovery: the route-lookup guess ------------------------------------
 
