@@ -83,6 +83,7 @@ _PARAMETERS: list[list[Any]] = [
     ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
+    ["listen-address-discovery-method", None, None, "Read the public addresses not given from the cloud's metadata service: gce_metadata or aws_ec2_metadata"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -345,6 +346,9 @@ class Options(usage.Options):
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
         _check_stream_options(self)
+        from firezone_relay.discovery import check_options as _check_discovery_options
+
+        _check_discovery_options(self, self._environ)
 
         if self["token"] is not None:
             if not self["token"].strip():
@@ -483,20 +487,14 @@ def makeService(options: Options) -> "MultiService":
     if limits is not None:
         log.info("open file limit: {old} -> {new}", old=limits[0], new=limits[1])
 
-    if options["public-ip4-addr"] is None and options["public-ip6-addr"] is None:
-        detected = detect_public_ip4()
-        if detected is None:
-            options["public-ip4-addr"] = "127.0.0.1"
-            log.warn(
-                "no --public-ip4-addr/--public-ip6-addr and no IPv4 route found: "
-                "using 127.0.0.1 (only local clients can reach this relay)"
-            )
-        else:
-            options["public-ip4-addr"] = detected
-            log.info(
-                "no --public-ip4-addr/--public-ip6-addr: using {public_ip4}, the source address of the default route",
-                public_ip4=detected,
-            )
+    # Before anything starts: the portal must never be handed an address
+    # clients cannot reach (firezone_relay.discovery, SPEC §6).
+    from firezone_relay.discovery import AddressError, settle
+
+    try:
+        settle(options, detect_public_ip4)
+    except AddressError as exc:
+        raise SystemExit("firezone-relay: %s" % exc) from None
 
     secret, generated = make_secret(options["auth-secret"], options["rng-seed"])
     rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else random.SystemRandom()

@@ -46,7 +46,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
 class RelayProcess:
     """``twistd -n firezone-relay`` on loopback, for one test case."""
 
-    def __init__(self, case: unittest.TestCase, extra: Sequence[str] = (), env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        case: unittest.TestCase,
+        extra: Sequence[str] = (),
+        env: Optional[Dict[str, str]] = None,
+        public_ip4: Optional[str] = PUBLIC_IP4,
+    ) -> None:
         self.listen_port = free_udp_port((4,))
         low, high = port_range(32, avoid=[self.listen_port])
         cwd = Path(case.mktemp())
@@ -61,12 +67,11 @@ class RelayProcess:
             "--listen-port=%d" % self.listen_port,
             "--lowest-port=%d" % low,
             "--highest-port=%d" % high,
-            "--public-ip4-addr=" + PUBLIC_IP4,
             "--bind-ip4-addr=127.0.0.1",
             "--allow-loopback-peers",
             "--health-check-addr=127.0.0.1:0",
             "--socket-buffer=0",
-        ] + list(extra)
+        ] + (["--public-ip4-addr=" + public_ip4] if public_ip4 else []) + list(extra)
         self.proc = subprocess.Popen(
             args, cwd=cwd, env=twistd_env(**(env or {})), stdout=self._log, stderr=subprocess.STDOUT
         )
