@@ -75,6 +75,22 @@ _PASSWORD_ALGORITHMS = ((stun.ALGORITHM_SHA256, b""), (stun.ALGORITHM_MD5, b""))
 _WIRE_FAMILY = {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}
 
 
+#: RelayConfig fields that ``Relay.reconfigure`` may change.
+LIVE_FIELDS = frozenset(
+    (
+        "user_allocation_limit",
+        "max_allocations",
+        "max_permissions",
+        "max_channels",
+        "allow_loopback_peers",
+        "allow_peers",
+        "deny_peers",
+        "unauthenticated_burst",
+        "unauthenticated_rate",
+    )
+)
+
+
 class RandomSource(Protocol):
     """``random.Random`` and ``random.SystemRandom`` satisfy this."""
 
@@ -116,6 +132,9 @@ class RelayConfig:
             raise ValueError("the listen port lies inside the allocation port range")
         if not self.auth_secret:
             raise ValueError("an auth secret is required")
+
+
+_FIXED_FIELDS = tuple(name for name in RelayConfig.__dataclass_fields__ if name not in LIVE_FIELDS)
 
 
 @dataclass
@@ -309,6 +328,27 @@ class Relay:
     def start_draining(self) -> None:
         """Refuse new allocations (508) from now on; everything else goes on."""
         self._draining = True
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """Take a new configuration while running (SIGHUP reload, SPEC §10).
+
+        Only the fields in ``LIVE_FIELDS`` may differ from the current
+        configuration: addresses, ports and the secret shape every allocation
+        and nonce already issued.  The new limits apply to what comes next;
+        existing allocations, permissions and channels are kept.
+        """
+        fixed = [f for f in _FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
+        if fixed:
+            raise ValueError("cannot change while running: %s" % ", ".join(fixed))
+        self.config = config
+        self._policy = PeerPolicy(config.allow_peers, config.deny_peers, config.allow_loopback_peers)
+        # A peer the new policy denies loses its channels and permissions now
+        # (the same commands as on expiry), not when they would have expired.
+        for alloc in list(self._by_port.values()):
+            for channel in [c for c in alloc.channels.values() if c.bound and not self._peer_allowed(c.peer)[0]]:
+                self._expire_channel(channel)
+            for permission in [p for p in alloc.permissions.values() if not self._ip_allowed(p.ip)]:
+                self._expire_permission(permission)
 
     def next_command(self) -> Optional[Command]:
         if self._commands:
