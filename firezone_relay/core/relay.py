@@ -160,6 +160,24 @@ class RelayStats:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
 
+@dataclass(frozen=True)
+class AllocationInfo:
+    """One allocation as the control endpoint shows it (SPEC §10)."""
+
+    client: Client
+    username: str
+    port: int
+    relayed: tuple[Address, ...]
+    age: float
+    lifetime_left: float
+    channels: int
+    permissions: int
+    bytes_to_peers: int
+    packets_to_peers: int
+    bytes_to_client: int
+    packets_to_client: int
+
+
 class _Timed:
     __slots__ = ("deadline", "scheduled", "dead")
 
@@ -239,6 +257,8 @@ class _Allocation(_Timed):
         "attempts",
         "tried_ports",
         "active",
+        "created",
+        "meter",
     )
 
     def __init__(self, client: Client, username: str, families: tuple[int, ...], lifetime: int) -> None:
@@ -264,6 +284,10 @@ class _Allocation(_Timed):
         self.attempts = 0
         self.tried_ports: set[int] = set()
         self.active = False
+        self.created = 0.0
+        #: [bytes to peers, packets to peers, bytes to the client, packets to
+        #: the client]: shared with the fast-path entries, one list per allocation
+        self.meter = [0, 0, 0, 0]
 
 
 def _family_of(ip: str) -> int:
@@ -293,8 +317,8 @@ class Relay:
         self._by_port: dict[int, _Allocation] = {}
         self._by_username: dict[str, list[_Allocation]] = {}
         self._pending: dict[tuple[int, int], _Allocation] = {}
-        #: client -> channel -> (port, family, peer, hairpin): the fast path
-        self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool]]] = {}
+        #: client -> channel -> (port, family, peer, hairpin, meter): the fast path
+        self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool, list[int]]]] = {}
         self._used_ports: set[int] = set()
         self._reservations: dict[bytes, _Reservation] = {}
         self._timers: list[tuple[float, int, _Timed]] = []
@@ -409,6 +433,9 @@ class Relay:
             stats.client_to_peer_packets += 1
             stats.client_to_peer_bytes += length
             stats.packet_sizes[(length - 1) // 100 if 0 < length <= 1500 else (15 if length else 0)] += 1
+            meter = entry[4]
+            meter[0] += length
+            meter[1] += 1
             if entry[3]:
                 return self._hairpin(entry[0], entry[1], entry[2], payload, now)
             return (entry[0], entry[1], entry[2], payload)
@@ -434,6 +461,9 @@ class Relay:
             stats.peer_to_client_packets += 1
             stats.peer_to_client_bytes += n
             stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
+            meter = alloc.meter
+            meter[2] += n
+            meter[3] += 1
             if entry[3]:  # streams carry ChannelData padded to 4 bytes (RFC 8656 §12.5)
                 return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data + b"\x00" * (-n % 4))
             return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data)
@@ -455,6 +485,9 @@ class Relay:
         stats.peer_to_client_packets += 1
         stats.peer_to_client_bytes += n
         stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
+        meter = alloc.meter
+        meter[2] += n
+        meter[3] += 1
         return (self.config.listen_port, _family_of(alloc.client[0]), alloc.client, indication)
 
     def handle_client_closed(self, client: Client, now: float) -> None:
@@ -958,6 +991,7 @@ class Relay:
         request = alloc.request
         assert request is not None
         alloc.active = True
+        alloc.created = now
         alloc.deadline = now + alloc.lifetime
         alloc.tried_ports = set()
         self._by_port[alloc.port] = alloc
@@ -1150,7 +1184,7 @@ class Relay:
         if not channel.bound:
             channel.bound = True
             self.channel_count += 1
-            self._chan_out.setdefault(alloc.client, {})[number] = (alloc.port, family, peer, hairpin)
+            self._chan_out.setdefault(alloc.client, {})[number] = (alloc.port, family, peer, hairpin, alloc.meter)
             alloc.chan_in[peer] = (alloc.client, number.to_bytes(2, "big"), _family_of(alloc.client[0]), len(alloc.client) == 3)
             self._commands.append(ChannelBound(alloc.client, number, peer, alloc.port, family))
         self._schedule(channel)
@@ -1200,6 +1234,8 @@ class Relay:
         stats.client_to_peer_packets += 1
         stats.client_to_peer_bytes += len(data)
         stats.packet_sizes[(len(data) - 1) // 100 if 0 < len(data) <= 1500 else (15 if data else 0)] += 1
+        alloc.meter[0] += len(data)
+        alloc.meter[1] += 1
         if hairpin:
             out = self._hairpin(alloc.port, family, peer, data, now)
             if out is not None:
@@ -1216,6 +1252,49 @@ class Relay:
         return self.handle_peer_traffic(payload, source, peer[1], family, now)
 
     # --- introspection for tests and metrics --------------------------------------------------------
+
+    def allocations(self, now: float, username: Optional[str] = None) -> list[AllocationInfo]:
+        """Every active allocation (of ``username`` if given), oldest first."""
+        if username is not None:
+            chosen: Sequence[_Allocation] = self._by_username.get(username, ())
+        else:
+            chosen = list(self._by_port.values())
+        out = []
+        for alloc in sorted(chosen, key=lambda a: (a.created, a.port)):
+            meter = alloc.meter
+            out.append(
+                AllocationInfo(
+                    alloc.client,
+                    alloc.username,
+                    alloc.port,
+                    tuple((self._public[f], alloc.port) for f in alloc.families),
+                    max(0.0, now - alloc.created),
+                    max(0.0, alloc.deadline - now),
+                    sum(1 for c in alloc.channels.values() if c.bound),
+                    len(alloc.permissions),
+                    meter[0],
+                    meter[1],
+                    meter[2],
+                    meter[3],
+                )
+            )
+        return out
+
+    def disconnect(self, username: Optional[str] = None, client: Optional[Address] = None) -> int:
+        """Delete at once the allocations of ``username`` and/or from
+        ``client`` (ip, port; a stream client matches on its address).
+        Returns how many were deleted; their ports close as on expiry."""
+        if username is None and client is None:
+            raise ValueError("disconnect needs a username or a client")
+        doomed = [
+            alloc
+            for alloc in self._by_port.values()
+            if (username is None or alloc.username == username)
+            and (client is None or (alloc.client[0], alloc.client[1]) == client)
+        ]
+        for alloc in doomed:
+            self._delete_allocation(alloc, "disconnected by the operator")
+        return len(doomed)
 
     def memory_footprint(self) -> dict[str, int]:
         """Sizes of every internal table (tests check they all return to 0)."""
