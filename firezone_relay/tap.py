@@ -34,6 +34,7 @@ log = Logger(namespace="firezone_relay.tap")
 
 SOFTWARE = "firezone-relay (python) %s" % __version__
 DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
+DEFAULT_CONTROL_ENDPOINT = "127.0.0.1:9999"  # upstream's
 
 #: Route lookup target for public address detection: connect() on a UDP
 #: socket only asks the kernel for a route, no packet is sent.
@@ -83,6 +84,8 @@ _PARAMETERS: list[list[Any]] = [
     ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
+    ["control-endpoint", None, DEFAULT_CONTROL_ENDPOINT,
+     "host:port of the control endpoint (GET /allocations, POST /disconnect, POST /log_filter; no authentication), or off"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -218,6 +221,17 @@ def _check_stream_options(options: Any) -> None:
             raise usage.UsageError("--tls-cert/--tls-key cannot be used: %s" % describe_tls_error(exc)) from None
 
 
+def _check_control_endpoint(options: Any) -> None:
+    """``--control-endpoint``: ``off``, or host:port.  The default address is
+    optional (a bind failure is logged); one the operator gave is required."""
+    value = str(options["control-endpoint"]).strip()
+    if value.lower() in ("off", "none", "disabled", ""):
+        options["control-endpoint"] = None
+        return
+    options["control-endpoint-required"] = value != DEFAULT_CONTROL_ENDPOINT
+    options["control-endpoint"] = _parse_host_port("control-endpoint", value)
+
+
 class Options(usage.Options):
     """Options of ``twistd firezone-relay``; ``Options(environ=...)`` in tests."""
 
@@ -342,6 +356,7 @@ class Options(usage.Options):
             if not drain >= 0 or drain == float("inf"):
                 raise usage.UsageError("--drain-timeout must be a non-negative number of seconds")
             self["drain-timeout"] = drain
+        _check_control_endpoint(self)
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
         _check_stream_options(self)
@@ -578,7 +593,36 @@ def makeService(options: Options) -> "MultiService":
     health.setName("http")
     health.setServiceParent(top)
     _add_portal_and_drain(options, top, udp, secret, readiness)
+    _add_control(options, top, relay, udp)
     return top
+
+
+def _add_control(options: Options, top: "MultiService", relay: Any, udp: Any) -> None:
+    """The control endpoint (SPEC §10), unless ``--control-endpoint off``."""
+    if options["control-endpoint"] is None:
+        log.info("control endpoint: off")
+        return
+    from firezone_relay.adapters.control import ControlResource, ControlService
+
+    host, port = options["control-endpoint"]
+    loopback = ipaddress.ip_address(host).is_loopback
+    if not loopback:
+        log.warn(
+            "control endpoint on a non-loopback address ({host}): it has no authentication, "
+            "anyone who reaches it can list and end allocations",
+            host=host,
+        )
+    resource = ControlResource(
+        relay,
+        pump=udp._pump,
+        transport_of=udp._transport_of,
+        set_log_level=None,
+        clock=udp._now,
+        loopback_only=loopback,
+    )
+    control = ControlService(host, port, resource, required=bool(options.get("control-endpoint-required")))
+    control.setName("control")
+    control.setServiceParent(top)
 
 
 def _add_portal_and_drain(options: Options, top: "MultiService", udp: Any, secret: str, readiness: Any) -> None:
