@@ -84,15 +84,21 @@ _PARAMETERS: list[list[Any]] = [
     ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
+    ["realm", None, "firezone", "REALM of the long-term credentials (both schemes)"],
     ["control-endpoint", None, DEFAULT_CONTROL_ENDPOINT,
      "host:port of the control endpoint (GET /allocations, POST /disconnect, POST /log_filter; no authentication), or off"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
 ]
-_REPEATABLE = ("allow-peer", "deny-peer")
+_REPEATABLE = ("allow-peer", "deny-peer", "rest-auth-secret")
 
-_SPECIAL_ENV = {"api-url": "FIREZONE_API_URL", "token": "FIREZONE_TOKEN", "name": "FIREZONE_NAME"}
+_SPECIAL_ENV = {
+    "api-url": "FIREZONE_API_URL",
+    "token": "FIREZONE_TOKEN",
+    "name": "FIREZONE_NAME",
+    "rest-auth-secret": "REST_AUTH_SECRETS",
+}
 
 
 def env_name(flag: str) -> str:
@@ -221,6 +227,36 @@ def _check_stream_options(options: Any) -> None:
             raise usage.UsageError("--tls-cert/--tls-key cannot be used: %s" % describe_tls_error(exc)) from None
 
 
+def _check_rest_secret(value: str) -> str:
+    if not value:
+        raise usage.UsageError("--rest-auth-secret must not be empty")
+    if len(value) > 1024 or not all(32 <= ord(c) <= 126 for c in value):
+        raise usage.UsageError("--rest-auth-secret must be printable ASCII of at most 1024 characters")
+    return value
+
+
+def _check_realm(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > 127 or not all(33 <= ord(c) <= 126 and c != '"' for c in value):
+        raise usage.UsageError("--realm must be 1 to 127 printable ASCII characters without spaces or quotes (got %r)" % (value,))
+    return value
+
+
+#: Shorter REST secrets are accepted (deployments have them) but warned about.
+MIN_SECRET_LENGTH = 32
+
+
+def warn_short_rest_secrets(secrets: Sequence[str]) -> None:
+    """SPEC §10: signed replies let anyone test guesses of a short secret offline."""
+    short = sum(1 for secret in secrets if len(secret) < MIN_SECRET_LENGTH)
+    if short:
+        log.warn(
+            "{short} of the {count} --rest-auth-secret values are shorter than {minimum} characters: signed replies "
+            "let anyone test guesses offline; use e.g. `openssl rand -hex 32`",
+            short=short, count=len(secrets), minimum=MIN_SECRET_LENGTH,
+        )
+
+
 def _check_control_endpoint(options: Any) -> None:
     """``--control-endpoint``: ``off``, or host:port.  The default address is
     optional (a bind failure is logged); one the operator gave is required."""
@@ -258,6 +294,10 @@ class Options(usage.Options):
     def opt_deny_peer(self, value: str) -> None:
         """Deny peers in this CIDR, repeatable [env: DENY_PEER, comma-separated]"""
         self["deny-peer"].append(value)
+
+    def opt_rest_auth_secret(self, value: str) -> None:
+        """Shared secret of coturn-compatible TURN REST credentials (USERNAME <expiry>[:<user>], password base64(HMAC-SHA1(secret, USERNAME))); repeatable, for rotation [env: REST_AUTH_SECRETS, comma-separated]"""
+        self["rest-auth-secret"].append(value)
 
     def opt_version(self) -> None:
         """Print the version and exit"""
@@ -357,6 +397,8 @@ class Options(usage.Options):
                 raise usage.UsageError("--drain-timeout must be a non-negative number of seconds")
             self["drain-timeout"] = drain
         _check_control_endpoint(self)
+        self["rest-auth-secret"] = tuple(_check_rest_secret(v) for v in self["rest-auth-secret"])
+        self["realm"] = _check_realm(self["realm"])
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
         _check_stream_options(self)
@@ -461,6 +503,8 @@ def relay_config(options: Options, secret: str) -> Any:
         allow_peers=options["allow-peer"],
         deny_peers=options["deny-peer"],
         software=SOFTWARE,
+        rest_secrets=options["rest-auth-secret"],
+        realm=options["realm"],
     )
 
 
@@ -516,6 +560,10 @@ def makeService(options: Options) -> "MultiService":
     secret, generated = make_secret(options["auth-secret"], options["rng-seed"])
     rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else random.SystemRandom()
     relay = Relay(relay_config(options, secret), rng)
+    if options["rest-auth-secret"]:
+        log.info("TURN REST credentials: {count} shared secret(s), realm {realm}",
+                 count=len(options["rest-auth-secret"]), realm=options["realm"])
+        warn_short_rest_secrets(options["rest-auth-secret"])
 
     if options["token"]:
         # Portal mode: the secret goes to the portal only (stamp_secret), never to the log.

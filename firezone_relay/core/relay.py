@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence, Union
 
 from . import stun
-from .auth import NONCE_LIFETIME, REALM, NonceFactory, generate_password, parse_username
+from .auth import NONCE_LIFETIME, REALM, NonceFactory, generate_password, parse_rest_username, parse_username, rest_password
 from .commands import (
     Address,
     AllocationCreated,
@@ -70,6 +70,9 @@ MIN_CHANNEL = 0x4000
 MAX_CHANNEL = 0x7FFF
 UDP = 17
 MAX_PORT_ATTEMPTS = 16
+#: A REST credential valid for longer than this is refused (401): a
+#: credential that never expires is a static password in disguise.
+MAX_REST_LIFETIME = 366 * 86400
 
 _PASSWORD_ALGORITHMS = ((stun.ALGORITHM_SHA256, b""), (stun.ALGORITHM_MD5, b""))
 _WIRE_FAMILY = {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}
@@ -87,6 +90,7 @@ LIVE_FIELDS = frozenset(
         "deny_peers",
         "unauthenticated_burst",
         "unauthenticated_rate",
+        "rest_secrets",
     )
 )
 
@@ -122,6 +126,10 @@ class RelayConfig:
     unauthenticated_burst: int = 200
     unauthenticated_rate: float = 100.0
     nonce_lifetime: int = NONCE_LIFETIME
+    #: Shared secrets of coturn-compatible TURN REST credentials (SPEC §10),
+    #: checked after the Firezone scheme; several during a rotation.
+    rest_secrets: Sequence[str] = ()
+    realm: str = REALM
 
     def __post_init__(self) -> None:
         if self.public_ip4 is None and self.public_ip6 is None:
@@ -222,7 +230,9 @@ class _Reservation(_Timed):
 class _Request:
     """What a reply to one request needs: where, which transaction, signed how."""
 
-    __slots__ = ("sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated")
+    __slots__ = (
+        "sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated", "algorithm"
+    )
 
     def __init__(self, sender: Client, message: stun.Message) -> None:
         self.sender = sender
@@ -233,6 +243,7 @@ class _Request:
         self.sha256 = False
         self.username = ""
         self.authenticated = False
+        self.algorithm = stun.ALGORITHM_MD5
 
 
 class _Allocation(_Timed):
@@ -575,7 +586,7 @@ class Relay:
                     key = None
                     if exc.username is not None and parsed is not None:
                         password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
-                        key = stun.long_term_key(exc.username, REALM, password)
+                        key = stun.long_term_key(exc.username, self.config.realm, password)
                     self._send(
                         sender,
                         exc.method,
@@ -682,7 +693,7 @@ class Relay:
             code,
             now,
             [
-                (stun.REALM, REALM),
+                (stun.REALM, self.config.realm),
                 (stun.NONCE, self._nonces.issue((request.sender[0], request.sender[1]), now)),
                 (stun.PASSWORD_ALGORITHMS, _PASSWORD_ALGORITHMS),
             ],
@@ -747,19 +758,33 @@ class Relay:
             self._auth_failure("bad_password_algorithm")
             self._error(request, 400, now)
             return False
-        if parsed is None or request.key is None:
+        rest_expiry = parse_rest_username(username) if self.config.rest_secrets else None
+        if (parsed is None or request.key is None) and rest_expiry is None:
             self._auth_failure("malformed_username")
             self._challenge(request, 401, now)
             return False
-        if request.sha256:
-            valid = stun.check_integrity_sha256(message, request.key)
-        else:
-            valid = stun.check_integrity(message, request.key)
-        if not valid:
+        check = stun.check_integrity_sha256 if request.sha256 else stun.check_integrity
+        expiry: Optional[int] = None
+        if parsed is not None and request.key is not None and check(message, request.key):
+            expiry = parsed[0]
+        elif rest_expiry is not None:
+            # TURN REST credentials (SPEC §10): either scheme's key may verify.
+            for secret in self.config.rest_secrets:
+                key = stun.long_term_key(username, self.config.realm, rest_password(secret, username), request.algorithm)
+                if check(message, key):
+                    request.key = key
+                    request.username = username
+                    expiry = rest_expiry
+                    break
+            if expiry is not None and expiry > now + MAX_REST_LIFETIME:
+                self._auth_failure("rest_expiry_too_far")
+                self._challenge(request, 401, now)
+                return False
+        if expiry is None:
             self._auth_failure("bad_integrity")
             self._challenge(request, 401, now)
             return False
-        if parsed[0] < now:
+        if expiry < now:
             self._auth_failure("expired")
             self._challenge(request, 401, now)
             return False
@@ -784,11 +809,12 @@ class Relay:
             )
             if algorithms_ok and isinstance(algorithm_value, tuple):
                 algorithm = algorithm_value[0]
+        request.algorithm = algorithm
+        request.sha256 = message.integrity_sha256_offset >= 0
         if username is not None and parsed is not None:
             request.username = username
             password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
-            request.key = stun.long_term_key(username, REALM, password, algorithm)
-            request.sha256 = message.integrity_sha256_offset >= 0
+            request.key = stun.long_term_key(username, self.config.realm, password, algorithm)
         return parsed, algorithms_ok
 
     def _auth_failure(self, reason: str) -> None:
