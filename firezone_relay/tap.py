@@ -85,6 +85,7 @@ _PARAMETERS: list[list[Any]] = [
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
     ["realm", None, "firezone", "REALM of the long-term credentials (both schemes)"],
+    ["max-bps", None, "0", "Relayed bytes per second per allocation, each direction on its own (as coturn's max-bps); 0 = no limit"],
     ["control-endpoint", None, DEFAULT_CONTROL_ENDPOINT,
      "host:port of the control endpoint (GET /allocations, POST /disconnect, POST /log_filter; no authentication), or off"],
 ]
@@ -399,6 +400,11 @@ class Options(usage.Options):
         _check_control_endpoint(self)
         self["rest-auth-secret"] = tuple(_check_rest_secret(v) for v in self["rest-auth-secret"])
         self["realm"] = _check_realm(self["realm"])
+        self["max-bps"] = _parse_int("max-bps", self["max-bps"], 0)
+        if self["max-bps"] and self["ebpf-offloading"]:
+            raise usage.UsageError(
+                "--max-bps cannot be combined with --ebpf-offloading: the XDP fast path relays without counting bytes"
+            )
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
         _check_stream_options(self)
@@ -505,6 +511,7 @@ def relay_config(options: Options, secret: str) -> Any:
         software=SOFTWARE,
         rest_secrets=options["rest-auth-secret"],
         realm=options["realm"],
+        max_bps=options["max-bps"],
     )
 
 

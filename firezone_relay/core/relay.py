@@ -91,6 +91,7 @@ LIVE_FIELDS = frozenset(
         "unauthenticated_burst",
         "unauthenticated_rate",
         "rest_secrets",
+        "max_bps",
     )
 )
 
@@ -130,6 +131,9 @@ class RelayConfig:
     #: checked after the Firezone scheme; several during a rotation.
     rest_secrets: Sequence[str] = ()
     realm: str = REALM
+    #: Relayed payload bytes per second per allocation, each direction on
+    #: its own (coturn's max-bps); 0 = no limit.
+    max_bps: int = 0
 
     def __post_init__(self) -> None:
         if self.public_ip4 is None and self.public_ip6 is None:
@@ -297,8 +301,9 @@ class _Allocation(_Timed):
         self.active = False
         self.created = 0.0
         #: [bytes to peers, packets to peers, bytes to the client, packets to
-        #: the client]: shared with the fast-path entries, one list per allocation
-        self.meter = [0, 0, 0, 0]
+        #: the client, then for --max-bps: tokens and last refill of each
+        #: direction]: shared with the fast-path entries, one list per allocation
+        self.meter: list[float] = [0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0]
 
 
 def _family_of(ip: str) -> int:
@@ -323,13 +328,14 @@ class Relay:
         self._own_ips = frozenset(self._public.values())
         self._software = config.software
         self._draining = False
+        self._max_bps = config.max_bps
 
         self._allocations: dict[Client, _Allocation] = {}
         self._by_port: dict[int, _Allocation] = {}
         self._by_username: dict[str, list[_Allocation]] = {}
         self._pending: dict[tuple[int, int], _Allocation] = {}
         #: client -> channel -> (port, family, peer, hairpin, meter): the fast path
-        self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool, list[int]]]] = {}
+        self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool, list[float]]]] = {}
         self._used_ports: set[int] = set()
         self._reservations: dict[bytes, _Reservation] = {}
         self._timers: list[tuple[float, int, _Timed]] = []
@@ -376,6 +382,7 @@ class Relay:
         if fixed:
             raise ValueError("cannot change while running: %s" % ", ".join(fixed))
         self.config = config
+        self._max_bps = config.max_bps
         self._policy = PeerPolicy(config.allow_peers, config.deny_peers, config.allow_loopback_peers)
         # A peer the new policy denies loses its channels and permissions now
         # (the same commands as on expiry), not when they would have expired.
@@ -445,6 +452,8 @@ class Relay:
             stats.client_to_peer_bytes += length
             stats.packet_sizes[(length - 1) // 100 if 0 < length <= 1500 else (15 if length else 0)] += 1
             meter = entry[4]
+            if self._max_bps and self._over_budget(meter, 4, length, now):
+                return None
             meter[0] += length
             meter[1] += 1
             if entry[3]:
@@ -473,6 +482,8 @@ class Relay:
             stats.peer_to_client_bytes += n
             stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
             meter = alloc.meter
+            if self._max_bps and self._over_budget(meter, 6, n, now):
+                return None
             meter[2] += n
             meter[3] += 1
             if entry[3]:  # streams carry ChannelData padded to 4 bytes (RFC 8656 §12.5)
@@ -497,6 +508,8 @@ class Relay:
         stats.peer_to_client_bytes += n
         stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
         meter = alloc.meter
+        if self._max_bps and self._over_budget(meter, 6, n, now):
+            return None
         meter[2] += n
         meter[3] += 1
         return (self.config.listen_port, _family_of(alloc.client[0]), alloc.client, indication)
@@ -1260,6 +1273,8 @@ class Relay:
         stats.client_to_peer_packets += 1
         stats.client_to_peer_bytes += len(data)
         stats.packet_sizes[(len(data) - 1) // 100 if 0 < len(data) <= 1500 else (15 if data else 0)] += 1
+        if self._max_bps and self._over_budget(alloc.meter, 4, len(data), now):
+            return
         alloc.meter[0] += len(data)
         alloc.meter[1] += 1
         if hairpin:
@@ -1268,6 +1283,25 @@ class Relay:
                 self._commands.append(SendDatagram(*out))
             return
         self._commands.append(SendDatagram(alloc.port, family, peer, data))
+
+    # --- bandwidth -------------------------------------------------------------------------------
+
+    def _over_budget(self, meter: list[float], at: int, size: int, now: float) -> bool:
+        """--max-bps: a token bucket of one second's bytes (at least one
+        largest datagram) per direction; ``meter[at]`` holds the tokens and
+        ``meter[at + 1]`` the last refill.  True (and counted) when ``size``
+        bytes do not fit: the datagram is dropped."""
+        rate = float(self._max_bps)
+        capacity = max(rate, 65535.0)
+        last = meter[at + 1]
+        tokens = capacity if last == 0.0 else min(capacity, meter[at] + (now - last) * rate)
+        meter[at + 1] = now
+        if tokens < size:
+            meter[at] = tokens
+            self.stats.drop("bandwidth_limit")
+            return True
+        meter[at] = tokens - size
+        return False
 
     # --- hairpin ----------------------------------------------------------------------------------
 
@@ -1298,10 +1332,10 @@ class Relay:
                     max(0.0, alloc.deadline - now),
                     sum(1 for c in alloc.channels.values() if c.bound),
                     len(alloc.permissions),
-                    meter[0],
-                    meter[1],
-                    meter[2],
-                    meter[3],
+                    int(meter[0]),
+                    int(meter[1]),
+                    int(meter[2]),
+                    int(meter[3]),
                 )
             )
         return out

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Optional
@@ -19,7 +20,7 @@ from firezone_relay.core import stun
 from tests.helpers import Collector, TurnClient, error_code, listen
 from tests.interop.support import SECRET, Relay, relay_env
 
-from .test_http import free_tcp_port
+from .test_http import free_tcp_port, http_get, parse_samples, value
 
 
 def call(port: int, method: str, path: str, body: Optional[bytes] = None) -> tuple[int, Any]:
@@ -105,6 +106,43 @@ class ProcessTests(unittest.TestCase):
         status, answer = call(control_port, "GET", "/allocations")
         self.assertEqual(answer, {"allocations": []})
         relay.wait_for("two deletions", lambda r: len(r.deleted()) == 2)
+        relay.assert_healthy()
+
+    @defer.inlineCallbacks
+    def test_max_bps_caps_a_real_flow(self) -> Any:
+        control_port, http_port = free_tcp_port(), free_tcp_port()
+        relay = Relay(self, extra=["--max-bps=20000", "--control-endpoint=127.0.0.1:%d" % control_port,
+                                   "--health-check-addr=127.0.0.1:%d" % http_port])
+        peer = Collector()
+        peer_port = listen(peer)
+        self.addCleanup(peer_port.stopListening)
+        client = TurnClient(("127.0.0.1", relay.listen_port))
+        port = listen(client)
+        self.addCleanup(port.stopListening)
+        _, final = yield client.allocate(SECRET, int(reactor.seconds()) + 3600)
+        self.assertEqual(final.msg_class, stun.SUCCESS)
+        peer_addr = ("127.0.0.1", peer_port.getHost().port)
+        reply = yield client.request(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, peer_addr)])
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        started = reactor.seconds()
+        for _ in range(100):
+            client.send(b"\x40\x00\x03\xe8" + b"x" * 1000)
+        received = 0
+        while True:
+            try:
+                yield peer.next(timeout=1.0)
+            except defer.TimeoutError:
+                break
+            received += 1
+        elapsed = reactor.seconds() - started
+        # A burst of 64 KiB (one largest datagram) fits, then 20 kB/s.
+        self.assertGreaterEqual(received, 65)
+        self.assertLessEqual(received, 65 + int(elapsed * 20) + 1, elapsed)
+        status, answer = call(control_port, "GET", "/allocations")
+        self.assertEqual(answer["allocations"][0]["bytes_to_peers"], received * 1000)
+        _, body, _ = http_get("http://127.0.0.1:%d/metrics" % http_port, time.time() + 10)
+        samples = parse_samples(body.decode())
+        self.assertEqual(value(samples, "relay_dropped_packets_total", reason="bandwidth_limit"), 100 - received)
         relay.assert_healthy()
 
     def test_bad_requests_get_clear_json_errors(self) -> None:

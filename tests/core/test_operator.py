@@ -84,3 +84,57 @@ class DisconnectTests(unittest.TestCase):
     def test_needs_a_filter(self) -> None:
         with self.assertRaises(ValueError):
             self.relay.disconnect()
+
+
+class MaxBpsTests(unittest.TestCase):
+    """--max-bps: relayed bytes per second per allocation, each direction on its own."""
+
+    def setUp(self) -> None:
+        self.relay = make_relay(max_bps=100_000)
+        self.d = Driver(self.relay)
+        self.port = self.d.relayed_port(self.d.allocate())
+        reply = self.d.request(
+            self.d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, PEER)])
+        )
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        self.datagram = b"\x40\x00\x03\xe8" + b"x" * 1000
+
+    def sent(self, count: int) -> int:
+        return sum(1 for _ in range(count) if self.d.client(self.datagram)[0] is not None)
+
+    def test_a_second_of_bytes_then_the_refill_rate(self) -> None:
+        self.assertEqual(self.sent(150), 100)
+        self.assertEqual(self.relay.stats.dropped["bandwidth_limit"], 50)
+        self.d.advance(0.5)
+        self.assertEqual(self.sent(100), 50)
+        self.assertEqual(self.relay.allocations(self.d.now)[0].bytes_to_peers, 150 * 1000)
+
+    def test_each_direction_has_its_own_budget(self) -> None:
+        self.assertEqual(self.sent(200), 100)
+        back = sum(1 for _ in range(200) if self.d.peer(b"y" * 1000, PEER, self.port)[0] is not None)
+        self.assertEqual(back, 100)
+
+    def test_send_indications_and_data_indications_count_too(self) -> None:
+        from firezone_relay.core.commands import SendDatagram
+
+        send = stun.encode(stun.SEND, stun.INDICATION, b"\x00" * 12, [(stun.XOR_PEER_ADDRESS, PEER), (stun.DATA, b"z" * 1000)])
+        out = [c for _ in range(150) for c in self.d.client(send)[1] if isinstance(c, SendDatagram)]
+        self.assertEqual(len(out), 100)
+        other = ("8.8.8.8", 53)  # a permission but no channel: Data indications
+        self.d.request(self.d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, other)]))
+        back = sum(1 for _ in range(150) if self.d.peer(b"w" * 1000, other, self.port)[0] is not None)
+        self.assertEqual(back, 100)
+
+    def test_reconfigure_lifts_the_limit(self) -> None:
+        import dataclasses
+
+        self.assertEqual(self.sent(150), 100)
+        self.relay.reconfigure(dataclasses.replace(self.relay.config, max_bps=0))
+        self.assertEqual(self.sent(150), 150)
+
+    def test_no_limit_by_default(self) -> None:
+        relay = make_relay()
+        d = Driver(relay)
+        d.allocate()
+        d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, PEER)]))
+        self.assertEqual(sum(1 for _ in range(500) if d.client(self.datagram)[0] is not None), 500)
