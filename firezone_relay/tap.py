@@ -85,6 +85,7 @@ _PARAMETERS: list[list[Any]] = [
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
     ["realm", None, "firezone", "REALM of the long-term credentials (both schemes)"],
+    ["config", None, None, "TOML file of flags (keys are the flag names; flag > env > file > default); SIGHUP reloads it"],
     ["max-bps", None, "0", "Relayed bytes per second per allocation, each direction on its own (as coturn's max-bps); 0 = no limit"],
     ["control-endpoint", None, DEFAULT_CONTROL_ENDPOINT,
      "host:port of the control endpoint (GET /allocations, POST /disconnect, POST /log_filter; no authentication), or off"],
@@ -99,6 +100,7 @@ _SPECIAL_ENV = {
     "token": "FIREZONE_TOKEN",
     "name": "FIREZONE_NAME",
     "rest-auth-secret": "REST_AUTH_SECRETS",
+    "config": "CONFIG_FILE",
 }
 
 
@@ -287,6 +289,9 @@ class Options(usage.Options):
         for flag in _REPEATABLE:
             self[flag] = []
         self._env_counts = {flag: 0 for flag in _REPEATABLE}
+        self._file_counts = {flag: 0 for flag in _REPEATABLE}
+        self.argv: list[str] = []
+        self.config_file: Any = None
 
     def opt_allow_peer(self, value: str) -> None:
         """Allow peers in this CIDR, repeatable [env: ALLOW_PEER, comma-separated]"""
@@ -330,15 +335,67 @@ class Options(usage.Options):
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         if options is None:
             options = sys.argv[1:]
-        super().parseOptions(self._environment_arguments() + list(options))
+        self.argv = list(options)
+        env_args = self._environment_arguments()
+        file_args = self._config_file_arguments(self.argv)
+        try:
+            super().parseOptions(file_args + env_args + self.argv)
+        except usage.UsageError as exc:
+            raise usage.UsageError(self._locate(str(exc), env_args)) from None
+
+    def _config_file_arguments(self, argv: Sequence[str]) -> list[str]:
+        """``--config FILE`` (the command line's, else CONFIG_FILE) as arguments."""
+        from firezone_relay.config import ConfigError, FlagSpec, load_config
+
+        path = None
+        for i, arg in enumerate(argv):
+            if arg == "--config" and i + 1 < len(argv):
+                path = argv[i + 1]
+            elif arg.startswith("--config="):
+                path = arg[len("--config="):]
+        if path is None:
+            path = self._environ.get(env_name("config")) or None
+        if not path:
+            return []
+        spec = FlagSpec(
+            parameters=frozenset(entry[0] for entry in _PARAMETERS),
+            flags=frozenset(entry[0] for entry in _FLAGS),
+            repeatable=frozenset(_REPEATABLE),
+        )
+        try:
+            self.config_file = load_config(path, spec)
+        except ConfigError as exc:
+            raise usage.UsageError("--config: %s" % exc) from None
+        for name in _REPEATABLE:
+            value = self.config_file.values.get(name)
+            self._file_counts[name] = len(value) if isinstance(value, list) else 0
+        return list(self.config_file.arguments())
+
+    def _locate(self, message: str, env_args: Sequence[str]) -> str:
+        """A usage error about a flag whose value came from the config file
+        names the file's line and key."""
+        from firezone_relay.config import flag_of_error
+
+        if self.config_file is None:
+            return message
+        names = [entry[0] for entry in _PARAMETERS] + [entry[0] for entry in _FLAGS] + list(_REPEATABLE)
+        flag = flag_of_error(message, names)
+        if flag is None or flag not in self.config_file.values:
+            return message
+        given = ("--" + flag, "--%s=" % flag)
+        if any(a == given[0] or a.startswith(given[1]) for a in list(env_args) + self.argv):
+            return message
+        return "%s: key %r: %s" % (self.config_file.where(flag), flag, message)
 
     def postOptions(self) -> None:
         # A repeatable flag given on the command line replaces the
         # environment's list instead of adding to it (flag > env).
         for name in _REPEATABLE:
-            n = self._env_counts[name]
-            if len(self[name]) > n:
-                self[name] = self[name][n:]
+            from_file, from_env = self._file_counts[name], self._env_counts[name]
+            if len(self[name]) > from_file + from_env:
+                self[name] = self[name][from_file + from_env :]
+            elif from_env:
+                self[name] = self[name][from_file:]
 
         if self["public-ip4-addr"] is not None:
             self["public-ip4-addr"] = _parse_ip("public-ip4-addr", self["public-ip4-addr"], 4)
@@ -490,7 +547,7 @@ def raise_nofile_limit() -> Optional[Tuple[int, int]]:
     return soft, target
 
 
-def relay_config(options: Options, secret: str) -> Any:
+def relay_config(options: Mapping[str, Any], secret: str) -> Any:
     """The core's ``RelayConfig`` for these options."""
     from firezone_relay.core.relay import RelayConfig
 
@@ -545,6 +602,7 @@ def makeService(options: Options) -> "MultiService":
     from firezone_relay.adapters.udp import RelayService
     from firezone_relay.core.relay import Relay
 
+    given = dict(options)  # as parsed: what a SIGHUP reload compares with
     limits = raise_nofile_limit()
     if limits is not None:
         log.info("open file limit: {old} -> {new}", old=limits[0], new=limits[1])
@@ -639,7 +697,7 @@ def makeService(options: Options) -> "MultiService":
     collector.add_drop_source(udp.drops)
     collector.udp = udp
     collector.fast_path = xdp
-    _add_stream(options, top, udp, registry, collector)
+    stream = _add_stream(options, top, udp, registry, collector)
     if not options["token"]:
         ServingFlag(readiness).setServiceParent(top)
     StatsLogger(relay, fast_path=xdp).setServiceParent(top)
@@ -649,7 +707,38 @@ def makeService(options: Options) -> "MultiService":
     health.setServiceParent(top)
     _add_portal_and_drain(options, top, udp, secret, readiness)
     _add_control(options, top, relay, udp)
+    _add_reload(given, options, top, relay, udp, stream.tls, secret)
     return top
+
+
+def _add_reload(
+    given: Mapping[str, Any], options: Options, top: "MultiService", relay: Any, udp: Any, tls: Any, secret: str
+) -> None:
+    """SIGHUP: the TLS certificate, and the configuration's live part (SPEC §10)."""
+    from firezone_relay.reload import Reloader, ReloadService
+
+    argv, environ = list(options.argv), dict(options._environ)
+    names = frozenset([entry[0] for entry in _PARAMETERS] + [entry[0] for entry in _FLAGS] + list(_REPEATABLE))
+
+    def parse() -> Options:
+        new = Options(environ=environ)
+        new.parseOptions(argv)
+        return new
+
+    def apply_core(merged: Any) -> None:
+        relay.reconfigure(relay_config(merged, secret))
+
+    reloader = Reloader(
+        given,
+        options,
+        names,
+        parse,
+        apply_core,
+        pump=udp._pump,
+        tls=tls,
+        on_secrets=lambda merged: warn_short_rest_secrets(merged["rest-auth-secret"]),
+    )
+    ReloadService(reloader).setServiceParent(top)
 
 
 def _add_control(options: Options, top: "MultiService", relay: Any, udp: Any) -> None:
@@ -749,6 +838,7 @@ def _add_stream(options: Options, top: "MultiService", udp: Any, registry: Any, 
             handshake_timeout=options["tls-handshake-timeout"],
             idle_timeout=options["stream-idle-timeout"],
         ),
+        reload_signal=None,  # SIGHUP belongs to the ReloadService, which reloads TLS too
     )
     stream.setServiceParent(top)
     registry.register(StreamCollector(stream))
