@@ -34,6 +34,7 @@ log = Logger(namespace="firezone_relay.tap")
 
 SOFTWARE = "firezone-relay (python) %s" % __version__
 DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
+DEFAULT_CONTROL_ENDPOINT = "127.0.0.1:9999"  # upstream's
 
 #: Route lookup target for public address detection: connect() on a UDP
 #: socket only asks the kernel for a route, no packet is sent.
@@ -84,13 +85,24 @@ _PARAMETERS: list[list[Any]] = [
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
     ["listen-address-discovery-method", None, None, "Read the public addresses not given from the cloud's metadata service: gce_metadata or aws_ec2_metadata"],
+    ["realm", None, "firezone", "REALM of the long-term credentials (both schemes)"],
+    ["config", None, None, "TOML file of flags (keys are the flag names; flag > env > file > default); SIGHUP reloads it"],
+    ["max-bps", None, "0", "Relayed bytes per second per allocation, each direction on its own (as coturn's max-bps); 0 = no limit"],
+    ["control-endpoint", None, DEFAULT_CONTROL_ENDPOINT,
+     "host:port of the control endpoint (GET /allocations, POST /disconnect, POST /log_filter; no authentication), or off"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
 ]
-_REPEATABLE = ("allow-peer", "deny-peer")
+_REPEATABLE = ("allow-peer", "deny-peer", "rest-auth-secret")
 
-_SPECIAL_ENV = {"api-url": "FIREZONE_API_URL", "token": "FIREZONE_TOKEN", "name": "FIREZONE_NAME"}
+_SPECIAL_ENV = {
+    "api-url": "FIREZONE_API_URL",
+    "token": "FIREZONE_TOKEN",
+    "name": "FIREZONE_NAME",
+    "rest-auth-secret": "REST_AUTH_SECRETS",
+    "config": "CONFIG_FILE",
+}
 
 
 def env_name(flag: str) -> str:
@@ -219,6 +231,47 @@ def _check_stream_options(options: Any) -> None:
             raise usage.UsageError("--tls-cert/--tls-key cannot be used: %s" % describe_tls_error(exc)) from None
 
 
+def _check_rest_secret(value: str) -> str:
+    if not value:
+        raise usage.UsageError("--rest-auth-secret must not be empty")
+    if len(value) > 1024 or not all(32 <= ord(c) <= 126 for c in value):
+        raise usage.UsageError("--rest-auth-secret must be printable ASCII of at most 1024 characters")
+    return value
+
+
+def _check_realm(value: str) -> str:
+    value = value.strip()
+    if not value or len(value) > 127 or not all(33 <= ord(c) <= 126 and c != '"' for c in value):
+        raise usage.UsageError("--realm must be 1 to 127 printable ASCII characters without spaces or quotes (got %r)" % (value,))
+    return value
+
+
+#: Shorter REST secrets are accepted (deployments have them) but warned about.
+MIN_SECRET_LENGTH = 32
+
+
+def warn_short_rest_secrets(secrets: Sequence[str]) -> None:
+    """SPEC §10: signed replies let anyone test guesses of a short secret offline."""
+    short = sum(1 for secret in secrets if len(secret) < MIN_SECRET_LENGTH)
+    if short:
+        log.warn(
+            "{short} of the {count} --rest-auth-secret values are shorter than {minimum} characters: signed replies "
+            "let anyone test guesses offline; use e.g. `openssl rand -hex 32`",
+            short=short, count=len(secrets), minimum=MIN_SECRET_LENGTH,
+        )
+
+
+def _check_control_endpoint(options: Any) -> None:
+    """``--control-endpoint``: ``off``, or host:port.  The default address is
+    optional (a bind failure is logged); one the operator gave is required."""
+    value = str(options["control-endpoint"]).strip()
+    if value.lower() in ("off", "none", "disabled", ""):
+        options["control-endpoint"] = None
+        return
+    options["control-endpoint-required"] = value != DEFAULT_CONTROL_ENDPOINT
+    options["control-endpoint"] = _parse_host_port("control-endpoint", value)
+
+
 class Options(usage.Options):
     """Options of ``twistd firezone-relay``; ``Options(environ=...)`` in tests."""
 
@@ -237,6 +290,9 @@ class Options(usage.Options):
         for flag in _REPEATABLE:
             self[flag] = []
         self._env_counts = {flag: 0 for flag in _REPEATABLE}
+        self._file_counts = {flag: 0 for flag in _REPEATABLE}
+        self.argv: list[str] = []
+        self.config_file: Any = None
 
     def opt_allow_peer(self, value: str) -> None:
         """Allow peers in this CIDR, repeatable [env: ALLOW_PEER, comma-separated]"""
@@ -245,6 +301,10 @@ class Options(usage.Options):
     def opt_deny_peer(self, value: str) -> None:
         """Deny peers in this CIDR, repeatable [env: DENY_PEER, comma-separated]"""
         self["deny-peer"].append(value)
+
+    def opt_rest_auth_secret(self, value: str) -> None:
+        """Shared secret of coturn-compatible TURN REST credentials (USERNAME <expiry>[:<user>], password base64(HMAC-SHA1(secret, USERNAME))); repeatable, for rotation [env: REST_AUTH_SECRETS, comma-separated]"""
+        self["rest-auth-secret"].append(value)
 
     def opt_version(self) -> None:
         """Print the version and exit"""
@@ -276,15 +336,67 @@ class Options(usage.Options):
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         if options is None:
             options = sys.argv[1:]
-        super().parseOptions(self._environment_arguments() + list(options))
+        self.argv = list(options)
+        env_args = self._environment_arguments()
+        file_args = self._config_file_arguments(self.argv)
+        try:
+            super().parseOptions(file_args + env_args + self.argv)
+        except usage.UsageError as exc:
+            raise usage.UsageError(self._locate(str(exc), env_args)) from None
+
+    def _config_file_arguments(self, argv: Sequence[str]) -> list[str]:
+        """``--config FILE`` (the command line's, else CONFIG_FILE) as arguments."""
+        from firezone_relay.config import ConfigError, FlagSpec, load_config
+
+        path = None
+        for i, arg in enumerate(argv):
+            if arg == "--config" and i + 1 < len(argv):
+                path = argv[i + 1]
+            elif arg.startswith("--config="):
+                path = arg[len("--config="):]
+        if path is None:
+            path = self._environ.get(env_name("config")) or None
+        if not path:
+            return []
+        spec = FlagSpec(
+            parameters=frozenset(entry[0] for entry in _PARAMETERS),
+            flags=frozenset(entry[0] for entry in _FLAGS),
+            repeatable=frozenset(_REPEATABLE),
+        )
+        try:
+            self.config_file = load_config(path, spec)
+        except ConfigError as exc:
+            raise usage.UsageError("--config: %s" % exc) from None
+        for name in _REPEATABLE:
+            value = self.config_file.values.get(name)
+            self._file_counts[name] = len(value) if isinstance(value, list) else 0
+        return list(self.config_file.arguments())
+
+    def _locate(self, message: str, env_args: Sequence[str]) -> str:
+        """A usage error about a flag whose value came from the config file
+        names the file's line and key."""
+        from firezone_relay.config import flag_of_error
+
+        if self.config_file is None:
+            return message
+        names = [entry[0] for entry in _PARAMETERS] + [entry[0] for entry in _FLAGS] + list(_REPEATABLE)
+        flag = flag_of_error(message, names)
+        if flag is None or flag not in self.config_file.values:
+            return message
+        given = ("--" + flag, "--%s=" % flag)
+        if any(a == given[0] or a.startswith(given[1]) for a in list(env_args) + self.argv):
+            return message
+        return "%s: key %r: %s" % (self.config_file.where(flag), flag, message)
 
     def postOptions(self) -> None:
         # A repeatable flag given on the command line replaces the
         # environment's list instead of adding to it (flag > env).
         for name in _REPEATABLE:
-            n = self._env_counts[name]
-            if len(self[name]) > n:
-                self[name] = self[name][n:]
+            from_file, from_env = self._file_counts[name], self._env_counts[name]
+            if len(self[name]) > from_file + from_env:
+                self[name] = self[name][from_file + from_env :]
+            elif from_env:
+                self[name] = self[name][from_file:]
 
         if self["public-ip4-addr"] is not None:
             self["public-ip4-addr"] = _parse_ip("public-ip4-addr", self["public-ip4-addr"], 4)
@@ -343,6 +455,14 @@ class Options(usage.Options):
             if not drain >= 0 or drain == float("inf"):
                 raise usage.UsageError("--drain-timeout must be a non-negative number of seconds")
             self["drain-timeout"] = drain
+        _check_control_endpoint(self)
+        self["rest-auth-secret"] = tuple(_check_rest_secret(v) for v in self["rest-auth-secret"])
+        self["realm"] = _check_realm(self["realm"])
+        self["max-bps"] = _parse_int("max-bps", self["max-bps"], 0)
+        if self["max-bps"] and self["ebpf-offloading"]:
+            raise usage.UsageError(
+                "--max-bps cannot be combined with --ebpf-offloading: the XDP fast path relays without counting bytes"
+            )
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
         _check_stream_options(self)
@@ -431,7 +551,7 @@ def raise_nofile_limit() -> Optional[Tuple[int, int]]:
     return soft, target
 
 
-def relay_config(options: Options, secret: str) -> Any:
+def relay_config(options: Mapping[str, Any], secret: str) -> Any:
     """The core's ``RelayConfig`` for these options."""
     from firezone_relay.core.relay import RelayConfig
 
@@ -450,6 +570,9 @@ def relay_config(options: Options, secret: str) -> Any:
         allow_peers=options["allow-peer"],
         deny_peers=options["deny-peer"],
         software=SOFTWARE,
+        rest_secrets=options["rest-auth-secret"],
+        realm=options["realm"],
+        max_bps=options["max-bps"],
     )
 
 
@@ -483,6 +606,7 @@ def makeService(options: Options) -> "MultiService":
     from firezone_relay.adapters.udp import RelayService
     from firezone_relay.core.relay import Relay
 
+    given = dict(options)  # as parsed: what a SIGHUP reload compares with
     limits = raise_nofile_limit()
     if limits is not None:
         log.info("open file limit: {old} -> {new}", old=limits[0], new=limits[1])
@@ -499,6 +623,10 @@ def makeService(options: Options) -> "MultiService":
     secret, generated = make_secret(options["auth-secret"], options["rng-seed"])
     rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else random.SystemRandom()
     relay = Relay(relay_config(options, secret), rng)
+    if options["rest-auth-secret"]:
+        log.info("TURN REST credentials: {count} shared secret(s), realm {realm}",
+                 count=len(options["rest-auth-secret"]), realm=options["realm"])
+        warn_short_rest_secrets(options["rest-auth-secret"])
 
     if options["token"]:
         # Portal mode: the secret goes to the portal only (stamp_secret), never to the log.
@@ -567,7 +695,7 @@ def makeService(options: Options) -> "MultiService":
     collector.add_drop_source(udp.drops)
     collector.udp = udp
     collector.fast_path = xdp
-    _add_stream(options, top, udp, registry, collector)
+    stream = _add_stream(options, top, udp, registry, collector)
     if not options["token"]:
         ServingFlag(readiness).setServiceParent(top)
     StatsLogger(relay, fast_path=xdp).setServiceParent(top)
@@ -576,7 +704,67 @@ def makeService(options: Options) -> "MultiService":
     health.setName("http")
     health.setServiceParent(top)
     _add_portal_and_drain(options, top, udp, secret, readiness)
+    _add_control(options, top, relay, udp)
+    _add_reload(given, options, top, relay, udp, stream.tls, secret)
     return top
+
+
+def _add_reload(
+    given: Mapping[str, Any], options: Options, top: "MultiService", relay: Any, udp: Any, tls: Any, secret: str
+) -> None:
+    """SIGHUP: the TLS certificate, and the configuration's live part (SPEC §10)."""
+    from firezone_relay.reload import Reloader, ReloadService
+
+    argv, environ = list(options.argv), dict(options._environ)
+    names = frozenset([entry[0] for entry in _PARAMETERS] + [entry[0] for entry in _FLAGS] + list(_REPEATABLE))
+
+    def parse() -> Options:
+        new = Options(environ=environ)
+        new.parseOptions(argv)
+        return new
+
+    def apply_core(merged: Any) -> None:
+        relay.reconfigure(relay_config(merged, secret))
+
+    reloader = Reloader(
+        given,
+        options,
+        names,
+        parse,
+        apply_core,
+        pump=udp._pump,
+        tls=tls,
+        on_secrets=lambda merged: warn_short_rest_secrets(merged["rest-auth-secret"]),
+    )
+    ReloadService(reloader).setServiceParent(top)
+
+
+def _add_control(options: Options, top: "MultiService", relay: Any, udp: Any) -> None:
+    """The control endpoint (SPEC §10), unless ``--control-endpoint off``."""
+    if options["control-endpoint"] is None:
+        log.info("control endpoint: off")
+        return
+    from firezone_relay.adapters.control import ControlResource, ControlService
+
+    host, port = options["control-endpoint"]
+    loopback = ipaddress.ip_address(host).is_loopback
+    if not loopback:
+        log.warn(
+            "control endpoint on a non-loopback address ({host}): it has no authentication, "
+            "anyone who reaches it can list and end allocations",
+            host=host,
+        )
+    resource = ControlResource(
+        relay,
+        pump=udp._pump,
+        transport_of=udp._transport_of,
+        set_log_level=None,
+        clock=udp._now,
+        loopback_only=loopback,
+    )
+    control = ControlService(host, port, resource, required=bool(options.get("control-endpoint-required")))
+    control.setName("control")
+    control.setServiceParent(top)
 
 
 def _add_portal_and_drain(options: Options, top: "MultiService", udp: Any, secret: str, readiness: Any) -> None:
@@ -648,6 +836,7 @@ def _add_stream(options: Options, top: "MultiService", udp: Any, registry: Any, 
             handshake_timeout=options["tls-handshake-timeout"],
             idle_timeout=options["stream-idle-timeout"],
         ),
+        reload_signal=None,  # SIGHUP belongs to the ReloadService, which reloads TLS too
     )
     stream.setServiceParent(top)
     registry.register(StreamCollector(stream))

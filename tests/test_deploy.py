@@ -276,3 +276,24 @@ class SystemdUnitTests(unittest.SynchronousTestCase):
             if line.strip() and "is not executable" not in line and "No such file" not in line
         ]
         self.assertEqual(problems, [])
+
+
+class ExampleConfigTests(unittest.TestCase):
+    """deploy/firezone-relay.toml parses as the relay reads it, and every
+    commented-out key in it is a flag too."""
+
+    def test_the_example_config_parses(self) -> None:
+        from firezone_relay import tap
+
+        path = DEPLOY / "firezone-relay.toml"
+        options = tap.Options(environ={})
+        options.parseOptions(["--config", str(path)])
+        self.assertEqual(options["public-ip4-addr"], "203.0.113.7")
+        self.assertEqual(options["control-endpoint"], ("127.0.0.1", 9999))
+        self.assertEqual(options["rest-auth-secret"], ("put-the-output-of-openssl-rand-hex-32-here",))
+        self.assertEqual(options["health-check-addr"], ("127.0.0.1", 8080))
+        flags = {entry[0] for entry in tap.Options.optParameters} | {entry[0] for entry in tap.Options.optFlags}
+        flags |= {"allow-peer", "deny-peer", "rest-auth-secret"}
+        commented = re.findall(r"^# ?([a-z0-9-]+) = ", path.read_text(), re.M)
+        self.assertTrue(commented)
+        self.assertEqual([key for key in commented if key not in flags], [])

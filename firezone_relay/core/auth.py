@@ -52,6 +52,31 @@ def parse_username(username: str) -> Optional[Tuple[int, str]]:
     return expiry, salt
 
 
+def rest_password(secret: str, username: str) -> str:
+    """The TURN REST password for ``username`` under ``secret`` (SPEC §10).
+
+    The shared-secret scheme coturn calls ``use-auth-secret``, and that
+    Matrix/Synapse, Nextcloud Talk, Jitsi and Galene mint:
+    base64(HMAC-SHA1(secret, username)), padded.
+    """
+    digest = hmac.digest(secret.encode("utf-8"), username.encode("utf-8"), "sha1")
+    return base64.b64encode(digest).decode("ascii")
+
+
+def parse_rest_username(username: str) -> Optional[int]:
+    """The expiry of a REST username ``<expiry>[:<user>]``, or ``None``.
+
+    The expiry is canonical decimal (no sign, no leading zero), so one
+    credential has exactly one USERNAME.
+    """
+    expiry_text = username.partition(":")[0]
+    if not expiry_text.isdigit() or not expiry_text.isascii() or len(expiry_text) > 19:
+        return None
+    if expiry_text != "0" and expiry_text.startswith("0"):
+        return None
+    return int(expiry_text)
+
+
 class NonceFactory:
     """Issues and checks stateless nonces bound to a client address."""
 

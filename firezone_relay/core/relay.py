@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Protocol, Sequence, Union
 
 from . import stun
-from .auth import NONCE_LIFETIME, REALM, NonceFactory, generate_password, parse_username
+from .auth import NONCE_LIFETIME, REALM, NonceFactory, generate_password, parse_rest_username, parse_username, rest_password
 from .commands import (
     Address,
     AllocationCreated,
@@ -70,9 +70,30 @@ MIN_CHANNEL = 0x4000
 MAX_CHANNEL = 0x7FFF
 UDP = 17
 MAX_PORT_ATTEMPTS = 16
+#: A REST credential valid for longer than this is refused (401): a
+#: credential that never expires is a static password in disguise.
+MAX_REST_LIFETIME = 366 * 86400
 
 _PASSWORD_ALGORITHMS = ((stun.ALGORITHM_SHA256, b""), (stun.ALGORITHM_MD5, b""))
 _WIRE_FAMILY = {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}
+
+
+#: RelayConfig fields that ``Relay.reconfigure`` may change.
+LIVE_FIELDS = frozenset(
+    (
+        "user_allocation_limit",
+        "max_allocations",
+        "max_permissions",
+        "max_channels",
+        "allow_loopback_peers",
+        "allow_peers",
+        "deny_peers",
+        "unauthenticated_burst",
+        "unauthenticated_rate",
+        "rest_secrets",
+        "max_bps",
+    )
+)
 
 
 class RandomSource(Protocol):
@@ -106,6 +127,13 @@ class RelayConfig:
     unauthenticated_burst: int = 200
     unauthenticated_rate: float = 100.0
     nonce_lifetime: int = NONCE_LIFETIME
+    #: Shared secrets of coturn-compatible TURN REST credentials (SPEC §10),
+    #: checked after the Firezone scheme; several during a rotation.
+    rest_secrets: Sequence[str] = ()
+    realm: str = REALM
+    #: Relayed payload bytes per second per allocation, each direction on
+    #: its own (coturn's max-bps); 0 = no limit.
+    max_bps: int = 0
 
     def __post_init__(self) -> None:
         if self.public_ip4 is None and self.public_ip6 is None:
@@ -116,6 +144,9 @@ class RelayConfig:
             raise ValueError("the listen port lies inside the allocation port range")
         if not self.auth_secret:
             raise ValueError("an auth secret is required")
+
+
+_FIXED_FIELDS = tuple(name for name in RelayConfig.__dataclass_fields__ if name not in LIVE_FIELDS)
 
 
 @dataclass
@@ -139,6 +170,24 @@ class RelayStats:
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+@dataclass(frozen=True)
+class AllocationInfo:
+    """One allocation as the control endpoint shows it (SPEC §10)."""
+
+    client: Client
+    username: str
+    port: int
+    relayed: tuple[Address, ...]
+    age: float
+    lifetime_left: float
+    channels: int
+    permissions: int
+    bytes_to_peers: int
+    packets_to_peers: int
+    bytes_to_client: int
+    packets_to_client: int
 
 
 class _Timed:
@@ -185,7 +234,9 @@ class _Reservation(_Timed):
 class _Request:
     """What a reply to one request needs: where, which transaction, signed how."""
 
-    __slots__ = ("sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated")
+    __slots__ = (
+        "sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated", "algorithm"
+    )
 
     def __init__(self, sender: Client, message: stun.Message) -> None:
         self.sender = sender
@@ -196,6 +247,7 @@ class _Request:
         self.sha256 = False
         self.username = ""
         self.authenticated = False
+        self.algorithm = stun.ALGORITHM_MD5
 
 
 class _Allocation(_Timed):
@@ -220,6 +272,8 @@ class _Allocation(_Timed):
         "attempts",
         "tried_ports",
         "active",
+        "created",
+        "meter",
     )
 
     def __init__(self, client: Client, username: str, families: tuple[int, ...], lifetime: int) -> None:
@@ -245,6 +299,11 @@ class _Allocation(_Timed):
         self.attempts = 0
         self.tried_ports: set[int] = set()
         self.active = False
+        self.created = 0.0
+        #: [bytes to peers, packets to peers, bytes to the client, packets to
+        #: the client, then for --max-bps: tokens and last refill of each
+        #: direction]: shared with the fast-path entries, one list per allocation
+        self.meter: list[float] = [0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0]
 
 
 def _family_of(ip: str) -> int:
@@ -269,13 +328,14 @@ class Relay:
         self._own_ips = frozenset(self._public.values())
         self._software = config.software
         self._draining = False
+        self._max_bps = config.max_bps
 
         self._allocations: dict[Client, _Allocation] = {}
         self._by_port: dict[int, _Allocation] = {}
         self._by_username: dict[str, list[_Allocation]] = {}
         self._pending: dict[tuple[int, int], _Allocation] = {}
-        #: client -> channel -> (port, family, peer, hairpin): the fast path
-        self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool]]] = {}
+        #: client -> channel -> (port, family, peer, hairpin, meter): the fast path
+        self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool, list[float]]]] = {}
         self._used_ports: set[int] = set()
         self._reservations: dict[bytes, _Reservation] = {}
         self._timers: list[tuple[float, int, _Timed]] = []
@@ -309,6 +369,28 @@ class Relay:
     def start_draining(self) -> None:
         """Refuse new allocations (508) from now on; everything else goes on."""
         self._draining = True
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """Take a new configuration while running (SIGHUP reload, SPEC §10).
+
+        Only the fields in ``LIVE_FIELDS`` may differ from the current
+        configuration: addresses, ports and the secret shape every allocation
+        and nonce already issued.  The new limits apply to what comes next;
+        existing allocations, permissions and channels are kept.
+        """
+        fixed = [f for f in _FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
+        if fixed:
+            raise ValueError("cannot change while running: %s" % ", ".join(fixed))
+        self.config = config
+        self._max_bps = config.max_bps
+        self._policy = PeerPolicy(config.allow_peers, config.deny_peers, config.allow_loopback_peers)
+        # A peer the new policy denies loses its channels and permissions now
+        # (the same commands as on expiry), not when they would have expired.
+        for alloc in list(self._by_port.values()):
+            for channel in [c for c in alloc.channels.values() if c.bound and not self._peer_allowed(c.peer)[0]]:
+                self._expire_channel(channel)
+            for permission in [p for p in alloc.permissions.values() if not self._ip_allowed(p.ip)]:
+                self._expire_permission(permission)
 
     def next_command(self) -> Optional[Command]:
         if self._commands:
@@ -369,6 +451,11 @@ class Relay:
             stats.client_to_peer_packets += 1
             stats.client_to_peer_bytes += length
             stats.packet_sizes[(length - 1) // 100 if 0 < length <= 1500 else (15 if length else 0)] += 1
+            meter = entry[4]
+            if self._max_bps and self._over_budget(meter, 4, length, now):
+                return None
+            meter[0] += length
+            meter[1] += 1
             if entry[3]:
                 return self._hairpin(entry[0], entry[1], entry[2], payload, now)
             return (entry[0], entry[1], entry[2], payload)
@@ -394,6 +481,11 @@ class Relay:
             stats.peer_to_client_packets += 1
             stats.peer_to_client_bytes += n
             stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
+            meter = alloc.meter
+            if self._max_bps and self._over_budget(meter, 6, n, now):
+                return None
+            meter[2] += n
+            meter[3] += 1
             if entry[3]:  # streams carry ChannelData padded to 4 bytes (RFC 8656 §12.5)
                 return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data + b"\x00" * (-n % 4))
             return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data)
@@ -415,6 +507,11 @@ class Relay:
         stats.peer_to_client_packets += 1
         stats.peer_to_client_bytes += n
         stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
+        meter = alloc.meter
+        if self._max_bps and self._over_budget(meter, 6, n, now):
+            return None
+        meter[2] += n
+        meter[3] += 1
         return (self.config.listen_port, _family_of(alloc.client[0]), alloc.client, indication)
 
     def handle_client_closed(self, client: Client, now: float) -> None:
@@ -502,7 +599,7 @@ class Relay:
                     key = None
                     if exc.username is not None and parsed is not None:
                         password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
-                        key = stun.long_term_key(exc.username, REALM, password)
+                        key = stun.long_term_key(exc.username, self.config.realm, password)
                     self._send(
                         sender,
                         exc.method,
@@ -609,7 +706,7 @@ class Relay:
             code,
             now,
             [
-                (stun.REALM, REALM),
+                (stun.REALM, self.config.realm),
                 (stun.NONCE, self._nonces.issue((request.sender[0], request.sender[1]), now)),
                 (stun.PASSWORD_ALGORITHMS, _PASSWORD_ALGORITHMS),
             ],
@@ -674,19 +771,33 @@ class Relay:
             self._auth_failure("bad_password_algorithm")
             self._error(request, 400, now)
             return False
-        if parsed is None or request.key is None:
+        rest_expiry = parse_rest_username(username) if self.config.rest_secrets else None
+        if (parsed is None or request.key is None) and rest_expiry is None:
             self._auth_failure("malformed_username")
             self._challenge(request, 401, now)
             return False
-        if request.sha256:
-            valid = stun.check_integrity_sha256(message, request.key)
-        else:
-            valid = stun.check_integrity(message, request.key)
-        if not valid:
+        check = stun.check_integrity_sha256 if request.sha256 else stun.check_integrity
+        expiry: Optional[int] = None
+        if parsed is not None and request.key is not None and check(message, request.key):
+            expiry = parsed[0]
+        elif rest_expiry is not None:
+            # TURN REST credentials (SPEC §10): either scheme's key may verify.
+            for secret in self.config.rest_secrets:
+                key = stun.long_term_key(username, self.config.realm, rest_password(secret, username), request.algorithm)
+                if check(message, key):
+                    request.key = key
+                    request.username = username
+                    expiry = rest_expiry
+                    break
+            if expiry is not None and expiry > now + MAX_REST_LIFETIME:
+                self._auth_failure("rest_expiry_too_far")
+                self._challenge(request, 401, now)
+                return False
+        if expiry is None:
             self._auth_failure("bad_integrity")
             self._challenge(request, 401, now)
             return False
-        if parsed[0] < now:
+        if expiry < now:
             self._auth_failure("expired")
             self._challenge(request, 401, now)
             return False
@@ -711,11 +822,12 @@ class Relay:
             )
             if algorithms_ok and isinstance(algorithm_value, tuple):
                 algorithm = algorithm_value[0]
+        request.algorithm = algorithm
+        request.sha256 = message.integrity_sha256_offset >= 0
         if username is not None and parsed is not None:
             request.username = username
             password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
-            request.key = stun.long_term_key(username, REALM, password, algorithm)
-            request.sha256 = message.integrity_sha256_offset >= 0
+            request.key = stun.long_term_key(username, self.config.realm, password, algorithm)
         return parsed, algorithms_ok
 
     def _auth_failure(self, reason: str) -> None:
@@ -918,6 +1030,7 @@ class Relay:
         request = alloc.request
         assert request is not None
         alloc.active = True
+        alloc.created = now
         alloc.deadline = now + alloc.lifetime
         alloc.tried_ports = set()
         self._by_port[alloc.port] = alloc
@@ -1110,7 +1223,7 @@ class Relay:
         if not channel.bound:
             channel.bound = True
             self.channel_count += 1
-            self._chan_out.setdefault(alloc.client, {})[number] = (alloc.port, family, peer, hairpin)
+            self._chan_out.setdefault(alloc.client, {})[number] = (alloc.port, family, peer, hairpin, alloc.meter)
             alloc.chan_in[peer] = (alloc.client, number.to_bytes(2, "big"), _family_of(alloc.client[0]), len(alloc.client) == 3)
             self._commands.append(ChannelBound(alloc.client, number, peer, alloc.port, family))
         self._schedule(channel)
@@ -1160,12 +1273,35 @@ class Relay:
         stats.client_to_peer_packets += 1
         stats.client_to_peer_bytes += len(data)
         stats.packet_sizes[(len(data) - 1) // 100 if 0 < len(data) <= 1500 else (15 if data else 0)] += 1
+        if self._max_bps and self._over_budget(alloc.meter, 4, len(data), now):
+            return
+        alloc.meter[0] += len(data)
+        alloc.meter[1] += 1
         if hairpin:
             out = self._hairpin(alloc.port, family, peer, data, now)
             if out is not None:
                 self._commands.append(SendDatagram(*out))
             return
         self._commands.append(SendDatagram(alloc.port, family, peer, data))
+
+    # --- bandwidth -------------------------------------------------------------------------------
+
+    def _over_budget(self, meter: list[float], at: int, size: int, now: float) -> bool:
+        """--max-bps: a token bucket of one second's bytes (at least one
+        largest datagram) per direction; ``meter[at]`` holds the tokens and
+        ``meter[at + 1]`` the last refill.  True (and counted) when ``size``
+        bytes do not fit: the datagram is dropped."""
+        rate = float(self._max_bps)
+        capacity = max(rate, 65535.0)
+        last = meter[at + 1]
+        tokens = capacity if last == 0.0 else min(capacity, meter[at] + (now - last) * rate)
+        meter[at + 1] = now
+        if tokens < size:
+            meter[at] = tokens
+            self.stats.drop("bandwidth_limit")
+            return True
+        meter[at] = tokens - size
+        return False
 
     # --- hairpin ----------------------------------------------------------------------------------
 
@@ -1176,6 +1312,49 @@ class Relay:
         return self.handle_peer_traffic(payload, source, peer[1], family, now)
 
     # --- introspection for tests and metrics --------------------------------------------------------
+
+    def allocations(self, now: float, username: Optional[str] = None) -> list[AllocationInfo]:
+        """Every active allocation (of ``username`` if given), oldest first."""
+        if username is not None:
+            chosen: Sequence[_Allocation] = self._by_username.get(username, ())
+        else:
+            chosen = list(self._by_port.values())
+        out = []
+        for alloc in sorted(chosen, key=lambda a: (a.created, a.port)):
+            meter = alloc.meter
+            out.append(
+                AllocationInfo(
+                    alloc.client,
+                    alloc.username,
+                    alloc.port,
+                    tuple((self._public[f], alloc.port) for f in alloc.families),
+                    max(0.0, now - alloc.created),
+                    max(0.0, alloc.deadline - now),
+                    sum(1 for c in alloc.channels.values() if c.bound),
+                    len(alloc.permissions),
+                    int(meter[0]),
+                    int(meter[1]),
+                    int(meter[2]),
+                    int(meter[3]),
+                )
+            )
+        return out
+
+    def disconnect(self, username: Optional[str] = None, client: Optional[Address] = None) -> int:
+        """Delete at once the allocations of ``username`` and/or from
+        ``client`` (ip, port; a stream client matches on its address).
+        Returns how many were deleted; their ports close as on expiry."""
+        if username is None and client is None:
+            raise ValueError("disconnect needs a username or a client")
+        doomed = [
+            alloc
+            for alloc in self._by_port.values()
+            if (username is None or alloc.username == username)
+            and (client is None or (alloc.client[0], alloc.client[1]) == client)
+        ]
+        for alloc in doomed:
+            self._delete_allocation(alloc, "disconnected by the operator")
+        return len(doomed)
 
     def memory_footprint(self) -> dict[str, int]:
         """Sizes of every internal table (tests check they all return to 0)."""

@@ -81,7 +81,9 @@ class BrowserRelay:
     """``twistd -n firezone-relay`` on one loopback address, UDP + TCP + TLS,
     JSON logs in a file."""
 
-    def __init__(self, test: TestCase, ip: str = "127.0.0.1", allow_loopback_peers: bool = True) -> None:
+    def __init__(
+        self, test: TestCase, ip: str = "127.0.0.1", allow_loopback_peers: bool = True, extra: Sequence[str] = ()
+    ) -> None:
         self.test = test
         self.ip = ip
         self.listen_port = free_udp_port((4,))
@@ -108,6 +110,7 @@ class BrowserRelay:
         ]
         if allow_loopback_peers:
             argv.append("--allow-loopback-peers")
+        argv += list(extra)
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
                 argv, cwd=str(self.directory), env=relay_env(), stdout=out, stderr=subprocess.STDOUT,
@@ -252,6 +255,20 @@ class ChromiumTests(TestCase):
 
     def test_tls(self) -> None:
         self.run_transport("tls")
+
+    def test_rest_credentials(self) -> None:
+        """What Matrix/Synapse, Nextcloud Talk or Jitsi hand a browser: TURN REST credentials (SPEC §10)."""
+        from firezone_relay.core.auth import rest_password
+
+        secret = "turn_shared_secret-of-a-synapse-0123456789"
+        relay = BrowserRelay(self, extra=["--rest-auth-secret=%s" % secret])
+        browser = Browser(self)
+        username = "%d:@alice:matrix.example.org" % (int(time.time()) + 3600)
+        server = {"urls": [relay.url("udp")], "username": username, "credential": rest_password(secret, username)}
+        result = browser.call([server])
+        self.assert_relayed_call(result, server["urls"][0], "udp")
+        self.assertEqual([r["username"] for r in relay.allocations("created")], [username, username])
+        relay.assert_healthy()
 
     def test_wrong_password_yields_no_candidates(self) -> None:
         relay = BrowserRelay(self)

@@ -1239,7 +1239,7 @@ class RelayMachine(RuleBasedStateMachine):
             }
         chan_out = {
             c: {
-                n: (a.port, family_of(ch.peer[0]), ch.peer, ch.peer[0] in self.own)
+                n: (a.port, family_of(ch.peer[0]), ch.peer, ch.peer[0] in self.own, relay._allocations[c].meter)
                 for n, ch in a.channels.items()
                 if ch.bound
             }

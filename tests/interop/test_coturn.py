@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.python import log
 from twisted.trial.unittest import TestCase
@@ -102,11 +102,12 @@ class UclientTests(TestCase):
     interval_ms = 5
 
     def uclient(self, relay: Relay, peer: EchoPeer, flags: Sequence[str], server: str = "127.0.0.1",
-                peer_ip: str = "127.0.0.1") -> Dict[str, Any]:
+                peer_ip: str = "127.0.0.1", auth: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         binary = require_tool(self, "turnutils_uclient")
-        username, password = credentials()
-        argv: List[str] = [binary, *flags,
-                           "-u", username, "-w", password,
+        if auth is None:
+            username, password = credentials()
+            auth = ["-u", username, "-w", password]
+        argv: List[str] = [binary, *flags, *auth,
                            "-p", str(relay.listen_port),
                            "-e", peer_ip, "-r", str(peer.port),
                            "-m", str(self.clients), "-n", str(self.messages),
@@ -190,3 +191,30 @@ class UclientTests(TestCase):
         stats = self.uclient(relay, peer, ["-c", "-x"], server="::1", peer_ip="::1")
         self.assert_no_loss(stats, self.clients)
         self.assert_allocations(relay, created=2 * self.clients, deleted=self.clients, family=6)
+
+    def test_rest_credentials(self) -> None:
+        """coturn's REST mode (-W): USERNAME <expiry>:<user>, password base64(HMAC-SHA1(secret, USERNAME))."""
+        require_tool(self, "turnutils_uclient")
+        secret = "rest-secret-for-the-interop-test-0123456789"
+        relay = Relay(self, extra=["--rest-auth-secret=old-secret-being-rotated-out-0123456789",
+                                   "--rest-auth-secret=%s" % secret])
+        peer = EchoPeer(self)
+        stats = self.uclient(relay, peer, ["-c"], auth=["-W", secret, "-u", "alice"])
+        self.assert_no_loss(stats, self.clients)
+        made = self.assert_allocations(relay, created=2 * self.clients, deleted=self.clients)
+        users = {r["username"] for r in made}
+        self.assertEqual(len(users), 1, users)
+        expiry, _, user = users.pop().partition(":")
+        self.assertEqual(user, "alice")
+        self.assertTrue(expiry.isdigit(), expiry)
+
+    def test_rest_credentials_with_a_wrong_secret_are_refused(self) -> None:
+        binary = require_tool(self, "turnutils_uclient")
+        relay = Relay(self, extra=["--rest-auth-secret=the-right-secret-0123456789abcdef"])
+        peer = EchoPeer(self)
+        argv = [binary, "-c", "-W", "a-wrong-secret-0123456789abcdef", "-u", "mallory", "-p", str(relay.listen_port),
+                "-e", "127.0.0.1", "-r", str(peer.port), "-m", "1", "-n", "5", "127.0.0.1"]
+        result = run_tool(argv, timeout=UCLIENT_TIMEOUT)
+        self.assertNotEqual(result.returncode, 0, result.stdout[-2000:])
+        self.assertEqual(relay.created(), [])
+        relay.assert_healthy()
