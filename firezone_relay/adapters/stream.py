@@ -58,7 +58,8 @@ Limits at accept time: ``max_connections`` in total and
 ``sourcekey.source_key``); beyond them the connection is closed before any
 byte is read.  Memory for partial input is bounded across all connections:
 what each connection holds between reads (a partial frame, and with TLS a
-partial record in the incoming BIO) counts against ``max_buffered``, and a
+partial record, counted from the record headers since OpenSSL keeps it in
+its own buffer) counts against ``max_buffered``, and a
 connection whose holding would take the total past it is closed
 (``buffer_budget``).  TLS: 1.2 or newer, ECDHE with AES-GCM or ChaCha20-Poly1305
 only; ``TLSContext.reload`` (on SIGHUP) swaps the certificate for new
@@ -536,30 +537,40 @@ class TLSStreamProtocol(StreamProtocol):
 
     def _track_records(self, data: bytes) -> None:
         """Follow TLS record boundaries (5-byte header with the length in
-        bytes 3-4) to know how much of an incomplete record is held."""
+        bytes 3-4) to know how much of an incomplete record is held.  One
+        step per record, no copy but of a split header."""
+        n = len(data)
+        i = 0
         header = self._record_header
+        if header:  # a header split across reads (rare): complete it first
+            take = min(5 - len(header), n)
+            header += data[:take]
+            i = take
+            if len(header) < 5:
+                self._record_header = header
+                self._record_received += take
+                return
+            self._record_header = b""
+            self._record_missing = (header[3] << 8) | header[4]
+            self._record_received = 5
         missing = self._record_missing
-        received = self._record_received
-        i, n = 0, len(data)
-        while i < n:
-            if missing:
-                take = min(missing, n - i)
-                missing -= take
-                i += take
-                received = received + take if missing else 0
-                continue
-            take = min(5 - len(header), n - i)
-            header += data[i : i + take]
-            i += take
-            received += take
-            if len(header) == 5:
-                missing = (header[3] << 8) | header[4]
-                header = b""
-                if not missing:
-                    received = 0
-        self._record_header = header
-        self._record_missing = missing
-        self._record_received = received
+        if missing:
+            if missing > n - i:
+                self._record_missing = missing - (n - i)
+                self._record_received += n - i
+                return
+            i += missing
+        while n - i >= 5:
+            end = i + 5 + ((data[i + 3] << 8) | data[i + 4])
+            if end > n:
+                self._record_missing = end - n
+                self._record_received = n - i
+                return
+            i = end
+        self._record_missing = 0
+        self._record_received = n - i
+        if i < n:
+            self._record_header = data[i:]
 
     def _input(self, data: bytes) -> None:
         """Decrypt ``data`` and hand each record's plaintext to ``_frames``."""
