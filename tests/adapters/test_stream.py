@@ -909,6 +909,36 @@ class HostileStreamTests(StreamFixture, unittest.TestCase):
         yield first.lost
         yield self.wait_until(lambda: self.stream.buffered == 0)
 
+    def test_record_tracking_counts_the_incomplete_record_for_any_split(self) -> None:
+        from firezone_relay.adapters.stream import TLSStreamProtocol
+
+        rng = random.Random(7)
+        for _ in range(500):
+            lengths = [rng.choice([0, 1, 4, 5, 100, 1229, 16401]) for _ in range(rng.randint(1, 5))]
+            stream = b"".join(bytes([23, 3, 3]) + n.to_bytes(2, "big") + b"r" * n for n in lengths)
+            ends = [0]
+            for n in lengths:
+                ends.append(ends[-1] + 5 + n)
+            cut = rng.randint(0, len(stream))
+            conn = TLSStreamProtocol.__new__(TLSStreamProtocol)
+            conn._record_header, conn._record_missing, conn._record_received = b"", 0, 0
+            i = 0
+            while i < cut:  # in pieces of 1 byte to 20 KiB
+                j = min(cut, i + rng.choice([1, 3, 7, 300, 20000]))
+                conn._track_records(stream[i:j])
+                i = j
+            self.assertEqual(conn._record_received, cut - max(e for e in ends if e <= cut), (lengths, cut))
+
+    @defer.inlineCallbacks
+    def test_tls_traffic_leaves_nothing_counted(self) -> Any:
+        self.start(tls=True)
+        client = yield self.connect(tls=True)
+        yield self.allocate(client)
+        for _ in range(5):
+            response = yield client.request(stun.BINDING, signed=False)
+            self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertEqual(self.stream.buffered, 0)
+
     @defer.inlineCallbacks
     def test_buffered_bytes_metric(self) -> Any:
         from prometheus_client import CollectorRegistry
