@@ -90,6 +90,8 @@ _PARAMETERS: list[list[Any]] = [
     ["max-bps", None, "0", "Relayed bytes per second per allocation, each direction on its own (as coturn's max-bps); 0 = no limit"],
     ["control-endpoint", None, DEFAULT_CONTROL_ENDPOINT,
      "host:port of the control endpoint (GET /allocations, POST /disconnect, POST /log_filter; no authentication), or off"],
+    ["stream-auth-timeout", None, "30", "Seconds a TCP/TLS connection has to allocate before it is closed, whatever it sends"],
+    ["stream-buffer-budget", None, "16777216", "Bytes of partial input all TCP/TLS connections together may hold; beyond it the connection that would pass it is closed"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -217,6 +219,8 @@ def _check_stream_options(options: Any) -> None:
     options["max-connections"] = _parse_int("max-connections", options["max-connections"], 0)
     options["max-connections-per-ip"] = _parse_int("max-connections-per-ip", options["max-connections-per-ip"], 0)
     options["stream-write-buffer"] = _parse_int("stream-write-buffer", options["stream-write-buffer"], 1)
+    options["stream-auth-timeout"] = _parse_seconds("stream-auth-timeout", options["stream-auth-timeout"])
+    options["stream-buffer-budget"] = _parse_int("stream-buffer-budget", options["stream-buffer-budget"], 1)
     for flag in ("tls-cert", "tls-key"):
         if options[flag] is not None and not options[flag].strip():
             options[flag] = None
@@ -835,6 +839,8 @@ def _add_stream(options: Options, top: "MultiService", udp: Any, registry: Any, 
             write_buffer=options["stream-write-buffer"],
             handshake_timeout=options["tls-handshake-timeout"],
             idle_timeout=options["stream-idle-timeout"],
+            auth_timeout=options["stream-auth-timeout"],
+            max_buffered=options["stream-buffer-budget"],
         ),
         reload_signal=None,  # SIGHUP belongs to the ReloadService, which reloads TLS too
     )

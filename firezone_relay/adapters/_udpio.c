@@ -322,12 +322,17 @@ transmit(IOObject *self, PyObject *t)
             if (PyErr_Occurred())
                 return -1;
             if (fd_obj != NULL && (family == 4 || family == 6)) {
+                /* fd_obj (and ports) are borrowed from the fds dict, and a
+                   flush calls into Python (send_failed, internal_error),
+                   which may change that dict and free them: take the C int
+                   now and touch neither after the flush. */
+                int fd = (int)PyLong_AsLong(fd_obj);
+                fd_obj = ports = NULL;
+                if (fd < 0 && PyErr_Occurred())
+                    return -1;
                 if (queued == BATCH && flush(self) < 0)
                     return -1;
                 queued_t *q = &queue[queued];
-                int fd = (int)PyLong_AsLong(fd_obj);
-                if (fd < 0 && PyErr_Occurred())
-                    return -1;
                 if (sockaddr_of(dest, (int)family, q)) {
                     if (PyObject_GetBuffer(payload, &q->buf, PyBUF_SIMPLE) < 0) {
                         PyErr_Clear(); /* not a buffer: the fallback says why */

@@ -14,14 +14,34 @@ connection (a half-sent request included) is closed after ``timeout``
 seconds, request bodies are discarded unread, and at most
 ``max_connections`` connections are open at once.  No access log: a scrape
 every few seconds is not news.
+
+Slow clients (slowloris).  Twisted's idle timeout restarts on every byte, so
+a client dribbling a byte every few seconds would hold a connection for
+ever.  Three bounds on top of it:
+
+* a deadline per request: from the moment the server waits for a request
+  (connection open, or the previous response handed to the transport) the
+  whole request, head and body, must be in within ``request_deadline``
+  seconds, whatever bytes arrive meanwhile; else the connection is aborted;
+* at most ``max_connections_per_source`` connections per source (an IPv4
+  address, or an IPv6 /64: ``sourcekey.source_key``);
+* when all ``max_connections`` are taken, a new connection from a source
+  holding fewer than the busiest source takes the place of that source's
+  oldest connection (``_victim``), so an attacker who spreads slow
+  connections over many addresses still cannot lock a one-connection client
+  such as a liveness probe out; it can only take a fair share.
+
+Closes and refusals are counted (``relay_http_connections_refused_total``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -29,10 +49,17 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from firezone_relay.adapters.sourcekey import source_key
+
 log = Logger(namespace="firezone_relay.adapters.http")
 
 HTTP_TIMEOUT = 10.0
+#: Seconds from "waiting for a request" to the request complete (see above).
+REQUEST_DEADLINE = 10.0
 MAX_CONNECTIONS = 256
+#: Below MAX_CONNECTIONS: one source alone never fills the server.
+MAX_CONNECTIONS_PER_SOURCE = 16
+REFUSAL_REASONS = ("per_source", "max_connections", "evicted", "deadline")
 _ALLOW = b"GET, HEAD"
 
 
@@ -169,17 +196,63 @@ class _Request(Request):
 
 
 class _Channel(http.HTTPChannel):
+    """An ``HTTPChannel`` with a deadline per request (see the module docstring)."""
+
+    factory: "HealthSite"
+    source = ""
+    registered = False
+    #: True while a request is being received or waited for (not handled).
+    waiting = True
+    _deadline_call: Any = None
+    _gone = False
+
     def connectionMade(self) -> None:
-        self.factory.open_connections += 1
         super().connectionMade()
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        self._cancel_deadline()
+        self.waiting = True
+        if not self._gone:
+            self._deadline_call = self.callLater(self.factory.request_deadline, self._deadline_passed)
+
+    def _cancel_deadline(self) -> None:
+        call, self._deadline_call = self._deadline_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _deadline_passed(self) -> None:
+        self._deadline_call = None
+        if not self._gone:
+            self.factory.refused["deadline"] += 1
+            self.abort()
+
+    def abort(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def allContentReceived(self) -> None:
+        self._cancel_deadline()
+        self.waiting = False
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # Armed first: a pipelined request buffered behind this one is parsed
+        # inside super().requestDone and must be able to cancel it.
+        self._arm_deadline()
+        super().requestDone(request)
 
     def connectionLost(self, reason: Any) -> None:
-        self.factory.open_connections -= 1
+        self._gone = True
+        self._cancel_deadline()
+        self.factory.unregister(self)
         super().connectionLost(reason)
 
 
 class HealthSite(Site):
-    """A ``Site`` with an idle timeout, a connection cap and no access log."""
+    """A ``Site`` with an idle timeout, a deadline per request, connection
+    caps (total and per source) and no access log."""
 
     protocol = _Channel
     noisy = False
@@ -190,20 +263,90 @@ class HealthSite(Site):
         timeout: float = HTTP_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         reactor: Any = None,
+        request_deadline: float = REQUEST_DEADLINE,
+        max_connections_per_source: int = MAX_CONNECTIONS_PER_SOURCE,
     ) -> None:
         super().__init__(resource, requestFactory=_Request, timeout=timeout, reactor=reactor)
         self.displayTracebacks = False
         self.max_connections = max_connections
+        self.max_connections_per_source = max_connections_per_source
+        self.request_deadline = request_deadline
         self.open_connections = 0
+        #: Open connections by source, oldest first.
+        self.by_source: Dict[str, List[_Channel]] = {}
+        self.refused: Dict[str, int] = {reason: 0 for reason in REFUSAL_REASONS}
 
     def buildProtocol(self, addr: Any) -> Optional[http.HTTPChannel]:
-        if self.open_connections >= self.max_connections:
+        key = source_key(str(getattr(addr, "host", "")))
+        mine = len(self.by_source.get(key, ()))
+        if mine >= self.max_connections_per_source:
+            self.refused["per_source"] += 1
             return None  # the reactor closes the connection at once
-        channel: http.HTTPChannel = super().buildProtocol(addr)
+        if self.open_connections >= self.max_connections:
+            victim = self._victim(mine)
+            if victim is None:
+                self.refused["max_connections"] += 1
+                return None
+            self.refused["evicted"] += 1
+            self.unregister(victim)
+            victim.abort()
+        channel: _Channel = super().buildProtocol(addr)
+        channel.source = key
+        channel.registered = True
+        self.by_source.setdefault(key, []).append(channel)
+        self.open_connections += 1
         return channel
+
+    def _victim(self, mine: int) -> Optional[_Channel]:
+        """The oldest waiting connection of the source with the most
+        connections, if that source holds at least two more than the
+        newcomer's (so taking one moves towards a fair share)."""
+        busiest: Optional[List[_Channel]] = None
+        for channels in self.by_source.values():
+            if busiest is None or len(channels) > len(busiest):
+                busiest = channels
+        if busiest is None or len(busiest) < mine + 2:
+            return None
+        for channel in busiest:
+            if channel.waiting:
+                return channel
+        return None
+
+    def unregister(self, channel: _Channel) -> None:
+        if not channel.registered:
+            return
+        channel.registered = False
+        self.open_connections -= 1
+        channels = self.by_source.get(channel.source)
+        if channels is not None:
+            try:
+                channels.remove(channel)
+            except ValueError:
+                pass
+            if not channels:
+                del self.by_source[channel.source]
 
     def log(self, request: Request) -> None:
         pass
+
+
+class HttpCollector(Collector):
+    """``relay_http_connections_refused_total{reason}``, read at scrape time."""
+
+    def __init__(self, site: HealthSite) -> None:
+        self.site = site
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "relay_http_connections_refused",
+            "Health/metrics HTTP connections refused or closed by a bound: per_source (the per-source cap), "
+            "max_connections (all taken), evicted (gave way to a source with fewer), deadline (request not "
+            "complete in time).",
+            labels=["reason"],
+        )
+        for reason in REFUSAL_REASONS:
+            family.add_metric([reason], self.site.refused[reason])
+        yield family
 
 
 def make_site(
@@ -212,8 +355,10 @@ def make_site(
     timeout: float = HTTP_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
     reactor: Any = None,
+    **limits: Any,
 ) -> HealthSite:
-    return HealthSite(Root(registry, readiness), timeout=timeout, max_connections=max_connections, reactor=reactor)
+    return HealthSite(Root(registry, readiness), timeout=timeout, max_connections=max_connections, reactor=reactor,
+                      **limits)
 
 
 class HealthService(Service):
@@ -227,7 +372,10 @@ class HealthService(Service):
         readiness: Readiness,
         timeout: float = HTTP_TIMEOUT,
         reactor: Any = None,
+        **limits: Any,
     ) -> None:
+        """``limits``: ``request_deadline``, ``max_connections_per_source``
+        (``HealthSite``'s keyword arguments)."""
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -237,7 +385,8 @@ class HealthService(Service):
         self.reactor = reactor
         self.registry = registry
         self.readiness = readiness
-        self.site = make_site(registry, readiness, timeout=timeout, reactor=reactor)
+        self.site = make_site(registry, readiness, timeout=timeout, reactor=reactor, **limits)
+        registry.register(HttpCollector(self.site))
         self.listening: Any = None
 
     def privilegedStartService(self) -> None:

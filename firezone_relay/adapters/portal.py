@@ -149,20 +149,37 @@ def load_trust_root(path: str) -> Any:
     return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
 
 
+#: The longest wait a ``Retry-After`` can ask for (5 minutes: room for a
+#: portal's rate-limit hint, five times the backoff's longest interval).
+#: Anything longer (400 digits, a date next year) is cut to it.
+RETRY_AFTER_MAX = 300.0
+_DELAY_SECONDS = re.compile(r"[0-9]+")
+
+
 def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
-    """Seconds to wait from a ``Retry-After`` value (seconds or an HTTP date)."""
+    """Seconds to wait from a ``Retry-After`` value (delay-seconds or an HTTP
+    date), within ``[0, RETRY_AFTER_MAX]``; ``None`` when absent or not one of
+    those (a negative number, garbage): the backoff applies then.  Never
+    raises, and costs the same for any length of value."""
     if value is None:
         return None
-    value = value.strip()
-    if value.isdigit():
-        return float(int(value))
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        text = str(value).strip()
+        if _DELAY_SECONDS.fullmatch(text[:16]):
+            if len(text) > 9:  # digits only, and more than ~30 years
+                return RETRY_AFTER_MAX if text.isdigit() and text.isascii() else None
+            return min(float(int(text)), RETRY_AFTER_MAX)
+        if len(text) > 64:  # longer than any HTTP date
+            return None
+        when = email.utils.parsedate_to_datetime(text)
+        if when is None:
+            return None
+        delta = when.timestamp() - now
+    except Exception:  # OverflowError, ValueError, TypeError, IndexError: not a date we can use
         return None
-    if when is None:
+    if delta != delta:  # NaN
         return None
-    return max(0.0, when.timestamp() - now)
+    return max(0.0, min(delta, RETRY_AFTER_MAX))
 
 
 # --- the websocket protocol ---------------------------------------------------
@@ -415,7 +432,11 @@ class PortalClient(Service):
 
     def _retry(self, why: str, retry_after: Optional[float]) -> None:
         assert self.policy is not None
-        delay = self.policy.next_delay(self.clock.seconds(), retry_after)
+        try:
+            delay = self.policy.next_delay(self.clock.seconds(), retry_after)
+        except Exception:  # never leave the loop without a next step
+            log.failure("portal: error computing the reconnect delay; using the backoff")
+            delay = self.policy.next_delay(self.clock.seconds(), None)
         if delay is None:
             window = "24 h" if self.policy.ever_joined else "%.0f s" % ReconnectPolicy.INITIAL_MAX_ELAPSED
             self._fatal("no portal connection for %s (last error: %s)" % (window, why))
@@ -448,6 +469,18 @@ class PortalClient(Service):
         if protocol is not self.protocol:
             return
         self.protocol = None
+        try:
+            retry = self._connection_ended(protocol, reason)
+        except Exception as exc:
+            # Whatever went wrong reading the failure, the loop goes on: a
+            # relay that stops reconnecting sits "not joined" for ever.
+            log.failure("portal: error while handling the lost connection; reconnecting anyway")
+            retry = ("connection lost (%s while handling it)" % type(exc).__name__, None)
+        if retry is not None and not self._stopped and self._retry_call is None:
+            self._retry(*retry)
+
+    def _connection_ended(self, protocol: PortalProtocol, reason: Failure) -> Optional[Tuple[str, Optional[float]]]:
+        """Clean up after a connection; ``(why, retry_after)`` to reconnect, ``None`` not to."""
         was_open = self.session.open
         self.session.connection_lost()
         self._update_readiness()
@@ -459,14 +492,14 @@ class PortalClient(Service):
         if self._stopped:
             if self.fatal_reason is None:
                 log.info("portal connection closed")
-            return
+            return None
         status, headers, body = protocol.upgrade_failure()
         if status == 401:
             self._fatal(
                 "portal rejected the token (HTTP 401 on the websocket upgrade%s)"
                 % (": " + body.strip() if body.strip() else "")
             )
-            return
+            return None
         retry_after = None
         if status is not None:
             why = "websocket upgrade refused with HTTP %d%s" % (status, ": " + body.strip() if body.strip() else "")
@@ -481,7 +514,7 @@ class PortalClient(Service):
         else:
             # TLS verification errors only show up here.
             why = "connection failed: %s" % (reason.getErrorMessage() or reason.type.__name__,)
-        self._retry(why, retry_after)
+        return why, retry_after
 
     # --- the pump -----------------------------------------------------------------
 

@@ -48,11 +48,20 @@ count, so a slowloris client is closed too); while it holds an allocation
 the allocation's lifetime is the idle timeout: a client that vanished
 without a FIN stops refreshing, the core expires the allocation, and the
 idle check, measured from the last complete frame, closes the connection.
-TCP keepalive is on as well.
+TCP keepalive is on as well.  Apart from those, a connection that has not
+allocated within ``auth_timeout`` of its opening is closed whatever it sends
+(Bindings, or a steady trickle of complete frames, do not keep it): the
+unauthenticated cost of a connection is bounded in time.
 
 Limits at accept time: ``max_connections`` in total and
-``max_connections_per_ip``; beyond them the connection is closed before any
-byte is read.  TLS: 1.2 or newer, ECDHE with AES-GCM or ChaCha20-Poly1305
+``max_connections_per_ip`` (per source: an IPv4 address or an IPv6 /64,
+``sourcekey.source_key``); beyond them the connection is closed before any
+byte is read.  Memory for partial input is bounded across all connections:
+what each connection holds between reads (a partial frame, and with TLS a
+partial record, counted from the record headers since OpenSSL keeps it in
+its own buffer) counts against ``max_buffered``, and a
+connection whose holding would take the total past it is closed
+(``buffer_budget``).  TLS: 1.2 or newer, ECDHE with AES-GCM or ChaCha20-Poly1305
 only; ``TLSContext.reload`` (on SIGHUP) swaps the certificate for new
 connections while established ones carry on with the old one.
 
@@ -83,6 +92,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from firezone_relay.adapters import dispatch
+from firezone_relay.adapters.sourcekey import source_key
 from firezone_relay.core.framing import FramingError, frame_length
 
 log = Logger(namespace="firezone_relay.adapters.stream")
@@ -115,6 +125,12 @@ class StreamLimits:
     #: Seconds without a complete frame after which a connection that holds
     #: no allocation is closed.
     idle_timeout: float = 60.0
+    #: Seconds from accept within which a connection must allocate, whatever
+    #: it sends meanwhile; then it is closed.
+    auth_timeout: float = 30.0
+    #: Bytes of partial input (frames, TLS records) all connections together
+    #: may hold between reads.
+    max_buffered: int = 16 * 1024 * 1024
 
 
 class _Counter(dict):  # type: ignore[type-arg]
@@ -227,6 +243,11 @@ class StreamProtocol(Protocol):
         self._backlog = 0
         self._idle_call: Any = None
         self._handshake_call: Any = None
+        self._auth_call: Any = None
+        #: Bytes this connection holds in ``service.buffered``.
+        self._held = 0
+        #: The key its per-source count is kept under.
+        self.source = source_key(ip)
         #: The socket, for a direct send when Twisted buffers nothing.
         self._socket: Optional[socket.socket] = None
         #: What was written during this reactor turn (see flush).
@@ -248,14 +269,19 @@ class StreamProtocol(Protocol):
         if not self.handshaken:
             self._handshake_call = clock.callLater(service.limits.handshake_timeout, self._handshake_timed_out)
         self._idle_call = clock.callLater(service.limits.idle_timeout, self._idle_check)
+        if not self.has_allocation:
+            self._auth_call = clock.callLater(service.limits.auth_timeout, self._auth_timed_out)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.closed = True
-        for name in ("_idle_call", "_handshake_call"):
+        for name in ("_idle_call", "_handshake_call", "_auth_call"):
             call = getattr(self, name)
             setattr(self, name, None)
             if call is not None and call.active():
                 call.cancel()
+        if self._held:
+            self.service.buffered -= self._held
+            self._held = 0
         self.service.connection_lost(self)
 
     def abort(self, reason: str) -> None:
@@ -278,6 +304,26 @@ class StreamProtocol(Protocol):
             self._input(data)
         finally:
             service.end_read()
+        if not self.closed:
+            held = self._holding()
+            if held != self._held:
+                self._account(held)
+
+    def _holding(self) -> int:
+        """Bytes of partial input kept until the next read."""
+        return len(self._buffer)
+
+    def _account(self, held: int) -> None:
+        """Move this connection's share of ``service.buffered`` to ``held``,
+        or close it if that would pass ``max_buffered``."""
+        service = self.service
+        total = service.buffered - self._held + held
+        if held > self._held and total > service.limits.max_buffered:
+            self._buffer = b""
+            self.abort("buffer_budget")
+            return
+        service.buffered = total
+        self._held = held
 
     def _input(self, data: bytes) -> None:
         """What a read brought: frames here; TLS records in ``TLSStreamProtocol``."""
@@ -406,6 +452,11 @@ class StreamProtocol(Protocol):
 
     # --- timers -------------------------------------------------------------------------
 
+    def _auth_timed_out(self) -> None:
+        self._auth_call = None
+        if not self.closed and not self.has_allocation:
+            self.abort("auth_timeout")
+
     def _handshake_timed_out(self) -> None:
         self._handshake_call = None
         if not self.handshaken:
@@ -425,9 +476,11 @@ class StreamProtocol(Protocol):
 
     def allocation_started(self) -> None:
         self.has_allocation = True
-        call, self._idle_call = self._idle_call, None
-        if call is not None and call.active():
-            call.cancel()
+        for name in ("_idle_call", "_auth_call"):
+            call = getattr(self, name)
+            setattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
 
     def allocation_ended(self) -> None:
         self.has_allocation = False
@@ -462,6 +515,12 @@ class TLSStreamProtocol(StreamProtocol):
         self._tls: Optional[ssl.SSLObject] = None
         self._tls_in: Optional[ssl.MemoryBIO] = None
         self._tls_out: Optional[ssl.MemoryBIO] = None
+        # The incoming record being received (``_track_records``): OpenSSL
+        # takes a partial record out of the BIO into its own buffer, so what
+        # it holds is counted here, from the record headers.
+        self._record_header = b""
+        self._record_missing = 0
+        self._record_received = 0
 
     def connectionMade(self) -> None:
         tls_context = self.service.tls
@@ -473,12 +532,53 @@ class TLSStreamProtocol(StreamProtocol):
         self._tls = self._tls_in = self._tls_out = None
         super().connectionLost(reason)
 
+    def _holding(self) -> int:
+        return len(self._buffer) + self._record_received
+
+    def _track_records(self, data: bytes) -> None:
+        """Follow TLS record boundaries (5-byte header with the length in
+        bytes 3-4) to know how much of an incomplete record is held.  One
+        step per record, no copy but of a split header."""
+        n = len(data)
+        i = 0
+        header = self._record_header
+        if header:  # a header split across reads (rare): complete it first
+            take = min(5 - len(header), n)
+            header += data[:take]
+            i = take
+            if len(header) < 5:
+                self._record_header = header
+                self._record_received += take
+                return
+            self._record_header = b""
+            self._record_missing = (header[3] << 8) | header[4]
+            self._record_received = 5
+        missing = self._record_missing
+        if missing:
+            if missing > n - i:
+                self._record_missing = missing - (n - i)
+                self._record_received += n - i
+                return
+            i += missing
+        while n - i >= 5:
+            end = i + 5 + ((data[i + 3] << 8) | data[i + 4])
+            if end > n:
+                self._record_missing = end - n
+                self._record_received = n - i
+                return
+            i = end
+        self._record_missing = 0
+        self._record_received = n - i
+        if i < n:
+            self._record_header = data[i:]
+
     def _input(self, data: bytes) -> None:
         """Decrypt ``data`` and hand each record's plaintext to ``_frames``."""
         tls = self._tls
         incoming = self._tls_in
         assert tls is not None and incoming is not None
         incoming.write(data)
+        self._track_records(data)
         if not self.handshaken:
             try:
                 tls.do_handshake()
@@ -616,7 +716,9 @@ class StreamService(Service):
         self.handle_client_input = self.relay.handle_client_input
         self.pump = udp_service._pump
         self.connections: Dict[int, StreamProtocol] = {}
-        self.per_ip: Dict[str, int] = {}
+        self.per_ip: Dict[str, int] = {}  # by source key: IPv4 address or IPv6 /64
+        #: Bytes of partial input held by all connections (``max_buffered``).
+        self.buffered = 0
         self.listening: Dict[Tuple[str, int], Any] = {}
         self.accepted: Dict[str, int] = _Counter()
         self.rejected: Dict[Tuple[str, str], int] = _Counter()
@@ -742,7 +844,7 @@ class StreamService(Service):
         reason = None
         if len(self.connections) >= limits.max_connections:
             reason = "max_connections"
-        elif self.per_ip.get(ip, 0) >= limits.max_connections_per_ip:
+        elif self.per_ip.get(source_key(ip), 0) >= limits.max_connections_per_ip:
             reason = "max_connections_per_ip"
         if reason is not None:
             self.rejected[(transport_name, reason)] += 1
@@ -753,7 +855,7 @@ class StreamService(Service):
             self, transport_name, ip, port, connection_id
         )
         self.connections[connection_id] = conn
-        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+        self.per_ip[conn.source] = self.per_ip.get(conn.source, 0) + 1
         self.accepted[transport_name] += 1
         return conn
 
@@ -778,12 +880,12 @@ class StreamService(Service):
         except Exception as exc:
             self.internal_error(exc)
         del self.connections[conn.connection_id]
-        ip = conn.client[0]
-        left = self.per_ip.get(ip, 1) - 1
+        key = conn.source
+        left = self.per_ip.get(key, 1) - 1
         if left > 0:
-            self.per_ip[ip] = left
+            self.per_ip[key] = left
         else:
-            self.per_ip.pop(ip, None)
+            self.per_ip.pop(key, None)
         if conn.has_allocation:
             conn.has_allocation = False
             self.allocations[conn.transport_name] -= 1
@@ -966,12 +1068,18 @@ class StreamCollector(Collector):
         closed = CounterMetricFamily(
             "relay_stream_connections_closed",
             "Connections ended, by transport and reason (client: the client closed it; bad_frame, "
-            "write_buffer, handshake_timeout, idle: the relay did).",
+            "write_buffer, handshake_timeout, idle, auth_timeout, buffer_budget: the relay did).",
             labels=["transport", "reason"],
         )
         for (t, reason), count in sorted(service.closed.items()):
             closed.add_metric([t, reason], count)
         yield closed
+
+        yield GaugeMetricFamily(
+            "relay_stream_buffered_bytes",
+            "Bytes of partial input (frames, TLS records) held by all client connections between reads.",
+            value=service.buffered,
+        )
 
         stream_bytes = CounterMetricFamily(
             "relay_stream_bytes",

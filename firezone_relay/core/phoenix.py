@@ -16,6 +16,7 @@ to give up (SPEC §6).  Neither does I/O; time and randomness come in.
 from __future__ import annotations
 
 import json
+import reprlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Union
@@ -26,6 +27,9 @@ HEARTBEAT_INTERVAL = 10.0
 JOIN_TIMEOUT = 5.0
 MAX_UNANSWERED_HEARTBEATS = 3
 MAX_FRAME_BYTES = 1 << 20
+#: Portal-supplied text (a ``disconnect`` reason, a join error payload) is cut
+#: to this many characters before it goes into an event (and so a log line).
+MAX_LOGGED_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,15 @@ class PhoenixSession:
         self._unanswered.clear()
 
     def text_received(self, text: str, now: float) -> None:
+        """Handle one text frame; never raises, whatever the portal sends."""
         if not self.open:
             return
+        try:
+            self._text_received(text, now)
+        except Exception as exc:  # a bug here must not take the portal connection's owner down
+            self._events.append(Ignored("frame not handled (%s)" % type(exc).__name__))
+
+    def _text_received(self, text: str, now: float) -> None:
         if len(text) > MAX_FRAME_BYTES:
             self._events.append(Ignored("frame of %d bytes ignored" % len(text)))
             return
@@ -122,6 +133,9 @@ class PhoenixSession:
             frame = json.loads(text)
         except ValueError:
             self._events.append(Ignored("malformed JSON frame"))
+            return
+        except RecursionError:  # nesting deeper than the interpreter's limit
+            self._events.append(Ignored("JSON frame nested too deeply"))
             return
         if not isinstance(frame, dict):
             self._events.append(Ignored("frame is not a JSON object"))
@@ -148,7 +162,7 @@ class PhoenixSession:
             if reason == "token_expired":
                 self._events.append(Fatal("portal token expired"))
             else:
-                self._events.append(Reconnect("portal asked to disconnect: %s" % (reason,)))
+                self._events.append(Reconnect("portal asked to disconnect: %s" % (printable(reason),)))
         elif event == "phx_error":
             self._events.append(Ignored("phx_error on %s" % topic))
         else:
@@ -215,7 +229,31 @@ class PhoenixSession:
             self._events.append(Ignored("join answered 'unmatched topic': joining again"))
             self._send_join(now)
             return
-        self._events.append(Fatal("portal rejected the join: %s" % (reason if reason is not None else payload,)))
+        self._events.append(
+            Fatal("portal rejected the join: %s" % (printable(reason if reason is not None else payload),))
+        )
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 4
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = MAX_LOGGED_CHARS
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = 16
+
+
+def printable(value: object, limit: int = MAX_LOGGED_CHARS) -> str:
+    """``value`` (a string as is, anything else as a bounded repr) cut to
+    ``limit`` characters, with a marker when cut: portal text for a log line.
+    Costs O(limit) whatever the size or depth of ``value``."""
+    if isinstance(value, str):
+        text = value[: limit + 1]
+    else:
+        try:
+            text = _REPR.repr(value)
+        except Exception:  # RecursionError included
+            text = "<%s>" % type(value).__name__
+    if len(text) > limit:
+        return text[:limit] + "...(cut)"
+    return text
 
 
 def _ref_number(ref: object) -> Optional[int]:

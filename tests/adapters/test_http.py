@@ -9,6 +9,7 @@ process.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -55,12 +56,12 @@ def free_tcp_port() -> int:
 class HttpFixture:
     """A relay core, its registry and the HTTP service on 127.0.0.1:<any>."""
 
-    def start_http(self: Any, timeout: float = 10.0, **relay_options: Any) -> None:
+    def start_http(self: Any, timeout: float = 10.0, limits: Optional[Dict[str, Any]] = None, **relay_options: Any) -> None:
         self.relay = make_relay(**relay_options)
         self.driver = Driver(self.relay)
         self.readiness = Readiness(self.relay)
         self.registry, self.collector = make_registry(self.relay, self.readiness)
-        self.http = HealthService("127.0.0.1", 0, self.registry, self.readiness, timeout=timeout)
+        self.http = HealthService("127.0.0.1", 0, self.registry, self.readiness, timeout=timeout, **(limits or {}))
         self.http.startService()
         self.addCleanup(self.stop_http)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
@@ -405,6 +406,163 @@ class SlowClientTests(HttpFixture, unittest.TestCase):
         self.assertEqual(response.code, 200)
 
 
+class _Dribbler(protocol.Protocol):
+    """Sends a request head that never ends, ``step`` bytes at a time every
+    ``interval`` seconds (a slowloris client); records when it is closed."""
+
+    def __init__(self, interval: float, prefix: bytes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n") -> None:
+        self.interval = interval
+        self.prefix = prefix
+        self.lost: defer.Deferred[float] = defer.Deferred()
+        self.opened = 0.0
+        self.sent = 0
+        self._loop: Optional[task.LoopingCall] = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.opened = time.monotonic()
+        self.transport.write(self.prefix)
+        self._loop = task.LoopingCall(self._drip)
+        self._loop.start(self.interval, now=False)
+
+    def _drip(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"X-%d: y\r\n" % self.sent)
+        self.sent += 1
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self.lost.callback(time.monotonic() - self.opened)
+
+
+@defer.inlineCallbacks
+def dribblers(case: Any, host: str, port: int, sources: list[str], per_source: int, interval: float) -> Any:
+    """Open ``per_source`` dribbling connections from each source address."""
+    clients = []
+    for source in sources:
+        for _ in range(per_source):
+            try:
+                client = yield protocol.ClientCreator(reactor, _Dribbler, interval).connectTCP(
+                    host, port, timeout=5, bindAddress=(source, 0)
+                )
+            except Exception:
+                continue  # refused at once: counted by the caller through the survivors
+            case.addCleanup(lambda c=client: c.transport.abortConnection() if not c.lost.called else None)
+            clients.append(client)
+    return clients
+
+
+class SlowlorisTests(HttpFixture, unittest.TestCase):
+    """Issue 14 item 2: bytes that keep arriving do not keep a request alive."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_request_deadline_is_absolute_whatever_bytes_arrive(self) -> Any:
+        self.start_http(timeout=10.0, limits={"request_deadline": 1.0})
+        host, port = self.http.address
+        (client,) = yield dribblers(self, host, port, ["127.0.0.1"], 1, 0.1)
+        held = yield client.lost
+        self.assertGreater(client.sent, 5)  # it kept sending (and the idle timeout kept restarting)
+        self.assertTrue(0.9 <= held < 3.0, held)
+        self.assertEqual(self.http.site.refused["deadline"], 1)
+        s = yield self.scrape()
+        self.assertEqual(value(s, "relay_http_connections_refused_total", reason="deadline"), 1)
+
+    @defer.inlineCallbacks
+    def test_deadline_restarts_per_request_on_a_kept_alive_connection(self) -> Any:
+        self.start_http(timeout=10.0, limits={"request_deadline": 1.0})
+        host, port = self.http.address
+        received = []
+
+        class KeepAlive(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        client = yield protocol.ClientCreator(reactor, KeepAlive).connectTCP(host, port)
+        self.addCleanup(client.transport.abortConnection)
+        started = time.monotonic()
+        for _ in range(4):  # 4 requests 0.6 s apart: 2.4 s on one connection, each within its deadline
+            client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            yield task.deferLater(reactor, 0.6, lambda: None)
+        answers = b"".join(received).count(b"HTTP/1.1 200 OK")
+        self.assertEqual(answers, 4)
+        self.assertGreater(time.monotonic() - started, 2.0)
+        self.assertEqual(self.http.site.refused["deadline"], 0)
+        # Then silence (a client that never reads or sends): closed by the deadline.
+        client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        yield wait_for(lambda: self.http.site.refused["deadline"] == 1, 3.0)
+
+    @defer.inlineCallbacks
+    def test_per_source_cap(self) -> Any:
+        self.start_http(limits={"max_connections_per_source": 3})
+        host, port = self.http.address
+        mine = yield dribblers(self, host, port, ["127.0.0.1"], 4, 1.0)
+        yield wait_for(lambda: self.http.site.open_connections == 3 and any(c.lost.called for c in mine), 3.0)
+        self.assertEqual(sum(1 for c in mine if not c.lost.called), 3)
+        self.assertEqual(self.http.site.refused["per_source"], 1)
+        other = yield dribblers(self, host, port, ["127.0.0.2"], 1, 1.0)
+        yield wait_for(lambda: self.http.site.open_connections == 4, 3.0)
+        self.assertFalse(other[0].lost.called)
+
+    @defer.inlineCallbacks
+    def test_a_full_server_gives_way_to_a_source_with_fewer_connections(self) -> Any:
+        self.start_http(limits={"max_connections_per_source": 8})
+        self.http.site.max_connections = 8
+        host, port = self.http.address
+        attackers = yield dribblers(self, host, port, ["127.0.0.1"], 8, 1.0)
+        yield wait_for(lambda: self.http.site.open_connections == 8, 3.0)
+        # A client from another source is served: it takes an attacker's place.
+        response, body = yield self.get_from("127.0.0.2", "/healthz")
+        self.assertEqual((response, body), (200, b"ok\n"))
+        self.assertEqual(self.http.site.refused["evicted"], 1)
+        self.assertEqual(sum(1 for c in attackers if c.lost.called), 1)
+
+    @defer.inlineCallbacks
+    def get_from(self, source: str, path: str) -> Any:
+        """GET from a given loopback source address (http.client in a thread)."""
+        import http.client
+
+        from twisted.internet.threads import deferToThread
+
+        host, port = self.http.address
+
+        def get() -> Tuple[int, bytes]:
+            conn = http.client.HTTPConnection(host, port, timeout=5, source_address=(source, 0))
+            try:
+                conn.request("GET", path)
+                r = conn.getresponse()
+                return r.status, r.read()
+            finally:
+                conn.close()
+
+        result = yield deferToThread(get)
+        return result
+
+
+@defer.inlineCallbacks
+def wait_for(predicate: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1f s" % timeout)
+        yield task.deferLater(reactor, 0.02, lambda: None)
+
+
+class SourceKeyTests(unittest.SynchronousTestCase):
+    def test_ipv6_counts_per_64_and_mapped_ipv4_as_ipv4(self) -> None:
+        from firezone_relay.adapters.sourcekey import source_key
+
+        self.assertEqual(source_key("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(source_key("2001:db8:1:2:aaaa::1"), source_key("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+        self.assertEqual(source_key("2001:db8:1:2::9"), "2001:db8:1:2::/64")
+        self.assertNotEqual(source_key("2001:db8:1:2::1"), source_key("2001:db8:1:3::1"))
+        self.assertEqual(source_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(source_key("fe80::1%eth0"), "fe80::/64")
+        self.assertEqual(source_key("not an address"), "not an address")
+
+
 class MakeServiceTests(HttpFixture, unittest.TestCase):
     """The composition root wires the HTTP service, the readiness flag and the adapter's drops."""
 
@@ -536,3 +694,55 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(value(s, "relay_port_range_size"), 32)
         self.assertEqual(value(s, "relay_ready"), 1)
         self.assertIsNotNone(value(s, "process_resident_memory_bytes"))
+
+
+class SlowlorisProcessTests(unittest.TestCase):
+    """Issue 14 item 2 against ``twistd firezone-relay`` with its default HTTP limits."""
+
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_healthz_answers_while_many_sources_dribble(self) -> Any:
+        import http.client
+
+        from twisted.internet.threads import deferToThread
+
+        from tests.adapters.test_drain import RelayProcess, wait_until
+
+        relay = RelayProcess(self)
+        found = yield wait_until(
+            lambda: re.search(r"HTTP health and metrics on 127\.0\.0\.1:(\d+)", relay.output()), 30, "HTTP port"
+        )
+        port = int(found.group(1))
+
+        def get(source: str, path: str = "/healthz") -> Tuple[int, bytes, float]:
+            started = time.monotonic()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+            try:
+                conn.request("GET", path)
+                r = conn.getresponse()
+                return r.status, r.read(), time.monotonic() - started
+            finally:
+                conn.close()
+
+        status, _, _ = yield deferToThread(get, "127.0.0.2")
+        self.assertEqual(status, 200)
+        # 20 sources x 16 (the per-source cap) = 320 slow connections > 256 (the total).
+        sources = ["127.0.0.%d" % n for n in range(10, 30)]
+        attackers = yield dribblers(self, "127.0.0.1", port, sources, 16, 1.0)
+        self.assertGreaterEqual(len(attackers), 256)
+        yield task.deferLater(reactor, 1.5, lambda: None)  # every one has dribbled
+        self.assertGreaterEqual(sum(1 for c in attackers if not c.lost.called), 200)
+        for source in ("127.0.0.200", "127.0.0.201", "127.0.0.202"):
+            status, body, took = yield deferToThread(get, source)
+            self.assertEqual((status, body), (200, b"ok\n"))
+            self.assertLess(took, 2.0)
+        # Every dribbler is closed by the 10 s deadline although it kept sending.
+        held = yield defer.gatherResults([c.lost for c in attackers])
+        self.assertLess(max(held), 10.0 + 3.0)
+        self.assertGreater(min(c.sent for c in attackers if c.lost.result >= 9.0), 5)
+        status, body, _ = yield deferToThread(get, "127.0.0.2", "/metrics")
+        samples = parse_samples(body.decode("utf-8"))
+        self.assertGreaterEqual(value(samples, "relay_http_connections_refused_total", reason="deadline") or 0, 200)
+        self.assertGreaterEqual(value(samples, "relay_http_connections_refused_total", reason="evicted") or 0, 3)
+        self.assertTrue(relay.running())

@@ -75,6 +75,43 @@ class PureHelperTests(unittest.SynchronousTestCase):
         self.assertEqual(P.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470.0), 10.0)
         self.assertEqual(P.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1445412490.0), 0.0)
 
+    def test_retry_after_hostile_values_are_parsed_safely_and_clamped(self) -> None:
+        """Issue 14 item 12: any value gives a delay in [0, 300] s or None (the backoff), never an exception."""
+        self.assertEqual(P.RETRY_AFTER_MAX, 300.0)
+        cases = {
+            "9" * 400: 300.0,  # float(int(...)) raised OverflowError here
+            "1" + "0" * 5000: 300.0,  # int() of > 4300 digits raises ValueError
+            "301": 300.0,
+            "300": 300.0,
+            "61": 61.0,
+            "0": 0.0,
+            "000000000000000000000000000042": 300.0,
+            "-5": None,
+            "-" + "9" * 400: None,
+            "1e9": None,
+            "inf": None,
+            "nan": None,
+            "\u00b2": None,  # str.isdigit() is true, int() raises
+            "\u0663": None,  # an Arabic-Indic digit
+            "12 34": None,
+            "x" * 100000: None,
+            "": None,
+            "Wed, 21 Oct 2015 07:28:10 GMT": 10.0,
+            "Wed, 21 Oct 2015 07:28:55 GMT": 55.0,
+            "Wed, 21 Oct 2015 07:30:00 GMT": 120.0,
+            "Wed, 21 Oct 2015 07:38:00 GMT": 300.0,
+            "Wed, 21 Oct 2015 07:27:00 GMT": 0.0,  # in the past
+            "Fri, 31 Dec 9999 23:59:59 GMT": 300.0,
+            "Mon, 01 Jan 0001 00:00:00 GMT": 0.0,
+            "Wed, 21 Oct 99999999999 07:28:00 GMT": None,
+            "Wed, 99 Oct 2015 07:28:00 GMT": None,
+            "Wed, 21 Oct 2015 99:99:99 GMT": None,
+            "Wed, 21 Oct 2015 07:28:00 +9999": None,
+        }
+        now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+        for value, expected in cases.items():
+            self.assertEqual(P.parse_retry_after(value, now), expected, value[:40])
+
     def test_trust_root_file(self) -> None:
         ca, cert, _ = make_certificates()
         path = self.mktemp()
@@ -267,6 +304,52 @@ class PortalClientTests(unittest.TestCase):
         stub.deny_status = None
         self.clock.advance(30)
         yield self.joined(stub, client, 2)
+        self.assertEqual(self.fatals, [])
+
+    @defer.inlineCallbacks
+    def test_retry_after_of_400_digits_is_clamped_and_the_loop_goes_on(self) -> Any:
+        """Issue 14 item 12: 400 digits raised OverflowError inside _lost and nothing was rescheduled."""
+        stub = self.start_stub(deny_status=503, deny_reason="rate_limit", deny_headers=[("Retry-After", "9" * 400)])
+        client = self.make_client(stub.url())
+        yield wait_until(lambda: client._retry_call is not None, what="a reconnect to be scheduled")
+        # Before any join the 15 s window bounds it as well.
+        self.assertEqual(client._retry_call.getTime() - self.clock.seconds(), 15.0)
+        stub.deny_status = None
+        self.clock.advance(15)
+        yield self.joined(stub, client)
+        stub.deny_status = 503
+        stub.drop()
+        yield wait_until(lambda: client._retry_call is not None, what="a reconnect to be scheduled")
+        self.clock.advance(client._retry_call.getTime() - self.clock.seconds())
+        yield wait_until(lambda: client._retry_call is not None and stub.count("connect") == 3)
+        self.assertEqual(client._retry_call.getTime() - self.clock.seconds(), 300.0)
+        stub.deny_status = None
+        self.clock.advance(300)
+        yield self.joined(stub, client, 2)
+        self.assertEqual(self.fatals, [])
+
+    @defer.inlineCallbacks
+    def test_an_error_while_handling_a_lost_connection_still_schedules_the_retry(self) -> Any:
+        stub = self.start_stub(deny_status=503)
+        client = self.make_client(stub.url())
+        original = P.PortalProtocol.upgrade_failure
+        broken: List[int] = []
+
+        def upgrade_failure(protocol: Any) -> Any:
+            broken.append(1)
+            raise RuntimeError("a bug while reading the refused upgrade")
+
+        P.PortalProtocol.upgrade_failure = upgrade_failure  # type: ignore[method-assign]
+        self.addCleanup(setattr, P.PortalProtocol, "upgrade_failure", original)
+        yield wait_until(lambda: client._retry_call is not None, what="a reconnect to be scheduled")
+        self.assertEqual(broken, [1])
+        self.assertEqual(client._retry_call.getTime() - self.clock.seconds(), 1.0)
+        self.assertTrue(self.messages("error while handling the lost connection; reconnecting anyway"))
+        self.flushLoggedErrors(RuntimeError)
+        P.PortalProtocol.upgrade_failure = original  # type: ignore[method-assign]
+        stub.deny_status = None
+        self.clock.advance(1)
+        yield self.joined(stub, client)
         self.assertEqual(self.fatals, [])
 
     @defer.inlineCallbacks
@@ -611,6 +694,30 @@ class PortalProcessTests(unittest.TestCase):
         self.assertTrue(15 <= elapsed < 25, elapsed)
         # 1 s between a failure and the next attempt (upstream), plus the failing connects.
         self.assertGreaterEqual(output.count("portal connection hiccup"), 10)
+
+    @defer.inlineCallbacks
+    def test_retry_after_of_400_digits_then_recovery_joins(self) -> Any:
+        """Issue 14 item 12 through the real process: 503 with a 400-digit
+        Retry-After, then the portal recovers; the relay reconnects and joins
+        (before, an OverflowError ended the reconnect loop for good)."""
+        stub = self.start_stub(deny_status=503, deny_reason="rate_limit", deny_headers=[("Retry-After", "9" * 400)])
+        relay = self.start_relay(stub.url())
+        yield stub.wait("connect", 1, timeout=20)
+        from tests.adapters.test_drain import wait_until as wait_for
+
+        found = yield wait_for(
+            lambda: re.search(r"refused with HTTP 503.*reconnecting in ([0-9.]+) s", relay.output()), 10, "the hiccup line"
+        )
+        self.assertLessEqual(float(found.group(1)), 15.0)
+        stub.deny_status = None
+        yield stub.wait("join", 1, timeout=25)
+        self.assertTrue(relay.running())
+        output = relay.output()
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("OverflowError", output)
+        relay.signal(signal.SIGTERM)
+        code = yield relay.wait_exit(10)
+        self.assertEqual(code, 0, relay.output())
 
 
 SECRET_MARKER = "stamp_secret"

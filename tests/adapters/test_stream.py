@@ -794,6 +794,164 @@ class TlsTests(StreamFixture, unittest.TestCase):
         self.flushLoggedErrors()
 
 
+class HostileStreamTests(StreamFixture, unittest.TestCase):
+    """Issue 14 item 3: what an unauthenticated stream connection may cost."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_bindings_do_not_keep_an_unallocated_connection_past_the_auth_timeout(self) -> Any:
+        self.start(limits=StreamLimits(max_connections_per_ip=64, idle_timeout=60.0, auth_timeout=30.0))
+        binder = yield self.connect()
+        allocator = yield self.connect()
+        for second in range(0, 28, 2):  # a Binding every 2 s for 28 s: complete frames, so never idle
+            response = yield binder.request(stun.BINDING, signed=False)
+            self.assertEqual(response.msg_class, stun.SUCCESS)
+            if second == 10:
+                yield self.allocate(allocator)  # allocated within the bound
+            self.clock.advance(2)
+        yield sleep(0.05)
+        self.assertTrue(binder.connected)  # 30 s not reached yet
+        response = yield binder.request(stun.BINDING, signed=False)
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.clock.advance(2.5)
+        yield binder.lost
+        self.assertEqual(self.stream.closed[("tcp", "auth_timeout")], 1)
+        self.clock.advance(100)
+        yield sleep(0.05)
+        self.assertTrue(allocator.connected)
+        response = yield allocator.request(stun.REFRESH, [(stun.LIFETIME, 600)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+
+    @defer.inlineCallbacks
+    def test_auth_timeout_applies_to_tls_too(self) -> Any:
+        self.start(tls=True, limits=StreamLimits(max_connections_per_ip=64, auth_timeout=5.0))
+        client = yield self.connect(tls=True)
+        response = yield client.request(stun.BINDING, signed=False)
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.clock.advance(5.1)
+        yield client.lost
+        self.assertEqual(self.stream.closed[("tls", "auth_timeout")], 1)
+
+    def test_per_ip_limit_counts_an_ipv6_64_as_one_source(self) -> None:
+        self.start(limits=StreamLimits(max_connections_per_ip=2))
+        admitted = []
+        for ip in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::2", "2001:db8:1:2::3", "2001:db8:1:3::1",
+                   "::ffff:192.0.2.1", "192.0.2.1", "192.0.2.1", "192.0.2.2"):  # fmt: skip
+            conn = self.stream.admit("tcp", ip, 40000)
+            admitted.append(conn is not None)
+            if conn is not None:
+                self.addCleanup(conn.connectionLost)
+        self.assertEqual(admitted, [True, True, False, True, True, True, False, True])
+        self.assertEqual(self.stream.rejected[("tcp", "max_connections_per_ip")], 2)
+        self.assertEqual(self.stream.per_ip["2001:db8:1:2::/64"], 2)
+
+    @defer.inlineCallbacks
+    def test_per_ip_limit_between_ipv4_sources(self) -> Any:
+        self.start(limits=StreamLimits(max_connections_per_ip=1))
+        first = yield self.connect()
+        other = StreamTurnClient()
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.stream.tcp_port, bindAddress=("127.0.0.2", 0)), other
+        )
+        self.addCleanup(self.disconnect, other)
+        response = yield other.request(stun.BINDING, signed=False)
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        second = yield self.connect()
+        yield second.lost  # the same source as first
+        self.assertTrue(first.connected)
+
+    @defer.inlineCallbacks
+    def test_partial_frames_are_bounded_in_total(self) -> Any:
+        self.start(limits=StreamLimits(max_connections_per_ip=64, max_buffered=100_000))
+        partial = b"\x40\x01\xfd\xe8" + b"x" * 60_000  # ChannelData announcing 65,000 bytes
+        a = yield self.connect()
+        a.transport.write(partial)
+        yield self.wait_until(lambda: self.stream.buffered == 60_004)
+        b = yield self.connect()
+        b.transport.write(partial)  # 120,008 > 100,000: b goes, a stays
+        yield b.lost
+        self.assertEqual(self.stream.closed[("tcp", "buffer_budget")], 1)
+        self.assertEqual(self.stream.buffered, 60_004)
+        self.assertTrue(a.connected)
+        small = yield self.connect()  # a small partial frame still fits
+        small.transport.write(b"\x00\x01\x00\x08")
+        yield self.wait_until(lambda: self.stream.buffered == 60_008)
+        a.transport.write(b"x" * 5_000)  # a's frame completes (an unbound channel: dropped)
+        yield self.wait_until(lambda: self.stream.buffered == 4)
+        self.assertTrue(a.connected)
+        c = yield self.connect()
+        c.transport.write(partial)
+        yield self.wait_until(lambda: self.stream.buffered == 60_008)
+        small.transport.abortConnection()
+        yield small.lost
+        yield self.wait_until(lambda: self.stream.buffered == 60_004)
+        self.assertTrue(c.connected)
+        self.assertEqual(self.stream.closed[("tcp", "buffer_budget")], 1)
+
+    @defer.inlineCallbacks
+    def test_partial_tls_records_count_against_the_budget(self) -> Any:
+        """OpenSSL keeps a partial record in its own buffer: it is counted from the record headers."""
+        self.start(tls=True, limits=StreamLimits(max_connections_per_ip=64, max_buffered=15_000))
+        record = b"\x16\x03\x01\x40\x00" + b"\x01" * 10_000  # a 16 KiB handshake record, 10,000 bytes of it
+        first = StreamTurnClient()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.stream.tls_port), first)
+        self.addCleanup(self.disconnect, first)
+        first.transport.write(record)
+        yield self.wait_until(lambda: self.stream.buffered == 10_005)
+        second = StreamTurnClient()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.stream.tls_port), second)
+        second.transport.write(record)
+        yield second.lost
+        self.assertEqual(self.stream.closed[("tls", "buffer_budget")], 1)
+        self.assertTrue(first.connected)
+        first.transport.abortConnection()
+        yield first.lost
+        yield self.wait_until(lambda: self.stream.buffered == 0)
+
+    def test_record_tracking_counts_the_incomplete_record_for_any_split(self) -> None:
+        from firezone_relay.adapters.stream import TLSStreamProtocol
+
+        rng = random.Random(7)
+        for _ in range(500):
+            lengths = [rng.choice([0, 1, 4, 5, 100, 1229, 16401]) for _ in range(rng.randint(1, 5))]
+            stream = b"".join(bytes([23, 3, 3]) + n.to_bytes(2, "big") + b"r" * n for n in lengths)
+            ends = [0]
+            for n in lengths:
+                ends.append(ends[-1] + 5 + n)
+            cut = rng.randint(0, len(stream))
+            conn = TLSStreamProtocol.__new__(TLSStreamProtocol)
+            conn._record_header, conn._record_missing, conn._record_received = b"", 0, 0
+            i = 0
+            while i < cut:  # in pieces of 1 byte to 20 KiB
+                j = min(cut, i + rng.choice([1, 3, 7, 300, 20000]))
+                conn._track_records(stream[i:j])
+                i = j
+            self.assertEqual(conn._record_received, cut - max(e for e in ends if e <= cut), (lengths, cut))
+
+    @defer.inlineCallbacks
+    def test_tls_traffic_leaves_nothing_counted(self) -> Any:
+        self.start(tls=True)
+        client = yield self.connect(tls=True)
+        yield self.allocate(client)
+        for _ in range(5):
+            response = yield client.request(stun.BINDING, signed=False)
+            self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertEqual(self.stream.buffered, 0)
+
+    @defer.inlineCallbacks
+    def test_buffered_bytes_metric(self) -> Any:
+        from prometheus_client import CollectorRegistry
+
+        self.start()
+        registry = CollectorRegistry()
+        registry.register(StreamCollector(self.stream))
+        client = yield self.connect()
+        client.transport.write(b"\x40\x01\x01\x00" + b"x" * 100)
+        yield self.wait_until(lambda: self.stream.buffered == 104)
+        self.assertEqual(registry.get_sample_value("relay_stream_buffered_bytes"), 104)
+
+
 def client_key(stream: StreamService) -> Tuple[str, int, int]:
     (conn,) = stream.connections.values()
     return conn.client
@@ -801,3 +959,92 @@ def client_key(stream: StreamService) -> Tuple[str, int, int]:
 
 def peer_common_name(client: StreamTurnClient) -> str:
     return common_name(client.transport.getPeerCertificate().to_cryptography().public_bytes(Encoding.PEM))
+
+
+class HostileStreamProcessTests(unittest.TestCase):
+    """Issue 14 item 3 against ``twistd firezone-relay`` over real TCP."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_auth_timeout_and_buffer_budget_in_the_real_process(self) -> Any:
+        import re
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from tests.adapters.test_drain import RelayProcess, wait_until
+
+        relay = RelayProcess(
+            self, ["--auth-secret=" + SECRET, "--stream-auth-timeout=2", "--stream-buffer-budget=1000000"]
+        )
+        found = yield wait_until(
+            lambda: re.search(r"HTTP health and metrics on 127\.0\.0\.1:(\d+)", relay.output()), 30, "HTTP port"
+        )
+        yield wait_until(lambda: "TURN over TCP on" in relay.output(), 30, "the TCP listener")
+        metrics_url = "http://127.0.0.1:%s/metrics" % found.group(1)
+
+        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            with urllib.request.urlopen(metrics_url, timeout=5) as r:
+                text = r.read().decode("utf-8")
+            return {
+                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+            }
+
+        @defer.inlineCallbacks
+        def connect(source: str = "127.0.0.1") -> Any:
+            client = StreamTurnClient()
+            yield connectProtocol(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", relay.listen_port, bindAddress=(source, 0)), client
+            )
+            self.addCleanup(lambda: client.transport.abortConnection() if client.connected else None)
+            return client
+
+        # 1. Bindings every 0.25 s do not keep an unallocated connection; an allocation does.
+        binder = yield connect()
+        allocator = yield connect()
+        _, final = yield allocator.allocate(SECRET, int(time.time()) + 3600)
+        self.assertEqual(final.msg_class, stun.SUCCESS, final.get(stun.ERROR_CODE))
+        opened = time.monotonic()
+        answers = 0
+        while binder.connected and time.monotonic() - opened < 10:
+            try:
+                response = yield binder.request(stun.BINDING, signed=False)
+                answers += response.msg_class == stun.SUCCESS
+            except Exception:
+                break
+            yield sleep(0.25)
+        yield binder.lost
+        held = time.monotonic() - opened
+        self.assertGreaterEqual(answers, 5)
+        self.assertTrue(1.5 <= held < 4.0, held)
+        self.assertTrue(allocator.connected)
+        response = yield allocator.request(stun.REFRESH, [(stun.LIFETIME, 600)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+
+        # 2. 40 partial frames of 60,000 bytes from 4 sources (2.4 MB asked) against a 1 MB budget.
+        partial = b"\x40\x01\xfd\xe8" + b"x" * 60_000
+        holders = []
+        for n in range(40):
+            client = yield connect("127.0.0.%d" % (2 + n % 4))
+            client.transport.write(partial)
+            holders.append(client)
+        yield wait_until(lambda: sum(1 for c in holders if not c.connected) >= 24, 10, "closes")
+        samples = yield deferToThread(scrape)
+        buffered = samples[("relay_stream_buffered_bytes", ())]
+        closed = samples[("relay_stream_connections_closed_total", (("reason", "buffer_budget"), ("transport", "tcp")))]
+        self.assertLessEqual(buffered, 1_000_000)
+        self.assertGreaterEqual(buffered, 60_004)
+        self.assertEqual(closed + sum(1 for c in holders if c.connected), 40)
+        self.assertGreaterEqual(closed, 24)
+        # 3. The auth timeout ends the rest, and the budget is free again.
+        yield defer.gatherResults([c.lost for c in holders])
+        samples = yield deferToThread(scrape)
+        self.assertEqual(samples[("relay_stream_buffered_bytes", ())], 0)
+        self.assertGreaterEqual(
+            samples[("relay_stream_connections_closed_total", (("reason", "auth_timeout"), ("transport", "tcp")))], 1
+        )
+        self.assertTrue(allocator.connected)
+        self.assertNotIn("Traceback", relay.output())

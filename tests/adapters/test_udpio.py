@@ -400,3 +400,64 @@ class SendTests(_IOCase):
         self.assertRaises(TypeError, self.h.io.send)
         self.assertIsNone(self.h.io.send([]))
         self.assertEqual(self.h.io.stats()["send_calls"], 0)
+
+
+#: Run in a child interpreter with the debug allocator (freed memory is
+#: overwritten at once): ``send_failed``, called from the flush that a full
+#: queue triggers inside ``IO.send``, drops the only reference to the
+#: descriptor number of the Transmit being queued.  An extension that kept
+#: the borrowed int across the flush reads freed memory here (a crash, or a
+#: datagram from the wrong socket); one that took the C int first sends it
+#: from the right socket.
+_DROPPED_FD_SCRIPT = r"""
+import errno, fcntl, socket, sys
+from firezone_relay.adapters import _udpio
+
+def sock():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s
+
+first, second, peer = sock(), sock(), sock()
+high = fcntl.fcntl(second.fileno(), fcntl.F_DUPFD, 600)  # above the cached small ints
+p1, p2 = first.getsockname()[1], second.getsockname()[1]
+fds = {4: {p1: first.fileno(), p2: int(str(high))}}  # the dict holds the only reference
+failed = []
+
+def send_failed(err):
+    failed.append(err)
+    del fds[4][p2]  # frees the int object of p2's descriptor
+    junk = [object() for _ in range(1000)]  # and reuse what it freed
+
+errors = []
+io = _udpio.IO(lambda: 0.0, lambda: None, fds, None, send_failed, lambda w, e: errors.append((w, e)))
+to = peer.getsockname()
+transmits = [(p1, 4, to, b"x" * 70000)] + [(p1, 4, to, b"a")] * 63 + [(p2, 4, to, b"last")]
+io.send(transmits)
+got = []
+peer.settimeout(2)
+while len(got) < 64:
+    got.append(peer.recvfrom(70000))
+assert failed == [errno.EMSGSIZE], failed
+assert errors == [], errors
+assert [g[0] for g in got] == [b"a"] * 63 + [b"last"], [g[0] for g in got][-3:]
+assert got[-1][1] == second.getsockname(), (got[-1][1], second.getsockname())
+print("ok")
+"""
+
+
+class BorrowedReferenceTests(_IOCase):
+    """Issue 14 item 14: no borrowed reference is held across a call into Python."""
+
+    def test_descriptor_dropped_by_send_failed_during_a_flush(self) -> None:
+        import subprocess
+        import sys
+
+        from tests.test_tap import twistd_env
+
+        env = twistd_env(PYTHONMALLOC="debug", PYTHONFAULTHANDLER="1")
+        result = subprocess.run(
+            [sys.executable, "-c", _DROPPED_FD_SCRIPT], env=env, capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "ok"), result.stderr[-2000:])

@@ -9,6 +9,8 @@ from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from firezone_relay.core.phoenix import (
+    MAX_FRAME_BYTES,
+    MAX_LOGGED_CHARS,
     Fatal,
     Ignored,
     InitReceived,
@@ -146,6 +148,86 @@ class SessionTests(SynchronousTestCase):
         session.text_received(text, 1.0)
         session.handle_timeout(50.0)
         drain(session)
+
+    def test_deeply_nested_json_is_ignored(self) -> None:
+        """Issue 14 item 13: json.loads raises RecursionError (not ValueError) on deep nesting."""
+        session = self.opened()
+        drain(session)
+        for text in ["[" * 100000, "[" * 100000 + "]" * 100000,
+                     '{"topic":"relay","event":"disconnect","payload":{"reason":' + "[" * 50000 + "]" * 50000 + "}}"]:
+            session.text_received(text, 101.0)
+            (event,) = drain(session)
+            self.assertIsInstance(event, Ignored)
+        # Near the limit the frame parses and the value is then formatted:
+        # every depth up to where parsing fails is handled without raising.
+        for depth in range(850, 1100, 7):
+            nested = "[" * depth + "]" * depth
+            for text in ['{"topic":"relay","event":"disconnect","payload":{"reason":%s},"ref":null}' % nested,
+                         reply("relay", 0, "error", {"reason": None}).replace('"reason": null', '"reason": %s' % nested),
+                         reply("relay", 0, "error", None).replace('"response": {}', '"response": %s' % nested)]:
+                session = self.opened()
+                drain(session)
+                session.text_received(text, 101.0)
+                events = drain(session)
+                self.assertEqual(len(events), 1, depth)
+                self.assertLess(len(events[0].reason), 2 * MAX_LOGGED_CHARS)
+        self.assertIsInstance(events[0], (Fatal, Ignored))
+
+    def test_portal_text_is_truncated(self) -> None:
+        """A ~1 MiB disconnect reason or join error reaches the events (and the logs) cut to 200 characters."""
+        big = "r" * (MAX_FRAME_BYTES - 200)
+        session = self.opened()
+        drain(session)
+        session.text_received(json.dumps({"topic": "relay", "event": "disconnect", "payload": {"reason": big}, "ref": None}), 101)
+        (event,) = drain(session)
+        assert isinstance(event, Reconnect)
+        self.assertEqual(event.reason, "portal asked to disconnect: " + "r" * MAX_LOGGED_CHARS + "...(cut)")
+        for response in ({"reason": big}, {"other": big}, {"reason": {"k%d" % i: [big[:1000]] * 3 for i in range(300)}},
+                         {"reason": 10**4000}):
+            session = self.opened()
+            drain(session)
+            session.text_received(reply("relay", 0, "error", response), 101.0)
+            (event,) = drain(session)
+            assert isinstance(event, Fatal), event
+            self.assertTrue(event.reason.startswith("portal rejected the join: "), event.reason[:80])
+            self.assertLessEqual(len(event.reason), len("portal rejected the join: ") + MAX_LOGGED_CHARS + 8)
+        # Short reasons are kept whole.
+        session = self.opened()
+        drain(session)
+        session.text_received(reply("relay", 0, "error", {"reason": "disabled"}), 101.0)
+        self.assertEqual(drain(session), [Fatal("portal rejected the join: disabled")])
+
+    @given(
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+            max_leaves=40,
+        ),
+        st.sampled_from(["payload", "reason", "response", "ref", "status", "topic", "event"]),
+        st.sampled_from(["phx_reply", "disconnect", "init", "phx_close", "phx_error", "heartbeat"]),
+    )
+    @settings(max_examples=300, deadline=None)
+    def test_any_json_value_anywhere_never_raises(self, value: object, where: str, event: str) -> None:
+        frame: dict[str, object] = {"topic": "relay", "event": event, "payload": {"status": "error", "response": {}}, "ref": 0}
+        payload = frame["payload"]
+        assert isinstance(payload, dict)
+        if where in ("reason", "response", "status"):
+            payload[where] = value if where != "reason" else None
+            if where == "reason":
+                payload["response"] = {"reason": value}
+                payload["reason"] = value
+        else:
+            frame[where] = value
+        for topic in ("relay", "phoenix"):
+            if where != "topic":
+                frame["topic"] = topic
+            session = PhoenixSession({"stamp_secret": SECRET})
+            session.connection_opened(0.0)
+            session.text_received(json.dumps(frame), 1.0)
+            session.handle_timeout(50.0)
+            for e in drain(session):
+                if not isinstance(e, (SendText, InitReceived)):
+                    self.assertLess(len(e.reason), 2 * MAX_LOGGED_CHARS, e)
 
     def test_refs_restart_at_zero_per_connection(self) -> None:
         session = self.opened()
