@@ -11,7 +11,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from firezone_relay.core import stun
 from firezone_relay.core.commands import ClosePort, OpenPort, SendDatagram
-from firezone_relay.core.policy import DEFAULT_DENY_V4, DEFAULT_DENY_V6, PeerPolicy
+from firezone_relay.core.policy import (
+    DEFAULT_DENY_V4,
+    DEFAULT_DENY_V6,
+    GLOBAL_EXCEPTIONS_V6,
+    GLOBAL_UNICAST_V6,
+    PeerPolicy,
+)
 
 from .harness import CLIENT, PEER, PUBLIC4, Driver, build, credentials, error_code, make_relay
 
@@ -31,22 +37,42 @@ def _neighbours(network: ipaddress._BaseNetwork) -> list[tuple[str, bool]]:
     return out
 
 
+def _expected_v4(addr: ipaddress.IPv4Address) -> bool:
+    return not any(addr in ipaddress.ip_network(n) for n in DEFAULT_DENY_V4)
+
+
+def _expected_v6(addr: ipaddress.IPv6Address) -> bool:
+    """SPEC §5 restated: NAT64 and 6to4 by their IPv4, else 2000::/3 minus
+    the registry's not-globally-reachable blocks (less their exceptions)."""
+    if addr in ipaddress.ip_network("64:ff9b::/96"):
+        return _expected_v4(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr.sixtofour is not None:
+        return _expected_v4(addr.sixtofour)
+    if addr not in ipaddress.ip_network(GLOBAL_UNICAST_V6):
+        return False
+    if any(addr in ipaddress.ip_network(n) for n in GLOBAL_EXCEPTIONS_V6):
+        return True
+    return not any(addr in ipaddress.ip_network(n) for n in DEFAULT_DENY_V6)
+
+
 class PolicyBoundaryTests(SynchronousTestCase):
     """Walk the first, last and neighbouring address of every default-deny range."""
 
     def test_every_default_range_boundary(self) -> None:
         policy = PeerPolicy()
-        networks = [ipaddress.ip_network(n) for n in DEFAULT_DENY_V4 + DEFAULT_DENY_V6]
-        for network in networks:
+        v4 = [ipaddress.ip_network(n) for n in DEFAULT_DENY_V4]
+        for network in v4:
             for address, inside in _neighbours(network):
                 addr = ipaddress.ip_address(address)
-                covered = any(addr.version == n.version and addr in n for n in networks)
-                if isinstance(addr, ipaddress.IPv6Address) and int(addr) >> 32 == 0:
-                    covered = True  # IPv4-compatible / mapped space is never relayed
-                expected = not covered
-                if isinstance(addr, ipaddress.IPv6Address) and addr.sixtofour is not None:
-                    expected = expected and PeerPolicy().is_allowed(str(addr.sixtofour))
+                expected = not any(addr in n for n in v4)
                 self.assertEqual(policy.is_allowed(address), expected, (str(network), address, inside))
+        # IPv6 is an allow-list: 2000::/3 minus the registry's special blocks.
+        v6 = [ipaddress.ip_network(n) for n in DEFAULT_DENY_V6 + GLOBAL_EXCEPTIONS_V6 + (GLOBAL_UNICAST_V6,)]
+        v6 += [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "2002::/16", "::ffff:0:0:0/96", "5f00::/16", "::/8")]
+        for network in v6:
+            for address, inside in _neighbours(network):
+                addr = ipaddress.ip_address(address)
+                self.assertEqual(policy.is_allowed(address), _expected_v6(addr), (str(network), address, inside))
 
     def test_embedded_ipv4_is_unwrapped(self) -> None:
         policy = PeerPolicy()
@@ -55,6 +81,40 @@ class PolicyBoundaryTests(SynchronousTestCase):
             self.assertFalse(policy.is_allowed(ip), ip)
         self.assertTrue(policy.is_allowed("64:ff9b::808:808"))
         self.assertTrue(policy.is_allowed("2002:808:808::1"))
+
+    def test_ipv6_allow_list_spellings(self) -> None:
+        """Issue 14 item 5: each spelling the review found, and the registry's blocks."""
+        policy = PeerPolicy()
+        denied = [
+            "::ffff:0:7f00:1",  # SIIT form of 127.0.0.1
+            "::ffff:0:808:808",  # SIIT of a public IPv4: still not global unicast
+            "::1:0:0:1",  # ::/8, neither mapped nor compatible
+            "5f00::1",  # segment routing SIDs (RFC 9602)
+            "::2:0:0:0", "100::1", "100:0:0:1::1", "200::1", "400::1", "1fff:ffff::1", "4000::1", "e000::1",
+            "64:ff9b:1::808:808",  # local-use NAT64: not the well-known prefix
+            "2001::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+            "2001:2::1", "2001:10::1", "2001:db8::1", "2001:db8:ffff::1", "3fff::1", "3fff:fff::1",
+            "2001:1::4", "2001:1ff::1",  # the rest of 2001::/23
+            "2002:7f00:1::", "2002:a00:1::1", "2002:c0a8:101::1",  # 6to4 of denied IPv4
+        ]
+        for ip in denied:
+            self.assertFalse(policy.is_allowed(ip), ip)
+        allowed = [
+            "2606:4700::1111", "2a00:1450:4001::1", "2000::1", "3fff:1000::1", "2001:200::1", "3ffe::1",
+            "2001:1::1", "2001:1::2", "2001:1::3", "2001:3::1", "2001:4:112::1", "2001:20::1", "2001:30::1",
+            "2620:4f:8000::1",  # globally reachable registry entries
+            "2002:808:808::1",  # 6to4 of a public IPv4
+            "64:ff9b::808:808",  # NAT64 of a public IPv4
+        ]
+        for ip in allowed:
+            self.assertTrue(policy.is_allowed(ip), ip)
+        # --allow-peer still overrides, and --deny-peer still wins.
+        self.assertTrue(PeerPolicy(allow=["5f00::/16"]).is_allowed("5f00::1"))
+        self.assertTrue(PeerPolicy(allow=["::ffff:0:0:0/96"]).is_allowed("::ffff:0:808:808"))
+        self.assertFalse(PeerPolicy(allow=["5f00::/16"], deny=["5f00::1/128"]).is_allowed("5f00::1"))
+        # Loopback admission is for 127/8 and ::1, not for a SIIT spelling of them.
+        self.assertFalse(PeerPolicy(allow_loopback=True).is_allowed("::ffff:0:7f00:1"))
+        self.assertFalse(PeerPolicy(allow_loopback=True).is_allowed("::1:0:0:1"))
 
     def test_explicit_lists(self) -> None:
         policy = PeerPolicy(allow=["10.1.0.0/16"], deny=["8.8.8.0/24", "2606:4700::/32"])
@@ -87,11 +147,17 @@ class PolicyBoundaryTests(SynchronousTestCase):
     @settings(max_examples=500, deadline=None)
     def test_ipv6_matches_numeric_ranges(self, value: int) -> None:
         addr = ipaddress.IPv6Address(value)
-        denied = any(addr in ipaddress.ip_network(n) for n in DEFAULT_DENY_V6) or value >> 32 == 0
-        if not denied and PeerPolicy().is_allowed(str(addr)):
-            return
-        if denied:
-            self.assertFalse(PeerPolicy().is_allowed(str(addr)))
+        self.assertEqual(PeerPolicy().is_allowed(str(addr)), _expected_v6(addr), str(addr))
+
+    @given(st.integers(0, (1 << 125) - 1))
+    @settings(max_examples=500, deadline=None)
+    def test_only_global_unicast_ipv6_is_allowed(self, value: int) -> None:
+        # Any address outside 2000::/3 other than the NAT64 prefix is denied.
+        for top in (0, 2, 3, 4, 5, 6, 7):
+            addr = ipaddress.IPv6Address((top << 125) | value)
+            if addr in ipaddress.ip_network("64:ff9b::/96"):
+                continue
+            self.assertFalse(PeerPolicy().is_allowed(str(addr)), str(addr))
 
     @given(st.integers(0, (1 << 32) - 1))
     @settings(max_examples=500, deadline=None)
