@@ -83,6 +83,8 @@ _PARAMETERS: list[list[Any]] = [
     ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
+    ["max-permissions-per-allocation", None, "256", "Permissions one allocation may hold (508 beyond)"],
+    ["max-channels-per-allocation", None, "256", "Channels one allocation may hold, including those in their reserve period (508 beyond)"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -191,6 +193,12 @@ def _parse_seconds(flag: str, value: Any) -> float:
     if not 0 < seconds < float("inf"):
         raise usage.UsageError("--%s must be a positive number of seconds" % flag)
     return seconds
+
+
+def _check_caps(options: Any) -> None:
+    """Per-allocation caps (SPEC §5); a channel number is one of 0x4000-0x7FFF."""
+    for flag, high in (("max-permissions-per-allocation", 65536), ("max-channels-per-allocation", 0x4000)):
+        options[flag] = _parse_int(flag, options[flag], 1, high)
 
 
 def _check_stream_options(options: Any) -> None:
@@ -345,6 +353,7 @@ class Options(usage.Options):
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
         _check_stream_options(self)
+        _check_caps(self)
 
         if self["token"] is not None:
             if not self["token"].strip():
@@ -429,6 +438,7 @@ def raise_nofile_limit() -> Optional[Tuple[int, int]]:
 
 def relay_config(options: Options, secret: str) -> Any:
     """The core's ``RelayConfig`` for these options."""
+    from firezone_relay.adapters.host import own_addresses
     from firezone_relay.core.relay import RelayConfig
 
     return RelayConfig(
@@ -446,7 +456,20 @@ def relay_config(options: Options, secret: str) -> Any:
         allow_peers=options["allow-peer"],
         deny_peers=options["deny-peer"],
         software=SOFTWARE,
+        max_permissions=options["max-permissions-per-allocation"],
+        max_channels=options["max-channels-per-allocation"],
+        service_ports=service_ports(options),
+        own_addresses=own_addresses(options["bind-ip4-addr"], options["bind-ip6-addr"]),
     )
+
+
+def service_ports(options: Options) -> Tuple[int, ...]:
+    """The relay's service ports beside --listen-port (UDP/TCP): TLS when
+    served, and the health/metrics HTTP port (SPEC §5)."""
+    ports = [options["health-check-addr"][1]]
+    if options["tls-cert"] is not None:
+        ports.append(options["tls-port"])
+    return tuple(ports)
 
 
 def make_xdp_service(options: Options) -> Any:
@@ -474,6 +497,7 @@ def makeService(options: Options) -> "MultiService":
     """The relay: core state machine + UDP adapter + HTTP health/metrics, in one ``MultiService``."""
     from twisted.application.service import MultiService
 
+    from firezone_relay.adapters.host import ephemeral_overlap
     from firezone_relay.adapters.http import HealthService, Readiness, ServingFlag
     from firezone_relay.adapters.metrics import StatsLogger, make_registry
     from firezone_relay.adapters.udp import RelayService
@@ -527,6 +551,9 @@ def makeService(options: Options) -> "MultiService":
         highest_port=options["highest-port"],
     )
 
+    overlap = ephemeral_overlap(options["lowest-port"], options["highest-port"])
+    if overlap is not None:
+        log.warn("{message}", message=overlap)
     top = MultiService()
     # The XDP fast path starts before the UDP service (and so stops after
     # it): it must be attached before the first ChannelBound is mirrored.

@@ -209,3 +209,40 @@ class PeerPolicy:
         if self.allow_loopback and any(self._in(a, _LOOPBACK) for a in candidates):
             return True
         return self.default_allows(addr)
+
+
+_UNSPECIFIED = ("0.0.0.0/32", "::/128")  # a datagram to either reaches this host
+
+
+class OwnAddresses:
+    """The relay's own addresses (public, bind, interface; networks allowed,
+    e.g. 127.0.0.0/8 when a socket is bound to the wildcard), recognised
+    under every spelling: an IPv6 address that carries one of them as its
+    embedded IPv4 (NAT64, 6to4, mapped, compatible, SIIT) is one of them too.
+    The unspecified addresses always count: Linux delivers them locally.
+    """
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = parse_networks(list(networks) + list(_UNSPECIFIED))
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, ip: object) -> bool:
+        if not isinstance(ip, str):
+            return False
+        verdict = self._cache.get(ip)
+        if verdict is None:
+            verdict = self._judge(ip)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[ip] = verdict
+        return verdict
+
+    def _judge(self, ip: str) -> bool:
+        try:
+            raw = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        canonical = canonical_address(ip)
+        return any(
+            a is not None and a.version == net.version and a in net for a in (raw, canonical) for net in self.networks
+        )

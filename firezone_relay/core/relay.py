@@ -58,7 +58,7 @@ from .commands import (
     SendDatagram,
     Transmit,
 )
-from .policy import PeerPolicy
+from .policy import OwnAddresses, PeerPolicy
 
 DEFAULT_LIFETIME = 600
 MAX_LIFETIME = 3600
@@ -95,8 +95,10 @@ class RelayConfig:
     user_allocation_limit: int = 0
     #: Allocations in total; 0 = no limit (the port range still bounds it).
     max_allocations: int = 0
-    max_permissions: int = 4096
-    max_channels: int = 4096
+    #: Per-allocation caps (→ 508 beyond); channels include those in their
+    #: reserve period.  256 each bounds a full allocation's memory (SECURITY.md).
+    max_permissions: int = 256
+    max_channels: int = 256
     allow_loopback_peers: bool = False
     allow_peers: Sequence[str] = ()
     deny_peers: Sequence[str] = ()
@@ -106,6 +108,12 @@ class RelayConfig:
     unauthenticated_burst: int = 200
     unauthenticated_rate: float = 100.0
     nonce_lifetime: int = NONCE_LIFETIME
+    #: The relay's service ports beside ``listen_port`` (TLS, health and
+    #: metrics, control): never reachable as peers on an own address.
+    service_ports: Sequence[int] = ()
+    #: Own addresses beside the public ones (bind and interface addresses,
+    #: CIDR networks allowed), recognised under every spelling (SPEC §5).
+    own_addresses: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.public_ip4 is None and self.public_ip6 is None:
@@ -267,6 +275,8 @@ class Relay:
         if config.public_ip6:
             self._public[6] = config.public_ip6
         self._own_ips = frozenset(self._public.values())
+        self._own = OwnAddresses(list(self._public.values()) + list(config.own_addresses))
+        self._service_ports = frozenset((config.listen_port, *config.service_ports))
         self._software = config.software
         self._draining = False
 
@@ -1008,14 +1018,24 @@ class Relay:
     # --- peers -----------------------------------------------------------------------
 
     def _peer_allowed(self, peer: Address) -> tuple[bool, bool]:
-        """``(allowed, hairpin)`` for a peer transport address (SPEC §5)."""
+        """``(allowed, hairpin)`` for a peer transport address (SPEC §5).
+
+        An own address under any spelling (NAT64, 6to4, mapped, SIIT of a
+        public, bind or interface address) never reaches a service port,
+        whatever the allow lists say.  The public addresses as such reach
+        the allocation ports internally (hairpin); any other spelling of an
+        own address on an allocation port goes out to the network as the
+        policy allows; other ports of own addresses need an explicit allow.
+        """
         ip, port = peer
-        if ip in self._own_ips:
+        if ip in self._own:
+            if port in self._service_ports:
+                return False, False
             if self.config.lowest_port <= port <= self.config.highest_port:
-                return True, True
-            if port != self.config.listen_port and self._policy.explicitly_allowed(ip):
-                return True, False
-            return False, False
+                if ip in self._own_ips:
+                    return True, True
+                return self._policy.is_allowed(ip), False
+            return self._policy.explicitly_allowed(ip), False
         return self._policy.is_allowed(ip), False
 
     def _ip_allowed(self, ip: str) -> bool:
@@ -1099,6 +1119,9 @@ class Relay:
         if channel is None:
             if len(alloc.channels) >= self.config.max_channels:
                 self._error(request, 508, now)
+                return
+            if peer[0] not in alloc.permissions and len(alloc.permissions) >= self.config.max_permissions:
+                self._error(request, 508, now)  # the channel's permission would pass the cap
                 return
             channel = _Channel(alloc, number, peer, family, now + CHANNEL_LIFETIME)
             alloc.channels[number] = channel

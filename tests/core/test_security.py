@@ -218,6 +218,77 @@ class RelayPathTests(SynchronousTestCase):
         self.assertEqual(d.relay.stats.dropped["no_permission"], 2)
 
 
+
+class OwnAddressTests(SynchronousTestCase):
+    """Issue 14 item 6: the relay's service ports under every spelling of every own address."""
+
+    PUBLIC = "93.184.216.34"
+    SPELLINGS = [
+        "93.184.216.34",
+        "64:ff9b::5db8:d822",  # NAT64
+        "2002:5db8:d822::1",  # 6to4
+        "::ffff:93.184.216.34",  # IPv4-mapped
+        "::5db8:d822",  # IPv4-compatible
+        "::ffff:0:5db8:d822",  # SIIT
+    ]
+    SERVICE_PORTS = (3478, 5349, 8080, 9999)
+
+    def driver(self, **options: object) -> Driver:
+        options.setdefault("service_ports", (5349, 8080, 9999))
+        d = Driver(make_relay(public_ip4=self.PUBLIC, public_ip6="2606:4700::6810:1", **options))
+        reply = d.allocate(extra=[(stun.ADDITIONAL_ADDRESS_FAMILY, 2)])
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        return d
+
+    def assert_refused(self, d: Driver, peer: tuple[str, int]) -> None:
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4100), (stun.XOR_PEER_ADDRESS, peer)]))
+        self.assertEqual(error_code(reply), 403, peer)
+        d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, (peer[0], 1))]))
+        send = build(stun.SEND, d.next_tid(), [(stun.XOR_PEER_ADDRESS, peer), (stun.DATA, b"x")], cls=stun.INDICATION)
+        self.assertEqual(d.client(send)[1], [], peer)
+
+    def test_nat64_spelling_of_the_public_address_cannot_reach_the_listener(self) -> None:
+        d = self.driver()
+        self.assert_refused(d, ("64:ff9b::5db8:d822", 3478))
+        self.assertEqual(d.relay.channel_count, 0)
+
+    def test_every_spelling_every_service_port_even_with_every_allowance(self) -> None:
+        for options in ({}, {"allow_loopback_peers": True, "allow_peers": ("0.0.0.0/0", "::/0")}):
+            d = self.driver(**options)
+            for ip in self.SPELLINGS:
+                for port in self.SERVICE_PORTS:
+                    self.assert_refused(d, (ip, port))
+            self.assertEqual(d.relay.channel_count, 0)
+            sends = [c for c in d.commands if isinstance(c, SendDatagram) and c.destination != CLIENT]
+            self.assertEqual(sends, [], options)
+
+    def test_bind_and_interface_addresses_are_own_too(self) -> None:
+        d = self.driver(
+            own_addresses=("10.0.0.5", "127.0.0.0/8", "::1", "2606:4700::6810:2"),
+            allow_loopback_peers=True,
+            allow_peers=("10.0.0.0/8",),
+        )
+        for peer in [("10.0.0.5", 3478), ("64:ff9b::a00:5", 8080), ("127.0.0.2", 3478), ("::ffff:0:7f00:1", 5349),
+                     ("::1", 3478), ("2606:4700::6810:2", 9999), ("0.0.0.0", 3478), ("::", 3478)]:
+            self.assert_refused(d, peer)
+        # Not service ports, or not own: the allowances apply as before.
+        for number, peer in enumerate([("10.0.0.6", 3478), ("10.0.0.5", 5000), ("127.0.0.2", 5000), ("::1", 5000)]):
+            reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4200 + number), (stun.XOR_PEER_ADDRESS, peer)]))
+            self.assertEqual(reply.msg_class, stun.SUCCESS, peer)
+
+    def test_hairpin_only_for_the_public_addresses_on_allocation_ports(self) -> None:
+        d = self.driver(own_addresses=("198.18.0.5",), allow_peers=("198.18.0.0/15",))
+        target = d.relayed_port(d.allocate(CLIENT2))
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4100), (stun.XOR_PEER_ADDRESS, (self.PUBLIC, target))]))
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        # A bind address on an allocation port is relayed as an ordinary peer, not hairpinned;
+        # on any other port an own address needs an explicit allow.
+        self.assertEqual(d.relay._peer_allowed(("198.18.0.5", target)), (True, False))
+        self.assertEqual(d.relay._peer_allowed(("64:ff9b::5db8:d822", target)), (True, False))
+        self.assertEqual(d.relay._peer_allowed(("64:ff9b::5db8:d822", 22)), (False, False))
+        self.assertEqual(d.relay._peer_allowed((self.PUBLIC, 22)), (False, False))
+        self.assertEqual(d.relay._peer_allowed(("198.18.0.5", 22)), (True, False))  # --allow-peer names it
+
 class MessageHandlingTests(SynchronousTestCase):
     def test_lifetime_after_message_integrity_is_not_acted_on(self) -> None:
         d = Driver(make_relay())
@@ -311,6 +382,50 @@ class ResourceTests(SynchronousTestCase):
         # EVEN-PORT without R reserves nothing.
         d.allocate(CLIENT2, extra=[(stun.EVEN_PORT, False)])
         self.assertEqual(d.relay.memory_footprint()["used_ports"], 1)
+
+    def permit(self, d: Driver, ips: list[str]) -> stun.Message:
+        return d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, (ip, 1)) for ip in ips]))
+
+    def test_default_caps_are_256_permissions_and_256_channels(self) -> None:
+        """Issue 14 item 10: per-allocation caps, 508 beyond them."""
+        d = Driver(make_relay())
+        d.allocate()
+        for batch in range(16):
+            reply = self.permit(d, ["8.8.%d.%d" % (batch, i + 1) for i in range(16)])
+            self.assertEqual(reply.msg_class, stun.SUCCESS, batch)
+        self.assertEqual(d.relay.permission_count, 256)
+        self.assertEqual(error_code(self.permit(d, ["9.9.9.9"])), 508)
+        self.assertEqual(self.permit(d, ["8.8.0.1"]).msg_class, stun.SUCCESS)  # a refresh adds nothing
+        for number in range(256):
+            peer = ("8.8.%d.%d" % (number // 16, number % 16 + 1), 5000)
+            reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000 + number), (stun.XOR_PEER_ADDRESS, peer)]))
+            self.assertEqual(reply.msg_class, stun.SUCCESS, number)
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4100), (stun.XOR_PEER_ADDRESS, ("8.8.0.1", 5001))]))
+        self.assertEqual(error_code(reply), 508)
+        self.assertEqual((d.relay.permission_count, d.relay.channel_count), (256, 256))
+
+    def test_channel_bind_cannot_pass_the_permission_cap(self) -> None:
+        d = Driver(make_relay(max_permissions=2, max_channels=8))
+        d.allocate()
+        self.permit(d, ["8.8.0.1", "8.8.0.2"])
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, ("8.8.0.3", 1))]))
+        self.assertEqual(error_code(reply), 508)
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, ("8.8.0.2", 1))]))
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        self.assertEqual((d.relay.permission_count, d.relay.channel_count), (2, 1))
+
+    def test_caps_follow_the_config(self) -> None:
+        d = Driver(make_relay(max_permissions=300, max_channels=300))
+        d.allocate()
+        for batch in range(20):
+            self.assertEqual(self.permit(d, ["8.8.%d.%d" % (batch, i + 1) for i in range(15)]).msg_class, stun.SUCCESS)
+        self.assertEqual(d.relay.permission_count, 300)
+        self.assertEqual(error_code(self.permit(d, ["9.9.9.9"])), 508)
+        for number in range(300):
+            reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000 + number), (stun.XOR_PEER_ADDRESS, ("8.8.0.1", 1000 + number))]))
+            self.assertEqual(reply.msg_class, stun.SUCCESS, number)
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x7000), (stun.XOR_PEER_ADDRESS, ("8.8.0.1", 9))]))
+        self.assertEqual(error_code(reply), 508)
 
     def test_user_quota_is_enforced(self) -> None:
         d = Driver(make_relay(user_allocation_limit=2))
