@@ -181,13 +181,15 @@ class _Channel(_Timed):
 
 
 class _Reservation(_Timed):
-    __slots__ = ("token", "port", "family")
+    __slots__ = ("token", "port", "family", "owner")
 
     def __init__(self, token: bytes, port: int, family: int, deadline: float) -> None:
         super().__init__(deadline)
         self.token = token
         self.port = port
         self.family = family
+        #: The allocation that made it: the reservation goes with it (SPEC §5).
+        self.owner: Optional[_Allocation] = None
 
 
 class _Request:
@@ -225,6 +227,7 @@ class _Allocation(_Timed):
         "even_port",
         "reserve_next",
         "reservation",
+        "reserved",
         "attempts",
         "tried_ports",
         "active",
@@ -250,6 +253,8 @@ class _Allocation(_Timed):
         self.even_port = False
         self.reserve_next = False
         self.reservation: Optional[_Reservation] = None
+        #: The reservation this allocation made (EVEN-PORT R), while unclaimed.
+        self.reserved: Optional[_Reservation] = None
         self.attempts = 0
         self.tried_ports: set[int] = set()
         self.active = False
@@ -288,6 +293,8 @@ class Relay:
         self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool]]] = {}
         self._used_ports: set[int] = set()
         self._reservations: dict[bytes, _Reservation] = {}
+        #: Pending allocations that will make a reservation when their port opens.
+        self._reserving = 0
         self._timers: list[tuple[float, int, _Timed]] = []
         self._timer_seq = 0
         self._buckets: dict[str, list[float]] = {}
@@ -441,6 +448,8 @@ class Relay:
                 self._commands.append(ClosePort(alloc.port, family))
             self._used_ports.discard(alloc.port)
             del self._allocations[client]
+            if alloc.reserve_next and not alloc.dead:
+                self._reserving -= 1
             alloc.dead = True
 
     def handle_port_result(self, port: int, family: int, ok: bool, now: float) -> None:
@@ -829,15 +838,25 @@ class Relay:
                 self._error(request, 440, now)
                 return
             families = (4,)
+        # An EVEN-PORT reservation counts against the quotas like an
+        # allocation (SPEC §5): one that asks for it needs two units, one
+        # that claims one trades the reservation's unit for its own.
+        need = 2 if even_port is True else 1
+        if reservation is not None:
+            self._detach_reservation(reservation)
         # A roaming device replaces its own oldest allocation first, so that
         # the port and the quota it frees count for the new one.
         limit = self.config.user_allocation_limit
         if limit > 0:
+            if need > limit:
+                self._error(request, 508, now)
+                return
             owned = self._by_username.get(request.username, [])
-            while len(owned) >= limit:
+            while owned and self._user_units(owned) + need > limit:
                 self._delete_allocation(owned[0], "replaced")
                 owned = self._by_username.get(request.username, [])
-        if self.config.max_allocations and len(self._allocations) >= self.config.max_allocations:
+        claimed = 1 if reservation is not None else 0
+        if self.config.max_allocations and self._quota_units() - claimed + need > self.config.max_allocations:
             self._error(request, 508, now)
             return
         if reservation is None and len(self._used_ports) >= self.config.highest_port - self.config.lowest_port + 1:
@@ -851,6 +870,8 @@ class Relay:
         alloc.even_port = even_port is not None
         alloc.reserve_next = even_port is True
         self._allocations[request.sender] = alloc
+        if alloc.reserve_next:
+            self._reserving += 1
         if reservation is not None:
             self._claim_reservation(reservation)
             alloc.reservation = reservation
@@ -919,6 +940,8 @@ class Relay:
     def _fail_pending(self, alloc: _Allocation, now: float) -> None:
         if self._allocations.get(alloc.client) is alloc:
             del self._allocations[alloc.client]
+        if alloc.reserve_next and not alloc.dead:
+            self._reserving -= 1
         alloc.dead = True
         request = alloc.request
         if request is not None:
@@ -939,8 +962,11 @@ class Relay:
         attributes.append((stun.XOR_MAPPED_ADDRESS, (alloc.client[0], alloc.client[1])))
         attributes.append((stun.LIFETIME, alloc.lifetime))
         if alloc.reserve_next:
+            self._reserving -= 1
             token = self._rng.getrandbits(64).to_bytes(8, "big")
             reservation = _Reservation(token, alloc.port + 1, alloc.families[0], now + RESERVATION_LIFETIME)
+            reservation.owner = alloc
+            alloc.reserved = reservation
             self._reservations[token] = reservation
             self._used_ports.add(reservation.port)
             self._schedule(reservation)
@@ -949,13 +975,32 @@ class Relay:
         alloc.response = self._reply(request, attributes)
 
     def _claim_reservation(self, reservation: _Reservation) -> None:
+        self._detach_reservation(reservation)
         reservation.dead = True
         del self._reservations[reservation.token]
 
     def _expire_reservation(self, reservation: _Reservation) -> None:
+        self._detach_reservation(reservation)
         reservation.dead = True
         if self._reservations.pop(reservation.token, None) is not None:
             self._used_ports.discard(reservation.port)
+
+    @staticmethod
+    def _detach_reservation(reservation: _Reservation) -> None:
+        owner = reservation.owner
+        if owner is not None:
+            owner.reserved = None
+            reservation.owner = None
+
+    @staticmethod
+    def _user_units(owned: list[_Allocation]) -> int:
+        """A username's share of its quota: allocations and their reservations."""
+        return len(owned) + sum(1 for alloc in owned if alloc.reserved is not None)
+
+    def _quota_units(self) -> int:
+        """What ``max_allocations`` bounds: allocations (pending ones too)
+        and reservations, made or promised."""
+        return len(self._allocations) + len(self._reservations) + self._reserving
 
     def _delete_allocation(self, alloc: _Allocation, reason: str) -> None:
         if alloc.dead:
@@ -992,6 +1037,8 @@ class Relay:
         for family in alloc.families:
             self._commands.append(ClosePort(alloc.port, family))
         self._used_ports.discard(alloc.port)
+        if alloc.reserved is not None:  # its unclaimed reservation goes with it
+            self._expire_reservation(alloc.reserved)
         self._commands.append(AllocationDeleted(alloc.client, alloc.username, alloc.port, reason))
         self._maybe_clear_timers()
 

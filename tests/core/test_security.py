@@ -427,6 +427,57 @@ class ResourceTests(SynchronousTestCase):
         reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x7000), (stun.XOR_PEER_ADDRESS, ("8.8.0.1", 9))]))
         self.assertEqual(error_code(reply), 508)
 
+    def test_even_port_reservations_count_against_the_user_quota(self) -> None:
+        """Issue 14 item 8: one user alternating EVEN-PORT(R) Allocates from
+        new 5-tuples holds no more than its quota in allocations plus reservations."""
+        d = Driver(make_relay(lowest_port=50000, highest_port=50099, user_allocation_limit=2))
+        for i in range(40):
+            extra = [(stun.EVEN_PORT, True)] if i % 2 == 0 else []
+            reply = d.allocate(("198.51.100.%d" % (i + 1), 1), extra=extra)
+            self.assertEqual(reply.msg_class, stun.SUCCESS, i)
+            footprint = d.relay.memory_footprint()
+            self.assertLessEqual(footprint["allocations"] + footprint["reservations"], 2, (i, footprint))
+            self.assertLessEqual(footprint["used_ports"], 2, (i, footprint))
+            d.advance(0.5)
+        # A limit of one cannot hold an allocation and its reservation: 508, nothing taken.
+        one = Driver(make_relay(lowest_port=50000, highest_port=50099, user_allocation_limit=1))
+        self.assertEqual(one.allocate().msg_class, stun.SUCCESS)
+        self.assertEqual(error_code(one.allocate(CLIENT2, extra=[(stun.EVEN_PORT, True)])), 508)
+        self.assertEqual(one.relay.allocation_count, 1)
+        self.assertEqual(one.allocate(CLIENT2, extra=[(stun.EVEN_PORT, False)]).msg_class, stun.SUCCESS)
+
+    def test_even_port_reservations_count_against_max_allocations(self) -> None:
+        d = Driver(make_relay(lowest_port=50000, highest_port=50099, max_allocations=4))
+        first = d.allocate(extra=[(stun.EVEN_PORT, True)])
+        self.assertEqual(first.msg_class, stun.SUCCESS)
+        self.assertEqual(d.allocate(CLIENT2, extra=[(stun.EVEN_PORT, True)]).msg_class, stun.SUCCESS)
+        self.assertEqual(error_code(d.allocate(("198.51.100.9", 1))), 508)
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 4)
+        # Claiming a reservation trades its unit for the new allocation's.
+        token = first.get_bytes(stun.RESERVATION_TOKEN)
+        assert token is not None
+        claimed = d.allocate(("198.51.100.10", 1), extra=[(stun.RESERVATION_TOKEN, token)])
+        self.assertEqual(d.relayed_port(claimed), d.relayed_port(first) + 1)
+        self.assertEqual(error_code(d.allocate(("198.51.100.11", 1))), 508)
+
+    def test_even_port_reservation_goes_with_its_allocation(self) -> None:
+        d = Driver(make_relay(lowest_port=50000, highest_port=50099))
+        d.allocate(extra=[(stun.EVEN_PORT, True)])
+        self.assertEqual(d.relay.memory_footprint()["reservations"], 1)
+        d.request(d.signed(stun.REFRESH, [(stun.LIFETIME, 0)]))
+        footprint = d.relay.memory_footprint()
+        self.assertEqual((footprint["reservations"], footprint["used_ports"]), (0, 0))
+        # A claimed reservation is the new allocation's: deleting the maker leaves it alone.
+        first = d.allocate(extra=[(stun.EVEN_PORT, True)])
+        token = first.get_bytes(stun.RESERVATION_TOKEN)
+        claimed = d.allocate(CLIENT2, extra=[(stun.RESERVATION_TOKEN, token)])
+        d.request(d.signed(stun.REFRESH, [(stun.LIFETIME, 0)]))
+        self.assertEqual(d.relay.allocation_count, 1)
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 1)
+        self.assertIn(d.relayed_port(claimed), d.relay._by_port)
+        d.advance(31)  # the old reservation timer finds nothing to free
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 1)
+
     def test_user_quota_is_enforced(self) -> None:
         d = Driver(make_relay(user_allocation_limit=2))
         for i in range(5):
