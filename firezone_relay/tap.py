@@ -459,7 +459,7 @@ def relay_config(options: Options, secret: str) -> Any:
         max_permissions=options["max-permissions-per-allocation"],
         max_channels=options["max-channels-per-allocation"],
         service_ports=service_ports(options),
-        own_addresses=own_addresses((options["bind-ip4-addr"], options["bind-ip6-addr"])),
+        own_addresses=own_addresses((options["bind-ip4-addr"], options["bind-ip6-addr"], options["health-check-addr"][0])),
     )
 
 

@@ -63,6 +63,8 @@ class HostFactsTests(unittest.SynchronousTestCase):
         # A wildcard bind means every local address of the family; a specific one, itself.
         self.assertEqual(host.own_addresses(["0.0.0.0", None], fib, inet6), host.local_ipv4_networks(fib))
         self.assertEqual(host.own_addresses(["10.0.0.5", "::"], fib, inet6), ["10.0.0.5"] + host.local_ipv6_addresses(inet6))
+        self.assertEqual(host.own_addresses(["2001:DB8:0::5", "0:0::0", "not an ip"], fib, inet6),
+                         ["2001:db8::5"] + host.local_ipv6_addresses(inet6))
         # Unreadable: the loopback still counts.
         missing = str(Path(self.mktemp()))
         self.assertEqual(host.own_addresses(["0.0.0.0", "::"], missing, missing), ["127.0.0.0/8", "::1"])
@@ -109,7 +111,8 @@ class CapOptionTests(unittest.SynchronousTestCase):
                          "--bind-ip4-addr", "10.0.0.5", "--bind-ip6-addr", "2001:db8::5"])
         config = tap.relay_config(options, "ab" * 32)
         self.assertEqual(tuple(config.service_ports), (9100,))
-        self.assertEqual(list(config.own_addresses), ["10.0.0.5", "2001:db8::5"])
+        self.assertEqual(list(config.own_addresses)[:2], ["10.0.0.5", "2001:db8::5"])
+        self.assertIn("127.0.0.0/8", config.own_addresses)  # the health server listens on 0.0.0.0
         options["tls-cert"] = "cert.pem"  # TLS served: its port is a service port too
         self.assertEqual(tap.service_ports(options), (9100, 5349))
         wildcard = tap.relay_config(parse(["--public-ip4-addr", "192.0.2.1"]), "ab" * 32)

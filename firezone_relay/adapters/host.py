@@ -74,17 +74,22 @@ def own_addresses(
     if_inet6: str = IF_INET6,
 ) -> List[str]:
     """The relay's own addresses beside its public ones: each specific bind
-    address, and for a wildcard bind every local address of that family."""
+    address (UDP/TCP/TLS listeners, the health server), and for a wildcard
+    bind every local address of that family."""
     out: List[str] = []
     for bind in binds:
         if bind is None:
             continue
-        if bind == "0.0.0.0":
+        try:
+            address = ipaddress.ip_address(bind.strip("[]"))
+        except ValueError:
+            continue
+        if address.is_unspecified and address.version == 4:
             found = local_ipv4_networks(fib_trie) or ["127.0.0.0/8"]
-        elif bind == "::":
+        elif address.is_unspecified:
             found = local_ipv6_addresses(if_inet6) or ["::1"]
         else:
-            found = [bind]
+            found = [address.compressed]
         out.extend(a for a in found if a not in out)
     return out
 
