@@ -76,6 +76,7 @@ GLOBAL_EXCEPTIONS_V6: tuple[str, ...] = (
 )
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215; commonly /96 prefixes inside
 _SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
 _SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")
 _GLOBAL_UNICAST = ipaddress.IPv6Network(GLOBAL_UNICAST_V6)
@@ -242,7 +243,10 @@ class OwnAddresses:
             raw = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        canonical = canonical_address(ip)
+        candidates: list[Optional[IPAddr]] = [raw, canonical_address(ip)]
+        if isinstance(raw, ipaddress.IPv6Address) and raw in _NAT64_LOCAL:
+            # A local-use NAT64 prefix (admitted with --allow-peer) as a /96.
+            candidates.append(ipaddress.IPv4Address(int(raw) & 0xFFFFFFFF))
         return any(
-            a is not None and a.version == net.version and a in net for a in (raw, canonical) for net in self.networks
+            a is not None and a.version == net.version and a in net for a in candidates for net in self.networks
         )

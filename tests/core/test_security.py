@@ -230,6 +230,7 @@ class OwnAddressTests(SynchronousTestCase):
         "::ffff:93.184.216.34",  # IPv4-mapped
         "::5db8:d822",  # IPv4-compatible
         "::ffff:0:5db8:d822",  # SIIT
+        "64:ff9b:1:ffff::5db8:d822",  # a local-use NAT64 /96 (RFC 8215), admitted by --allow-peer ::/0
     ]
     SERVICE_PORTS = (3478, 5349, 8080, 9999)
 
