@@ -92,6 +92,8 @@ _PARAMETERS: list[list[Any]] = [
      "host:port of the control endpoint (GET /allocations, POST /disconnect, POST /log_filter; no authentication), or off"],
     ["stream-auth-timeout", None, "30", "Seconds a TCP/TLS connection has to allocate before it is closed, whatever it sends"],
     ["stream-buffer-budget", None, "16777216", "Bytes of partial input all TCP/TLS connections together may hold; beyond it the connection that would pass it is closed"],
+    ["max-permissions-per-allocation", None, "256", "Permissions one allocation may hold (508 beyond)"],
+    ["max-channels-per-allocation", None, "256", "Channels one allocation may hold, including those in their reserve period (508 beyond)"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -206,6 +208,12 @@ def _parse_seconds(flag: str, value: Any) -> float:
     if not 0 < seconds < float("inf"):
         raise usage.UsageError("--%s must be a positive number of seconds" % flag)
     return seconds
+
+
+def _check_caps(options: Any) -> None:
+    """Per-allocation caps (SPEC §5); a channel number is one of 0x4000-0x7FFF."""
+    for flag, high in (("max-permissions-per-allocation", 65536), ("max-channels-per-allocation", 0x4000)):
+        options[flag] = _parse_int(flag, options[flag], 1, high)
 
 
 def _check_stream_options(options: Any) -> None:
@@ -473,6 +481,7 @@ class Options(usage.Options):
         from firezone_relay.discovery import check_options as _check_discovery_options
 
         _check_discovery_options(self, self._environ)
+        _check_caps(self)
 
         if self["token"] is not None:
             if not self["token"].strip():
@@ -557,6 +566,7 @@ def raise_nofile_limit() -> Optional[Tuple[int, int]]:
 
 def relay_config(options: Mapping[str, Any], secret: str) -> Any:
     """The core's ``RelayConfig`` for these options."""
+    from firezone_relay.adapters.host import own_addresses
     from firezone_relay.core.relay import RelayConfig
 
     return RelayConfig(
@@ -577,7 +587,25 @@ def relay_config(options: Mapping[str, Any], secret: str) -> Any:
         rest_secrets=options["rest-auth-secret"],
         realm=options["realm"],
         max_bps=options["max-bps"],
+        max_permissions=options["max-permissions-per-allocation"],
+        max_channels=options["max-channels-per-allocation"],
+        service_ports=service_ports(options),
+        own_addresses=own_addresses(
+            (options["bind-ip4-addr"], options["bind-ip6-addr"], options["health-check-addr"][0])
+            + ((options["control-endpoint"][0],) if options.get("control-endpoint") else ())
+        ),
     )
+
+
+def service_ports(options: Mapping[str, Any]) -> Tuple[int, ...]:
+    """The relay's service ports beside --listen-port (UDP/TCP): TLS when
+    served, the health/metrics HTTP port and the control endpoint's (SPEC §5)."""
+    ports = [options["health-check-addr"][1]]
+    if options["tls-cert"] is not None:
+        ports.append(options["tls-port"])
+    if options.get("control-endpoint"):
+        ports.append(options["control-endpoint"][1])
+    return tuple(ports)
 
 
 def make_xdp_service(options: Options) -> Any:
@@ -605,6 +633,7 @@ def makeService(options: Options) -> "MultiService":
     """The relay: core state machine + UDP adapter + HTTP health/metrics, in one ``MultiService``."""
     from twisted.application.service import MultiService
 
+    from firezone_relay.adapters.host import ephemeral_overlap
     from firezone_relay.adapters.http import HealthService, Readiness, ServingFlag
     from firezone_relay.adapters.metrics import StatsLogger, make_registry
     from firezone_relay.adapters.udp import RelayService
@@ -657,6 +686,9 @@ def makeService(options: Options) -> "MultiService":
         highest_port=options["highest-port"],
     )
 
+    overlap = ephemeral_overlap(options["lowest-port"], options["highest-port"])
+    if overlap is not None:
+        log.warn("{message}", message=overlap)
     top = MultiService()
     # The XDP fast path starts before the UDP service (and so stops after
     # it): it must be attached before the first ChannelBound is mirrored.
@@ -728,7 +760,14 @@ def _add_reload(
         return new
 
     def apply_core(merged: Any) -> None:
-        relay.reconfigure(relay_config(merged, secret))
+        import dataclasses
+
+        from firezone_relay.core.relay import LIVE_FIELDS
+
+        new = relay_config(merged, secret)
+        # Only the live fields come from the new parse: the rest (addresses
+        # found at start-up, the interfaces' addresses) stays as it started.
+        relay.reconfigure(dataclasses.replace(relay.config, **{name: getattr(new, name) for name in LIVE_FIELDS}))
 
     reloader = Reloader(
         given,

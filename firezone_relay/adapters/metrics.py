@@ -167,6 +167,17 @@ class RelayCollector(Collector):
             for reason, count in sorted(xdp.passed.items()):
                 passed.add_metric([reason], count)
             yield passed
+            errors = getattr(self.fast_path, "errors", None)
+            if errors is not None:
+                failed = CounterMetricFamily(
+                    "relay_xdp_map_errors_total",
+                    "XDP map writes that failed, by kind (full: a channel map was full, so that binding "
+                    "is relayed in userspace only); userspace relays whatever XDP does not.",
+                    labels=["kind"],
+                )
+                for kind in sorted(set(errors) | {"full"}):
+                    failed.add_metric([kind], errors[kind])
+                yield failed
 
         sizes = stats.packet_sizes
         buckets: list[tuple[str, float]] = []

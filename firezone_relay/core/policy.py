@@ -1,14 +1,26 @@
 """Which peer addresses a client may relay to (SPEC §5).
 
-Denied by default: loopback, unspecified, link-local (cloud metadata
+IPv4 peers are denied in: loopback, unspecified, link-local (cloud metadata
 included), multicast, broadcast, reserved and documentation ranges, private
-ranges and shared address space.  IPv4 embedded in IPv6 is unwrapped first:
-NAT64 (64:ff9b::/96) and 6to4 (2002::/16) are judged by the IPv4 address they
-carry; IPv4-mapped and IPv4-compatible addresses are never relayed (they are
-not routable as IPv6 and the relay's IPv6 sockets are IPv6-only).
+ranges and shared address space.
+
+IPv6 peers work the other way round, as an allow-list: only global unicast
+2000::/3 is relayed, minus the blocks inside it that IANA's IPv6
+Special-Purpose Address Registry marks as not globally reachable (Teredo,
+benchmarking, ORCHID, documentation...).  Everything outside 2000::/3 is
+denied, whatever the block (::/8 with its IPv4-mapped, IPv4-compatible and
+SIIT ``::ffff:0:0:0/96`` forms, 100::/64, 5f00::/16, fc00::/7, fe80::/10,
+ff00::/8 and all still unassigned space).  Two forms carry an IPv4 address
+and are judged by it: 6to4 (2002::/16) and the NAT64 well-known prefix
+64:ff9b::/96 (globally reachable per the registry, though outside 2000::/3).
+IPv4-mapped and IPv4-compatible addresses are never relayed (they are not
+routable as IPv6 and the relay's IPv6 sockets are IPv6-only).
 
 Explicit lists adjust the default: ``deny`` always wins, then ``allow``
 re-admits a range, then ``allow_loopback`` re-admits 127.0.0.0/8 and ::1.
+
+:class:`OwnAddresses` answers the other question of SPEC §5, whether an
+address is one of the relay's own under any spelling.
 """
 
 from __future__ import annotations
@@ -37,24 +49,37 @@ DEFAULT_DENY_V4: tuple[str, ...] = (
     "240.0.0.0/4",  # reserved, and 255.255.255.255 broadcast
 )
 
+#: The only IPv6 space relayed by default (plus the NAT64 prefix, unwrapped).
+GLOBAL_UNICAST_V6 = "2000::/3"
+
+#: Blocks inside 2000::/3 that the IANA IPv6 special-purpose registry marks
+#: as not globally reachable.  2002::/16 (6to4) is not listed: it is judged
+#: by the IPv4 address it carries.
 DEFAULT_DENY_V6: tuple[str, ...] = (
-    "::/128",  # unspecified
-    "::1/128",  # loopback
-    "::/96",  # IPv4-compatible (deprecated)
-    "::ffff:0:0/96",  # IPv4-mapped
-    "64:ff9b:1::/48",  # local-use NAT64
-    "100::/64",  # discard-only
-    "2001::/23",  # IETF protocol assignments (Teredo, ORCHID, ...)
-    "2001:db8::/32",  # documentation
+    "2001::/23",  # IETF protocol assignments (less the exceptions below)
+    "2001::/32",  # Teredo (RFC 4380)
+    "2001:2::/48",  # benchmarking (RFC 5180)
+    "2001:10::/28",  # ORCHID, deprecated (RFC 4843)
+    "2001:db8::/32",  # documentation (RFC 3849)
     "3fff::/20",  # documentation (RFC 9637)
-    "fc00::/7",  # unique local
-    "fe80::/10",  # link-local
-    "fec0::/10",  # site-local (deprecated)
-    "ff00::/8",  # multicast
+)
+
+#: Blocks inside 2001::/23 that the registry marks globally reachable.
+GLOBAL_EXCEPTIONS_V6: tuple[str, ...] = (
+    "2001:1::1/128",  # Port Control Protocol anycast (RFC 7723)
+    "2001:1::2/128",  # TURN anycast (RFC 8155)
+    "2001:1::3/128",  # DNS-SD service registration protocol anycast (RFC 9665)
+    "2001:3::/32",  # AMT (RFC 7450)
+    "2001:4:112::/48",  # AS112-v6 (RFC 7535)
+    "2001:20::/28",  # ORCHIDv2 (RFC 7343)
+    "2001:30::/28",  # drone remote ID (RFC 9374)
 )
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215; commonly /96 prefixes inside
 _SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_GLOBAL_UNICAST = ipaddress.IPv6Network(GLOBAL_UNICAST_V6)
 _LOOPBACK = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv6Network("::1/128"))
 
 _CACHE_LIMIT = 4096
@@ -71,17 +96,37 @@ def parse_networks(cidrs: Iterable[str]) -> list[IPNetwork]:
     return out
 
 
+def _mapped_or_compatible(addr: ipaddress.IPv6Address) -> bool:
+    return addr.ipv4_mapped is not None or (int(addr) >> 32 == 0 and int(addr) > 1)
+
+
 def embedded_ipv4(addr: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
-    """The IPv4 address carried by a NAT64, 6to4, mapped or compatible address."""
+    """The IPv4 address carried by a NAT64, 6to4, mapped, compatible or SIIT
+    (``::ffff:0:a.b.c.d``) address."""
     if addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
-    if addr in _NAT64:
+    if addr in _NAT64 or addr in _SIIT:
         return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     if addr in _SIX_TO_FOUR:
         return addr.sixtofour
     if int(addr) >> 32 == 0 and int(addr) > 1:
         return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
     return None
+
+
+def canonical_address(ip: str) -> Optional[IPAddr]:
+    """``ip`` parsed, with an embedded IPv4 address unwrapped; None if not an address."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id is not None:
+            addr = ipaddress.IPv6Address(int(addr))
+        inner = embedded_ipv4(addr)
+        if inner is not None:
+            return inner
+    return addr
 
 
 class PeerPolicy:
@@ -96,7 +141,9 @@ class PeerPolicy:
         self.allow = parse_networks(allow)
         self.deny = parse_networks(deny)
         self.allow_loopback = allow_loopback
-        self._default_deny = parse_networks(DEFAULT_DENY_V4 + DEFAULT_DENY_V6)
+        self._deny_v4 = parse_networks(DEFAULT_DENY_V4)
+        self._deny_v6 = parse_networks(DEFAULT_DENY_V6)
+        self._global_v6 = parse_networks(GLOBAL_EXCEPTIONS_V6)
         self._cache: dict[str, bool] = {}
 
     @staticmethod
@@ -125,6 +172,22 @@ class PeerPolicy:
             self._cache[ip] = verdict
         return verdict
 
+    def default_allows(self, addr: IPAddr) -> bool:
+        """The built-in verdict, before the explicit lists."""
+        if isinstance(addr, ipaddress.IPv4Address):
+            return not self._in(addr, self._deny_v4)
+        if addr in _NAT64:
+            return self.default_allows(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+        if addr in _SIX_TO_FOUR:
+            inner = addr.sixtofour
+            assert inner is not None
+            return self.default_allows(inner)
+        if addr not in _GLOBAL_UNICAST:
+            return False
+        if self._in(addr, self._global_v6):
+            return True
+        return not self._in(addr, self._deny_v6)
+
     def _judge(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip)
@@ -132,10 +195,13 @@ class PeerPolicy:
             return False
         candidates: list[IPAddr] = [addr]
         if isinstance(addr, ipaddress.IPv6Address):
-            if addr.ipv4_mapped is not None or (int(addr) >> 32 == 0 and int(addr) > 1):
+            if addr.scope_id is not None:
+                return False  # a zone index names a link, never a global peer
+            if _mapped_or_compatible(addr):
                 return False  # mapped / compatible: not routable on IPv6-only sockets
-            inner = embedded_ipv4(addr)
-            if inner is not None:
+            if addr in _NAT64 or addr in _SIX_TO_FOUR:
+                inner = embedded_ipv4(addr)
+                assert inner is not None
                 candidates.append(inner)
         if any(self._in(a, self.deny) for a in candidates):
             return False
@@ -143,4 +209,44 @@ class PeerPolicy:
             return True
         if self.allow_loopback and any(self._in(a, _LOOPBACK) for a in candidates):
             return True
-        return not any(self._in(a, self._default_deny) for a in candidates)
+        return self.default_allows(addr)
+
+
+_UNSPECIFIED = ("0.0.0.0/32", "::/128")  # a datagram to either reaches this host
+
+
+class OwnAddresses:
+    """The relay's own addresses (public, bind, interface; networks allowed,
+    e.g. 127.0.0.0/8 when a socket is bound to the wildcard), recognised
+    under every spelling: an IPv6 address that carries one of them as its
+    embedded IPv4 (NAT64, 6to4, mapped, compatible, SIIT) is one of them too.
+    The unspecified addresses always count: Linux delivers them locally.
+    """
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks = parse_networks(list(networks) + list(_UNSPECIFIED))
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, ip: object) -> bool:
+        if not isinstance(ip, str):
+            return False
+        verdict = self._cache.get(ip)
+        if verdict is None:
+            verdict = self._judge(ip)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[ip] = verdict
+        return verdict
+
+    def _judge(self, ip: str) -> bool:
+        try:
+            raw = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        candidates: list[Optional[IPAddr]] = [raw, canonical_address(ip)]
+        if isinstance(raw, ipaddress.IPv6Address) and raw in _NAT64_LOCAL:
+            # A local-use NAT64 prefix (admitted with --allow-peer) as a /96.
+            candidates.append(ipaddress.IPv4Address(int(raw) & 0xFFFFFFFF))
+        return any(
+            a is not None and a.version == net.version and a in net for a in candidates for net in self.networks
+        )

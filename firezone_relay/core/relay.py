@@ -58,7 +58,7 @@ from .commands import (
     SendDatagram,
     Transmit,
 )
-from .policy import PeerPolicy
+from .policy import OwnAddresses, PeerPolicy
 
 DEFAULT_LIFETIME = 600
 MAX_LIFETIME = 3600
@@ -116,8 +116,10 @@ class RelayConfig:
     user_allocation_limit: int = 0
     #: Allocations in total; 0 = no limit (the port range still bounds it).
     max_allocations: int = 0
-    max_permissions: int = 4096
-    max_channels: int = 4096
+    #: Per-allocation caps (→ 508 beyond); channels include those in their
+    #: reserve period.  256 each bounds a full allocation's memory (SECURITY.md).
+    max_permissions: int = 256
+    max_channels: int = 256
     allow_loopback_peers: bool = False
     allow_peers: Sequence[str] = ()
     deny_peers: Sequence[str] = ()
@@ -134,6 +136,12 @@ class RelayConfig:
     #: Relayed payload bytes per second per allocation, each direction on
     #: its own (coturn's max-bps); 0 = no limit.
     max_bps: int = 0
+    #: The relay's service ports beside ``listen_port`` (TLS, health and
+    #: metrics, control): never reachable as peers on an own address.
+    service_ports: Sequence[int] = ()
+    #: Own addresses beside the public ones (bind and interface addresses,
+    #: CIDR networks allowed), recognised under every spelling (SPEC §5).
+    own_addresses: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.public_ip4 is None and self.public_ip6 is None:
@@ -222,13 +230,15 @@ class _Channel(_Timed):
 
 
 class _Reservation(_Timed):
-    __slots__ = ("token", "port", "family")
+    __slots__ = ("token", "port", "family", "owner")
 
     def __init__(self, token: bytes, port: int, family: int, deadline: float) -> None:
         super().__init__(deadline)
         self.token = token
         self.port = port
         self.family = family
+        #: The allocation that made it: the reservation goes with it (SPEC §5).
+        self.owner: Optional[_Allocation] = None
 
 
 class _Request:
@@ -269,6 +279,7 @@ class _Allocation(_Timed):
         "even_port",
         "reserve_next",
         "reservation",
+        "reserved",
         "attempts",
         "tried_ports",
         "active",
@@ -296,6 +307,8 @@ class _Allocation(_Timed):
         self.even_port = False
         self.reserve_next = False
         self.reservation: Optional[_Reservation] = None
+        #: The reservation this allocation made (EVEN-PORT R), while unclaimed.
+        self.reserved: Optional[_Reservation] = None
         self.attempts = 0
         self.tried_ports: set[int] = set()
         self.active = False
@@ -326,6 +339,8 @@ class Relay:
         if config.public_ip6:
             self._public[6] = config.public_ip6
         self._own_ips = frozenset(self._public.values())
+        self._own = OwnAddresses(list(self._public.values()) + list(config.own_addresses))
+        self._service_ports = frozenset((config.listen_port, *config.service_ports))
         self._software = config.software
         self._draining = False
         self._max_bps = config.max_bps
@@ -338,6 +353,8 @@ class Relay:
         self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool, list[float]]]] = {}
         self._used_ports: set[int] = set()
         self._reservations: dict[bytes, _Reservation] = {}
+        #: Pending allocations that will make a reservation when their port opens.
+        self._reserving = 0
         self._timers: list[tuple[float, int, _Timed]] = []
         self._timer_seq = 0
         self._buckets: dict[str, list[float]] = {}
@@ -528,6 +545,8 @@ class Relay:
                 self._commands.append(ClosePort(alloc.port, family))
             self._used_ports.discard(alloc.port)
             del self._allocations[client]
+            if alloc.reserve_next and not alloc.dead:
+                self._reserving -= 1
             alloc.dead = True
 
     def handle_port_result(self, port: int, family: int, ok: bool, now: float) -> None:
@@ -931,15 +950,25 @@ class Relay:
                 self._error(request, 440, now)
                 return
             families = (4,)
+        # An EVEN-PORT reservation counts against the quotas like an
+        # allocation (SPEC §5): one that asks for it needs two units, one
+        # that claims one trades the reservation's unit for its own.
+        need = 2 if even_port is True else 1
+        if reservation is not None:
+            self._detach_reservation(reservation)
         # A roaming device replaces its own oldest allocation first, so that
         # the port and the quota it frees count for the new one.
         limit = self.config.user_allocation_limit
         if limit > 0:
+            if need > limit:
+                self._error(request, 508, now)
+                return
             owned = self._by_username.get(request.username, [])
-            while len(owned) >= limit:
+            while owned and self._user_units(owned) + need > limit:
                 self._delete_allocation(owned[0], "replaced")
                 owned = self._by_username.get(request.username, [])
-        if self.config.max_allocations and len(self._allocations) >= self.config.max_allocations:
+        claimed = 1 if reservation is not None else 0
+        if self.config.max_allocations and self._quota_units() - claimed + need > self.config.max_allocations:
             self._error(request, 508, now)
             return
         if reservation is None and len(self._used_ports) >= self.config.highest_port - self.config.lowest_port + 1:
@@ -953,6 +982,8 @@ class Relay:
         alloc.even_port = even_port is not None
         alloc.reserve_next = even_port is True
         self._allocations[request.sender] = alloc
+        if alloc.reserve_next:
+            self._reserving += 1
         if reservation is not None:
             self._claim_reservation(reservation)
             alloc.reservation = reservation
@@ -1021,6 +1052,8 @@ class Relay:
     def _fail_pending(self, alloc: _Allocation, now: float) -> None:
         if self._allocations.get(alloc.client) is alloc:
             del self._allocations[alloc.client]
+        if alloc.reserve_next and not alloc.dead:
+            self._reserving -= 1
         alloc.dead = True
         request = alloc.request
         if request is not None:
@@ -1042,8 +1075,11 @@ class Relay:
         attributes.append((stun.XOR_MAPPED_ADDRESS, (alloc.client[0], alloc.client[1])))
         attributes.append((stun.LIFETIME, alloc.lifetime))
         if alloc.reserve_next:
+            self._reserving -= 1
             token = self._rng.getrandbits(64).to_bytes(8, "big")
             reservation = _Reservation(token, alloc.port + 1, alloc.families[0], now + RESERVATION_LIFETIME)
+            reservation.owner = alloc
+            alloc.reserved = reservation
             self._reservations[token] = reservation
             self._used_ports.add(reservation.port)
             self._schedule(reservation)
@@ -1052,13 +1088,32 @@ class Relay:
         alloc.response = self._reply(request, attributes)
 
     def _claim_reservation(self, reservation: _Reservation) -> None:
+        self._detach_reservation(reservation)
         reservation.dead = True
         del self._reservations[reservation.token]
 
     def _expire_reservation(self, reservation: _Reservation) -> None:
+        self._detach_reservation(reservation)
         reservation.dead = True
         if self._reservations.pop(reservation.token, None) is not None:
             self._used_ports.discard(reservation.port)
+
+    @staticmethod
+    def _detach_reservation(reservation: _Reservation) -> None:
+        owner = reservation.owner
+        if owner is not None:
+            owner.reserved = None
+            reservation.owner = None
+
+    @staticmethod
+    def _user_units(owned: list[_Allocation]) -> int:
+        """A username's share of its quota: allocations and their reservations."""
+        return len(owned) + sum(1 for alloc in owned if alloc.reserved is not None)
+
+    def _quota_units(self) -> int:
+        """What ``max_allocations`` bounds: allocations (pending ones too)
+        and reservations, made or promised."""
+        return len(self._allocations) + len(self._reservations) + self._reserving
 
     def _delete_allocation(self, alloc: _Allocation, reason: str) -> None:
         if alloc.dead:
@@ -1095,6 +1150,8 @@ class Relay:
         for family in alloc.families:
             self._commands.append(ClosePort(alloc.port, family))
         self._used_ports.discard(alloc.port)
+        if alloc.reserved is not None:  # its unclaimed reservation goes with it
+            self._expire_reservation(alloc.reserved)
         self._commands.append(AllocationDeleted(alloc.client, alloc.username, alloc.port, reason))
         self._maybe_clear_timers()
 
@@ -1121,14 +1178,24 @@ class Relay:
     # --- peers -----------------------------------------------------------------------
 
     def _peer_allowed(self, peer: Address) -> tuple[bool, bool]:
-        """``(allowed, hairpin)`` for a peer transport address (SPEC §5)."""
+        """``(allowed, hairpin)`` for a peer transport address (SPEC §5).
+
+        An own address under any spelling (NAT64, 6to4, mapped, SIIT of a
+        public, bind or interface address) never reaches a service port,
+        whatever the allow lists say.  The public addresses as such reach
+        the allocation ports internally (hairpin); any other spelling of an
+        own address on an allocation port goes out to the network as the
+        policy allows; other ports of own addresses need an explicit allow.
+        """
         ip, port = peer
-        if ip in self._own_ips:
+        if ip in self._own:
+            if port in self._service_ports:
+                return False, False
             if self.config.lowest_port <= port <= self.config.highest_port:
-                return True, True
-            if port != self.config.listen_port and self._policy.explicitly_allowed(ip):
-                return True, False
-            return False, False
+                if ip in self._own_ips:
+                    return True, True
+                return self._policy.is_allowed(ip), False
+            return self._policy.explicitly_allowed(ip), False
         return self._policy.is_allowed(ip), False
 
     def _ip_allowed(self, ip: str) -> bool:
@@ -1212,6 +1279,9 @@ class Relay:
         if channel is None:
             if len(alloc.channels) >= self.config.max_channels:
                 self._error(request, 508, now)
+                return
+            if peer[0] not in alloc.permissions and len(alloc.permissions) >= self.config.max_permissions:
+                self._error(request, 508, now)  # the channel's permission would pass the cap
                 return
             channel = _Channel(alloc, number, peer, family, now + CHANNEL_LIFETIME)
             alloc.channels[number] = channel

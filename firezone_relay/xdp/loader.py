@@ -41,6 +41,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "relay_xdp.c")
 PREBUILT = os.path.join(HERE, "relay_xdp.o")
 PROGRAM = "relay_xdp"
+#: The channel maps, one per direction and client/peer family pair.
+ROUTE_MAPS = tuple(
+    "%s_%d%d" % (kind, a, b) for kind in ("chan_to_udp", "udp_to_chan") for a in (4, 6) for b in (4, 6)
+)
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -87,6 +91,10 @@ class XdpError(Exception):
     """The fast path could not be set up; the message says why."""
 
 
+class XdpMapFull(XdpError):
+    """A channel map is full: this binding stays in userspace (SPEC §5)."""
+
+
 def _errno_text(code: int) -> str:
     return "%s (%s)" % (os.strerror(code), errno.errorcode.get(code, code))
 
@@ -117,6 +125,8 @@ def _libbpf() -> ctypes.CDLL:
         "bpf_xdp_attach": (i, [i, i, u32, p]),
         "bpf_xdp_query_id": (i, [i, i, ctypes.POINTER(u32)]),
         "bpf_map_update_elem": (i, [i, p, p, ctypes.c_uint64]),
+        "bpf_object__find_map_by_name": (p, [p, ctypes.c_char_p]),
+        "bpf_map__set_max_entries": (i, [p, u32]),
         "bpf_map_delete_elem": (i, [i, p]),
         "bpf_map_lookup_elem": (i, [i, p, p]),
         "libbpf_num_possible_cpus": (i, []),
@@ -233,7 +243,9 @@ class XdpProgram:
     when the family changes), ``mtu`` (default: the interface's).
     """
 
-    def __init__(self, object_path: str, interface: str) -> None:
+    def __init__(self, object_path: str, interface: str, map_entries: Optional[int] = None) -> None:
+        """``map_entries``: the size of each channel map instead of the
+        object's (65,536), e.g. a small one to test a full map."""
         self.interface = interface
         try:
             self.ifindex = socket.if_nametoindex(interface)
@@ -251,6 +263,11 @@ class XdpProgram:
             prog = lib.bpf_object__find_program_by_name(obj, PROGRAM.encode())
             if not prog:
                 raise XdpError("%s has no program %s" % (object_path, PROGRAM))
+            if map_entries is not None:
+                for name in ROUTE_MAPS:
+                    bpf_map = lib.bpf_object__find_map_by_name(obj, name.encode())
+                    if not bpf_map or lib.bpf_map__set_max_entries(bpf_map, map_entries):
+                        raise XdpError("could not size the XDP map %s to %d entries" % (name, map_entries))
             log = ctypes.create_string_buffer(_LOG_SIZE)
             lib.bpf_program__set_log_buf(prog, log, _LOG_SIZE)
             err = lib.bpf_object__load(obj)
@@ -264,12 +281,7 @@ class XdpProgram:
                 )
             self.prog_fd = lib.bpf_program__fd(prog)
             self.maps: Dict[str, int] = {}
-            for name in [
-                "config",
-                "stats",
-                *("chan_to_udp_%d%d" % (a, b) for a in (4, 6) for b in (4, 6)),
-                *("udp_to_chan_%d%d" % (a, b) for a in (4, 6) for b in (4, 6)),
-            ]:
+            for name in ["config", "stats", *ROUTE_MAPS]:
                 fd = lib.bpf_object__find_map_fd_by_name(obj, name.encode())
                 if fd < 0:
                     raise XdpError("the XDP object has no map %s" % name)
@@ -340,7 +352,9 @@ class XdpProgram:
     def _update(self, name: str, key: bytes, value: bytes) -> None:
         err = self._lib.bpf_map_update_elem(self.maps[name], key, value, BPF_ANY)
         if err:
-            raise XdpError("map %s update: %s" % (name, _errno_text(-err)))
+            # A full hash map refuses new keys with E2BIG (existing ones still update).
+            cls = XdpMapFull if -err == errno.E2BIG else XdpError
+            raise cls("map %s update: %s" % (name, _errno_text(-err)))
 
     def _delete(self, name: str, key: bytes) -> bool:
         err = self._lib.bpf_map_delete_elem(self.maps[name], key)

@@ -12,8 +12,11 @@ commands (``channel_bound`` / ``channel_unbound``), so the kernel maps are a
 mirror of the core's usable channels and the core stays the source of
 truth: a denied peer never gets a ``ChannelBound``, an expiry or deletion
 removes the entry before the next packet is read.  Stream (TCP/TLS) clients
-are not mirrored.  A map write that fails (e.g. a full map) is counted in
-``errors`` and logged at most once a minute; userspace relays that channel.
+are not mirrored.  A map write that fails is counted in ``errors`` by kind
+and logged at most once a minute; userspace relays that channel.  A full
+channel map refuses only new keys, so the newest bindings are the ones left
+to userspace; each is counted as ``errors["full"]`` (``/metrics``:
+``relay_xdp_map_errors_total{kind="full"}``).
 
 A program killed with SIGKILL cannot detach: ``ip link set dev IFACE xdp off``
 (or ``xdpgeneric off``) removes a stale attachment, and the next start says
@@ -31,7 +34,15 @@ from typing import Any, Dict, Optional
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from firezone_relay.xdp.loader import XdpCounters, XdpError, XdpProgram, build_object, interface_ip4, interface_ip6
+from firezone_relay.xdp.loader import (
+    XdpCounters,
+    XdpError,
+    XdpMapFull,
+    XdpProgram,
+    build_object,
+    interface_ip4,
+    interface_ip6,
+)
 
 log = Logger(namespace="firezone_relay.xdp")
 
@@ -63,6 +74,7 @@ class XdpService(Service):
         public6: Optional[str] = None,
         int4: Optional[str] = None,
         int6: Optional[str] = None,
+        map_entries: Optional[int] = None,
     ) -> None:
         self.interface = interface
         self.mode = mode
@@ -73,6 +85,8 @@ class XdpService(Service):
         self.public6 = public6
         self.int4 = int4
         self.int6 = int6
+        #: Entries per channel map (None: the object's 65,536); tests make it small.
+        self.map_entries = map_entries
         self.program: Optional[XdpProgram] = None
         #: Why the fast path is off, once start-up has failed.
         self.failure: Optional[str] = None
@@ -104,7 +118,7 @@ class XdpService(Service):
         workdir = tempfile.mkdtemp(prefix="firezone-relay-xdp-")
         program = None
         try:
-            program = XdpProgram(build_object(workdir), self.interface)
+            program = XdpProgram(build_object(workdir), self.interface, map_entries=self.map_entries)
             int4 = self.int4 or interface_ip4(self.interface)
             int6 = self.int6 or interface_ip6(self.interface)
             program.configure(
@@ -177,6 +191,9 @@ class XdpService(Service):
             return
         try:
             program.add_channel(command.client, command.channel, command.peer, command.port)
+        except XdpMapFull as exc:
+            self._error("full", exc)
+            return
         except XdpError as exc:
             self._error("bind", exc)
             return

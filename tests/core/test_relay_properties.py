@@ -207,6 +207,8 @@ class MReservation:
     port: int
     family: int
     deadline: float
+    #: The client whose allocation made it, until claimed (SPEC §5: it goes with that allocation).
+    owner: Optional[Client] = None
 
 
 @dataclass
@@ -522,6 +524,14 @@ class RelayMachine(RuleBasedStateMachine):
     def delete(self, client: Client) -> None:
         alloc = self.allocations.pop(client)
         self.by_user[alloc.username].remove(client)
+        for token, reservation in list(self.reservations.items()):
+            if reservation.owner == client:
+                del self.reservations[token]
+
+    def user_units(self, username: str) -> int:
+        """SPEC §5: a username's allocations and their unclaimed reservations."""
+        owners = {r.owner for r in self.reservations.values()}
+        return sum(1 + (client in owners) for client in self.by_user[username])
 
     def peer_allowed(self, peer: Address) -> tuple[bool, bool]:
         ip, port = peer
@@ -588,6 +598,7 @@ class RelayMachine(RuleBasedStateMachine):
                     code = 508
                 else:
                     families = (reservation.family,)
+                    reservation.owner = None  # claimed: no longer its maker's
             elif requested is not None:
                 family = {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}.get(requested)
                 if family is None or family not in self.public:
@@ -601,10 +612,13 @@ class RelayMachine(RuleBasedStateMachine):
             else:
                 families = (4,)
         username = auth.username
+        need = 2 if even is True else 1  # a reservation counts like an allocation
+        if code is None and self.USER_LIMIT and need > self.USER_LIMIT:
+            code = 508
         if code is None and self.USER_LIMIT:
             # The username's oldest allocation is replaced before capacity is
             # checked, so the port it frees counts (upstream deletes first).
-            while len(self.by_user[username]) >= self.USER_LIMIT:
+            while self.by_user[username] and self.user_units(username) + need > self.USER_LIMIT:
                 self.delete(self.by_user[username][0])
         if code is None and token is None and len(self.used_ports()) >= self.HIGH_PORT - LOW + 1:
             code = 508
@@ -642,7 +656,7 @@ class RelayMachine(RuleBasedStateMachine):
         granted = reply.get_bytes(stun.RESERVATION_TOKEN)
         assert (granted is not None) == (even is True and token is None), reply
         if granted is not None:
-            self.reservations[granted] = MReservation(port + 1, families[0], self.now + RESERVATION)
+            self.reservations[granted] = MReservation(port + 1, families[0], self.now + RESERVATION, client)
             self.tokens.append(granted)
         opened = [c for c in self.opened_now if c.port == port]
         assert [c.family for c in opened] == list(families), self.opened_now

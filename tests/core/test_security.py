@@ -11,7 +11,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from firezone_relay.core import stun
 from firezone_relay.core.commands import ClosePort, OpenPort, SendDatagram
-from firezone_relay.core.policy import DEFAULT_DENY_V4, DEFAULT_DENY_V6, PeerPolicy
+from firezone_relay.core.policy import (
+    DEFAULT_DENY_V4,
+    DEFAULT_DENY_V6,
+    GLOBAL_EXCEPTIONS_V6,
+    GLOBAL_UNICAST_V6,
+    PeerPolicy,
+)
 
 from .harness import CLIENT, PEER, PUBLIC4, Driver, build, credentials, error_code, make_relay
 
@@ -31,22 +37,42 @@ def _neighbours(network: ipaddress._BaseNetwork) -> list[tuple[str, bool]]:
     return out
 
 
+def _expected_v4(addr: ipaddress.IPv4Address) -> bool:
+    return not any(addr in ipaddress.ip_network(n) for n in DEFAULT_DENY_V4)
+
+
+def _expected_v6(addr: ipaddress.IPv6Address) -> bool:
+    """SPEC §5 restated: NAT64 and 6to4 by their IPv4, else 2000::/3 minus
+    the registry's not-globally-reachable blocks (less their exceptions)."""
+    if addr in ipaddress.ip_network("64:ff9b::/96"):
+        return _expected_v4(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr.sixtofour is not None:
+        return _expected_v4(addr.sixtofour)
+    if addr not in ipaddress.ip_network(GLOBAL_UNICAST_V6):
+        return False
+    if any(addr in ipaddress.ip_network(n) for n in GLOBAL_EXCEPTIONS_V6):
+        return True
+    return not any(addr in ipaddress.ip_network(n) for n in DEFAULT_DENY_V6)
+
+
 class PolicyBoundaryTests(SynchronousTestCase):
     """Walk the first, last and neighbouring address of every default-deny range."""
 
     def test_every_default_range_boundary(self) -> None:
         policy = PeerPolicy()
-        networks = [ipaddress.ip_network(n) for n in DEFAULT_DENY_V4 + DEFAULT_DENY_V6]
-        for network in networks:
+        v4 = [ipaddress.ip_network(n) for n in DEFAULT_DENY_V4]
+        for network in v4:
             for address, inside in _neighbours(network):
                 addr = ipaddress.ip_address(address)
-                covered = any(addr.version == n.version and addr in n for n in networks)
-                if isinstance(addr, ipaddress.IPv6Address) and int(addr) >> 32 == 0:
-                    covered = True  # IPv4-compatible / mapped space is never relayed
-                expected = not covered
-                if isinstance(addr, ipaddress.IPv6Address) and addr.sixtofour is not None:
-                    expected = expected and PeerPolicy().is_allowed(str(addr.sixtofour))
+                expected = not any(addr in n for n in v4)
                 self.assertEqual(policy.is_allowed(address), expected, (str(network), address, inside))
+        # IPv6 is an allow-list: 2000::/3 minus the registry's special blocks.
+        v6 = [ipaddress.ip_network(n) for n in DEFAULT_DENY_V6 + GLOBAL_EXCEPTIONS_V6 + (GLOBAL_UNICAST_V6,)]
+        v6 += [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "2002::/16", "::ffff:0:0:0/96", "5f00::/16", "::/8")]
+        for network in v6:
+            for address, inside in _neighbours(network):
+                addr = ipaddress.ip_address(address)
+                self.assertEqual(policy.is_allowed(address), _expected_v6(addr), (str(network), address, inside))
 
     def test_embedded_ipv4_is_unwrapped(self) -> None:
         policy = PeerPolicy()
@@ -55,6 +81,40 @@ class PolicyBoundaryTests(SynchronousTestCase):
             self.assertFalse(policy.is_allowed(ip), ip)
         self.assertTrue(policy.is_allowed("64:ff9b::808:808"))
         self.assertTrue(policy.is_allowed("2002:808:808::1"))
+
+    def test_ipv6_allow_list_spellings(self) -> None:
+        """Issue 14 item 5: each spelling the review found, and the registry's blocks."""
+        policy = PeerPolicy()
+        denied = [
+            "::ffff:0:7f00:1",  # SIIT form of 127.0.0.1
+            "::ffff:0:808:808",  # SIIT of a public IPv4: still not global unicast
+            "::1:0:0:1",  # ::/8, neither mapped nor compatible
+            "5f00::1",  # segment routing SIDs (RFC 9602)
+            "::2:0:0:0", "100::1", "100:0:0:1::1", "200::1", "400::1", "1fff:ffff::1", "4000::1", "e000::1",
+            "64:ff9b:1::808:808",  # local-use NAT64: not the well-known prefix
+            "2001::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+            "2001:2::1", "2001:10::1", "2001:db8::1", "2001:db8:ffff::1", "3fff::1", "3fff:fff::1",
+            "2001:1::4", "2001:1ff::1",  # the rest of 2001::/23
+            "2002:7f00:1::", "2002:a00:1::1", "2002:c0a8:101::1",  # 6to4 of denied IPv4
+        ]
+        for ip in denied:
+            self.assertFalse(policy.is_allowed(ip), ip)
+        allowed = [
+            "2606:4700::1111", "2a00:1450:4001::1", "2000::1", "3fff:1000::1", "2001:200::1", "3ffe::1",
+            "2001:1::1", "2001:1::2", "2001:1::3", "2001:3::1", "2001:4:112::1", "2001:20::1", "2001:30::1",
+            "2620:4f:8000::1",  # globally reachable registry entries
+            "2002:808:808::1",  # 6to4 of a public IPv4
+            "64:ff9b::808:808",  # NAT64 of a public IPv4
+        ]
+        for ip in allowed:
+            self.assertTrue(policy.is_allowed(ip), ip)
+        # --allow-peer still overrides, and --deny-peer still wins.
+        self.assertTrue(PeerPolicy(allow=["5f00::/16"]).is_allowed("5f00::1"))
+        self.assertTrue(PeerPolicy(allow=["::ffff:0:0:0/96"]).is_allowed("::ffff:0:808:808"))
+        self.assertFalse(PeerPolicy(allow=["5f00::/16"], deny=["5f00::1/128"]).is_allowed("5f00::1"))
+        # Loopback admission is for 127/8 and ::1, not for a SIIT spelling of them.
+        self.assertFalse(PeerPolicy(allow_loopback=True).is_allowed("::ffff:0:7f00:1"))
+        self.assertFalse(PeerPolicy(allow_loopback=True).is_allowed("::1:0:0:1"))
 
     def test_explicit_lists(self) -> None:
         policy = PeerPolicy(allow=["10.1.0.0/16"], deny=["8.8.8.0/24", "2606:4700::/32"])
@@ -87,11 +147,17 @@ class PolicyBoundaryTests(SynchronousTestCase):
     @settings(max_examples=500, deadline=None)
     def test_ipv6_matches_numeric_ranges(self, value: int) -> None:
         addr = ipaddress.IPv6Address(value)
-        denied = any(addr in ipaddress.ip_network(n) for n in DEFAULT_DENY_V6) or value >> 32 == 0
-        if not denied and PeerPolicy().is_allowed(str(addr)):
-            return
-        if denied:
-            self.assertFalse(PeerPolicy().is_allowed(str(addr)))
+        self.assertEqual(PeerPolicy().is_allowed(str(addr)), _expected_v6(addr), str(addr))
+
+    @given(st.integers(0, (1 << 125) - 1))
+    @settings(max_examples=500, deadline=None)
+    def test_only_global_unicast_ipv6_is_allowed(self, value: int) -> None:
+        # Any address outside 2000::/3 other than the NAT64 prefix is denied.
+        for top in (0, 2, 3, 4, 5, 6, 7):
+            addr = ipaddress.IPv6Address((top << 125) | value)
+            if addr in ipaddress.ip_network("64:ff9b::/96"):
+                continue
+            self.assertFalse(PeerPolicy().is_allowed(str(addr)), str(addr))
 
     @given(st.integers(0, (1 << 32) - 1))
     @settings(max_examples=500, deadline=None)
@@ -151,6 +217,78 @@ class RelayPathTests(SynchronousTestCase):
         self.assertIsNone(d.peer(b"x", PEER, self.port)[0])
         self.assertEqual(d.relay.stats.dropped["no_permission"], 2)
 
+
+
+class OwnAddressTests(SynchronousTestCase):
+    """Issue 14 item 6: the relay's service ports under every spelling of every own address."""
+
+    PUBLIC = "93.184.216.34"
+    SPELLINGS = [
+        "93.184.216.34",
+        "64:ff9b::5db8:d822",  # NAT64
+        "2002:5db8:d822::1",  # 6to4
+        "::ffff:93.184.216.34",  # IPv4-mapped
+        "::5db8:d822",  # IPv4-compatible
+        "::ffff:0:5db8:d822",  # SIIT
+        "64:ff9b:1:ffff::5db8:d822",  # a local-use NAT64 /96 (RFC 8215), admitted by --allow-peer ::/0
+    ]
+    SERVICE_PORTS = (3478, 5349, 8080, 9999)
+
+    def driver(self, **options: object) -> Driver:
+        options.setdefault("service_ports", (5349, 8080, 9999))
+        d = Driver(make_relay(public_ip4=self.PUBLIC, public_ip6="2606:4700::6810:1", **options))
+        reply = d.allocate(extra=[(stun.ADDITIONAL_ADDRESS_FAMILY, 2)])
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        return d
+
+    def assert_refused(self, d: Driver, peer: tuple[str, int]) -> None:
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4100), (stun.XOR_PEER_ADDRESS, peer)]))
+        self.assertEqual(error_code(reply), 403, peer)
+        d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, (peer[0], 1))]))
+        send = build(stun.SEND, d.next_tid(), [(stun.XOR_PEER_ADDRESS, peer), (stun.DATA, b"x")], cls=stun.INDICATION)
+        self.assertEqual(d.client(send)[1], [], peer)
+
+    def test_nat64_spelling_of_the_public_address_cannot_reach_the_listener(self) -> None:
+        d = self.driver()
+        self.assert_refused(d, ("64:ff9b::5db8:d822", 3478))
+        self.assertEqual(d.relay.channel_count, 0)
+
+    def test_every_spelling_every_service_port_even_with_every_allowance(self) -> None:
+        for options in ({}, {"allow_loopback_peers": True, "allow_peers": ("0.0.0.0/0", "::/0")}):
+            d = self.driver(**options)
+            for ip in self.SPELLINGS:
+                for port in self.SERVICE_PORTS:
+                    self.assert_refused(d, (ip, port))
+            self.assertEqual(d.relay.channel_count, 0)
+            sends = [c for c in d.commands if isinstance(c, SendDatagram) and c.destination != CLIENT]
+            self.assertEqual(sends, [], options)
+
+    def test_bind_and_interface_addresses_are_own_too(self) -> None:
+        d = self.driver(
+            own_addresses=("10.0.0.5", "127.0.0.0/8", "::1", "2606:4700::6810:2"),
+            allow_loopback_peers=True,
+            allow_peers=("10.0.0.0/8",),
+        )
+        for peer in [("10.0.0.5", 3478), ("64:ff9b::a00:5", 8080), ("127.0.0.2", 3478), ("::ffff:0:7f00:1", 5349),
+                     ("::1", 3478), ("2606:4700::6810:2", 9999), ("0.0.0.0", 3478), ("::", 3478)]:
+            self.assert_refused(d, peer)
+        # Not service ports, or not own: the allowances apply as before.
+        for number, peer in enumerate([("10.0.0.6", 3478), ("10.0.0.5", 5000), ("127.0.0.2", 5000), ("::1", 5000)]):
+            reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4200 + number), (stun.XOR_PEER_ADDRESS, peer)]))
+            self.assertEqual(reply.msg_class, stun.SUCCESS, peer)
+
+    def test_hairpin_only_for_the_public_addresses_on_allocation_ports(self) -> None:
+        d = self.driver(own_addresses=("198.18.0.5",), allow_peers=("198.18.0.0/15",))
+        target = d.relayed_port(d.allocate(CLIENT2))
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4100), (stun.XOR_PEER_ADDRESS, (self.PUBLIC, target))]))
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        # A bind address on an allocation port is relayed as an ordinary peer, not hairpinned;
+        # on any other port an own address needs an explicit allow.
+        self.assertEqual(d.relay._peer_allowed(("198.18.0.5", target)), (True, False))
+        self.assertEqual(d.relay._peer_allowed(("64:ff9b::5db8:d822", target)), (True, False))
+        self.assertEqual(d.relay._peer_allowed(("64:ff9b::5db8:d822", 22)), (False, False))
+        self.assertEqual(d.relay._peer_allowed((self.PUBLIC, 22)), (False, False))
+        self.assertEqual(d.relay._peer_allowed(("198.18.0.5", 22)), (True, False))  # --allow-peer names it
 
 class MessageHandlingTests(SynchronousTestCase):
     def test_lifetime_after_message_integrity_is_not_acted_on(self) -> None:
@@ -244,6 +382,101 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(d.relay.memory_footprint()["used_ports"], 0)
         # EVEN-PORT without R reserves nothing.
         d.allocate(CLIENT2, extra=[(stun.EVEN_PORT, False)])
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 1)
+
+    def permit(self, d: Driver, ips: list[str]) -> stun.Message:
+        return d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, (ip, 1)) for ip in ips]))
+
+    def test_default_caps_are_256_permissions_and_256_channels(self) -> None:
+        """Issue 14 item 10: per-allocation caps, 508 beyond them."""
+        d = Driver(make_relay())
+        d.allocate()
+        for batch in range(16):
+            reply = self.permit(d, ["8.8.%d.%d" % (batch, i + 1) for i in range(16)])
+            self.assertEqual(reply.msg_class, stun.SUCCESS, batch)
+        self.assertEqual(d.relay.permission_count, 256)
+        self.assertEqual(error_code(self.permit(d, ["9.9.9.9"])), 508)
+        self.assertEqual(self.permit(d, ["8.8.0.1"]).msg_class, stun.SUCCESS)  # a refresh adds nothing
+        for number in range(256):
+            peer = ("8.8.%d.%d" % (number // 16, number % 16 + 1), 5000)
+            reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000 + number), (stun.XOR_PEER_ADDRESS, peer)]))
+            self.assertEqual(reply.msg_class, stun.SUCCESS, number)
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4100), (stun.XOR_PEER_ADDRESS, ("8.8.0.1", 5001))]))
+        self.assertEqual(error_code(reply), 508)
+        self.assertEqual((d.relay.permission_count, d.relay.channel_count), (256, 256))
+
+    def test_channel_bind_cannot_pass_the_permission_cap(self) -> None:
+        d = Driver(make_relay(max_permissions=2, max_channels=8))
+        d.allocate()
+        self.permit(d, ["8.8.0.1", "8.8.0.2"])
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, ("8.8.0.3", 1))]))
+        self.assertEqual(error_code(reply), 508)
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, ("8.8.0.2", 1))]))
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        self.assertEqual((d.relay.permission_count, d.relay.channel_count), (2, 1))
+
+    def test_caps_follow_the_config(self) -> None:
+        d = Driver(make_relay(max_permissions=300, max_channels=300))
+        d.allocate()
+        for batch in range(20):
+            self.assertEqual(self.permit(d, ["8.8.%d.%d" % (batch, i + 1) for i in range(15)]).msg_class, stun.SUCCESS)
+        self.assertEqual(d.relay.permission_count, 300)
+        self.assertEqual(error_code(self.permit(d, ["9.9.9.9"])), 508)
+        for number in range(300):
+            reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000 + number), (stun.XOR_PEER_ADDRESS, ("8.8.0.1", 1000 + number))]))
+            self.assertEqual(reply.msg_class, stun.SUCCESS, number)
+        reply = d.request(d.signed(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x7000), (stun.XOR_PEER_ADDRESS, ("8.8.0.1", 9))]))
+        self.assertEqual(error_code(reply), 508)
+
+    def test_even_port_reservations_count_against_the_user_quota(self) -> None:
+        """Issue 14 item 8: one user alternating EVEN-PORT(R) Allocates from
+        new 5-tuples holds no more than its quota in allocations plus reservations."""
+        d = Driver(make_relay(lowest_port=50000, highest_port=50099, user_allocation_limit=2))
+        for i in range(40):
+            extra = [(stun.EVEN_PORT, True)] if i % 2 == 0 else []
+            reply = d.allocate(("198.51.100.%d" % (i + 1), 1), extra=extra)
+            self.assertEqual(reply.msg_class, stun.SUCCESS, i)
+            footprint = d.relay.memory_footprint()
+            self.assertLessEqual(footprint["allocations"] + footprint["reservations"], 2, (i, footprint))
+            self.assertLessEqual(footprint["used_ports"], 2, (i, footprint))
+            d.advance(0.5)
+        # A limit of one cannot hold an allocation and its reservation: 508, nothing taken.
+        one = Driver(make_relay(lowest_port=50000, highest_port=50099, user_allocation_limit=1))
+        self.assertEqual(one.allocate().msg_class, stun.SUCCESS)
+        self.assertEqual(error_code(one.allocate(CLIENT2, extra=[(stun.EVEN_PORT, True)])), 508)
+        self.assertEqual(one.relay.allocation_count, 1)
+        self.assertEqual(one.allocate(CLIENT2, extra=[(stun.EVEN_PORT, False)]).msg_class, stun.SUCCESS)
+
+    def test_even_port_reservations_count_against_max_allocations(self) -> None:
+        d = Driver(make_relay(lowest_port=50000, highest_port=50099, max_allocations=4))
+        first = d.allocate(extra=[(stun.EVEN_PORT, True)])
+        self.assertEqual(first.msg_class, stun.SUCCESS)
+        self.assertEqual(d.allocate(CLIENT2, extra=[(stun.EVEN_PORT, True)]).msg_class, stun.SUCCESS)
+        self.assertEqual(error_code(d.allocate(("198.51.100.9", 1))), 508)
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 4)
+        # Claiming a reservation trades its unit for the new allocation's.
+        token = first.get_bytes(stun.RESERVATION_TOKEN)
+        assert token is not None
+        claimed = d.allocate(("198.51.100.10", 1), extra=[(stun.RESERVATION_TOKEN, token)])
+        self.assertEqual(d.relayed_port(claimed), d.relayed_port(first) + 1)
+        self.assertEqual(error_code(d.allocate(("198.51.100.11", 1))), 508)
+
+    def test_even_port_reservation_goes_with_its_allocation(self) -> None:
+        d = Driver(make_relay(lowest_port=50000, highest_port=50099))
+        d.allocate(extra=[(stun.EVEN_PORT, True)])
+        self.assertEqual(d.relay.memory_footprint()["reservations"], 1)
+        d.request(d.signed(stun.REFRESH, [(stun.LIFETIME, 0)]))
+        footprint = d.relay.memory_footprint()
+        self.assertEqual((footprint["reservations"], footprint["used_ports"]), (0, 0))
+        # A claimed reservation is the new allocation's: deleting the maker leaves it alone.
+        first = d.allocate(extra=[(stun.EVEN_PORT, True)])
+        token = first.get_bytes(stun.RESERVATION_TOKEN)
+        claimed = d.allocate(CLIENT2, extra=[(stun.RESERVATION_TOKEN, token)])
+        d.request(d.signed(stun.REFRESH, [(stun.LIFETIME, 0)]))
+        self.assertEqual(d.relay.allocation_count, 1)
+        self.assertEqual(d.relay.memory_footprint()["used_ports"], 1)
+        self.assertIn(d.relayed_port(claimed), d.relay._by_port)
+        d.advance(31)  # the old reservation timer finds nothing to free
         self.assertEqual(d.relay.memory_footprint()["used_ports"], 1)
 
     def test_user_quota_is_enforced(self) -> None:

@@ -297,6 +297,10 @@ class _FakeProgram:
         pass
 
 
+def _raise_full(*args: Any) -> None:
+    raise loader.XdpMapFull("map chan_to_udp_44 update: Argument list too long (E2BIG)")
+
+
 class ServiceTests(unittest.SynchronousTestCase):
     def service(self, program: Any = None) -> XdpService:
         s = XdpService("eth0", "generic", 3478, 49152, 65535)
@@ -325,6 +329,24 @@ class ServiceTests(unittest.SynchronousTestCase):
         s.channel_bound(C.ChannelBound(("192.0.2.1", 5000), CHAN, ("198.51.100.7", 6000), 50000, 4))
         self.assertEqual(s.errors["bind"], 1)
         self.assertEqual(s.channels, 0)
+
+    def test_a_full_map_is_counted_as_such_and_on_metrics(self) -> None:
+        from prometheus_client import generate_latest
+
+        from firezone_relay.adapters.metrics import make_registry
+        from tests.core.harness import make_relay
+
+        program = _FakeProgram()
+        s = self.service(program)
+        program.add_channel = _raise_full  # type: ignore[method-assign]
+        s.channel_bound(C.ChannelBound(("192.0.2.1", 5000), CHAN, ("198.51.100.7", 6000), 50000, 4))
+        self.assertEqual((s.errors["full"], s.errors["bind"], s.channels), (1, 0, 0))
+        registry, collector = make_registry(make_relay(), process_metrics=False)
+        fast_path = _FakeFastPath()
+        fast_path.errors = s.errors  # type: ignore[attr-defined]
+        collector.fast_path = fast_path
+        text = generate_latest(registry).decode()
+        self.assertIn('relay_xdp_map_errors_total{kind="full"} 1.0', text)
 
     def test_off_ignores_commands(self) -> None:
         s = self.service(None)
@@ -631,6 +653,46 @@ class ProgramTests(_Namespaced):
         self.assertNotIn("xdpgeneric", shown)  # native, not SKB mode
         with topology.entered("relay"):
             self.assertTrue(program.detach())
+
+    def test_a_full_channel_map_leaves_the_newest_bindings_to_userspace(self) -> None:
+        """Issue 14 item 10: the XDP service on maps of 3 entries, fed a fourth binding."""
+        topology = self.make_topology()
+        service = XdpService(
+            "eth0", "generic", LISTEN_PORT, LOWEST, HIGHEST,
+            public4=ADDR["relay"][0], int4=ADDR["relay"][0], int6=ADDR["relay"][1], map_entries=3,
+        )
+        with topology.entered("relay"):
+            service.startService()
+
+        def stop() -> None:
+            with topology.entered("relay"):
+                service.stopService()
+
+        self.addCleanup(stop)
+        self.assertTrue(service.active, service.failure)
+        client = self.sock(topology, "client", V4)
+        peers = [self.sock(topology, "peer", V4) for _ in range(4)]
+        caddr = client.getsockname()[:2]
+        bound = [C.ChannelBound(caddr, CHAN + i, peers[i].getsockname()[:2], LOWEST + i, 4) for i in range(4)]
+        for command in bound:
+            service.channel_bound(command)
+        self.assertEqual((service.channels, service.errors["full"], service.errors["bind"]), (3, 1, 0))
+        relay = (ADDR["relay"][0], LISTEN_PORT)
+        for i in range(3):  # the oldest three: in the kernel
+            client.sendto(struct.pack("!HH", CHAN + i, 3) + b"old", relay)
+            self.assertEqual(peers[i].recvfrom(100)[0], b"old", i)
+        client.sendto(struct.pack("!HH", CHAN + 3, 3) + b"new", relay)
+        self.assertIsNone(netns.recv(peers[3], 0.5))  # left to userspace (none runs here)
+        counters = service.counters()
+        assert counters is not None
+        self.assertEqual((counters.passed["miss"], counters.total("packets", "client_to_peer")), (1, 3))
+        # An unbinding makes room: the next binding is mirrored again.
+        first = bound[0]
+        service.channel_unbound(C.ChannelUnbound(first.client, first.channel, first.peer, first.port, first.family))
+        service.channel_bound(bound[3])
+        self.assertEqual((service.channels, service.errors["full"]), (3, 1))
+        client.sendto(struct.pack("!HH", CHAN + 3, 3) + b"now", relay)
+        self.assertEqual(peers[3].recvfrom(100)[0], b"now")
 
     def test_detach_and_reload_is_clean(self) -> None:
         topology = self.make_topology()
