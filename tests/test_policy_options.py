@@ -110,10 +110,12 @@ class CapOptionTests(unittest.SynchronousTestCase):
         options = parse(["--public-ip4-addr", "192.0.2.1", "--health-check-addr", "0.0.0.0:9100",
                          "--bind-ip4-addr", "10.0.0.5", "--bind-ip6-addr", "2001:db8::5"])
         config = tap.relay_config(options, "ab" * 32)
-        self.assertEqual(tuple(config.service_ports), (9100,))
+        self.assertEqual(tuple(config.service_ports), (9100, 9999))  # health, control endpoint
         self.assertEqual(list(config.own_addresses)[:2], ["10.0.0.5", "2001:db8::5"])
         self.assertIn("127.0.0.0/8", config.own_addresses)  # the health server listens on 0.0.0.0
         options["tls-cert"] = "cert.pem"  # TLS served: its port is a service port too
+        self.assertEqual(tap.service_ports(options), (9100, 5349, 9999))
+        options["control-endpoint"] = None  # --control-endpoint off
         self.assertEqual(tap.service_ports(options), (9100, 5349))
         wildcard = tap.relay_config(parse(["--public-ip4-addr", "192.0.2.1"]), "ab" * 32)
         self.assertIn("127.0.0.0/8", wildcard.own_addresses)
