@@ -6,6 +6,11 @@ Pure functions over bytes.  ``decode`` turns one datagram into a
 into bytes, optionally signed (MESSAGE-INTEGRITY, MESSAGE-INTEGRITY-SHA256)
 and fingerprinted.
 
+Decoding is linear in the datagram and bounded (SPEC §1): at most
+``MAX_ATTRIBUTES`` attribute headers are read (a longer message is rejected,
+a request with a 400), list-valued attributes hold a bounded number of
+entries, and IPv6 addresses are formatted without the ``ipaddress`` module.
+
 Attribute values are decoded eagerly into plain Python values so that a
 malformed message is rejected as a whole, never half-read:
 
