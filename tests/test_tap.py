@@ -513,6 +513,24 @@ class ProcessTests(unittest.TestCase):
         # twistd's default reactor on Linux is epoll: the direct dispatch is on.
         self.assertEqual(output.count("event dispatch: the relay's sockets without Twisted's per-event log context"), 1, output)
 
+    def test_unauthenticated_replies_on_the_wire_are_small(self) -> None:
+        """Issue 14 item 4 through a real process: no SOFTWARE, at most 4x the request."""
+        proc, port = self.start([])
+        self.assertIsNotNone(binding_roundtrip(port, time.time() + 20))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(5)
+            for method, expected in ((stun.BINDING, 32), (stun.ALLOCATE, 72), (stun.REFRESH, 72)):
+                request = stun.encode(method, stun.REQUEST, tid(), [])
+                self.assertEqual(len(request), 20)
+                s.sendto(request, ("127.0.0.1", port))
+                data, _ = s.recvfrom(2048)
+                reply = stun.decode(data)
+                self.assertEqual(reply.transaction_id, request[8:20])
+                self.assertIsNone(reply.get(stun.SOFTWARE), reply)
+                self.assertEqual(len(data), expected, reply)
+        self.stop(proc)
+
     def test_another_reactor_keeps_twisteds_dispatch(self) -> None:
         proc, port = self.start([], twistd_args=["--reactor=poll"])
         response = binding_roundtrip(port, time.time() + 20)
