@@ -64,7 +64,7 @@ _PARAMETERS: list[list[Any]] = [
     ["rng-seed", None, None, "Seed for the random number generator (deterministic secret and ports; testing only)"],
     ["log-format", None, "human", "Log format: human or json (one JSON object per line on stdout)"],
     ["health-check-addr", None, "0.0.0.0:8080", "host:port of the HTTP health and metrics endpoint"],
-    ["auth-secret", None, None, "Credential secret (standalone mode only; default: random, logged once)"],
+    ["auth-secret", None, None, "Credential secret, at least 32 characters (standalone mode only; default: random, logged once)"],
     ["user-allocation-limit", None, None, "Allocations per username, 0 = unlimited (default: 1 with a token, 0 without)"],
     ["max-allocations", None, "0", "Allocations in total, 0 = unlimited"],
     ["unauthenticated-rate", None, "100", "Replies per second per source IP to unauthenticated UDP requests (reflection guard), 0 = unlimited"],
@@ -190,9 +190,19 @@ def _parse_host_port(flag: str, value: str) -> Tuple[str, int]:
     return host, _parse_int(flag, port_text, 0, 65535)
 
 
+#: SPEC §3: signed error replies let anyone test guesses of the secret
+#: offline, so a given secret must not be guessable.  The generated one is 64.
+MIN_SECRET_LENGTH = 32
+
+
 def _check_secret(value: str) -> str:
     if not value:
         raise usage.UsageError("--auth-secret must not be empty")
+    if len(value) < MIN_SECRET_LENGTH:
+        raise usage.UsageError(
+            "--auth-secret must be at least %d characters (got %d): signed replies let anyone test guesses "
+            "offline; use e.g. the output of `openssl rand -hex 32`" % (MIN_SECRET_LENGTH, len(value))
+        )
     if len(value) > 256:
         raise usage.UsageError("--auth-secret must be at most 256 characters")
     if not all(33 <= ord(c) <= 126 for c in value) or ":" in value:

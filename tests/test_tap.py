@@ -171,12 +171,20 @@ class OptionsTests(unittest.SynchronousTestCase):
         self.assertEqual(options["tls-cert"], str(other_cert))
 
     def test_auth_secret(self) -> None:
-        self.assertEqual(parse(["--auth-secret", "s3cret"])["auth-secret"], "s3cret")
+        secret = "s3cret" * 6  # 36 characters
+        self.assertEqual(parse(["--auth-secret", secret])["auth-secret"], secret)
         self.assertUsageError(["--auth-secret", ""], "--auth-secret must not be empty")
-        self.assertUsageError(["--auth-secret", "a:b"], "without spaces or ':'")
-        self.assertUsageError(["--auth-secret", "a b"], "without spaces or ':'")
+        self.assertUsageError(["--auth-secret", "a:b" + "x" * 32], "without spaces or ':'")
+        self.assertUsageError(["--auth-secret", "a b" + "x" * 32], "without spaces or ':'")
         self.assertUsageError(["--auth-secret", "x" * 257], "at most 256 characters")
-        self.assertUsageError(["--auth-secret", "s3cret", "--token", "t"], "--auth-secret is for standalone mode only")
+        self.assertUsageError(["--auth-secret", secret, "--token", "t"], "--auth-secret is for standalone mode only")
+
+    def test_short_auth_secret_is_refused(self) -> None:
+        """SPEC §3 (issue 14 item 11): a given secret shorter than 32 characters is refused."""
+        self.assertUsageError(["--auth-secret", "s3cret"], "--auth-secret must be at least 32 characters (got 6)")
+        self.assertUsageError(["--auth-secret", "x" * 31], "at least 32 characters (got 31)")
+        self.assertEqual(parse(["--auth-secret", "x" * 32])["auth-secret"], "x" * 32)
+        self.assertUsageError([], "at least 32 characters (got 6)", environ={tap.env_name("auth-secret"): "s3cret"})
 
     def test_portal_mode_options(self) -> None:
         o = parse(environ={"FIREZONE_TOKEN": TOKEN, "FIREZONE_PORTAL_CA_FILE": "/etc/ca.pem"})
@@ -421,6 +429,17 @@ class ProcessTests(unittest.TestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("is not an IPv4 address", result.stderr + result.stdout)
 
+    def test_short_auth_secret_exits_nonzero_with_one_line(self) -> None:
+        result = self.run_twistd(["--auth-secret", "s3cret"])
+        self.assertNotEqual(result.returncode, 0)
+        output = result.stderr + result.stdout
+        self.assertIn("--auth-secret must be at least 32 characters (got 6)", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("s3cret", output)  # the rejected secret is not echoed
+        result = self.run_twistd([], env=twistd_env(AUTH_SECRET="s3cret"))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("--auth-secret must be at least 32 characters", result.stderr + result.stdout)
+
     def test_token_not_printed(self) -> None:
         result = self.run_twistd(["--api-url", "ftp://portal"], env=twistd_env(FIREZONE_TOKEN=TOKEN))
         self.assertNotEqual(result.returncode, 0)
@@ -493,6 +512,24 @@ class ProcessTests(unittest.TestCase):
             self.assertEqual(output.count("UDP I/O: batched (recvmmsg/sendmmsg"), 1, output)
         # twistd's default reactor on Linux is epoll: the direct dispatch is on.
         self.assertEqual(output.count("event dispatch: the relay's sockets without Twisted's per-event log context"), 1, output)
+
+    def test_unauthenticated_replies_on_the_wire_are_small(self) -> None:
+        """Issue 14 item 4 through a real process: no SOFTWARE, at most 4x the request."""
+        proc, port = self.start([])
+        self.assertIsNotNone(binding_roundtrip(port, time.time() + 20))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(5)
+            for method, expected in ((stun.BINDING, 32), (stun.ALLOCATE, 72), (stun.REFRESH, 72)):
+                request = stun.encode(method, stun.REQUEST, tid(), [])
+                self.assertEqual(len(request), 20)
+                s.sendto(request, ("127.0.0.1", port))
+                data, _ = s.recvfrom(2048)
+                reply = stun.decode(data)
+                self.assertEqual(reply.transaction_id, request[8:20])
+                self.assertIsNone(reply.get(stun.SOFTWARE), reply)
+                self.assertEqual(len(data), expected, reply)
+        self.stop(proc)
 
     def test_another_reactor_keeps_twisteds_dispatch(self) -> None:
         proc, port = self.start([], twistd_args=["--reactor=poll"])

@@ -73,8 +73,16 @@ MAX_PORT_ATTEMPTS = 16
 #: A REST credential valid for longer than this is refused (401): a
 #: credential that never expires is a static password in disguise.
 MAX_REST_LIFETIME = 366 * 86400
+#: SPEC §1: a CreatePermission lists at most this many XOR-PEER-ADDRESS (more → 400).
+MAX_PEERS_PER_REQUEST = 32
+#: SPEC §1: a 420 lists at most this many attribute types in UNKNOWN-ATTRIBUTES.
+MAX_UNKNOWN_LISTED = 16
+#: SPEC §5: no reply to an unauthenticated request is more than this many
+#: times the size of the request (reflection amplification).
+MAX_AMPLIFICATION = 4
 
 _PASSWORD_ALGORITHMS = ((stun.ALGORITHM_SHA256, b""), (stun.ALGORITHM_MD5, b""))
+_PASSWORD_ALGORITHMS_SIZE = 4 + 4 * len(_PASSWORD_ALGORITHMS)
 _WIRE_FAMILY = {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}
 
 
@@ -245,7 +253,7 @@ class _Request:
     """What a reply to one request needs: where, which transaction, signed how."""
 
     __slots__ = (
-        "sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated", "algorithm"
+        "sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated", "algorithm", "size"
     )
 
     def __init__(self, sender: Client, message: stun.Message) -> None:
@@ -253,6 +261,8 @@ class _Request:
         self.method = message.method
         self.transaction_id = message.transaction_id
         self.fingerprint = message.has_fingerprint
+        #: The request's size in bytes: the budget of an unauthenticated reply.
+        self.size = len(message.raw)
         self.key: Optional[bytes] = None
         self.sha256 = False
         self.username = ""
@@ -321,6 +331,17 @@ class _Allocation(_Timed):
 
 def _family_of(ip: str) -> int:
     return 6 if ":" in ip else 4
+
+
+def _attribute_size(value_length: int) -> int:
+    """Bytes on the wire of an attribute whose value has ``value_length`` bytes."""
+    return 4 + ((value_length + 3) & ~3)
+
+
+def _unknown_listed(message: stun.Message) -> tuple[int, ...]:
+    """What a 420 lists: the distinct unknown comprehension-required types,
+    first ones first, at most ``MAX_UNKNOWN_LISTED`` (SPEC §1)."""
+    return tuple(dict.fromkeys(message.unknown_required))[:MAX_UNKNOWN_LISTED]
 
 
 class Relay:
@@ -606,7 +627,7 @@ class Relay:
         try:
             message = stun.decode(data)
         except stun.StunDecodeError as exc:
-            self.stats.drop("malformed")
+            self.stats.drop(exc.drop_reason)
             if (
                 exc.error_code is not None
                 and exc.msg_class == stun.REQUEST
@@ -619,17 +640,19 @@ class Relay:
                     if exc.username is not None and parsed is not None:
                         password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
                         key = stun.long_term_key(exc.username, self.config.realm, password)
-                    self._send(
+                    # Unauthenticated: no SOFTWARE, and within the amplification budget.
+                    if self._send(
                         sender,
                         exc.method,
                         stun.ERROR,
                         exc.transaction_id,
-                        [(stun.SOFTWARE, self._software), (stun.ERROR_CODE, (400, "Bad Request"))],
+                        [(stun.ERROR_CODE, (400, "Bad Request"))],
                         key,
                         False,
                         False,
-                    )
-                    self._count_response(exc.method, exc.error_code)
+                        MAX_AMPLIFICATION * len(data),
+                    ):
+                        self._count_response(exc.method, exc.error_code)
             return
         cls = message.msg_class
         if cls == stun.REQUEST:
@@ -665,7 +688,10 @@ class Relay:
         key: Optional[bytes],
         sha256: bool,
         fingerprint: bool,
+        limit: int = 0,
     ) -> bytes:
+        """Encode and queue a reply; with a ``limit`` (bytes), a reply larger
+        than it is not sent but counted, and ``b""`` returned."""
         payload = stun.encode(
             method,
             cls,
@@ -675,6 +701,9 @@ class Relay:
             integrity_sha256_key=key if key is not None and sha256 else None,
             fingerprint=fingerprint,
         )
+        if limit and len(payload) > limit:
+            self.stats.drop("amplification")
+            return b""
         self._commands.append(SendDatagram(self.config.listen_port, _family_of(to[0]), to, payload))
         return payload
 
@@ -684,30 +713,35 @@ class Relay:
         responses[key] = responses.get(key, 0) + 1
 
     def _reply(self, request: _Request, attributes: list[stun.Attribute]) -> bytes:
-        self._count_response(request.method, 0)
-        return self._send(
+        # SPEC §1/§5: SOFTWARE only on replies to authenticated requests; a
+        # reply to an unauthenticated one (Binding) stays within 4x its request.
+        if request.authenticated:
+            attributes = [(stun.SOFTWARE, self._software)] + attributes
+        payload = self._send(
             request.sender,
             request.method,
             stun.SUCCESS,
             request.transaction_id,
-            [(stun.SOFTWARE, self._software)] + attributes,
+            attributes,
             request.key,
             request.sha256,
             request.fingerprint,
+            0 if request.authenticated else MAX_AMPLIFICATION * request.size,
         )
+        if payload:
+            self._count_response(request.method, 0)
+        return payload
 
     def _error(self, request: _Request, code: int, now: float, extra: Optional[list[stun.Attribute]] = None) -> None:
         if not request.authenticated and not self._unauthenticated_allowed(request.sender, now):
             self.stats.drop("rate_limited")
             return
-        self._count_response(request.method, code)
-        attributes: list[stun.Attribute] = [
-            (stun.SOFTWARE, self._software),
-            (stun.ERROR_CODE, (code, stun.REASONS.get(code, "Error"))),
-        ]
+        attributes: list[stun.Attribute] = [(stun.ERROR_CODE, (code, stun.REASONS.get(code, "Error")))]
+        if request.authenticated:
+            attributes.insert(0, (stun.SOFTWARE, self._software))
         if extra:
             attributes.extend(extra)
-        self._send(
+        if self._send(
             request.sender,
             request.method,
             stun.ERROR,
@@ -716,20 +750,57 @@ class Relay:
             request.key,
             request.sha256,
             request.fingerprint,
-        )
+            0 if request.authenticated else MAX_AMPLIFICATION * request.size,
+        ):
+            self._count_response(request.method, code)
 
     def _challenge(self, request: _Request, code: int, now: float) -> None:
-        """401 or 438 with REALM, a fresh NONCE and PASSWORD-ALGORITHMS."""
-        self._error(
-            request,
-            code,
-            now,
-            [
-                (stun.REALM, self.config.realm),
-                (stun.NONCE, self._nonces.issue((request.sender[0], request.sender[1]), now)),
-                (stun.PASSWORD_ALGORITHMS, _PASSWORD_ALGORITHMS),
-            ],
+        """401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4).
+
+        REALM and NONCE are the MUSTs; PASSWORD-ALGORITHMS is a MAY ("The
+        server MAY support alternate password algorithms, in which case it can
+        list them ... in a PASSWORD-ALGORITHMS attribute"), and if it is sent
+        the nonce must carry the security feature cookie with the "password
+        algorithms" bit.  The full challenge (PASSWORD-ALGORITHMS, cookie
+        nonce: SHA-256 offered) goes to requests large enough that it stays
+        within 4x their size (SPEC §5), which every real first Allocate is
+        (it must carry REQUESTED-TRANSPORT).  A smaller request (a bare 20-byte
+        Allocate or Refresh) gets the smallest correct challenge: REALM and a
+        plain 16-character nonce, MD5 only, 72 bytes unsigned (3.6x).
+        """
+        if not self._unauthenticated_allowed(request.sender, now):
+            self.stats.drop("rate_limited")
+            return
+        client = (request.sender[0], request.sender[1])
+        reason = stun.REASONS[code]
+        budget = MAX_AMPLIFICATION * request.size
+        nonce = self._nonces.issue(client, now)
+        full_size = (
+            stun.HEADER_LENGTH
+            + _attribute_size(4 + len(reason))
+            + _attribute_size(len(self.config.realm))
+            + _attribute_size(len(nonce))
+            + _PASSWORD_ALGORITHMS_SIZE
+            + (0 if request.key is None else (36 if request.sha256 else 24))
+            + (8 if request.fingerprint else 0)
         )
+        attributes: list[stun.Attribute] = [(stun.ERROR_CODE, (code, reason)), (stun.REALM, self.config.realm)]
+        if full_size <= budget:
+            attributes += [(stun.NONCE, nonce), (stun.PASSWORD_ALGORITHMS, _PASSWORD_ALGORITHMS)]
+        else:
+            attributes.append((stun.NONCE, self._nonces.issue(client, now, full=False)))
+        if self._send(
+            request.sender,
+            request.method,
+            stun.ERROR,
+            request.transaction_id,
+            attributes,
+            request.key,
+            request.sha256,
+            request.fingerprint,
+            budget,
+        ):
+            self._count_response(request.method, code)
 
     def _unauthenticated_allowed(self, client: Client, now: float) -> bool:
         """The reflection guard.  Stream clients are exempt: a TCP/TLS peer
@@ -858,7 +929,7 @@ class Relay:
         if not self._authenticate(message, request, now):
             return False
         if message.unknown_required:
-            self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, message.unknown_required)])
+            self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, _unknown_listed(message))])
             return False
         return True
 
@@ -877,7 +948,7 @@ class Relay:
 
     def _handle_binding(self, message: stun.Message, request: _Request, now: float) -> None:
         if message.unknown_required:
-            self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, message.unknown_required)])
+            self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, _unknown_listed(message))])
             return
         if not self._unauthenticated_allowed(request.sender, now):
             self.stats.drop("rate_limited")
@@ -974,7 +1045,7 @@ class Relay:
         if reservation is None and len(self._used_ports) >= self.config.highest_port - self.config.lowest_port + 1:
             self._error(request, 508, now)
             return
-        lifetime = self._lifetime(message)
+        lifetime = self._allocate_lifetime(message)
 
         alloc = _Allocation(request.sender, request.username, families, lifetime)
         alloc.request = request
@@ -994,6 +1065,26 @@ class Relay:
             self._open_next_family(alloc)
         elif not self._start_port_attempt(alloc):
             self._fail_pending(alloc, now)
+
+    @staticmethod
+    def _allocate_lifetime(message: stun.Message) -> int:
+        """The initial time-to-expiry of a new allocation, RFC 8656 §7.2:
+
+        "If the request contains a LIFETIME attribute, then the server
+        computes the minimum of the client's proposed lifetime and the
+        server's maximum allowed lifetime.  If this computed value is greater
+        than the default lifetime, then the server uses the computed lifetime
+        as the initial value of the time-to-expiry field.  Otherwise, the
+        server uses the default lifetime."
+
+        So an Allocate asking for less than 600 s (0 included) gets 600 s.
+        A Refresh keeps upstream's rule (``_lifetime``): any value up to the
+        maximum, 0 deletes.
+        """
+        requested = message.get_int(stun.LIFETIME)
+        if requested is None:
+            return DEFAULT_LIFETIME
+        return max(min(requested, MAX_LIFETIME), DEFAULT_LIFETIME)
 
     @staticmethod
     def _lifetime(message: stun.Message) -> int:
@@ -1228,24 +1319,26 @@ class Relay:
         if alloc is None:
             return
         peers = [p for p in message.get_all(stun.XOR_PEER_ADDRESS) if isinstance(p, tuple)]
-        if not peers:
+        # SPEC §1: at most MAX_PEERS_PER_REQUEST peers, deduplicated with a
+        # set (a dict, to keep their order), and the permission cap checked
+        # before any per-peer policy work.
+        if not peers or len(peers) > MAX_PEERS_PER_REQUEST:
             self._error(request, 400, now)
             return
-        ips: list[str] = []
-        for peer in peers:
-            ip = str(peer[0])
-            if _family_of(ip) not in alloc.families:
+        ips = list(dict.fromkeys(str(peer[0]) for peer in peers))
+        permissions = alloc.permissions
+        new = sum(1 for ip in ips if ip not in permissions)
+        if len(permissions) + new > self.config.max_permissions:
+            self._error(request, 508, now)
+            return
+        families = alloc.families
+        for ip in ips:
+            if _family_of(ip) not in families:
                 self._error(request, 443, now)
                 return
             if not self._ip_allowed(ip):
                 self._error(request, 403, now)
                 return
-            if ip not in ips:
-                ips.append(ip)
-        new = sum(1 for ip in ips if ip not in alloc.permissions)
-        if len(alloc.permissions) + new > self.config.max_permissions:
-            self._error(request, 508, now)
-            return
         for ip in ips:
             self._install_permission(alloc, ip, now)
         self._reply(request, [])

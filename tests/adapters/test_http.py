@@ -584,7 +584,7 @@ class MakeServiceTests(HttpFixture, unittest.TestCase):
                 "--public-ip4-addr=127.0.0.1",
                 "--bind-ip4-addr=127.0.0.1",
                 "--socket-buffer=0",
-                "--auth-secret=s3cret",
+                "--auth-secret=%s" % ("s3cret" * 6),
                 "--health-check-addr=127.0.0.1:0",
             ]
         )

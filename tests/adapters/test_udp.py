@@ -292,8 +292,10 @@ class ExpiryTests(RelayFixture, unittest.TestCase):
         client = self.client()
         _, response = yield client.allocate(SECRET, self.expiry(), [(stun.LIFETIME, 1)])
         self.assertEqual(response.msg_class, stun.SUCCESS, response)
-        self.assertEqual(response.get_int(stun.LIFETIME), 1)
+        self.assertEqual(response.get_int(stun.LIFETIME), 600)  # RFC 8656 §7.2: below the default, the default
         port = response.get_address(stun.XOR_RELAYED_ADDRESS)[1]
+        response = yield client.request(stun.REFRESH, [(stun.LIFETIME, 1)])  # a Refresh may shorten it
+        self.assertEqual(response.get_int(stun.LIFETIME), 1)
         self.assertIn((port, 4), service.port_numbers())
         deadline = time.time() + 5
         while self.relay.allocation_count and time.time() < deadline:

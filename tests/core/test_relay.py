@@ -63,7 +63,8 @@ class WireTests(SynchronousTestCase):
         reply = d.request(bytes(raw))
         self.assertEqual(reply.msg_class, stun.ERROR)
         self.assertEqual(error_code(reply), 400)
-        self.assertEqual(reply.attributes[0][0], stun.SOFTWARE)
+        # Unauthenticated: no SOFTWARE (SPEC §1/§5), the error code first.
+        self.assertEqual([t for t, _ in reply.attributes], [stun.ERROR_CODE])
 
     def test_malformed_indication_gets_nothing(self) -> None:
         d = Driver(make_relay())
@@ -123,9 +124,10 @@ class BindingTests(SynchronousTestCase):
         d = Driver(make_relay())
         reply = d.request(build(stun.BINDING, d.next_tid(), []))
         self.assertEqual(reply.msg_class, stun.SUCCESS)
-        self.assertEqual([t for t, _ in reply.attributes], [stun.SOFTWARE, stun.XOR_MAPPED_ADDRESS])
+        # Binding is never authenticated: no SOFTWARE (SPEC §1/§5).
+        self.assertEqual([t for t, _ in reply.attributes], [stun.XOR_MAPPED_ADDRESS])
         self.assertEqual(reply.get(stun.XOR_MAPPED_ADDRESS), CLIENT)
-        self.assertIn("firezone-relay", software(reply) or "")
+        self.assertIsNone(software(reply))
 
     def test_binding_ipv6_sender_replies_on_ipv6(self) -> None:
         d = Driver(make_relay(public_ip6=PUBLIC6))
@@ -151,7 +153,7 @@ class AuthenticationTests(SynchronousTestCase):
         self.assertEqual(error_code(reply), 401)
         self.assertEqual(
             [t for t, _ in reply.attributes],
-            [stun.SOFTWARE, stun.ERROR_CODE, stun.REALM, stun.NONCE, stun.PASSWORD_ALGORITHMS],
+            [stun.ERROR_CODE, stun.REALM, stun.NONCE, stun.PASSWORD_ALGORITHMS],
         )
         self.assertEqual(reply.get(stun.REALM), REALM)
         nonce = reply.get_str(stun.NONCE) or ""
@@ -323,9 +325,9 @@ class AllocateTests(SynchronousTestCase):
 
     def test_deallocate_once_time_expired(self) -> None:
         d = Driver(make_relay())
-        port = d.relayed_port(d.allocate(extra=[(stun.LIFETIME, 100)]))
-        self.assertEqual(d.relay.poll_timeout(), d.now + 100)
-        self.assertEqual(d.advance(99), [])
+        port = d.relayed_port(d.allocate(extra=[(stun.LIFETIME, 700)]))
+        self.assertEqual(d.relay.poll_timeout(), d.now + 700)
+        self.assertEqual(d.advance(699), [])
         commands = d.advance(2)
         self.assertEqual([c for c in commands if isinstance(c, ClosePort)], [ClosePort(port, 4)])
         self.assertEqual(d.relay.allocation_count, 0)

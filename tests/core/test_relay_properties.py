@@ -22,9 +22,10 @@ Failing examples print a ``@reproduce_failure`` blob and are kept in the
 hypothesis example database, so the next run replays them first.
 
 The model expires state when the clock is advanced (``Driver.advance`` calls
-``handle_timeout``), which is when the relay does: an Allocate with LIFETIME 0
-(upstream: no lower bound) yields an allocation that lives until the next
-timeout tick.
+``handle_timeout``), which is when the relay does: a Refresh with a small
+LIFETIME (upstream: no lower bound) yields an allocation that lives until the
+next timeout tick past it.  An Allocate asking for less than 600 s gets 600 s
+(RFC 8656 §7.2).
 """
 
 from __future__ import annotations
@@ -487,7 +488,12 @@ class RelayMachine(RuleBasedStateMachine):
         assert reply.transaction_id == data[8:20], reply
         assert reply.method == stun.split_message_type(int.from_bytes(data[:2], "big"))[0], reply
         assert reply.msg_class in (stun.SUCCESS, stun.ERROR), reply
-        assert reply.get_str(stun.SOFTWARE), reply
+        # SOFTWARE on replies to authenticated requests only (SPEC §1/§5).
+        status = error_code(reply)
+        if reply.method == stun.BINDING or status in (401, 438) or auth is None or auth.kind in ("none", "no_integrity"):
+            assert reply.get(stun.SOFTWARE) is None, reply
+        elif status is None or status in (403, 437, 440, 441, 442, 443, 508):
+            assert reply.get_str(stun.SOFTWARE), reply
         if auth is None or auth.kind == "none":
             assert reply.integrity_offset < 0 and reply.integrity_sha256_offset < 0, reply
         elif auth.kind == "sha256":
@@ -625,7 +631,8 @@ class RelayMachine(RuleBasedStateMachine):
         if code is not None:
             self.expect(reply, code)
             return
-        lifetime = 600 if req.lifetime is None else min(req.lifetime, 3600)
+        # RFC 8656 §7.2: below the default lifetime, the default.
+        lifetime = 600 if req.lifetime is None else max(min(req.lifetime, 3600), 600)
         used = self.used_ports()
         busy = self.driver.busy_ports
         if reservation is not None:

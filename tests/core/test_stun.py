@@ -463,17 +463,25 @@ class NonceTests(SynchronousTestCase):
         self.assertFalse(auth.NonceFactory(b"m" * 32).is_valid(nonce, CLIENT, NOW))
 
     def test_forged(self) -> None:
-        nonce = self.nonces.issue(CLIENT, NOW)
-        prefix, mac = nonce.rsplit(".", 1)
-        forged_mac = ("A" if mac[0] != "A" else "B") + mac[1:]
-        self.assertFalse(self.nonces.is_valid(prefix + "." + forged_mac, CLIENT, NOW))
-        # Moving the issue time forward invalidates the MAC.
-        issued = int(NOW)
-        later = nonce.replace("%x." % issued, "%x." % (issued + 300))
-        self.assertNotEqual(later, nonce)
-        self.assertFalse(self.nonces.is_valid(later, CLIENT, NOW + 400))
-        self.assertFalse(self.nonces.is_valid(nonce + "A", CLIENT, NOW))
-        self.assertFalse(self.nonces.is_valid(nonce[:-1], CLIENT, NOW))
+        import base64
+
+        for full in (True, False):
+            nonce = self.nonces.issue(CLIENT, NOW, full=full)
+            prefix, body = nonce[: len(nonce) - 16], nonce[-16:]
+            raw = base64.b64decode(body)
+            forged_mac = raw[:4] + bytes([raw[4] ^ 1]) + raw[5:]
+            self.assertFalse(self.nonces.is_valid(prefix + base64.b64encode(forged_mac).decode(), CLIENT, NOW))
+            # Moving the issue time forward invalidates the MAC.
+            later = (int(NOW) + 300).to_bytes(4, "big") + raw[4:]
+            self.assertFalse(self.nonces.is_valid(prefix + base64.b64encode(later).decode(), CLIENT, NOW + 400))
+            self.assertFalse(self.nonces.is_valid(nonce + "A", CLIENT, NOW))
+            self.assertFalse(self.nonces.is_valid(nonce[:-1], CLIENT, NOW))
+            self.assertTrue(self.nonces.is_valid(nonce, CLIENT, NOW))
+        # The form is authenticated too: stripping or adding the cookie fails.
+        full = self.nonces.issue(CLIENT, NOW)
+        plain = self.nonces.issue(CLIENT, NOW, full=False)
+        self.assertFalse(self.nonces.is_valid(full[13:], CLIENT, NOW))
+        self.assertFalse(self.nonces.is_valid(full[:13] + plain, CLIENT, NOW))
 
     def test_garbage(self) -> None:
         prefix = auth.NONCE_COOKIE + auth.NONCE_FEATURES

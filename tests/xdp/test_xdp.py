@@ -788,7 +788,8 @@ class RelayProcessTests(_Namespaced):
         relay = self.start(topology)
         peer = self.sock(topology, "peer", V4)
         removed = self.client(topology, V4)
-        expiring = self.client(topology, V4, lifetime=2)
+        expiring = self.client(topology, V4)
+        expiring.refresh(2)  # RFC 8656 §7.2 gives an Allocate at least 600 s; a Refresh may shorten it
         for c in (removed, expiring):
             self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
             c.send_channel(CHAN, b"before")
