@@ -122,7 +122,7 @@ class SyncClient:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+            if left <= 0 or not readable([self.sock], left):
                 return None
             data = self.sock.recv(65535)
             message = stun.decode(data)
@@ -139,6 +139,16 @@ class SyncClient:
             if reply is not None:
                 return reply
         raise AssertionError("no reply to method %#x" % method)
+
+
+def readable(socks: Sequence[socket.socket], timeout: float) -> List[socket.socket]:
+    """The sockets with a datagram waiting (poll, not select: descriptors may pass 1024)."""
+    poller = select.poll()
+    by_fd = {}
+    for s in socks:
+        poller.register(s.fileno(), select.POLLIN)
+        by_fd[s.fileno()] = s
+    return [by_fd[fd] for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
 
 
 def code(message: stun.Message) -> Optional[int]:
@@ -214,8 +224,7 @@ class KeepaliveProcessTests(unittest.TestCase):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            ready, _, _ = select.select(list(socks.values()), [], [], min(left, 0.05))
-            for s in ready:
+            for s in readable(list(socks.values()), min(left, 0.05)):
                 try:
                     data = s.recv(65535)
                 except BlockingIOError:
