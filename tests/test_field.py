@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from twisted.trial import unittest
 

@@ -20,7 +20,7 @@ from firezone_relay.core.commands import AllocationDeleted, SendDatagram
 from .harness import CLIENT, NOW, PUBLIC6, Driver, build, credentials, error_code, make_relay, verify_signed
 
 #: What snownet puts in ALLOCATE and REFRESH besides the credentials.
-SNOWNET = [(stun.REQUESTED_TRANSPORT, 17), (stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6), (stun.SOFTWARE, "snownet")]
+SNOWNET: list[stun.Attribute] = [(stun.REQUESTED_TRANSPORT, 17), (stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6), (stun.SOFTWARE, "snownet")]
 KEY_A = credentials(salt="pubkeyA-salt-0001")
 KEY_B = credentials(salt="pubkeyB-salt-0002")
 
@@ -61,12 +61,13 @@ class CredentialRotationTests(SynchronousTestCase):
     def test_other_requests_with_another_username_still_get_441(self) -> None:
         d = self.d
         d.allocate(creds=KEY_A)
-        for method, attributes in [
+        requests: list[tuple[int, list[stun.Attribute]]] = [
             (stun.REFRESH, SNOWNET),  # no LIFETIME: 600 s, a refresh, not a delete
             (stun.REFRESH, SNOWNET + [(stun.LIFETIME, 300)]),
             (stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, ("8.8.4.4", 5000))]),
             (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4000), (stun.XOR_PEER_ADDRESS, ("8.8.4.4", 5000))]),
-        ]:
+        ]
+        for method, attributes in requests:
             reply = d.request(d.signed(method, attributes, creds=KEY_B))
             self.assertEqual(error_code(reply), 441, (method, attributes))
             self.assertTrue(verify_signed(reply, KEY_B))
