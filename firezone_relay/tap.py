@@ -15,6 +15,7 @@ reactor is imported there, not at module level, so that ``twistd
 
 from __future__ import annotations
 
+import getopt
 import ipaddress
 import os
 import random
@@ -94,6 +95,8 @@ _PARAMETERS: list[list[Any]] = [
     ["stream-buffer-budget", None, "16777216", "Bytes of partial input all TCP/TLS connections together may hold; beyond it the connection that would pass it is closed"],
     ["max-permissions-per-allocation", None, "256", "Permissions one allocation may hold (508 beyond)"],
     ["max-channels-per-allocation", None, "256", "Channels one allocation may hold, including those in their reserve period (508 beyond)"],
+    ["log-level", None, "info", "Log level: trace, debug, info, warn, error or off, or RUST_LOG-style directives "
+     "such as warn,relay=debug (RUST_LOG is read when LOG_LEVEL is not set)"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -297,11 +300,12 @@ def _check_control_endpoint(options: Any) -> None:
 class Options(usage.Options):
     """Options of ``twistd firezone-relay``; ``Options(environ=...)`` in tests."""
 
-    synopsis = "[options]"
+    synopsis = "[options] [TOKEN [NAME]]"
     longdesc = (
         "A STUN/TURN relay for Firezone. Without a token it runs standalone: TURN is served at once "
         "with --auth-secret or a generated secret (logged once, with the command that mints "
-        "credentials for it). Every flag is also read from the environment variable shown."
+        "credentials for it). Every flag is also read from the environment variable shown. "
+        "TOKEN and NAME may also be given as arguments, as upstream's relay takes them."
     )
     optParameters = [[n, s, d, _with_env(h, n)] for n, s, d, h in _PARAMETERS]
     optFlags = [[n, s, _with_env(h, n)] for n, s, h in _FLAGS]
@@ -315,6 +319,7 @@ class Options(usage.Options):
         self._file_counts = {flag: 0 for flag in _REPEATABLE}
         self.argv: list[str] = []
         self.config_file: Any = None
+        self._positional: Tuple[Optional[str], Optional[str]] = (None, None)
 
     def opt_allow_peer(self, value: str) -> None:
         """Allow peers in this CIDR, repeatable [env: ALLOW_PEER, comma-separated]"""
@@ -348,6 +353,8 @@ class Options(usage.Options):
                     args.append("--" + name)
                 elif text not in _FALSE:
                     raise usage.UsageError("%s: %r is not a boolean (true/false)" % (var, env[var]))
+        if "LOG_LEVEL" not in env and "RUST_LOG" in env:  # upstream's variable; LOG_LEVEL wins
+            args += ["--log-level", env["RUST_LOG"]]
         for name in _REPEATABLE:
             values = [v.strip() for v in env.get(env_name(name), "").split(",") if v.strip()]
             self._env_counts[name] = len(values)
@@ -355,16 +362,44 @@ class Options(usage.Options):
                 args += ["--" + name, v]
         return args
 
+    def parseArgs(self, token: Optional[str] = None, name: Optional[str] = None) -> None:
+        """Upstream's positional ``TOKEN [NAME]``."""
+        self._positional = (token, name)
+
+    def _options_first(self, args: list[str]) -> list[str]:
+        """``args`` with every option before the positional arguments, so that
+        ``firezone-relay TOKEN --listen-port 3479`` works as with upstream's
+        parser (twistd's getopt stops at the first argument otherwise)."""
+        if "--_shell-completion" in args:
+            return args
+        try:
+            opts, positional = getopt.gnu_getopt(args, self.shortOpt, self.longOpt)
+        except getopt.GetoptError as exc:
+            raise usage.UsageError(str(exc)) from None
+        out: list[str] = []
+        for opt, value in opts:
+            takes_value = (opt[2:] + "=" in self.longOpt) if opt.startswith("--") else (opt[1:] + ":" in self.shortOpt)
+            out += [opt, value] if takes_value else [opt]
+        return out + ["--"] + positional if positional else out
+
     def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:
         if options is None:
             options = sys.argv[1:]
         self.argv = list(options)
-        env_args = self._environment_arguments()
-        file_args = self._config_file_arguments(self.argv)
         try:
-            super().parseOptions(file_args + env_args + self.argv)
+            env_args = self._environment_arguments()
+            file_args = self._config_file_arguments(self.argv)
+            try:
+                super().parseOptions(self._options_first(file_args + env_args + self.argv))
+            except usage.UsageError as exc:
+                raise usage.UsageError(self._locate(str(exc), env_args)) from None
         except usage.UsageError as exc:
-            raise usage.UsageError(self._locate(str(exc), env_args)) from None
+            if getattr(self, "parent", None) is None:
+                raise
+            # Under twistd: one line, instead of twistd's whole --help text
+            # followed by the message.
+            sys.stderr.write("firezone-relay: error: %s (--help lists the options)\n" % (exc,))
+            sys.exit(1)
 
     def _config_file_arguments(self, argv: Sequence[str]) -> list[str]:
         """``--config FILE`` (the command line's, else CONFIG_FILE) as arguments."""
@@ -493,11 +528,14 @@ class Options(usage.Options):
         _check_discovery_options(self, self._environ)
         _check_caps(self)
 
+        _apply_positional(self, self._positional, self._environ)
         if self["token"] is not None:
             if not self["token"].strip():
-                self["token"] = None
-            else:
-                self["token"] = read_token(self["token"])
+                raise usage.UsageError(
+                    "the portal token (TOKEN, --token or FIREZONE_TOKEN) is empty; "
+                    "leave it out entirely to run standalone"
+                )
+            self["token"] = read_token(self["token"])
         if self["auth-secret"] is not None:
             if self["token"]:
                 raise usage.UsageError(
@@ -522,11 +560,38 @@ class Options(usage.Options):
 
         # twistd: --log-format json becomes twistd's own --logger, so that
         # twistd's start-up lines and redirected stdout are JSON too and
-        # nothing is written twice (see firezone_relay.logs).
+        # nothing is written twice; either format goes through the
+        # --log-level filter (see firezone_relay.logs).
+        self["log-level"] = _parse_log_level(self["log-level"])
         parent = getattr(self, "parent", None)
-        if self["log-format"] == "json" and parent is not None and "logger" in parent:
-            if parent["logger"] is None:
-                parent["logger"] = "firezone_relay.logs.json_observer"
+        if parent is not None and "logger" in parent:
+            from firezone_relay import logs
+
+            logs.use_under_twistd(parent, self["log-level"], self["log-format"] == "json")
+
+
+def _apply_positional(options: Any, positional: Tuple[Optional[str], Optional[str]], environ: Mapping[str, str]) -> None:
+    """``TOKEN [NAME]`` given as arguments: like ``--token`` / ``--name``,
+    and like a flag they beat the environment; given both ways → an error."""
+    for flag, value in zip(("token", "name"), positional):
+        if value is None:
+            continue
+        current = options[flag]
+        if current is not None and current != environ.get(env_name(flag)):
+            raise usage.UsageError("%s is given twice: as --%s and as an argument" % (flag.upper(), flag))
+        options[flag] = value
+
+
+def _parse_log_level(value: str) -> Any:
+    from firezone_relay.logs import parse_log_level
+
+    try:
+        return parse_log_level(value)
+    except ValueError as exc:
+        raise usage.UsageError(
+            "--log-level (LOG_LEVEL, RUST_LOG): %s; use trace, debug, info, warn, error or off, "
+            "or directives such as warn,relay=debug" % (exc,)
+        ) from None
 
 
 def detect_public_ip4() -> Optional[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from twisted.internet import defer
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
@@ -224,9 +224,18 @@ class OptionsTests(unittest.SynchronousTestCase):
         config = ServerOptions()
         config.parseOptions(["-n", "firezone-relay", "--log-format", "json", "--listen-port", "3479"])
         self.assertIs(config["logger"], logs.json_observer)
+        # Without json, twistd's own observer (here: text on stdout) is still
+        # what writes, behind the --log-level filter.
         config = ServerOptions()
         config.parseOptions(["-n", "firezone-relay", "--listen-port", "3479"])
-        self.assertIsNone(config["logger"])
+        self.assertIs(config["logger"], logs.twistd_observer)
+        out = io.StringIO()
+        with redirect_stdout(out):
+            observer = config["logger"]()
+        observer({"log_level": LogLevel.info, "log_namespace": "x", "log_format": "shown {n}", "n": 1, "log_time": 0.0})
+        observer({"log_level": LogLevel.debug, "log_namespace": "x", "log_format": "hidden", "log_time": 0.0})
+        self.assertIn("shown 1", out.getvalue())
+        self.assertNotIn("hidden", out.getvalue())
 
 
 class SecretAndAddressTests(unittest.SynchronousTestCase):

@@ -809,6 +809,11 @@ class Relay:
         rate = self.config.unauthenticated_rate
         if rate <= 0 or len(client) == 3:
             return True
+        if client in self._allocations:
+            # A 5-tuple that holds an allocation is never charged: Firezone
+            # clients send a Binding every 25 s per allocation, and thousands
+            # of them can share one NAT address (SPEC §5).
+            return True
         ip = client[0]
         burst = float(self.config.unauthenticated_burst)
         bucket = self._buckets.get(ip)
@@ -933,13 +938,14 @@ class Relay:
             return False
         return True
 
-    def _owned_allocation(self, request: _Request, now: float) -> Optional[_Allocation]:
-        """The sender's active allocation, else 437; wrong username → 441."""
+    def _owned_allocation(self, request: _Request, now: float, any_username: bool = False) -> Optional[_Allocation]:
+        """The sender's active allocation, else 437; wrong username → 441
+        unless ``any_username`` (an authenticated delete from the 5-tuple)."""
         alloc = self._allocations.get(request.sender)
         if alloc is None or not alloc.active:
             self._error(request, 437, now)
             return None
-        if alloc.username != request.username:
+        if alloc.username != request.username and not any_username:
             self._error(request, 441, now)
             return None
         return alloc
@@ -1251,14 +1257,17 @@ class Relay:
     def _handle_refresh(self, message: stun.Message, request: _Request, now: float) -> None:
         if not self._common_checks(message, request, now):
             return
-        alloc = self._owned_allocation(request, now)
+        lifetime = self._lifetime(message)
+        # Deleting needs only valid credentials from the owning 5-tuple: a
+        # Firezone client rotates its credentials on a network reset and
+        # deletes its old allocation with the new ones (SPEC §2).
+        alloc = self._owned_allocation(request, now, any_username=lifetime == 0)
         if alloc is None:
             return
         requested = message.get_int(stun.REQUESTED_ADDRESS_FAMILY)
         if requested is not None and _WIRE_FAMILY.get(requested) not in alloc.families:
             self._error(request, 443, now)
             return
-        lifetime = self._lifetime(message)
         if lifetime == 0:
             self._delete_allocation(alloc, "refresh")
         else:

@@ -516,11 +516,11 @@ class RelayMachine(RuleBasedStateMachine):
     def common_error(self, auth: Auth, client: Client, unknown: bool) -> Optional[int]:
         return self.auth_error(auth, client) or (420 if unknown else None)
 
-    def owned(self, auth: Auth, client: Client) -> tuple[Optional[MAllocation], Optional[int]]:
+    def owned(self, auth: Auth, client: Client, any_username: bool = False) -> tuple[Optional[MAllocation], Optional[int]]:
         alloc = self.allocations.get(client)
         if alloc is None:
             return None, 437
-        if alloc.username != auth.username:
+        if alloc.username != auth.username and not any_username:  # SPEC §2: a delete needs only valid credentials
             return None, 441
         return alloc, None
 
@@ -781,8 +781,9 @@ class RelayMachine(RuleBasedStateMachine):
         reply = self.request(client, data, auth)
         code = self.common_error(auth, client, unknown)
         alloc = None
+        effective = 600 if lifetime is None else min(lifetime, 3600)
         if code is None:
-            alloc, code = self.owned(auth, client)
+            alloc, code = self.owned(auth, client, any_username=effective == 0)
         if code is None and requested is not None:
             assert alloc is not None
             if {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}.get(requested) not in alloc.families:
@@ -791,7 +792,6 @@ class RelayMachine(RuleBasedStateMachine):
         if code is not None:
             return
         assert alloc is not None
-        effective = 600 if lifetime is None else min(lifetime, 3600)
         assert reply.get_int(stun.LIFETIME) == effective, reply
         if effective == 0:
             self.delete(client)
