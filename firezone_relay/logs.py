@@ -187,9 +187,14 @@ class _LevelPredicate:
     the global level (Twisted's predicate drops both)."""
 
     def __init__(self, levels: LogLevels) -> None:
-        self._inner = LogLevelFilterPredicate(defaultLogLevel=levels.default)
+        self.set(levels)
+        _predicates.append(self)
+
+    def set(self, levels: LogLevels) -> None:
+        inner = LogLevelFilterPredicate(defaultLogLevel=levels.default)
         if levels.relay is not None:
-            self._inner.setLogLevelForNamespace(RELAY_NAMESPACE, levels.relay)
+            inner.setLogLevelForNamespace(RELAY_NAMESPACE, levels.relay)
+        self._inner = inner
 
     def __call__(self, event: LogEvent) -> NamedConstant:
         if event.get("log_level") is None or not event.get("log_namespace"):
@@ -197,6 +202,23 @@ class _LevelPredicate:
             event["log_level"] = event.get("log_level") or LogLevel.info
             event["log_namespace"] = event.get("log_namespace") or "log_legacy"
         return self._inner(event)
+
+
+#: Every level filter made (one under twistd), so that a change at run time
+#: (the control endpoint's /log_filter, a SIGHUP reload) reaches each.
+_predicates: list[_LevelPredicate] = []
+
+
+def apply_log_levels(levels: LogLevels) -> None:
+    """Change the level of every running filter at once."""
+    for predicate in _predicates:
+        predicate.set(levels)
+
+
+def set_log_level(text: str) -> str:
+    """Parse ``text`` like ``--log-level`` and apply it; ``ValueError`` if bad."""
+    apply_log_levels(parse_log_level(text))
+    return text.strip() or "info"
 
 
 def level_filter(observer: ILogObserver, levels: LogLevels) -> ILogObserver:

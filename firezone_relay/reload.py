@@ -53,6 +53,9 @@ SECRET = frozenset(("auth-secret", "token", "rest-auth-secret"))
 def _shown(name: str, value: Any) -> str:
     if name in SECRET:
         return "(secret)"
+    if name == "log-level" and hasattr(value, "default"):  # logs.LogLevels
+        relay = getattr(value, "relay", None)
+        return value.default.name + (",relay=%s" % relay.name if relay is not None else "")
     return repr(value)
 
 
@@ -64,7 +67,7 @@ class Reloader:
     compares new parses with these.  ``options``: the options in effect.
     ``parse()`` returns new ``Options`` (raising ``usage.UsageError``);
     ``apply_core(options)`` gives the core its new ``RelayConfig``;
-    ``tls`` is the ``stream.TLSContext`` or None; ``set_log_level(text)``
+    ``tls`` is the ``stream.TLSContext`` or None; ``set_log_level(levels)``
     changes the log level; ``pump()`` runs the core's commands afterwards.
     """
 
@@ -77,7 +80,7 @@ class Reloader:
         apply_core: Callable[[Any], None],
         pump: Callable[[], None],
         tls: Any = None,
-        set_log_level: Optional[Callable[[str], Any]] = None,
+        set_log_level: Optional[Callable[[Any], Any]] = None,
         on_secrets: Optional[Callable[[Any], None]] = None,
     ) -> None:
         self.given: dict[str, Any] = dict(given)
@@ -119,8 +122,6 @@ class Reloader:
             self.failures += 1
             log.error("configuration reload failed, the running configuration stays: {error}", error=str(exc))
             return False
-        if "log-level" in live and self.set_log_level is not None:
-            self.set_log_level(str(merged["log-level"]))
         if self.tls is not None and ("tls-cert" in live or "tls-key" in live):
             self.tls.cert_path, self.tls.key_path = merged["tls-cert"], merged["tls-key"]
         tls_ok = self._reload_tls()
@@ -141,6 +142,9 @@ class Reloader:
             "configuration reloaded: {changes}",
             changes=", ".join("%s=%s" % (name, _shown(name, merged[name])) for name in live) or "nothing changed",
         )
+        # Last, so that the line above is still written when the level rises.
+        if "log-level" in live and self.set_log_level is not None:
+            self.set_log_level(merged["log-level"])
         return True
 
     def _reload_tls(self) -> bool:

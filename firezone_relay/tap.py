@@ -824,6 +824,7 @@ def _add_reload(
     given: Mapping[str, Any], options: Options, top: "MultiService", relay: Any, udp: Any, tls: Any, secret: str
 ) -> None:
     """SIGHUP: the TLS certificate, and the configuration's live part (SPEC §10)."""
+    from firezone_relay.logs import apply_log_levels
     from firezone_relay.reload import Reloader, ReloadService
 
     argv, environ = list(options.argv), dict(options._environ)
@@ -852,6 +853,7 @@ def _add_reload(
         apply_core,
         pump=udp._pump,
         tls=tls,
+        set_log_level=apply_log_levels,
         on_secrets=lambda merged: warn_short_rest_secrets(merged["rest-auth-secret"]),
     )
     ReloadService(reloader).setServiceParent(top)
@@ -863,6 +865,7 @@ def _add_control(options: Options, top: "MultiService", relay: Any, udp: Any) ->
         log.info("control endpoint: off")
         return
     from firezone_relay.adapters.control import ControlResource, ControlService
+    from firezone_relay.logs import set_log_level
 
     host, port = options["control-endpoint"]
     loopback = ipaddress.ip_address(host).is_loopback
@@ -876,7 +879,7 @@ def _add_control(options: Options, top: "MultiService", relay: Any, udp: Any) ->
         relay,
         pump=udp._pump,
         transport_of=udp._transport_of,
-        set_log_level=None,
+        set_log_level=set_log_level,
         clock=udp._now,
         loopback_only=loopback,
     )

@@ -236,6 +236,21 @@ class ReloadProcessTests(unittest.TestCase):
         # A bad value: file, line, key.
         record = self.hup(relay, "max-allocations = -1\n", "configuration reload failed")
         self.assertIn("%s:1: key 'max-allocations'" % self.path, record["msg"])
+        # The log level: the reload's own line is still written, info lines after it are not.
+        record = self.hup(relay, 'max-allocations = 0\nlog-level = "warn"\n', "configuration reloaded")
+        self.assertIn("log-level=warn", record["msg"])
+        third = TurnClient(("127.0.0.1", relay.listen_port))
+        port = listen(third)
+        self.addCleanup(port.stopListening)
+        created = len(relay.created())
+        _, final = yield third.allocate(SECRET, expiry, salt="c")
+        self.assertEqual(final.msg_class, stun.SUCCESS)
+        self.assertEqual(len(relay.created()), created)  # "allocation created" is info: hidden
+        self.assertIsNone(relay.proc.poll())
+        # The only error lines are the two failed reloads above.
+        errors = [r["msg"] for r in relay.records() if r.get("level") in ("error", "critical") or "traceback" in r]
+        self.assertEqual(len(errors), 2, errors)
+        self.assertTrue(all(m.startswith("configuration reload failed") for m in errors), errors)
 
     def test_a_bad_file_at_start_up_is_one_clear_line_and_exit_2(self) -> None:
         from tests.interop.support import TWISTD, relay_env

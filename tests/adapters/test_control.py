@@ -145,6 +145,38 @@ class ProcessTests(unittest.TestCase):
         self.assertEqual(value(samples, "relay_dropped_packets_total", reason="bandwidth_limit"), 100 - received)
         relay.assert_healthy()
 
+    @defer.inlineCallbacks
+    def test_log_filter_changes_the_level_at_run_time(self) -> Any:
+        control_port = free_tcp_port()
+        relay = Relay(self, extra=["--control-endpoint=127.0.0.1:%d" % control_port])
+        expiry = int(reactor.seconds()) + 3600
+
+        @defer.inlineCallbacks
+        def allocate(salt: str) -> Any:
+            client = TurnClient(("127.0.0.1", relay.listen_port))
+            port = listen(client)
+            self.addCleanup(port.stopListening)
+            _, final = yield client.allocate(SECRET, expiry, salt=salt)
+            self.assertEqual(final.msg_class, stun.SUCCESS)
+
+        yield allocate("one")
+        relay.wait_for("the first allocation logged", lambda r: len(r.created()) == 1)
+        done = ctl(control_port, "log-level", "warn")
+        self.assertEqual((done.returncode, done.stdout), (0, "log level: warn\n"), done.stderr)
+        yield allocate("two")  # an info line: hidden now
+        status, answer = call(control_port, "POST", "/log_filter?directives=warn,relay%3Dinfo")
+        self.assertEqual((status, answer), (200, {"log_level": "warn,relay=info"}))
+        yield allocate("three")  # the relay's own info lines are back
+        relay.wait_for("the third allocation logged", lambda r: len(r.created()) == 2)
+        self.assertEqual([r["username"].split(":")[1] for r in relay.created()], ["one", "three"])
+        status, answer = call(control_port, "POST", "/log_filter", b"loud")
+        self.assertEqual(status, 400)
+        self.assertIn("not a log level", answer["error"])
+        bad = ctl(control_port, "log-level", "nonsense")
+        self.assertEqual(bad.returncode, 1)
+        self.assertIn("not a log level", bad.stderr)
+        relay.assert_healthy()
+
     def test_bad_requests_get_clear_json_errors(self) -> None:
         control_port = free_tcp_port()
         relay = Relay(self, extra=["--control-endpoint=127.0.0.1:%d" % control_port])
