@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -349,7 +350,13 @@ class RelayProcess:
         listen_port: int = LISTEN_PORT,
         ports: Tuple[int, int] = (LOWEST, HIGHEST),
         metrics_port: int = METRICS[1],
+        attach_mode: Optional[str] = "generic",
+        python: Optional[str] = None,
+        env: Optional[Dict[str, str]] = None,
     ) -> None:
+        """``attach_mode`` None: no ``--ebpf-attach-mode`` (the default).
+        ``python``: the interpreter of an installed relay (default: this one,
+        with this source tree first on PYTHONPATH); ``env``: variables to set."""
         self.topology = topology
         self.listen_port = listen_port
         self.metrics_port = metrics_port
@@ -370,14 +377,22 @@ class RelayProcess:
             "--log-format=json",
         ]
         if xdp:
-            args += ["--ebpf-offloading=eth0", "--ebpf-attach-mode=generic"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREZONE_", "EBPF_", "PUBLIC_", "LISTEN_"))}
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        env["PYTHONUNBUFFERED"] = "1"
-        self.argv = ["ip", "netns", "exec", topology.ns["relay"], *TWISTD, *args, *extra]
+            args += ["--ebpf-offloading=eth0"]
+            if attach_mode is not None:
+                args += ["--ebpf-attach-mode=%s" % attach_mode]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("FIREZONE_", "EBPF_", "PUBLIC_", "LISTEN_"))}
+        if python is None:
+            environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
+        else:
+            environ.pop("PYTHONPATH", None)
+        environ["PYTHONUNBUFFERED"] = "1"
+        environ.update(env or {})
+        twistd = [python, *TWISTD[1:]] if python is not None else TWISTD
+        ip = shutil.which("ip") or "ip"  # found on our PATH, not on the relay's
+        self.argv = [ip, "netns", "exec", topology.ns["relay"], *twistd, *args, *extra]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                self.argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.argv, cwd=workdir, env=environ, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
 
     def output(self) -> str:

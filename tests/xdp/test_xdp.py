@@ -171,10 +171,10 @@ class OptionsTests(unittest.SynchronousTestCase):
         options.parseOptions(args)
         return options
 
-    def test_defaults_are_off_and_generic(self) -> None:
+    def test_defaults_are_off_and_auto(self) -> None:
         o = self.parse([])
         self.assertIsNone(o["ebpf-offloading"])
-        self.assertEqual(o["ebpf-attach-mode"], "generic")
+        self.assertEqual(o["ebpf-attach-mode"], "auto")
         from firezone_relay import tap
 
         self.assertIsNone(tap.make_xdp_service(o))
@@ -195,7 +195,7 @@ class OptionsTests(unittest.SynchronousTestCase):
         from twisted.python import usage
 
         for args, fragment in (
-            (["--ebpf-attach-mode", "native"], "generic or driver"),
+            (["--ebpf-attach-mode", "native"], "must be auto, driver or generic"),
             (["--ebpf-int4-addr", "2001:db8::1"], "expected IPv4"),
             (["--ebpf-int6-addr", "nope"], "not an IPv6 address"),
         ):
