@@ -64,7 +64,7 @@ BPF_ANY = 0
 
 # Mirrors of the C layouts (checked against the object's BTF in the tests).
 CONFIG = struct.Struct("=4s16s4s16sHHHHI")
-CFG_ENABLED, CFG_PUBLIC4, CFG_PUBLIC6, CFG_INT4, CFG_INT6 = 1, 2, 4, 8, 16
+CFG_ENABLED, CFG_PUBLIC4, CFG_PUBLIC6, CFG_INT4, CFG_INT6, CFG_REDIRECT = 1, 2, 4, 8, 16, 32
 CLIENT_CHAN = {4: struct.Struct(">4sHH"), 6: struct.Struct(">16sHH")}
 PORT_PEER = CLIENT_CHAN  # {ip, allocation port, peer port}: the same shapes
 
@@ -352,24 +352,27 @@ def interface_xdp_features(ifindex: int) -> Optional[int]:
 
 
 def native_tx_problem(interface: str, ifindex: int) -> Optional[str]:
-    """Why native XDP_TX would lose frames on this interface although the
-    driver accepts the program, or None.
+    """Why relaying in native mode would lose frames on this interface
+    although the driver accepts the program, or None.
 
-    A veth delivers XDP_TX frames into the other end's NAPI ring, which only
-    exists while that end has GRO on or an XDP program of its own; without
-    it the kernel drops every frame (``veth_xdp_xmit``).  The kernel (6.4+)
-    reflects exactly that in this end's ``ndo-xmit`` XDP feature."""
+    A veth hands the frames we send back out into the other end's NAPI ring,
+    which only exists while that end has GRO on or an XDP program of its own;
+    without it the kernel drops every frame (``veth_xdp_xmit``).  The kernel
+    (6.4+) reflects exactly that in this end's ``ndo-xmit`` XDP feature.
+    (With GRO alone, XDP_TX frames would wait in that ring for the next
+    packet: in native mode on a veth the program sends with XDP_REDIRECT,
+    which is flushed.)"""
     if interface_driver(interface) != "veth":
         return None
     features = interface_xdp_features(ifindex)
     if features is None:
         return (
             "%s is a veth and this kernel does not report whether the other end of the pair can "
-            "receive XDP_TX frames (netdev xdp-features, Linux >= 6.3)" % interface
+            "receive XDP frames (netdev xdp-features, Linux >= 6.3)" % interface
         )
     if not features & XDP_ACT_NDO_XMIT:
         return (
-            "%s is a veth whose other end has neither GRO nor an XDP program, so native XDP_TX frames "
+            "%s is a veth whose other end has neither GRO nor an XDP program, so frames relayed in native mode "
             "would be dropped (on the other end: ethtool -K <dev> gro on)" % interface
         )
     return None
@@ -428,6 +431,12 @@ class XdpProgram:
         self.mode: Optional[str] = None
         #: After ``attach("auto")`` fell back to generic: why driver mode was not used.
         self.fallback: Optional[str] = None
+        #: After ``attach("driver")``: why relaying may not work in that mode, if it may not.
+        self.warning: Optional[str] = None
+        #: Send with XDP_REDIRECT to the incoming interface instead of XDP_TX
+        #: (native mode on a veth; see CFG_REDIRECT in relay_xdp.c).
+        self.redirect = False
+        self._config: Optional[List[object]] = None
         lib.libbpf_set_print(None)  # failures are reported through XdpError
         obj = lib.bpf_object__open_file(object_path.encode(), None)
         if not obj:
@@ -475,22 +484,32 @@ class XdpProgram:
         ``mode`` is ``generic``, ``driver`` (both strict) or ``auto``: driver
         mode unless the driver refuses it (or, on a veth, its other end could
         not receive the frames), then generic; ``fallback`` then says why.
-        Returns the mode used."""
-        self.fallback = None
-        if mode != "auto":
-            self._attach(mode)
+        Returns the mode used.  In driver mode on a veth the program sends
+        with XDP_REDIRECT instead of XDP_TX (``redirect``)."""
+        self.fallback = self.warning = None
+        veth = interface_driver(self.interface) == "veth"
+        if mode == "generic":
+            self._set_redirect(False)
+            self._attach("generic")
             return mode
-        refusal = native_tx_problem(self.interface, self.ifindex)
-        if refusal is None:
+        problem = native_tx_problem(self.interface, self.ifindex) if veth else None
+        if mode == "driver":
+            self._set_redirect(veth)
+            self._attach("driver")
+            self.warning = problem
+            return mode
+        if problem is None:
+            self._set_redirect(veth)
             try:
                 self._attach("driver")
                 return "driver"
             except XdpError as exc:
                 if exc.code in (errno.EBUSY, errno.EEXIST, errno.EPERM):
                     raise  # generic mode would fail the same way
-                refusal = str(exc)
+                problem = str(exc)
+        self._set_redirect(False)
         self._attach("generic")
-        self.fallback = refusal
+        self.fallback = problem
         return "generic"
 
     def _attach(self, mode: str) -> None:
@@ -593,7 +612,7 @@ class XdpProgram:
             | (CFG_INT4 if int4 else 0)
             | (CFG_INT6 if int6 else 0)
         )
-        value = CONFIG.pack(
+        self._config = [
             _packed(public4, 4),
             _packed(public6, 6),
             _packed(int4, 4),
@@ -603,8 +622,20 @@ class XdpProgram:
             highest_port,
             min(mtu, 0xFFFF),
             flags,
-        )
-        self._update("config", struct.pack("=I", 0), value)
+        ]
+        self._write_config()
+
+    def _write_config(self) -> None:
+        if self._config is None:
+            return
+        *fields, flags = self._config
+        flags = (flags & ~CFG_REDIRECT) | (CFG_REDIRECT if self.redirect else 0)
+        self._update("config", struct.pack("=I", 0), CONFIG.pack(*fields, flags))
+
+    def _set_redirect(self, redirect: bool) -> None:
+        if redirect != self.redirect:
+            self.redirect = redirect
+            self._write_config()
 
     @staticmethod
     def _keys(

@@ -148,18 +148,21 @@ class XdpService(Service):
                 interface=self.interface,
                 reason=program.fallback,
             )
+        if program.warning is not None:
+            log.warn("XDP in driver mode on {interface}: {reason}", interface=self.interface, reason=program.warning)
         if not self._atexit_registered:
             atexit.register(self.close)
             self._atexit_registered = True
         log.info(
-            "XDP fast path attached to {interface} ({mode} mode, program id {prog_id}, --ebpf-attach-mode "
-            "{requested}): ChannelData on port "
+            "XDP fast path attached to {interface} ({mode} mode, sending with {send}, program id {prog_id}, "
+            "--ebpf-attach-mode {requested}): ChannelData on port "
             "{listen_port} and allocation ports {lowest_port}-{highest_port}; cross-family source addresses "
             "IPv4 {int4}, IPv6 {int6}; hairpin for {public4} {public6}; detach a stale one with: "
             "ip link set dev {interface} xdp off",
             interface=self.interface,
             mode=self.attached_mode,
             requested=self.mode,
+            send="XDP_REDIRECT" if program.redirect else "XDP_TX",
             prog_id=program.attached_id(),
             listen_port=self.listen_port,
             lowest_port=self.lowest_port,
