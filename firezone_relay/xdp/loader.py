@@ -629,7 +629,7 @@ class XdpProgram:
         if self._config is None:
             return
         *fields, flags = self._config
-        flags = (flags & ~CFG_REDIRECT) | (CFG_REDIRECT if self.redirect else 0)
+        flags = (int(flags) & ~CFG_REDIRECT) | (CFG_REDIRECT if self.redirect else 0)  # type: ignore[call-overload]
         self._update("config", struct.pack("=I", 0), CONFIG.pack(*fields, flags))
 
     def _set_redirect(self, redirect: bool) -> None:
