@@ -166,6 +166,7 @@ class Bench:
         self.procs: List[subprocess.Popen] = []  # type: ignore[type-arg]
         self.topology = Topology("fzb")
         self.relays: List[RelayProcess] = []
+        self.router_programs: List[object] = []
         with open("/proc/loadavg") as f:
             self.load_before = " ".join(f.read().split()[:3])
 
@@ -186,6 +187,11 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     pass
         self.procs = []
+        if self.router_programs:
+            with self.topology.entered("router"):
+                for program in self.router_programs:
+                    program.close()  # type: ignore[attr-defined]
+            self.router_programs = []
         self.topology.destroy()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -363,6 +369,17 @@ class Bench:
         for mode, role in roles.items():
             if a.router_gro == "all" or (a.router_gro == "native" and mode != "generic"):
                 self.topology.exec("router", "ethtool", "-K", "to-%s" % role, "gro", "on")
+        if a.router_xdp:
+            from firezone_relay.xdp import loader
+
+            for mode, role in roles.items():
+                if mode != "generic":
+                    # A pass-everything program (ours, disabled) on the router's end.
+                    with self.topology.entered("router"):
+                        program = loader.XdpProgram(loader.build_object(self.tmp), "to-%s" % role)
+                        program.configure(LISTEN_PORT, LOWEST, HIGHEST, enabled=False)
+                        program.attach("driver")
+                    self.router_programs.append(program)
         if a.router_gro == "all":
             for role in ("client", "peer", "plain"):
                 if role in self.topology.ns:
@@ -416,8 +433,11 @@ class Bench:
         a = self.args
         print()
         print(
-            "IPv4, window %d, medians of %d x %g s, %d CPUs, kernel %s, router GRO %s, load average before: %s"
-            % (a.window, a.runs, a.seconds, os.cpu_count() or 0, os.uname().release, a.router_gro, self.load_before)
+            "IPv4, window %d, medians of %d x %g s, %d CPUs, kernel %s, router GRO %s%s, load average before: %s"
+            % (
+                a.window, a.runs, a.seconds, os.cpu_count() or 0, os.uname().release, a.router_gro,
+                ", router XDP pass program" if a.router_xdp else "", self.load_before,
+            )
         )
         print()
         print("| configuration | payload | round trips/s | vs no relay | vs coturn | machine CPU µs / round trip | relay CPU µs / relayed packet |")
@@ -465,6 +485,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--router-gro", default="native", choices=["native", "all", "none"],
         help="GRO on the router's end of the veth: of relays in auto/driver mode (native), of every link (all), "
         "or nowhere (none: auto then falls back to generic on veth)",
+    )
+    parser.add_argument(
+        "--router-xdp", action="store_true",
+        help="attach a pass-everything XDP program (native) on the router's end of relays in auto/driver mode, "
+        "the other way to give that veth end a receive ring (combine with --router-gro none)",
     )
     args = parser.parse_args(argv)
     reason = need_root()
