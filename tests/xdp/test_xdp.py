@@ -614,12 +614,15 @@ class ProgramTests(_Namespaced):
             other_end = loader.XdpProgram(path, "to-relay")
             self.addCleanup(other_end.close)
             other_end.configure(LISTEN_PORT, LOWEST, HIGHEST, enabled=False)
-            other_end.attach("driver")
+            self.assertEqual(other_end.attach("driver"), "driver")  # strict: attached although ...
+            self.assertIn("neither GRO nor an XDP program", other_end.warning or "")  # ... said to be unable to send
         with topology.entered("relay"):
             program = loader.XdpProgram(path, "eth0")
             self.addCleanup(program.close)
             program.configure(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0])
             program.attach("driver")
+            self.assertIsNone(program.warning)  # the other end has an XDP program now
+            self.assertTrue(program.redirect)
         client, peer = self.sock(topology, "client", V4), self.sock(topology, "peer", V4)
         program.add_channel(client.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST)
         client.sendto(struct.pack("!HH", CHAN, 6) + b"native", (ADDR["relay"][0], LISTEN_PORT))
