@@ -224,16 +224,18 @@ class InstalledRelayTests(unittest.SynchronousTestCase):
         directory = tempfile.mkdtemp(prefix="xdp-venv-")
         self.addCleanup(shutil.rmtree, directory, True)
         venv = os.path.join(directory, "venv")
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+        # No PYTHONPATH (trial -j sets one): it would put this work tree first.
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120, env=env)
         python = os.path.join(venv, "bin", "python")
         done = subprocess.run(
             [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True, text=True, timeout=300, env=env, cwd=directory,
         )
         self.assertEqual(done.returncode, 0, done.stderr[-3000:])
         purelib = subprocess.run(
             [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=True, env=env,
         ).stdout.strip()
         # The dependencies (Twisted, ...) come from this test's environment,
         # after the venv's own site-packages: firezone_relay is the wheel's.
@@ -241,7 +243,7 @@ class InstalledRelayTests(unittest.SynchronousTestCase):
             f.write(sysconfig.get_paths()["purelib"] + "\n")
         where = subprocess.run(
             [python, "-c", "import firezone_relay.xdp.loader as l; print(l.PREBUILT)"],
-            capture_output=True, text=True, check=True, cwd=directory,
+            capture_output=True, text=True, check=True, cwd=directory, env=env,
         ).stdout.strip()
         self.assertEqual(where, os.path.join(purelib, "firezone_relay", "xdp", "relay_xdp.o"))
         self.assertTrue(os.path.exists(where))
