@@ -57,8 +57,6 @@ XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_REPLACE = 1 << 4
 MODES = {"generic": XDP_FLAGS_SKB_MODE, "driver": XDP_FLAGS_DRV_MODE}
-#: ``--ebpf-attach-mode`` values: ``auto`` tries driver, then generic.
-ATTACH_MODES = ("auto", "driver", "generic")
 
 BPF_ANY = 0
 
