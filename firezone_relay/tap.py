@@ -82,7 +82,7 @@ _PARAMETERS: list[list[Any]] = [
     ["socket-buffer", None, str(DEFAULT_SOCKET_BUFFER), "SO_RCVBUF/SO_SNDBUF in bytes, 0 = OS default"],
     ["udp-io", None, "auto", "UDP per-packet I/O: batched (recvmmsg/sendmmsg, C extension), python, or auto (batched when built)"],
     ["ebpf-offloading", None, None, "Interface to attach the XDP ChannelData fast path to (Linux, root; off by default)"],
-    ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
+    ["ebpf-attach-mode", None, "auto", "XDP attach mode: auto (driver, else generic), driver (native) or generic (any interface)"],
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
     ["listen-address-discovery-method", None, None, "Read the public addresses not given from the cloud's metadata service: gce_metadata or aws_ec2_metadata"],
@@ -498,8 +498,8 @@ class Options(usage.Options):
             )
         if self["ebpf-offloading"] is not None and not self["ebpf-offloading"].strip():
             self["ebpf-offloading"] = None
-        if self["ebpf-attach-mode"] not in ("generic", "driver"):
-            raise usage.UsageError("--ebpf-attach-mode must be generic or driver (got %r)" % (self["ebpf-attach-mode"],))
+        if self["ebpf-attach-mode"] not in ("auto", "generic", "driver"):
+            raise usage.UsageError("--ebpf-attach-mode must be auto, driver or generic (got %r)" % (self["ebpf-attach-mode"],))
         if self["ebpf-int4-addr"] is not None:
             self["ebpf-int4-addr"] = _parse_ip("ebpf-int4-addr", self["ebpf-int4-addr"], 4)
         if self["ebpf-int6-addr"] is not None:
