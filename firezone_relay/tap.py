@@ -83,6 +83,7 @@ _PARAMETERS: list[list[Any]] = [
     ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
+    ["otlp-grpc-endpoint", None, None, "OTLP/gRPC collector (host:port) to push metrics to, as upstream (pip install 'firezone-relay[otlp]')"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -218,6 +219,27 @@ def _check_stream_options(options: Any) -> None:
             raise usage.UsageError("--tls-cert/--tls-key cannot be used: %s" % describe_tls_error(exc)) from None
 
 
+def _check_otlp(options: Any) -> None:
+    """``--otlp-grpc-endpoint`` (SPEC §7): a URL, the SDK installed, its variables sane."""
+    value = options["otlp-grpc-endpoint"]
+    if value is None or not value.strip():
+        options["otlp-grpc-endpoint"] = None
+        return
+    from firezone_relay.adapters.otlp import check_environment, missing_sdk, parse_endpoint
+
+    try:
+        options["otlp-grpc-endpoint"] = parse_endpoint(value)
+        check_environment(options._environ)
+    except ValueError as exc:
+        raise usage.UsageError(str(exc)) from None
+    missing = missing_sdk()
+    if missing:
+        raise usage.UsageError(
+            "--otlp-grpc-endpoint needs the OpenTelemetry SDK and its OTLP/gRPC exporter, which are not installed "
+            "(%s); install them with: pip install 'firezone-relay[otlp]'" % (missing,)
+        )
+
+
 class Options(usage.Options):
     """Options of ``twistd firezone-relay``; ``Options(environ=...)`` in tests."""
 
@@ -345,6 +367,7 @@ class Options(usage.Options):
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
         _check_stream_options(self)
+        _check_otlp(self)
 
         if self["token"] is not None:
             if not self["token"].strip():
@@ -573,6 +596,10 @@ def makeService(options: Options) -> "MultiService":
     if not options["token"]:
         ServingFlag(readiness).setServiceParent(top)
     StatsLogger(relay, fast_path=xdp).setServiceParent(top)
+    if options["otlp-grpc-endpoint"]:
+        from firezone_relay.adapters.otlp import make_service as make_otlp_service
+
+        make_otlp_service(options["otlp-grpc-endpoint"], relay, fast_path=xdp).setServiceParent(top)
     host, port = options["health-check-addr"]
     health = HealthService(host, port, registry, readiness)
     health.setName("http")
