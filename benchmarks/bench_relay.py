@@ -556,12 +556,26 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
     }
 
 
+def otlp_server(args: argparse.Namespace) -> Server:
+    """``ours`` with ``--otlp-grpc-endpoint`` at a closed loopback port (a dead
+    collector): every export fails and retries in the SDK's thread while the
+    relay is measured.  ``OTEL_METRIC_EXPORT_INTERVAL`` (``--otlp-interval-ms``)
+    is short so that failures keep happening during each measured window."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # closed again when we leave: connection refused
+    os.environ["OTEL_METRIC_EXPORT_INTERVAL"] = str(args.otlp_interval_ms)
+    return Server("ours-otlp", 23000, 23999, extra=["--otlp-grpc-endpoint", "127.0.0.1:%d" % closed])
+
+
 def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[List[Dict[str, Any]], List[str]]:
     rows: List[Dict[str, Any]] = []
     commands: List[str] = []
     servers = [Server("ours", 20000, 20999), Server("coturn", 21000, 21999)]
     if args.python_io:
         servers.insert(1, Server("ours-python", 22000, 22999))
+    if args.otlp:
+        servers.insert(1, otlp_server(args))
     targets: Dict[str, Target] = {}
     wait_budget = args.quiet_wait_total
     try:
@@ -719,6 +733,18 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
                 out.append("| %s | %d B | **%.2f×** | %.2f× |" % (
                     kind, size, o["rt_per_s"] / c["rt_per_s"], o["cpu_us_per_pkt"] / c["cpu_us_per_pkt"]))  # fmt: skip
     out.append("")
+    if args.otlp:
+        out.append("`ours-otlp` is `ours` pushing OTLP to a dead collector (`--otlp-grpc-endpoint` at a closed "
+                   "loopback port, `OTEL_METRIC_EXPORT_INTERVAL=%d`). Target: ≥ 0.97× `ours`." % args.otlp_interval_ms)
+        out.append("")
+        out.append("| payload | ours-otlp / ours round trips/s | ours-otlp / ours CPU per packet |")
+        out.append("|---:|---:|---:|")
+        for size in args.sizes:
+            o, b = by.get(("ours-otlp", size)), by.get(("ours", size))
+            if o and b:
+                out.append("| %d B | **%.3f×** | %.3f× |" % (
+                    size, o["rt_per_s"] / b["rt_per_s"], o["cpu_us_per_pkt"] / b["cpu_us_per_pkt"]))  # fmt: skip
+        out.append("")
     if uc:
         out.append("Many clients: `%s` (u/w: each server's credentials) against `turnutils_peer`:" % uc[0]["argv"].split(" -u ")[0])
         out.append("")
@@ -777,6 +803,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-readme", action="store_true")
     p.add_argument("--python-io", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure our relay with --udp-io python (pure-Python UDP I/O)")
+    p.add_argument("--otlp", action=argparse.BooleanOptionalAction, default=False,
+                   help="also measure our relay pushing OTLP to a dead collector (ours-otlp; needs the otlp extra)")
+    p.add_argument("--otlp-interval-ms", type=int, default=1000, help="OTEL_METRIC_EXPORT_INTERVAL of ours-otlp")
     args = p.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
@@ -802,7 +831,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(body)
     if not args.no_readme:
-        update_readme("bench_relay_pinned" if args.pin else "bench_relay", body)
+        update_readme("bench_relay_pinned" if args.pin else ("bench_relay_otlp" if args.otlp else "bench_relay"), body)
         print("\nwrote", README)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

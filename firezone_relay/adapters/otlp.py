@@ -332,12 +332,6 @@ class _BridgeHandler(logging.Handler):
 # The exporter wrapper: adds relay.packet.size, reports failures.
 
 
-def _exporter_base() -> Any:
-    from opentelemetry.sdk.metrics.export import MetricExporter
-
-    return MetricExporter
-
-
 def make_exporter(inner: Any, source: SnapshotSource, preference: str, endpoint: str,
                   limiter: WarningLimiter, bridge: Optional[_BridgeHandler], info: Callable[[str], None]) -> Any:
     """A ``MetricExporter`` around the OTLP exporter ``inner`` (see the module doc)."""
@@ -366,7 +360,7 @@ def make_exporter(inner: Any, source: SnapshotSource, preference: str, endpoint:
     # Upstream's relay.responses is a synchronous counter: delta under
     # LowMemory and Delta, cumulative only under Cumulative.
     counters = cumulative if preference == "cumulative" else delta
-    temporality = {
+    temporality: Dict[type, Any] = {
         Counter: counters,
         ObservableCounter: counters,
         Histogram: counters,
@@ -409,8 +403,8 @@ def make_exporter(inner: Any, source: SnapshotSource, preference: str, endpoint:
                     sum=value,
                     bucket_counts=list(counts),
                     explicit_bounds=list(PACKET_SIZE_BOUNDS),
-                    min=None,  # not known from bucket counters; left out of the OTLP point
-                    max=None,
+                    min=None,  # type: ignore[arg-type]  # unknown from bucket counters: not in the OTLP point
+                    max=None,  # type: ignore[arg-type]
                 ))  # fmt: skip
             self._previous_ns = snapshot.time_ns
             if not points:
@@ -532,14 +526,17 @@ class OtlpService(Service):
             otel_logger.addHandler(logging.NullHandler())
 
         limiter = self.limiter
+
+        def snapshot_late() -> None:
+            limiter.warn("snapshot", "OTLP: the reactor did not hand over the figures within %.0f s; "
+                         "this collection is skipped" % SNAPSHOT_TIMEOUT)  # fmt: skip
+
         self.source = SnapshotSource(
             lambda: take_snapshot(self.relay, self.fast_path),
             self._reactor.callFromThread,
             lambda: threading.get_ident() == self._reactor_thread,
-            on_timeout=lambda: limiter.warn(
-                "snapshot", "OTLP: the reactor did not hand over the figures within %.0f s; "
-                "this collection is skipped" % SNAPSHOT_TIMEOUT),
-        )  # fmt: skip
+            on_timeout=snapshot_late,
+        )
         preference = temporality_preference(self.environ)
         inner = OTLPMetricExporter(endpoint=self.endpoint, insecure=self.endpoint.startswith("http://"))
         exporter = make_exporter(inner, self.source, preference, self.endpoint, self.limiter, self._bridge,

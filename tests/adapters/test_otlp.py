@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -31,7 +30,7 @@ INTERVAL_MS = "200"
 
 def _grpc_modules() -> Tuple[Any, Any, Any]:
     try:
-        import grpc
+        import grpc  # type: ignore[import-untyped]
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
     except ImportError as exc:  # pragma: no cover - the test extra installs them
         raise unittest.SkipTest("grpcio / opentelemetry-proto not installed (pip install '.[test]'): %s" % exc)
@@ -157,6 +156,17 @@ def prometheus_responses(relay: support.Relay) -> Dict[Tuple[str, str, str], flo
     return out
 
 
+def response_totals(requests: List[Any]) -> Dict[Tuple[str, str, Any], int]:
+    """relay.responses summed over every (delta) push, by attributes."""
+    totals: Dict[Tuple[str, str, Any], int] = {}
+    for m in named(requests, "relay.responses"):
+        for p in m.sum.data_points:
+            a = attributes(p.attributes)
+            key = (a.get("message_type"), a.get("response_class"), a.get("error_code"))
+            totals[key] = totals.get(key, 0) + p.as_int
+    return totals
+
+
 class TurnTraffic:
     """A blocking TURN client and a UDP peer on loopback (benchmarks' stdlib client)."""
 
@@ -233,9 +243,11 @@ class EndToEndTests(unittest.TestCase):
             return total >= 4
 
         wait_until(self, "four relayed packets in relay.packet.size", sized)
-        expected_prometheus = prometheus_responses(relay)
-        # Let the last counts of the scripted traffic be pushed too.
-        time.sleep(3 * int(INTERVAL_MS) / 1000.0)
+        prometheus = prometheus_responses(relay)
+        expected_totals = {(t, c, int(code) if code else None): int(v) for (t, c, code), v in prometheus.items()}
+        # The last counts of the scripted traffic get pushed too.
+        wait_until(self, "relay.responses adding up to /metrics' relay_responses_total",
+                   lambda: response_totals(self.receiver.snapshot()) == expected_totals)  # fmt: skip
         requests = self.receiver.snapshot()
 
         # Resource: upstream's two attributes plus OTEL_RESOURCE_ATTRIBUTES.
@@ -280,10 +292,7 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(totals[("createpermission", "success", None)], 1)
         self.assertEqual(totals[("channelbind", "success", None)], 1)
         self.assertGreaterEqual(totals[("binding", "success", None)], 1)  # support.Relay's readiness probe
-        self.assertEqual(
-            totals,
-            {(t, c, int(code) if code else None): int(v) for (t, c, code), v in expected_prometheus.items()},
-        )
+        self.assertEqual(totals, expected_totals)
         for key in totals:
             self.assertIsInstance(key[2], (int, type(None)))
 
@@ -461,7 +470,7 @@ class WarningLimiterTests(unittest.SynchronousTestCase):
 class SnapshotSourceTests(unittest.TestCase):
     """The collecting thread never reads the relay: the reactor does."""
 
-    def test_read_runs_on_the_reactor_thread_once_per_collection(self) -> None:
+    def test_read_runs_on_the_reactor_thread_once_per_collection(self) -> "defer.Deferred[Any]":
         reactor_thread = threading.get_ident()
         reads: List[int] = []
 
@@ -487,7 +496,8 @@ class SnapshotSourceTests(unittest.TestCase):
             self.assertIsNot(after, first)
             self.assertEqual(reads, [reactor_thread, reactor_thread])
 
-        return d.addCallback(check)
+        d.addCallback(check)
+        return d
 
     def test_reactor_that_does_not_answer(self) -> None:
         timeouts: List[int] = []
@@ -508,5 +518,3 @@ class SnapshotSourceTests(unittest.TestCase):
         self.assertEqual(snapshot.active_allocations, 2)
         self.assertEqual(calls, [])
 
-
-__all__ = ["defer", "sys"]
