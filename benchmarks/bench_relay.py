@@ -568,6 +568,20 @@ def otlp_server(args: argparse.Namespace) -> Server:
     return Server("ours-otlp", 23000, 23999, extra=["--otlp-grpc-endpoint", "127.0.0.1:%d" % closed])
 
 
+def otlp_evidence(server: Server) -> str:
+    """What ours-otlp's log says about its exporter (proof that it was pushing and failing)."""
+    try:
+        with open(server.log_path, errors="replace") as f:
+            text = f.read()
+    except OSError as exc:
+        return "log unreadable: %s" % exc
+    started = "OTLP: pushing metrics to" in text
+    failures = len(re.findall(r"OTLP: exporting metrics to \S+ failed \((\d+) in a row\)", text))
+    counts = re.findall(r"failed \((\d+) in a row\)", text)
+    return "exporter %s; %d rate-limited failure warnings logged, the last after %s failed exports in a row" % (
+        "started" if started else "NOT started", failures, counts[-1] if counts else "0")
+
+
 def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[List[Dict[str, Any]], List[str]]:
     rows: List[Dict[str, Any]] = []
     commands: List[str] = []
@@ -619,6 +633,10 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
                 row["lost"] = sum(x["lost"] for x in rs)
                 row["noisy"] = sum(1 for x in rs if x["noisy"])
                 rows.append(row)
+        for s in servers:
+            if s.kind == "ours-otlp":
+                args.otlp_evidence = otlp_evidence(s)
+                print("ours-otlp:", args.otlp_evidence)
     finally:
         for t in targets.values():
             try:
@@ -735,7 +753,8 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
     out.append("")
     if args.otlp:
         out.append("`ours-otlp` is `ours` pushing OTLP to a dead collector (`--otlp-grpc-endpoint` at a closed "
-                   "loopback port, `OTEL_METRIC_EXPORT_INTERVAL=%d`). Target: ≥ 0.97× `ours`." % args.otlp_interval_ms)
+                   "loopback port, `OTEL_METRIC_EXPORT_INTERVAL=%d`). Target: ≥ 0.97× `ours`. Its log: %s."
+                   % (args.otlp_interval_ms, getattr(args, "otlp_evidence", "not read")))  # fmt: skip
         out.append("")
         out.append("| payload | ours-otlp / ours round trips/s | ours-otlp / ours CPU per packet |")
         out.append("|---:|---:|---:|")
