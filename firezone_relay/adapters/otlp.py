@@ -229,13 +229,19 @@ class SnapshotSource:
         self._on_timeout = on_timeout
         self._current: Optional[Snapshot] = None
         self._taken = False
+        self._taken_at = 0.0
+        #: Seconds after which ``get`` takes a new snapshot even if the
+        #: current one was not consumed (one collection takes milliseconds).
+        self.max_age = 1.0
         self._lock = threading.Lock()
 
     def get(self) -> Optional[Snapshot]:
         with self._lock:
-            if not self._taken:
+            # A snapshot not consumed (an export that never came) is not
+            # reused by a later collection.
+            if not self._taken or time.monotonic() - self._taken_at > self.max_age:
                 self._current = self._fetch()
-                self._taken = True
+                self._taken, self._taken_at = True, time.monotonic()
             return self._current
 
     def consume(self) -> Optional[Snapshot]:

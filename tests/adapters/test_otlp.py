@@ -508,6 +508,21 @@ class SnapshotSourceTests(unittest.TestCase):
         self.assertIsNone(source.get())
         self.assertEqual(timeouts, [1])
 
+    def test_an_unconsumed_snapshot_is_not_reused_forever(self) -> None:
+        reads: List[int] = []
+
+        def read() -> otlp.Snapshot:
+            reads.append(1)
+            return otlp.Snapshot(len(reads), len(reads), (), ())
+
+        source = otlp.SnapshotSource(read, lambda f: None, lambda: True)
+        first = source.get()
+        self.assertIs(source.get(), first)
+        source.max_age = 0.0
+        time.sleep(0.01)
+        self.assertIsNot(source.get(), first)
+        self.assertEqual(len(reads), 2)
+
     def test_in_the_reactor_thread_it_reads_directly(self) -> None:
         calls: List[Any] = []
         source = otlp.SnapshotSource(
