@@ -568,6 +568,16 @@ def otlp_server(args: argparse.Namespace) -> Server:
     return Server("ours-otlp", 23000, 23999, extra=["--otlp-grpc-endpoint", "127.0.0.1:%d" % closed])
 
 
+def idle_cpu(servers: List[Server], seconds: float) -> Dict[str, float]:
+    """CPU milliseconds per second each server uses with no traffic (its
+    timers, and for ours-otlp the exporter failing and retrying)."""
+    before = {s.kind: s.cpu_ns() for s in servers}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    return {s.kind: (s.cpu_ns() - before[s.kind]) / 1e6 / elapsed for s in servers}
+
+
 def otlp_evidence(server: Server) -> str:
     """What ours-otlp's log says about its exporter (proof that it was pushing and failing)."""
     try:
@@ -601,6 +611,9 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
                 pin_process(s.pid, {1})
             print("%s: pid %d, listening %s:%d, relayed %s:%d, %d threads"
                   % (s.kind, s.pid, *s.address, *targets[s.kind].relayed, _procs.thread_count(s.pid)))  # fmt: skip
+        if args.otlp and args.otlp_idle_seconds > 0:
+            args.otlp_idle = idle_cpu([s for s in servers if s.kind in ("ours", "ours-otlp")], args.otlp_idle_seconds)
+            print("idle CPU (ms per s): %s" % ", ".join("%s %.2f" % kv for kv in args.otlp_idle.items()))
         for size in args.sizes:
             runs: Dict[str, List[Dict[str, float]]] = {s.kind: [] for s in servers}
             for run in range(args.runs):
@@ -756,6 +769,11 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
                    "loopback port, `OTEL_METRIC_EXPORT_INTERVAL=%d`). Target: ≥ 0.97× `ours`. Its log: %s."
                    % (args.otlp_interval_ms, getattr(args, "otlp_evidence", "not read")))  # fmt: skip
         out.append("")
+        idle = getattr(args, "otlp_idle", None)
+        if idle:
+            out.append("Idle, no traffic, %g s: %s CPU ms per second." % (
+                args.otlp_idle_seconds, ", ".join("`%s` %.2f" % kv for kv in idle.items())))  # fmt: skip
+            out.append("")
         out.append("| payload | ours-otlp / ours round trips/s | ours-otlp / ours CPU per packet |")
         out.append("|---:|---:|---:|")
         for size in args.sizes:
@@ -825,6 +843,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--otlp", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure our relay pushing OTLP to a dead collector (ours-otlp; needs the otlp extra)")
     p.add_argument("--otlp-interval-ms", type=int, default=1000, help="OTEL_METRIC_EXPORT_INTERVAL of ours-otlp")
+    p.add_argument("--otlp-idle-seconds", type=float, default=20.0,
+                   help="with --otlp, first measure both relays' CPU with no traffic for this long")
     args = p.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
