@@ -432,6 +432,37 @@ class StartupErrorTests(unittest.TestCase):
         self.assertEqual(otlp.missing_sdk(), "")
 
 
+class OptionsTests(unittest.SynchronousTestCase):
+    """``--otlp-grpc-endpoint`` / ``OTLP_GRPC_ENDPOINT`` in ``tap.Options``."""
+
+    def parse(self, args: List[str], environ: Dict[str, str]) -> Any:
+        from firezone_relay import tap
+
+        options = tap.Options(environ=environ)
+        options.parseOptions(args)
+        return options
+
+    def test_off_by_default_and_when_empty(self) -> None:
+        self.assertIsNone(self.parse([], {})["otlp-grpc-endpoint"])
+        self.assertIsNone(self.parse([], {"OTLP_GRPC_ENDPOINT": " "})["otlp-grpc-endpoint"])
+
+    def test_env_and_flag_normalised(self) -> None:
+        self.assertEqual(self.parse([], {"OTLP_GRPC_ENDPOINT": "collector:4317"})["otlp-grpc-endpoint"],
+                         "http://collector:4317")  # fmt: skip
+        options = self.parse(["--otlp-grpc-endpoint", "https://c.example:4317"], {"OTLP_GRPC_ENDPOINT": "x:1"})
+        self.assertEqual(options["otlp-grpc-endpoint"], "https://c.example:4317")
+
+    def test_bad_values_are_usage_errors(self) -> None:
+        from twisted.python import usage
+
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(["--otlp-grpc-endpoint", "collector"], {})
+        self.assertIn("'collector' is not a URL (no port)", str(caught.exception))
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(["--otlp-grpc-endpoint", "c:1"], {"OTEL_METRIC_EXPORT_INTERVAL": "-5"})
+        self.assertIn("OTEL_METRIC_EXPORT_INTERVAL must be a positive number", str(caught.exception))
+
+
 class ParseEndpointTests(unittest.SynchronousTestCase):
     def test_upstream_form_and_urls(self) -> None:
         self.assertEqual(otlp.parse_endpoint("127.0.0.1:4317"), "http://127.0.0.1:4317")
