@@ -870,7 +870,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(body)
     if not args.no_readme:
-        update_readme("bench_relay_pinned" if args.pin else ("bench_relay_otlp" if args.otlp else "bench_relay"), body)
+        section = "bench_relay_otlp" if args.otlp else "bench_relay"
+        update_readme(section + "_pinned" if args.pin else section, body)
         print("\nwrote", README)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
