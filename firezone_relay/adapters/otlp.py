@@ -557,7 +557,7 @@ class OtlpService(Service):
         log.info(
             "OTLP: pushing metrics to {endpoint} every {interval:g} s ({temporality} temporality; resource {resource})",
             endpoint=self.endpoint,
-            interval=reader._export_interval_millis / 1000.0,
+            interval=float(self.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip() or 60000) / 1000.0,
             temporality=preference,
             resource=attributes,
         )
