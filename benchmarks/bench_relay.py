@@ -561,11 +561,15 @@ def otlp_server(args: argparse.Namespace) -> Server:
     collector): every export fails and retries in the SDK's thread while the
     relay is measured.  ``OTEL_METRIC_EXPORT_INTERVAL`` (``--otlp-interval-ms``)
     is short so that failures keep happening during each measured window."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]  # closed again when we leave: connection refused
+    if args.otlp_endpoint == "none":  # A/A control: the same relay without OTLP
+        return Server("ours-otlp", 23000, 23999)
+    endpoint = args.otlp_endpoint
+    if endpoint == "closed":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            endpoint = "127.0.0.1:%d" % s.getsockname()[1]  # closed again when we leave: connection refused
     os.environ["OTEL_METRIC_EXPORT_INTERVAL"] = str(args.otlp_interval_ms)
-    return Server("ours-otlp", 23000, 23999, extra=["--otlp-grpc-endpoint", "127.0.0.1:%d" % closed])
+    return Server("ours-otlp", 23000, 23999, extra=["--otlp-grpc-endpoint", endpoint])
 
 
 def idle_cpu(servers: List[Server], seconds: float) -> Dict[str, float]:
@@ -765,9 +769,14 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
                     kind, size, o["rt_per_s"] / c["rt_per_s"], o["cpu_us_per_pkt"] / c["cpu_us_per_pkt"]))  # fmt: skip
     out.append("")
     if args.otlp:
-        out.append("`ours-otlp` is `ours` pushing OTLP to a dead collector (`--otlp-grpc-endpoint` at a closed "
-                   "loopback port, `OTEL_METRIC_EXPORT_INTERVAL=%d`). Target: ≥ 0.97× `ours`. Its log: %s."
-                   % (args.otlp_interval_ms, getattr(args, "otlp_evidence", "not read")))  # fmt: skip
+        if args.otlp_endpoint == "none":
+            out.append("A/A control (`--otlp-endpoint none`): `ours-otlp` is a second `ours` without OTLP.")
+        else:
+            out.append("`ours-otlp` is `ours` pushing OTLP to %s (`OTEL_METRIC_EXPORT_INTERVAL=%d`). "
+                       "Target: ≥ 0.97× `ours`. Its log: %s." % (
+                           "a dead collector (a closed loopback port)" if args.otlp_endpoint == "closed"
+                           else "`%s`" % args.otlp_endpoint,
+                           args.otlp_interval_ms, getattr(args, "otlp_evidence", "not read")))  # fmt: skip
         out.append("")
         idle = getattr(args, "otlp_idle", None)
         if idle:
@@ -843,6 +852,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--otlp", action=argparse.BooleanOptionalAction, default=False,
                    help="also measure our relay pushing OTLP to a dead collector (ours-otlp; needs the otlp extra)")
     p.add_argument("--otlp-interval-ms", type=int, default=1000, help="OTEL_METRIC_EXPORT_INTERVAL of ours-otlp")
+    p.add_argument("--otlp-endpoint", default="closed",
+                   help="ours-otlp's collector: closed (a closed loopback port, the default), host:port, "
+                        "or none (an A/A control: ours-otlp without OTLP, to see the noise between two relays)")
     p.add_argument("--otlp-idle-seconds", type=float, default=20.0,
                    help="with --otlp, first measure both relays' CPU with no traffic for this long")
     args = p.parse_args(argv)
