@@ -725,6 +725,12 @@ def _decode(data: bytes) -> Message:
     method = (mtype & 0x000F) | ((mtype >> 1) & 0x0070) | ((mtype >> 2) & 0x0F80)
     msg_class = ((mtype >> 4) & 1) | ((mtype >> 7) & 2)
 
+    if n > _MAY_EXCEED_ATTRIBUTES:
+        # Room for more than MAX_ATTRIBUTES attributes: count the headers
+        # first, so that a message with too many is refused before any value
+        # is decoded (SPEC §1: the cost of refusing is ~64 header reads).
+        _count_attributes(data, n, method, msg_class, tid)
+
     attributes: list[Attribute] = []
     append = attributes.append
     decoders = _DECODERS
@@ -804,6 +810,58 @@ def _decode(data: bytes) -> Message:
         has_fingerprint,
         tuple(unknown_required),
     )
+
+
+#: A message body longer than this may hold more than MAX_ATTRIBUTES attributes.
+_MAY_EXCEED_ATTRIBUTES = HEADER_LENGTH + 4 * MAX_ATTRIBUTES
+
+
+def _count_attributes(data: bytes, n: int, method: int, msg_class: int, tid: bytes) -> None:
+    """Walk the attribute headers only, and raise the too-many-attributes
+    error after reading ``MAX_ATTRIBUTES`` of them if more follow.
+
+    Values are not decoded, except the first USERNAME before a
+    MESSAGE-INTEGRITY(-SHA256) when the message is refused, so that its 400
+    can still be signed.  Anything else wrong (a length running past the
+    end, FINGERPRINT not last) is left to the full decode.
+    """
+    unpack_attr = _ATTR_HEADER.unpack_from
+    watched = _USERNAME_AND_INTEGRITY
+    pos = HEADER_LENGTH
+    username_at = -1
+    before_integrity = True
+    for _ in range(MAX_ATTRIBUTES):
+        if pos >= n:
+            return
+        atype, alen = unpack_attr(data, pos)
+        if atype in watched:
+            if atype != USERNAME:
+                before_integrity = False
+            elif username_at < 0 and before_integrity:
+                username_at = pos
+        pos += 4 + ((alen + 3) & ~3)
+    if pos >= n:
+        return
+    username: Optional[str] = None
+    if username_at >= 0:
+        ulen = _U16.unpack_from(data, username_at + 2)[0]
+        try:
+            value = _username[0](data[username_at + 4 : username_at + 4 + ulen], tid)
+            username = value if isinstance(value, str) else None
+        except _AttributeError:
+            username = None
+    raise StunDecodeError(
+        "more than %d attributes" % MAX_ATTRIBUTES,
+        error_code=400,
+        method=method,
+        msg_class=msg_class,
+        transaction_id=tid,
+        username=username,
+        drop_reason="too_many_attributes",
+    )
+
+
+_USERNAME_AND_INTEGRITY = frozenset((USERNAME, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
 
 
 def _first_username(attributes: list[Attribute]) -> Optional[str]:

@@ -106,6 +106,43 @@ class DecodeBoundTests(SynchronousTestCase):
             self.assertEqual(len(reply.payload), 40)  # header + ERROR-CODE, no SOFTWARE
             self.assertEqual(d.relay.stats.dropped, {"too_many_attributes": 1})
 
+    def test_too_many_attributes_are_refused_before_any_value_is_decoded(self) -> None:
+        """The header walk comes first: 65 IPv6 addresses cost no address decoding
+        (before: 64 were decoded, then the message refused)."""
+        peers = [(stun.XOR_PEER_ADDRESS, ("2001:4860::%x" % i, 1000 + i)) for i in range(1, 66)]
+        data = stun.encode(stun.BINDING, stun.REQUEST, b"t" * 12, peers)
+        calls: list[bytes] = []
+
+        def counting(value: bytes, tid: bytes) -> object:
+            calls.append(value)
+            return stun._decode_xor_address(value, tid)
+
+        with mock.patch.dict(stun._DECODERS, {stun.XOR_PEER_ADDRESS: counting}):
+            with self.assertRaises(stun.StunDecodeError) as caught:
+                stun.decode(data)
+            self.assertEqual(caught.exception.drop_reason, "too_many_attributes")
+            self.assertEqual(calls, [])
+            # 64 are fine, and every one is decoded.
+            message = stun.decode(stun.encode(stun.BINDING, stun.REQUEST, b"t" * 12, peers[:64]))
+        self.assertEqual(len(calls), 64)
+        self.assertEqual(message.get_all(stun.XOR_PEER_ADDRESS), [p for _, p in peers[:64]])
+
+    def test_too_many_attributes_400_is_still_signed(self) -> None:
+        """The header walk remembers the first USERNAME before MESSAGE-INTEGRITY,
+        so the 400 to a Firezone username is signed as before; a USERNAME after
+        MESSAGE-INTEGRITY is ignored (RFC 8489 §14.5)."""
+        d = Driver(make_relay())
+        username, password = credentials()
+        head = attr(stun.USERNAME, username.encode()) + attr(stun.REALM, auth.REALM.encode())
+        reply = d.request(raw_message(stun.ALLOCATE, head + attr(0x8888, b"") * 70, tid=d.next_tid()))
+        self.assertEqual(error_code(reply), 400)
+        self.assertTrue(verify_signed(reply, (username, password)))
+        late = attr(stun.MESSAGE_INTEGRITY, b"m" * 20) + head + attr(0x8888, b"") * 70
+        unsigned = d.request(raw_message(stun.ALLOCATE, late, tid=d.next_tid()))
+        self.assertEqual(error_code(unsigned), 400)
+        self.assertIsNone(unsigned.get(stun.MESSAGE_INTEGRITY))
+        self.assertEqual(d.relay.stats.dropped, {"too_many_attributes": 2})
+
     def test_unknown_attributes_in_a_420_list_at_most_16_types(self) -> None:
         d = Driver(make_relay())
         types = [0x7000 + i for i in range(40)]
