@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from firezone_relay.core import auth, stun
 from firezone_relay.core.commands import SendDatagram
-from firezone_relay.core.relay import MAX_PEERS_PER_REQUEST
+from firezone_relay.core.relay import MAX_PEERS_PER_REQUEST, MAX_STUN_MESSAGE
 
 from .harness import CLIENT, PUBLIC6, Driver, build, credentials, error_code, make_relay, verify_signed
 
@@ -94,17 +94,54 @@ class DecodeBoundTests(SynchronousTestCase):
             stun.decode(stun.encode(stun.BINDING, stun.REQUEST, b"t" * 12, [(0x8888, b"")] * 64, fingerprint=True))
 
     def test_relay_answers_the_worst_binding_with_one_small_400(self) -> None:
+        """At the size cap (16,384 bytes, 4,091 attributes) the worst Binding
+        gets one 40-byte 400 after 64 header reads; the issue's 65,504-byte
+        one is over the cap and dropped unread (SPEC §1: 400 or drop)."""
+        at_cap = raw_message(stun.BINDING, attr(0x7001, b"") * 4091)
+        self.assertEqual(len(at_cap), MAX_STUN_MESSAGE)
         for sender in (CLIENT, STREAM_CLIENT):  # TCP is exempt from the reflection guard
             d = Driver(make_relay())
             counter = CountingHeader()
             with mock.patch.object(stun, "_ATTR_HEADER", counter):
-                _, commands = d.client(WORST_BINDING, sender)  # type: ignore[arg-type]
+                _, commands = d.client(at_cap, sender)  # type: ignore[arg-type]
             self.assertEqual(counter.reads, 64)
             (reply,) = replies(commands, sender)
             message = stun.decode(reply.payload)
             self.assertEqual(error_code(message), 400)
             self.assertEqual(len(reply.payload), 40)  # header + ERROR-CODE, no SOFTWARE
             self.assertEqual(d.relay.stats.dropped, {"too_many_attributes": 1})
+            with mock.patch.object(stun, "_ATTR_HEADER", counter):
+                _, commands = d.client(WORST_BINDING, sender)  # type: ignore[arg-type]
+            self.assertEqual(counter.reads, 64)  # none more
+            self.assertEqual(replies(commands, sender), [])
+            self.assertEqual(d.relay.stats.dropped, {"too_many_attributes": 1, "oversized": 1})
+
+    def test_only_send_indications_may_exceed_the_cap(self) -> None:
+        """Every STUN message over 16,384 bytes but a Send indication is dropped
+        unread; a Send indication's DATA may still fill a 64 KiB datagram."""
+        d = Driver(make_relay(allow_loopback_peers=True))
+        d.allocate()
+        d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, ("127.0.0.9", 5000))]))
+        payload = b"p" * (65504 - 20 - 12 - 4)
+        send = build(stun.SEND, d.next_tid(), [(stun.XOR_PEER_ADDRESS, ("127.0.0.9", 5000)), (stun.DATA, payload)],
+                     cls=stun.INDICATION)  # fmt: skip
+        self.assertEqual(len(send), 65504)
+        _, commands = d.client(send)
+        relayed = [c for c in commands if isinstance(c, SendDatagram) and c.destination == ("127.0.0.9", 5000)]
+        self.assertEqual([c.payload for c in relayed], [payload])
+        self.assertNotIn("oversized", d.relay.stats.dropped)
+        big = [(0x8888, b"x" * (MAX_STUN_MESSAGE - 20 - 4 + 4))]  # one byte-aligned attribute over the cap
+        for method, cls in ((stun.BINDING, stun.REQUEST), (stun.ALLOCATE, stun.REQUEST), (stun.BINDING, stun.INDICATION),
+                            (stun.SEND, stun.REQUEST), (stun.DATA_METHOD, stun.INDICATION), (stun.BINDING, stun.SUCCESS)):  # fmt: skip
+            data = build(method, d.next_tid(), big, cls=cls)
+            self.assertEqual(len(data), MAX_STUN_MESSAGE + 4)
+            before = d.relay.stats.dropped.get("oversized", 0)
+            out, commands = d.client(data)
+            self.assertEqual((out, replies(commands)), (None, []))
+            self.assertEqual(d.relay.stats.dropped.get("oversized"), before + 1, (method, cls))
+        # At the cap exactly, a request with a large ignored attribute is served.
+        reply = d.request(build(stun.BINDING, d.next_tid(), [(0x8888, b"x" * (MAX_STUN_MESSAGE - 20 - 4))]))
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
 
     def test_too_many_attributes_are_refused_before_any_value_is_decoded(self) -> None:
         """The header walk comes first: 65 IPv6 addresses cost no address decoding
@@ -362,9 +399,11 @@ class CreatePermissionBoundTests(SynchronousTestCase):
         self.assertEqual(self.lookups, 32)
 
     def test_a_large_count_is_refused_by_the_decoder(self) -> None:
-        """~5,400 peers (the issue's shape) never reach the handler."""
+        """~1,300 peers (16 KiB) never reach the handler; ~5,400 (the issue's
+        64 KiB shape) are over the size cap and not even read."""
         counter = CountingHeader()
-        request = self.d.signed(stun.CREATE_PERMISSION, self.peers(5400))
+        request = self.d.signed(stun.CREATE_PERMISSION, self.peers(1300))
+        self.assertLessEqual(len(request), MAX_STUN_MESSAGE)
         with mock.patch.object(stun, "_ATTR_HEADER", counter):
             _, commands = self.d.client(request)
         (reply,) = replies(commands)
@@ -372,6 +411,13 @@ class CreatePermissionBoundTests(SynchronousTestCase):
         self.assertEqual(counter.reads, 64)
         self.assertEqual(self.lookups, 0)
         self.assertEqual(self.d.relay.stats.dropped.get("too_many_attributes"), 1)
+        request = self.d.signed(stun.CREATE_PERMISSION, self.peers(5400))
+        with mock.patch.object(stun, "_ATTR_HEADER", counter):
+            _, commands = self.d.client(request)
+        self.assertEqual(replies(commands), [])
+        self.assertEqual(counter.reads, 64)
+        self.assertEqual(self.lookups, 0)
+        self.assertEqual(self.d.relay.stats.dropped.get("oversized"), 1)
 
     def test_duplicates_cost_one_lookup(self) -> None:
         same = [(stun.XOR_PEER_ADDRESS, ("8.8.8.8", 5000 + i)) for i in range(32)]
