@@ -636,7 +636,8 @@ class Relay:
             self.stats.drop("oversized")
             return
         try:
-            message = stun.decode(data)
+            # A Binding request reads no attribute: its values are not decoded.
+            message = stun.decode_structure(data) if data[0] == 0 and data[1:2] == b"\x01" else stun.decode(data)
         except stun.StunDecodeError as exc:
             self.stats.drop(exc.drop_reason)
             if (

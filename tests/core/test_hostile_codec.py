@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import zlib
 from typing import Any
 from unittest import mock
 
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from firezone_relay.core import auth, stun
@@ -460,3 +461,112 @@ class AllocateLifetimeTests(SynchronousTestCase):
         reply = d.request(d.signed(stun.REFRESH, [(stun.LIFETIME, 30)]))
         self.assertEqual(reply.get(stun.LIFETIME), 30)
         self.assertEqual(d.relay.poll_timeout(), d.now + 30)
+
+
+# --- a Binding reads no attribute: structure only ---------------------------------------
+
+_ATTR_TYPES = [stun.USERNAME, stun.MESSAGE_INTEGRITY, stun.MESSAGE_INTEGRITY_SHA256, stun.FINGERPRINT,
+               stun.XOR_PEER_ADDRESS, stun.PASSWORD_ALGORITHMS, stun.LIFETIME, 0x7001, 0x7002, 0x8888, 0x0003]  # fmt: skip
+
+
+#: A valid value of each type, so that decode accepts many generated messages.
+_VALID = {stun.USERNAME: b"user", stun.MESSAGE_INTEGRITY: b"m" * 20, stun.MESSAGE_INTEGRITY_SHA256: b"s" * 32,
+          stun.XOR_PEER_ADDRESS: b"\x00\x01\x00\x01\x01\x02\x03\x04", stun.PASSWORD_ALGORITHMS: b"\x00\x01\x00\x00",
+          stun.LIFETIME: b"\x00\x00\x00\x01"}  # fmt: skip
+
+
+def _fingerprint_then(tail: bytes) -> bytes:
+    """A Binding whose correct FINGERPRINT is followed by ``tail`` (to be refused)."""
+    head = raw_message(stun.BINDING, attr(0x8888, b""))
+    head = head[:2] + (len(head) - 20 + 8 + len(tail)).to_bytes(2, "big") + head[4:]
+    crc = (zlib.crc32(head) ^ stun.FINGERPRINT_XOR) & 0xFFFFFFFF
+    return head + struct.pack(">HHI", stun.FINGERPRINT, 4, crc) + tail
+
+
+@st.composite
+def _messages(draw: Any) -> bytes:
+    """Messages near the structural rules: random types and lengths, sometimes
+    a correct FINGERPRINT, sometimes more than 64 attributes, sometimes cut."""
+    count = draw(st.integers(0, 70))
+    parts = []
+    for _ in range(count):
+        atype = draw(st.sampled_from(_ATTR_TYPES))
+        valid = _VALID.get(atype, b"")
+        parts.append(attr(atype, valid if draw(st.booleans()) else draw(st.binary(max_size=24))))
+    body = b"".join(parts)
+    method = draw(st.sampled_from([stun.BINDING, stun.ALLOCATE]))
+    data = raw_message(method, body, tid=draw(st.binary(min_size=12, max_size=12)))
+    if draw(st.booleans()):
+        head = data[:2] + (len(data) - 20 + 8).to_bytes(2, "big") + data[4:]
+        crc = (zlib.crc32(head) ^ stun.FINGERPRINT_XOR) & 0xFFFFFFFF
+        data = head + struct.pack(">HHI", stun.FINGERPRINT, 4, crc)
+    cut = draw(st.integers(0, 8))
+    return data[: len(data) - cut] if cut and draw(st.booleans()) else data
+
+
+class BindingStructureTests(SynchronousTestCase):
+    @given(_messages())
+    @settings(max_examples=400, deadline=None)
+    @example(_fingerprint_then(attr(0x8888, b"")))
+    def test_structure_agrees_with_decode(self, data: bytes) -> None:
+        """What decode accepts, decode_structure accepts with the same header,
+        FINGERPRINT, integrity offsets and unknown types; what it refuses as
+        structure, decode refuses too."""
+        try:
+            full = stun.decode(data)
+        except stun.StunDecodeError:
+            full = None
+        try:
+            shape = stun.decode_structure(data)
+        except stun.StunDecodeError as exc:
+            self.assertIsNone(full, exc)
+            return
+        self.assertEqual(shape.attributes, [])
+        if full is not None:
+            fields = ("method", "msg_class", "transaction_id", "has_fingerprint", "unknown_required",
+                      "integrity_offset", "integrity_sha256_offset", "raw")  # fmt: skip
+            self.assertEqual([getattr(shape, f) for f in fields], [getattr(full, f) for f in fields])
+
+    def test_binding_with_64_ipv6_addresses_decodes_none(self) -> None:
+        """The worst Binding within the bounds (64 IPv6 XOR-PEER-ADDRESS) costs
+        header reads only: no address is formatted."""
+        peers = [(stun.XOR_PEER_ADDRESS, ("2001:4860::%x" % i, 1000 + i)) for i in range(1, 65)]
+        d = Driver(make_relay())
+        calls: list[bytes] = []
+
+        def counting(value: bytes, tid: bytes) -> object:
+            calls.append(value)
+            return stun._decode_xor_address(value, tid)
+
+        with mock.patch.dict(stun._DECODERS, {stun.XOR_PEER_ADDRESS: counting}):
+            reply = d.request(stun.encode(stun.BINDING, stun.REQUEST, d.next_tid(), peers))
+            self.assertEqual(reply.msg_class, stun.SUCCESS)
+            self.assertEqual(calls, [])
+            # Other methods still decode them.
+            d.request(stun.encode(stun.ALLOCATE, stun.REQUEST, d.next_tid(), peers[:3]))
+        self.assertEqual(len(calls), 3)
+
+    def test_binding_keeps_every_structural_answer(self) -> None:
+        d = Driver(make_relay())
+        unknown = d.request(raw_message(stun.BINDING, attr(0x7001, b"") + attr(0x8888, b"x"), tid=d.next_tid()))
+        self.assertEqual((error_code(unknown), unknown.get(stun.UNKNOWN_ATTRIBUTES)), (420, (0x7001,)))
+        # Unknown types after MESSAGE-INTEGRITY are ignored.
+        after = raw_message(stun.BINDING, attr(stun.MESSAGE_INTEGRITY, b"m" * 20) + attr(0x7001, b""), tid=d.next_tid())
+        self.assertEqual(d.request(after).msg_class, stun.SUCCESS)
+        signed = stun.encode(stun.BINDING, stun.REQUEST, d.next_tid(), [(0x8888, b"")], fingerprint=True)
+        reply = d.request(signed)
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        self.assertTrue(reply.has_fingerprint)
+        bad = signed[:-1] + bytes([signed[-1] ^ 1])
+        self.assertEqual(replies(d.client(bad)[1]), [])
+        self.assertEqual(d.relay.stats.dropped.get("malformed"), 1)
+        for data in (_fingerprint_then(attr(0x8888, b"")), raw_message(stun.BINDING, attr(0x8888, b"abc")[:-4])):
+            with self.assertRaises(stun.StunDecodeError):
+                stun.decode_structure(data)
+            self.assertEqual(replies(d.client(data)[1]), [])
+        self.assertEqual(d.relay.stats.dropped.get("malformed"), 3)
+        # A value the Binding never reads is not judged: success, where decode would refuse it.
+        odd = raw_message(stun.BINDING, attr(stun.XOR_PEER_ADDRESS, b"\x00\x07\x00\x00"), tid=d.next_tid())
+        with self.assertRaises(stun.StunDecodeError):
+            stun.decode(odd)
+        self.assertEqual(d.request(odd).msg_class, stun.SUCCESS)
