@@ -169,11 +169,32 @@ class PeerPolicy:
     def is_allowed(self, ip: str) -> bool:
         verdict = self._cache.get(ip)
         if verdict is None:
-            verdict = self._judge(ip)
+            # Canonical IPv4 text (what the STUN decoder produces) judged
+            # inline: a CreatePermission may ask for 32 new ones (SPEC §1).
+            parts = ip.split(".")
+            value = -1
+            if len(parts) == 4:
+                digits = _DIGITS
+                try:
+                    value = (digits[parts[0]] << 24) | (digits[parts[1]] << 16) | (digits[parts[2]] << 8) | digits[parts[3]]
+                except KeyError:
+                    pass
+            if value >= 0:
+                table = self._verdicts().table4
+                layer, default = table.values[bisect_right(table.starts, value) - 1]
+                verdict = layer != _DENY if layer else default
+            else:
+                verdict = self._judge(ip)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[ip] = verdict
         return verdict
+
+    def _verdicts(self) -> "_Verdicts":
+        tables = self._tables
+        if tables is None:
+            tables = self._tables = _Verdicts(self)
+        return tables
 
     def default_allows(self, addr: IPAddr) -> bool:
         """The built-in verdict, before the explicit lists."""
@@ -196,9 +217,7 @@ class PeerPolicy:
         (one ``bisect`` per address, two for an address carrying an IPv4
         one); text other than canonical IPv4 or plain hex-and-colons IPv6 is
         parsed by the ``ipaddress`` module."""
-        tables = self._tables
-        if tables is None:
-            tables = self._tables = _Verdicts(self)
+        tables = self._verdicts()
         value = _parse_ipv4(ip)
         if value >= 0:
             return tables.judge4(value)
