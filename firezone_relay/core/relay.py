@@ -1344,13 +1344,11 @@ class Relay:
             self._error(request, 508, now)
             return
         families = alloc.families
-        own = self._own_ips
-        allowed = self._policy.is_allowed
         for ip in ips:
-            if (6 if ":" in ip else 4) not in families:
+            if _family_of(ip) not in families:
                 self._error(request, 443, now)
                 return
-            if ip not in own and not allowed(ip):  # _ip_allowed, inlined: up to 32 peers
+            if not self._ip_allowed(ip):
                 self._error(request, 403, now)
                 return
         for ip in ips:
