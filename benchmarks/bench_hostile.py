@@ -352,13 +352,16 @@ def build_new_peers(target: Target) -> Payloads:
     """The most policy work one accepted CreatePermission asks for: 32 peers
     (SPEC §1's maximum), each datagram's 31 allowed ones never seen before (no
     cache helps), the 32nd denied (multicast), so every peer is judged and the
-    403 leaves no permission behind to hit the per-allocation cap."""
+    403 leaves no permission behind to hit the per-allocation cap.  The 31 are
+    public addresses (11.0.0.0/8), which pass every default range: the longest
+    judgement (a loopback peer under --allow-loopback-peers is admitted early).
+    No datagram goes to them: a CreatePermission sends nothing to its peers."""
     client = target.peers
     client.refresh(3600)
     assert client.realm is not None and client.nonce is not None and client.key is not None
     templates = []
     for k in range(NEW_PEER_TEMPLATES):
-        peers = [(T.XOR_PEER_ADDRESS, T.xor_address("127.%d.%d.%d" % (100 + (n >> 16), (n >> 8) & 255, n & 255), 9))
+        peers = [(T.XOR_PEER_ADDRESS, T.xor_address("11.%d.%d.%d" % (n >> 16, (n >> 8) & 255, n & 255), 9))
                  for n in range(k * 31, k * 31 + 31)]  # fmt: skip
         peers.append((T.XOR_PEER_ADDRESS, T.xor_address("224.0.0.1", 9)))
         templates.append(T.signed_request(T.CREATE_PERMISSION, T.new_tid(), peers, client.username, client.realm,
