@@ -143,6 +143,8 @@ class ProcessTests(unittest.TestCase):
         _, body, _ = http_get("http://127.0.0.1:%d/metrics" % http_port, time.time() + 10)
         samples = parse_samples(body.decode())
         self.assertEqual(value(samples, "relay_dropped_packets_total", reason="bandwidth_limit"), 100 - received)
+        relayed = value(samples, "relay_data_relayed_packets_total", direction="client_to_peer", datapath="userspace")
+        self.assertEqual(relayed, received)  # what the cap dropped is not counted as relayed
         relay.assert_healthy()
 
     @defer.inlineCallbacks
