@@ -23,8 +23,13 @@ from tests.interop.support import SECRET, Relay, relay_env
 from .test_http import free_tcp_port, http_get, parse_samples, value
 
 
-def call(port: int, method: str, path: str, body: Optional[bytes] = None) -> tuple[int, Any]:
+def call(port: int, method: str, path: str, body: Optional[bytes] = None,
+         headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
     request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=body, method=method)
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
@@ -201,12 +206,35 @@ class ProcessTests(unittest.TestCase):
             self.assertIn(text, answer["error"])
         status, answer = call(control_port, "POST", "/disconnect", b'{"user": "1:nobody"}')
         self.assertEqual((status, answer), (404, {"disconnected": 0}))
+        # No browser: a page's cross-site POST (Origin), a rebound name (Host), a form's content type.
+        refusals = [
+            ({"Origin": "http://evil.example"}, 403, "Origin"),
+            ({"Host": "evil.example:%d" % control_port}, 403, "Host header"),
+            ({"Content-Type": "text/plain"}, 415, "application/json"),
+        ]
+        for headers, code, text in refusals:
+            status, answer = call(control_port, "POST", "/disconnect", b'{"user": "x"}', headers)
+            self.assertEqual(status, code, (headers, answer))
+            self.assertIn(text, answer["error"])
+        status, answer = call(control_port, "GET", "/allocations", headers={"Host": "[::1]:%d" % control_port})
+        self.assertEqual(status, 200)
+        status, answer = call(control_port, "GET", "/allocations?usr=bob")
+        self.assertEqual(status, 400)
+        self.assertIn("unknown query keys: usr", answer["error"])
+        # A declared body over 64 KiB is refused from its headers, at once.
+        with socket.create_connection(("127.0.0.1", control_port), timeout=5) as s:
+            started = time.monotonic()
+            s.sendall(b"POST /disconnect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 999999999\r\n\r\nx")
+            answer_bytes = s.recv(4096)
+            self.assertTrue(answer_bytes.startswith(b"HTTP/1.1 413 "), answer_bytes)
+            self.assertLess(time.monotonic() - started, 2.0)
         self.assertTrue(relay.proc.poll() is None)
         relay.assert_healthy()
 
     def test_ctl_says_when_the_relay_is_not_there(self) -> None:
         result = ctl(free_tcp_port(), "allocations")
-        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.returncode, 3)
         self.assertIn("cannot reach the relay's control endpoint at 127.0.0.1:", result.stderr)
         self.assertEqual(result.stdout, "")
 
