@@ -21,7 +21,7 @@ import os
 import random
 import socket
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -296,6 +296,11 @@ def _check_control_endpoint(options: Any) -> None:
         return
     options["control-endpoint-required"] = value != DEFAULT_CONTROL_ENDPOINT
     options["control-endpoint"] = _parse_host_port("control-endpoint", value)
+    if options["control-endpoint"] == options["health-check-addr"] and options["control-endpoint"][1] != 0:
+        raise usage.UsageError(
+            "--control-endpoint and --health-check-addr are both %s:%d; give them different ports"
+            % options["control-endpoint"]
+        )
 
 
 def _check_otlp(options: Any) -> None:
@@ -727,6 +732,49 @@ def make_xdp_service(options: Options) -> Any:
     return service
 
 
+def _listen_error(exc: Exception) -> "NoReturn":
+    """One line on stderr and exit 1: a port the relay cannot bind at start-up."""
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(exc, CannotListenError):
+        host = exc.interface or "*"
+        where = ("[%s]:%s" if ":" in host else "%s:%s") % (host, exc.port)
+        reason = exc.socketError
+        text = getattr(reason, "strerror", None) or str(reason)
+        sys.stderr.write("firezone-relay: error: cannot listen on %s: %s\n" % (where, text))
+    else:
+        sys.stderr.write("firezone-relay: error: %s\n" % (exc,))
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def _relay_services_class() -> Any:
+    from twisted.application.service import MultiService
+    from twisted.internet.error import CannotListenError
+
+    class RelayServices(MultiService):
+        """The relay's services; a listener that cannot be opened at start-up
+        is one line and exit status 1, not twistd's traceback."""
+
+        def privilegedStartService(self) -> None:
+            try:
+                super().privilegedStartService()
+            except CannotListenError as exc:
+                _listen_error(exc)
+
+        def startService(self) -> None:
+            try:
+                super().startService()
+            except CannotListenError as exc:
+                _listen_error(exc)
+
+    return RelayServices
+
+
+def _RelayServices() -> "MultiService":
+    return _relay_services_class()()  # type: ignore[no-any-return]
+
+
 def makeService(options: Options) -> "MultiService":
     """The relay: core state machine + UDP adapter + HTTP health/metrics, in one ``MultiService``."""
     from twisted.application.service import MultiService
@@ -787,7 +835,7 @@ def makeService(options: Options) -> "MultiService":
     overlap = ephemeral_overlap(options["lowest-port"], options["highest-port"])
     if overlap is not None:
         log.warn("{message}", message=overlap)
-    top = MultiService()
+    top = _RelayServices()
     # The XDP fast path starts before the UDP service (and so stops after
     # it): it must be attached before the first ChannelBound is mirrored.
     xdp = make_xdp_service(options)
