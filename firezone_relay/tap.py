@@ -53,7 +53,7 @@ def _udpio_missing() -> str:
 # [long name, short, default, description]
 _PARAMETERS: list[list[Any]] = [
     ["public-ip4-addr", None, None, "Public IPv4 address of this relay (default: the primary address of the host)"],
-    ["public-ip6-addr", None, None, "Public IPv6 address of this relay (IPv6 is served only when given)"],
+    ["public-ip6-addr", None, None, "Public IPv6 address of this relay (IPv6 is served only when given or discovered)"],
     ["bind-ip4-addr", None, "0.0.0.0", "IPv4 address to bind"],
     ["bind-ip6-addr", None, "::", "IPv6 address to bind"],
     ["listen-port", None, "3478", "UDP port for STUN/TURN"],
@@ -383,7 +383,10 @@ class Options(usage.Options):
         if "LOG_LEVEL" not in env and "RUST_LOG" in env:  # upstream's variable; LOG_LEVEL wins
             args += ["--log-level", env["RUST_LOG"]]
         for name in _REPEATABLE:
-            values = [v.strip() for v in env.get(env_name(name), "").split(",") if v.strip()]
+            text = env.get(env_name(name), "")
+            values = [v.strip() for v in text.split(",") if v.strip()]
+            if name == "rest-auth-secret" and text.strip() and len(values) != text.count(",") + 1:
+                raise usage.UsageError("%s: an empty secret in the comma-separated list" % env_name(name))
             self._env_counts[name] = len(values)
             for v in values:
                 args += ["--" + name, v]
@@ -457,20 +460,23 @@ class Options(usage.Options):
         return list(self.config_file.arguments())
 
     def _locate(self, message: str, env_args: Sequence[str]) -> str:
-        """A usage error about a flag whose value came from the config file
-        names the file's line and key."""
+        """A usage error about a flag whose value came from the environment
+        names the variable; from the config file, the file's line and key."""
         from firezone_relay.config import flag_of_error
 
-        if self.config_file is None:
-            return message
         names = [entry[0] for entry in _PARAMETERS] + [entry[0] for entry in _FLAGS] + list(_REPEATABLE)
         flag = flag_of_error(message, names)
-        if flag is None or flag not in self.config_file.values:
+        if flag is None:
             return message
         given = ("--" + flag, "--%s=" % flag)
-        if any(a == given[0] or a.startswith(given[1]) for a in list(env_args) + self.argv):
-            return message
-        return "%s: key %r: %s" % (self.config_file.where(flag), flag, message)
+        if any(a == given[0] or a.startswith(given[1]) for a in self.argv):
+            return message  # the command line's own value
+        if given[0] in env_args:
+            variable = "RUST_LOG" if flag == "log-level" and "LOG_LEVEL" not in self._environ else env_name(flag)
+            return message if variable in message else "%s: %s" % (variable, message)
+        if self.config_file is not None and flag in self.config_file.values:
+            return "%s: key %r: %s" % (self.config_file.where(flag), flag, message)
+        return message
 
     def postOptions(self) -> None:
         # A repeatable flag given on the command line replaces the
@@ -822,10 +828,12 @@ def makeService(options: Options) -> "MultiService":
         log.info("standalone mode: using the auth secret from --auth-secret")
 
     log.info(
-        "{software}: STUN/TURN on UDP port {listen_port} (IPv4 {public_ip4}, IPv6 {public_ip6}), "
+        "{software}: STUN/TURN on UDP port {listen_port} (IPv4 {ipv4}, IPv6 {ipv6}), "
         "allocation ports {lowest_port}-{highest_port}",
         software=SOFTWARE,
         listen_port=options["listen-port"],
+        ipv4=options["public-ip4-addr"] or "off",
+        ipv6=options["public-ip6-addr"] or "off",
         public_ip4=options["public-ip4-addr"],
         public_ip6=options["public-ip6-addr"],
         lowest_port=options["lowest-port"],
