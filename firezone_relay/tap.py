@@ -781,6 +781,15 @@ def _RelayServices() -> "MultiService":
     return _relay_services_class()()  # type: ignore[no-any-return]
 
 
+def _console_script(name: str) -> str:
+    """``name`` as the operator can run it: the path next to this Python
+    (a venv's bin/) unless that directory is on PATH."""
+    directory = os.path.dirname(sys.executable)
+    path = os.path.join(directory, name)
+    on_path = directory in os.environ.get("PATH", "").split(os.pathsep)
+    return name if on_path or not os.path.exists(path) else path
+
+
 def makeService(options: Options) -> "MultiService":
     """The relay: core state machine + UDP adapter + HTTP health/metrics, in one ``MultiService``."""
     from twisted.application.service import MultiService
@@ -821,8 +830,9 @@ def makeService(options: Options) -> "MultiService":
         # this process, so it is logged exactly once, with how to use it.
         log.info(
             "standalone mode: generated auth secret {auth_secret}; mint credentials with: "
-            "firezone-relay-credentials --secret {auth_secret} --ttl 3600",
+            "{credentials} --secret {auth_secret} --ttl 3600",
             auth_secret=secret,
+            credentials=_console_script("firezone-relay-credentials"),
         )
     else:
         log.info("standalone mode: using the auth secret from --auth-secret")
