@@ -711,6 +711,7 @@ def makeService(options: Options) -> "MultiService":
     from firezone_relay.adapters.host import ephemeral_overlap
     from firezone_relay.adapters.http import HealthService, Readiness, ServingFlag
     from firezone_relay.adapters.metrics import StatsLogger, make_registry
+    from firezone_relay.adapters.shell import Shell
     from firezone_relay.adapters.udp import RelayService
     from firezone_relay.core.relay import Relay
 
@@ -770,17 +771,21 @@ def makeService(options: Options) -> "MultiService":
     xdp = make_xdp_service(options)
     if xdp is not None:
         xdp.setServiceParent(top)
-    udp = RelayService(
+    shell = Shell(
         relay,
+        serve_at_start=not options["token"],  # portal mode: on the first init
+        batched_io={"auto": None, "batched": True, "python": False}[options["udp-io"]],
+        fast_path=xdp,
+    )
+    udp = RelayService(
+        shell,
         listen_port=options["listen-port"],
         bind_ip4=options["bind-ip4-addr"] if options["public-ip4-addr"] else None,
         bind_ip6=options["bind-ip6-addr"] if options["public-ip6-addr"] else None,
         socket_buffer=options["socket-buffer"],
-        serve_at_start=not options["token"],  # portal mode: on the first init
-        batched_io={"auto": None, "batched": True, "python": False}[options["udp-io"]],
     )
-    if udp.io is not None:
-        log.info("UDP I/O: batched (recvmmsg/sendmmsg, up to {batch} datagrams per system call)", batch=udp.io_batch)
+    if shell.io is not None:
+        log.info("UDP I/O: batched (recvmmsg/sendmmsg, up to {batch} datagrams per system call)", batch=shell.io_batch)
     elif options["udp-io"] == "python":
         log.info("UDP I/O: pure Python (--udp-io python)")
     else:
@@ -793,9 +798,7 @@ def makeService(options: Options) -> "MultiService":
         log.info("event dispatch: the relay's sockets without Twisted's per-event log context")
     else:
         log.info("event dispatch: Twisted's ({reactor})", reactor=type(running_reactor).__name__)
-    udp.setName("udp")
-    udp.fast_path = xdp
-    udp.setServiceParent(top)
+    shell.setServiceParent(top)
 
     # Health, readiness and metrics (SPEC §6, §7).  Children start in order
     # and stop in reverse: ServingFlag, after the UDP service, turns
@@ -803,10 +806,10 @@ def makeService(options: Options) -> "MultiService":
     # portal mode the portal client sets the readiness flags itself.
     readiness = Readiness(relay, portal_required=bool(options["token"]))
     registry, collector = make_registry(relay, readiness)
-    collector.add_drop_source(udp.drops)
-    collector.udp = udp
+    collector.add_drop_source(shell.drops)
+    collector.udp = shell
     collector.fast_path = xdp
-    stream = _add_stream(options, top, udp, registry, collector)
+    stream = _add_stream(options, shell, udp.bind, registry, collector)
     if not options["token"]:
         ServingFlag(readiness).setServiceParent(top)
     StatsLogger(relay, fast_path=xdp).setServiceParent(top)
@@ -814,14 +817,14 @@ def makeService(options: Options) -> "MultiService":
     health = HealthService(host, port, registry, readiness)
     health.setName("http")
     health.setServiceParent(top)
-    _add_portal_and_drain(options, top, udp, secret, readiness)
-    _add_control(options, top, relay, udp)
-    _add_reload(given, options, top, relay, udp, stream.tls, secret)
+    _add_portal_and_drain(options, top, shell, secret, readiness)
+    _add_control(options, top, relay, shell)
+    _add_reload(given, options, top, relay, shell, stream.tls, secret)
     return top
 
 
 def _add_reload(
-    given: Mapping[str, Any], options: Options, top: "MultiService", relay: Any, udp: Any, tls: Any, secret: str
+    given: Mapping[str, Any], options: Options, top: "MultiService", relay: Any, shell: Any, tls: Any, secret: str
 ) -> None:
     """SIGHUP: the TLS certificate, and the configuration's live part (SPEC §10)."""
     from firezone_relay.logs import apply_log_levels
@@ -851,7 +854,7 @@ def _add_reload(
         names,
         parse,
         apply_core,
-        pump=udp._pump,
+        pump=shell.pump,
         tls=tls,
         set_log_level=apply_log_levels,
         on_secrets=lambda merged: warn_short_rest_secrets(merged["rest-auth-secret"]),
@@ -859,7 +862,7 @@ def _add_reload(
     ReloadService(reloader).setServiceParent(top)
 
 
-def _add_control(options: Options, top: "MultiService", relay: Any, udp: Any) -> None:
+def _add_control(options: Options, top: "MultiService", relay: Any, shell: Any) -> None:
     """The control endpoint (SPEC §10), unless ``--control-endpoint off``."""
     if options["control-endpoint"] is None:
         log.info("control endpoint: off")
@@ -877,10 +880,10 @@ def _add_control(options: Options, top: "MultiService", relay: Any, udp: Any) ->
         )
     resource = ControlResource(
         relay,
-        pump=udp._pump,
-        transport_of=udp._transport_of,
+        pump=shell.pump,
+        transport_of=shell.transport_of,
         set_log_level=set_log_level,
-        clock=udp._now,
+        clock=shell.now,
         loopback_only=loopback,
     )
     control = ControlService(host, port, resource, required=bool(options.get("control-endpoint-required")))
@@ -888,7 +891,7 @@ def _add_control(options: Options, top: "MultiService", relay: Any, udp: Any) ->
     control.setServiceParent(top)
 
 
-def _add_portal_and_drain(options: Options, top: "MultiService", udp: Any, secret: str, readiness: Any) -> None:
+def _add_portal_and_drain(options: Options, top: "MultiService", shell: Any, secret: str, readiness: Any) -> None:
     """Portal mode's control channel, and the SIGTERM drain (both modes).
 
     A fatal portal error and the end of a drain both go through
@@ -911,7 +914,7 @@ def _add_portal_and_drain(options: Options, top: "MultiService", udp: Any, secre
                 raise usage.UsageError("FIREZONE_PORTAL_CA_FILE: %s" % (exc,)) from None
 
         def first_init() -> None:
-            udp.start_serving()
+            shell.start_serving()
             readiness.serving = True
 
         url = portal_url(
@@ -933,21 +936,21 @@ def _add_portal_and_drain(options: Options, top: "MultiService", udp: Any, secre
         )
         portal.setServiceParent(top)
     drain = DrainController(
-        udp, process, portal=portal, readiness=readiness, drain_timeout=options["drain-timeout"], reactor=reactor
+        shell, process, portal=portal, readiness=readiness, drain_timeout=options["drain-timeout"], reactor=reactor
     )
     drain.setServiceParent(top)
 
 
-def _add_stream(options: Options, top: "MultiService", udp: Any, registry: Any, collector: Any) -> Any:
+def _add_stream(options: Options, shell: Any, bind: Any, registry: Any, collector: Any) -> Any:
     """TURN over TCP on the listen port and, with a certificate, over TLS (SPEC §8)."""
     from firezone_relay.adapters.stream import StreamCollector, StreamLimits, StreamService, TLSContext
 
     tls = TLSContext(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
     stream = StreamService(
-        udp,
+        shell,
         tcp_port=options["listen-port"],
-        bind_ip4=udp.bind[4],
-        bind_ip6=udp.bind[6],
+        bind_ip4=bind[4],
+        bind_ip6=bind[6],
         tls=tls,
         tls_port=options["tls-port"],
         limits=StreamLimits(
@@ -961,7 +964,6 @@ def _add_stream(options: Options, top: "MultiService", udp: Any, registry: Any, 
         ),
         reload_signal=None,  # SIGHUP belongs to the ReloadService, which reloads TLS too
     )
-    stream.setServiceParent(top)
     registry.register(StreamCollector(stream))
     collector.add_drop_source(stream.drops)
     if tls is None:

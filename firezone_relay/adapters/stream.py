@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Only the client ↔ relay leg runs on a stream; allocations, peers and the
-relayed leg stay UDP and belong to the UDP shell (``udp.RelayService``),
-whose core, sockets and pump this module shares.  A stream client is
+relayed leg stay UDP.  This transport knows the shell (``shell.Shell``),
+whose core, pump and socket table it uses, and never the UDP transport.  A stream client is
 identified to the core as ``(ip, port, connection_id)``, so one connection is
 one 5-tuple: it holds at most one allocation, and closing the connection
 deletes that allocation at once (``Relay.handle_client_closed``).
@@ -16,10 +16,10 @@ length padded to 4), feeds each complete frame to
 ``framing.MAX_FRAME`` bytes) for the next read.  A frame that cannot be
 parsed ends the connection: a stream has no delimiter to resynchronise on.
 ChannelData goes out as the ``Transmit`` the core returns; after a STUN
-frame the UDP shell's pump drains the replies.
+frame the shell's pump drains the replies.
 
 Output: replies and ChannelData for a 3-tuple arrive here through
-``StreamService.send`` (the UDP shell routes them; see below) and are written
+``StreamService.send`` (the shell routes them by destination) and are written
 to that connection.  ChannelData towards stream clients is already padded by
 the core.  What one read (a stream's, or a batched UDP read) produces for a
 connection leaves in one ``send`` when that read has been handled; anything
@@ -34,12 +34,12 @@ counts what it is asked to write, and once that exceeds
 ``StreamLimits.write_buffer`` the connection is aborted: a client that does not read costs one connection, and the
 relay never buffers without bound.
 
-Routing: connection ids are drawn from ``[2**20, 2**32)``.  A raw UDP
-``sendto`` refuses such a 3-tuple (``TypeError`` on an IPv4 socket,
-``OverflowError`` on an IPv6 one, where the third item would be a flow label
-of at most 20 bits), so the UDP shell's per-packet path needs no test: it
-sends, and routes to this module only in the exception branch.  A datagram
-meant for a stream client can never leave as UDP.
+Routing: a stream client's address is a 3-tuple, a UDP one a 2-tuple; the
+shell and the per-packet paths route by that length.  Connection ids are
+drawn from ``[2**20, 2**32)``; a raw UDP ``sendto`` would refuse such a
+3-tuple anyway (``TypeError`` on an IPv4 socket, ``OverflowError`` on an
+IPv6 one, where the third item would be a flow label of at most 20 bits), so
+a datagram meant for a stream client can never leave as UDP.
 
 Timers, all per connection: a TLS handshake must finish within
 ``handshake_timeout``; a connection that holds no allocation is closed after
@@ -93,6 +93,8 @@ from zope.interface import implementer
 
 from firezone_relay.adapters import dispatch
 from firezone_relay.adapters.sourcekey import source_key
+from firezone_relay.adapters.shell import Shell
+from firezone_relay.core import commands as C
 from firezone_relay.core.framing import FramingError, frame_length
 
 log = Logger(namespace="firezone_relay.adapters.stream")
@@ -339,11 +341,12 @@ class StreamProtocol(Protocol):
         now = service.now()
         handle = service.handle_client_input
         client = self.client
-        io = service.udp.io
+        shell = service.shell
+        io = shell.io
         # With the batched UDP I/O, the ChannelData this read relays leaves in
         # one sendmmsg per socket (io.send) instead of one sendto each.
         out: Optional[list[Any]] = [] if io is not None else None
-        sockets = service.udp._sockets
+        sockets = shell.sockets
         try:
             while end - offset >= 4:
                 try:
@@ -362,15 +365,15 @@ class StreamProtocol(Protocol):
                     if t is not None:
                         if out is not None:
                             out.append(t)
-                        else:
-                            # As the UDP shell's per-packet path: a 3-tuple (another
-                            # stream client) makes sendto raise; see "Routing".
+                        elif len(t[2]) == 2:  # a UDP destination: inline Shell.transmit
                             try:
                                 sockets[t[1]][t[0]].sendto(t[3], t[2])
                             except OSError as exc:
-                                service.udp._send_failed(exc)
-                            except (TypeError, OverflowError, KeyError):
-                                service.transmit(t)
+                                shell.send_failed(exc)
+                            except KeyError:
+                                shell.drops["no_socket"] += 1
+                        else:  # another stream client
+                            shell.transmit(t)
                     elif frame[0] < 0x40:  # STUN: replies wait in the core's command queue
                         if out:
                             # What the core relayed leaves first: the commands
@@ -675,46 +678,40 @@ class _StreamFactory(Factory):
 
 class StreamService(Service):
     """TCP (and, given a ``TLSContext``, TLS) listeners feeding the core of
-    ``udp_service`` (a ``udp.RelayService``), which routes 3-tuple
-    destinations back here (``udp_service.stream`` is set to this service).
+    ``shell``, which routes 3-tuple destinations back here (this service
+    registers with ``Shell.attach_stream`` and becomes its child).
 
     ``tcp_port`` 0 means the UDP listen port; ``tls_port`` 0 asks for any
     free port (tests).  ``bind_ip4`` / ``bind_ip6``: ``None`` for a family not
-    served.  ``clock`` (default: the reactor) owns the timers.
+    served.  The shell's clock owns the timers.
     """
 
     name = "stream"
 
     def __init__(
         self,
-        udp_service: Any,
+        shell: Shell,
         tcp_port: Optional[int] = None,
         bind_ip4: Optional[str] = "0.0.0.0",
         bind_ip6: Optional[str] = None,
         tls: Optional[TLSContext] = None,
         tls_port: int = 5349,
         limits: StreamLimits = StreamLimits(),
-        reactor: Any = None,
-        clock: Any = None,
         reload_signal: Optional[int] = signal.SIGHUP,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.udp = udp_service
-        self.relay = udp_service.relay
+        self.shell = shell
+        self.relay = shell.relay
         self.tcp_port = tcp_port
         self.bind = {4: bind_ip4, 6: bind_ip6}
         self.tls = tls
         self.tls_port = tls_port
         self.limits = limits
-        self.reactor = reactor
-        self.clock = reactor if clock is None else clock
-        self.now = time.time if clock is None else self.clock.seconds
+        self.reactor = shell.reactor
+        self.clock = shell.clock
+        self.now = shell.now
         self.reload_signal = reload_signal
-        self.handle_client_input = self.relay.handle_client_input
-        self.pump = udp_service._pump
+        self.handle_client_input = shell.handle_client_input
+        self.pump = shell.pump
         self.connections: Dict[int, StreamProtocol] = {}
         self.per_ip: Dict[str, int] = {}  # by source key: IPv4 address or IPv6 /64
         #: Bytes of partial input held by all connections (``max_buffered``).
@@ -731,22 +728,22 @@ class StreamService(Service):
         self._dirty: list[StreamProtocol] = []
         self._flush_call: Any = None
         #: True while a read is being handled (a stream's, or a batched UDP
-        #: read: see ``udp.RelayService._batched_reader``); its end flushes,
+        #: read: see ``Shell.read_listener``); its end flushes,
         #: so ``flush_soon`` schedules nothing.
         self.reading = False
         self._previous_handler: Any = None
         self._logged: Dict[str, float] = {}
-        udp_service.stream = self
+        shell.attach_stream(self)
 
     # --- life cycle -----------------------------------------------------------
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._open_listeners()
+        self.open_listeners()
 
     def startService(self) -> None:
         super().startService()
-        self._open_listeners()
+        self.open_listeners()
         if self.tls is not None and self.reload_signal is not None:
             self.reactor.callWhenRunning(self._install_reload_signal)
 
@@ -771,18 +768,15 @@ class StreamService(Service):
             waits.append(self._all_closed)
         return defer.gatherResults(waits, consumeErrors=True)
 
-    def start_serving(self) -> None:
-        """Portal mode: the UDP shell opened its listeners; open ours too."""
-        if self.running:
-            self._open_listeners()
-
-    def _open_listeners(self) -> None:
-        if not getattr(self.udp, "serving", True):
-            return  # portal mode before the first init: see start_serving
+    def open_listeners(self) -> None:
+        """Open the TCP (and TLS) listeners of each family served, once the
+        shell serves (portal mode: ``Shell.start_serving``)."""
+        if not self.shell.serving:
+            return
         if self.limits.max_connections <= 0:
             return  # TCP and TLS are off
         if self.tcp_port is None or self.tcp_port == 0:
-            self.tcp_port = self.udp.listen_port
+            self.tcp_port = self.shell.listen_port
         wanted = [(TCP, self.tcp_port)]
         if self.tls is not None:
             wanted.append((TLS, self.tls_port))
@@ -918,6 +912,11 @@ class StreamService(Service):
         if self._flush_call is None and not self.reading:
             self._flush_call = self.reactor.callLater(0, self._flush)
 
+    def begin_read(self) -> None:
+        """A read begins (a batched UDP read, or a stream's): hold what it
+        writes to connections until ``end_read``."""
+        self.reading = True
+
     def end_read(self) -> None:
         """A read (``reading``) has been handled: write what it produced."""
         self.reading = False
@@ -952,26 +951,12 @@ class StreamService(Service):
             return
         conn.send(payload)
 
-    def transmit(self, t: Tuple[int, int, Any, bytes]) -> None:
-        """Carry out a ``Transmit`` returned for stream input."""
-        destination = t[2]
-        if len(destination) == 3:
-            self.send(destination, t[3])
-            return
-        udp = self.udp
-        try:
-            udp._sockets[t[1]][t[0]].sendto(t[3], destination)
-        except OSError as exc:
-            udp._send_failed(exc)
-        except KeyError:
-            udp.drops["no_socket"] += 1
-
     def allocation_event(self, command: Any) -> None:
         """``AllocationCreated`` / ``AllocationDeleted`` for a 3-tuple client."""
         conn = self.connections.get(command.client[2])
         if conn is None or conn.client != command.client:
             return
-        created = type(command).__name__ == "AllocationCreated"
+        created = isinstance(command, C.AllocationCreated)
         if created and not conn.has_allocation:
             self.allocations[conn.transport_name] += 1
             conn.allocation_started()
@@ -982,7 +967,7 @@ class StreamService(Service):
     # --- errors ----------------------------------------------------------------------
 
     def internal_error(self, exc: Exception) -> None:
-        self.udp._internal_error("stream", exc)
+        self.shell.internal_error("stream", exc)
 
     def _log_limited(self, kind: str, fmt: str, **fields: Any) -> None:
         now = time.monotonic()
