@@ -248,7 +248,7 @@ def _check_stream_options(options: Any) -> None:
     if (options["tls-cert"] is None) != (options["tls-key"] is None):
         raise usage.UsageError("--tls-cert and --tls-key go together")
     if options["tls-cert"] is not None:
-        from firezone_relay.adapters.stream import describe_tls_error, make_tls_context
+        from firezone_relay.adapters.tls import describe_tls_error, make_tls_context
 
         try:
             make_tls_context(options["tls-cert"], options["tls-key"])
@@ -943,7 +943,9 @@ def _add_portal_and_drain(options: Options, top: "MultiService", shell: Any, sec
 
 def _add_stream(options: Options, shell: Any, bind: Any, registry: Any, collector: Any) -> Any:
     """TURN over TCP on the listen port and, with a certificate, over TLS (SPEC §8)."""
-    from firezone_relay.adapters.stream import StreamCollector, StreamLimits, StreamService, TLSContext
+    from firezone_relay.adapters.metrics import StreamCollector
+    from firezone_relay.adapters.stream import StreamLimits, StreamService
+    from firezone_relay.adapters.tls import TLSContext
 
     tls = TLSContext(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
     stream = StreamService(

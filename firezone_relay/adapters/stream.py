@@ -65,593 +65,38 @@ connection whose holding would take the total past it is closed
 only; ``TLSContext.reload`` (on SIGHUP) swaps the certificate for new
 connections while established ones carry on with the old one.
 
-TLS runs inside the connection (``TLSStreamProtocol``: an ``ssl.SSLObject``
-on memory BIOs, fed by ``dataReceived`` and drained into the same direct
-send as TCP) rather than in Twisted's ``TLSMemoryBIOProtocol``,
-whose wrapper protocol and buffered second transport cost, per round trip,
-a few Python layers and an epoll_ctl pair (issue #9).
+TLS (the context, its reload, and ``TLSStreamProtocol``: TLS on memory
+BIOs inside the connection) lives in ``tls.py``; one connection
+(``StreamProtocol``, ``StreamLimits``) in ``connection.py``; the stream
+metrics in ``metrics.StreamCollector``.
 """
 
 from __future__ import annotations
 
 import signal
 import socket
-import ssl
-import time
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet import defer, tcp
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from firezone_relay.adapters import dispatch
-from firezone_relay.adapters.sourcekey import source_key
+from firezone_relay.adapters._twisted import Counts, LimitedLog, format_address
+from firezone_relay.adapters.connection import TCP, TLS, TRANSPORTS, StreamLimits, StreamProtocol
 from firezone_relay.adapters.shell import Shell
+from firezone_relay.adapters.sourcekey import source_key
+from firezone_relay.adapters.tls import TLSContext, TLSStreamProtocol, describe_tls_error, make_tls_context
 from firezone_relay.core import commands as C
-from firezone_relay.core.framing import FramingError, frame_length
 
 log = Logger(namespace="firezone_relay.adapters.stream")
-
-TCP = "tcp"
-TLS = "tls"
-TRANSPORTS = (TCP, TLS)
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _FIRST_ID = 1 << 20  # see "Routing" above
 _ID_LIMIT = 1 << 32
 _LISTEN_BACKLOG = 1024
-_LOG_INTERVAL = 60.0
-
-#: TLS 1.2 suites: forward secrecy and AEAD only (TLS 1.3 suites are all
-#: AEAD and OpenSSL's defaults).  ECDSA and RSA certificates both work.
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """Bounds on what stream clients may cost (SPEC §8)."""
-
-    max_connections: int = 16384
-    max_connections_per_ip: int = 256
-    #: Bytes a connection may be asked to write once its transport's own
-    #: buffer is full; beyond it the connection is aborted.
-    write_buffer: int = 256 * 1024
-    handshake_timeout: float = 10.0
-    #: Seconds without a complete frame after which a connection that holds
-    #: no allocation is closed.
-    idle_timeout: float = 60.0
-    #: Seconds from accept within which a connection must allocate, whatever
-    #: it sends meanwhile; then it is closed.
-    auth_timeout: float = 30.0
-    #: Bytes of partial input (frames, TLS records) all connections together
-    #: may hold between reads.
-    max_buffered: int = 16 * 1024 * 1024
-
-
-class _Counter(dict):  # type: ignore[type-arg]
-    """Counters by key; unknown keys start at 0."""
-
-    def __missing__(self, key: Any) -> int:
-        return 0
-
-
-# --- TLS ----------------------------------------------------------------------
-
-
-def make_tls_context(cert_path: str, key_path: str) -> ssl.SSLContext:
-    """A server context from PEM files: the certificate chain and its key.
-
-    Raises ``ssl.SSLError`` or ``OSError`` when the files are missing,
-    unreadable or do not belong together.
-
-    TLS 1.2 and 1.3 only; on 1.2 ECDHE with AES-GCM or ChaCha20-Poly1305
-    only; no compression, renegotiation or session tickets (``num_tickets``
-    0 for TLS 1.3, ``OP_NO_TICKET`` for 1.2).  Python's ``ssl`` module has
-    no switch for OpenSSL's server session cache: a TLS 1.2 full handshake
-    leaves one session in it, at most 20,480 (OpenSSL's default size),
-    dropped after their timeout.  The module also sets
-    ``SSL_MODE_RELEASE_BUFFERS``: an idle connection holds no record buffers.
-    """
-    for path in (cert_path, key_path):
-        with open(path, "rb"):  # OSError naming the file, not OpenSSL's "system lib"
-            pass
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= (
-        ssl.OP_NO_COMPRESSION
-        | ssl.OP_CIPHER_SERVER_PREFERENCE
-        | ssl.OP_NO_RENEGOTIATION
-        | ssl.OP_SINGLE_ECDH_USE
-        | ssl.OP_NO_TICKET
-    )
-    ctx.num_tickets = 0
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.load_cert_chain(cert_path, key_path)  # checks that the key matches
-    return ctx
-
-
-class TLSContext:
-    """The server side of TLS, with a certificate that can be reloaded.
-
-    Every new connection takes the current ``ssl.SSLContext``; ``reload``
-    builds a new one from the same files and, only if that succeeds, makes it
-    current.  Established connections keep the context they started with.
-    """
-
-    def __init__(self, cert_path: str, key_path: str) -> None:
-        self.cert_path = cert_path
-        self.key_path = key_path
-        self.context = make_tls_context(cert_path, key_path)
-        self.reloads = 0
-
-    def reload(self) -> bool:
-        try:
-            context = make_tls_context(self.cert_path, self.key_path)
-        except OSError as exc:  # ssl.SSLError included
-            log.error(
-                "TLS certificate reload failed, keeping the current one: {error}",
-                error=describe_tls_error(exc),
-                cert=self.cert_path,
-                key=self.key_path,
-            )
-            return False
-        self.context = context
-        self.reloads += 1
-        log.info("TLS certificate reloaded from {cert}", cert=self.cert_path, key=self.key_path)
-        return True
-
-    def server_connection(self) -> Tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-        """A server-side TLS connection on two memory BIOs: (TLS, in, out)."""
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        return self.context.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing
-
-
-def describe_tls_error(exc: OSError) -> str:
-    """What went wrong with a certificate or key file, in one line."""
-    if isinstance(exc, ssl.SSLError):  # OpenSSL could not use the files' contents
-        return "not a PEM certificate chain and its private key (%s)" % exc
-    return "%s: %s" % (exc.filename or "", exc.strerror or exc)
-
-
-# --- one connection ----------------------------------------------------------------
-
-
-@implementer(IPushProducer)
-class StreamProtocol(Protocol):
-    """One TCP connection of one TURN client (``TLSStreamProtocol``: TLS)."""
-
-    def __init__(self, service: "StreamService", transport_name: str, ip: str, port: int, connection_id: int) -> None:
-        self.service = service
-        self.transport_name = transport_name
-        self.client = (ip, port, connection_id)
-        self.connection_id = connection_id
-        self.closed = False
-        #: Why the relay closed it; None when the client did.
-        self.close_reason: Optional[str] = None
-        self.has_allocation = False
-        self.handshaken = True
-        self.last_frame = 0.0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self._buffer = b""
-        self._paused = False
-        self._backlog = 0
-        self._idle_call: Any = None
-        self._handshake_call: Any = None
-        self._auth_call: Any = None
-        #: Bytes this connection holds in ``service.buffered``.
-        self._held = 0
-        #: The key its per-source count is kept under.
-        self.source = source_key(ip)
-        #: The socket, for a direct send when Twisted buffers nothing.
-        self._socket: Optional[socket.socket] = None
-        #: What was written during this reactor turn (see flush).
-        self._pending: Optional[list[bytes]] = None
-        self._pending_bytes = 0
-
-    # --- life cycle -------------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        service = self.service
-        clock = service.clock
-        self.last_frame = service.now()
-        transport = self.transport
-        assert transport is not None
-        transport.registerProducer(self, True)
-        self._socket = getattr(transport, "socket", None)
-        transport.setTcpNoDelay(True)
-        transport.setTcpKeepAlive(True)
-        if not self.handshaken:
-            self._handshake_call = clock.callLater(service.limits.handshake_timeout, self._handshake_timed_out)
-        self._idle_call = clock.callLater(service.limits.idle_timeout, self._idle_check)
-        if not self.has_allocation:
-            self._auth_call = clock.callLater(service.limits.auth_timeout, self._auth_timed_out)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed = True
-        for name in ("_idle_call", "_handshake_call", "_auth_call"):
-            call = getattr(self, name)
-            setattr(self, name, None)
-            if call is not None and call.active():
-                call.cancel()
-        if self._held:
-            self.service.buffered -= self._held
-            self._held = 0
-        self.service.connection_lost(self)
-
-    def abort(self, reason: str) -> None:
-        """Close now, dropping whatever is buffered, and count why."""
-        if self.closed:
-            return
-        self.closed = True
-        self.service.closed_because(self, reason)
-        assert self.transport is not None
-        self.transport.abortConnection()
-
-    # --- input ---------------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.closed:
-            return
-        service = self.service
-        service.reading = True
-        try:
-            self._input(data)
-        finally:
-            service.end_read()
-        if not self.closed:
-            held = self._holding()
-            if held != self._held:
-                self._account(held)
-
-    def _holding(self) -> int:
-        """Bytes of partial input kept until the next read."""
-        return len(self._buffer)
-
-    def _account(self, held: int) -> None:
-        """Move this connection's share of ``service.buffered`` to ``held``,
-        or close it if that would pass ``max_buffered``."""
-        service = self.service
-        total = service.buffered - self._held + held
-        if held > self._held and total > service.limits.max_buffered:
-            self._buffer = b""
-            self.abort("buffer_budget")
-            return
-        service.buffered = total
-        self._held = held
-
-    def _input(self, data: bytes) -> None:
-        """What a read brought: frames here; TLS records in ``TLSStreamProtocol``."""
-        self._frames(data)
-
-    def _frames(self, data: bytes) -> None:
-        """Cut ``data`` (plaintext) into frames and hand each to the core."""
-        service = self.service
-        self.bytes_in += len(data)
-        buffer = self._buffer + data if self._buffer else data
-        end = len(buffer)
-        offset = 0
-        now = service.now()
-        handle = service.handle_client_input
-        client = self.client
-        shell = service.shell
-        io = shell.io
-        # With the batched UDP I/O, the ChannelData this read relays leaves in
-        # one sendmmsg per socket (io.send) instead of one sendto each.
-        out: Optional[list[Any]] = [] if io is not None else None
-        sockets = shell.sockets
-        try:
-            while end - offset >= 4:
-                try:
-                    size = frame_length(buffer, offset)
-                except FramingError:
-                    self._buffer = b""
-                    self.abort("bad_frame")
-                    return
-                if size == 0 or size > end - offset:
-                    break
-                frame = buffer if size == end else buffer[offset : offset + size]
-                offset += size
-                self.last_frame = now  # before the core: its reply may end an allocation
-                try:
-                    t = handle(frame, client, now)
-                    if t is not None:
-                        if out is not None:
-                            out.append(t)
-                        elif len(t[2]) == 2:  # a UDP destination: inline Shell.transmit
-                            try:
-                                sockets[t[1]][t[0]].sendto(t[3], t[2])
-                            except OSError as exc:
-                                shell.send_failed(exc)
-                            except KeyError:
-                                shell.drops["no_socket"] += 1
-                        else:  # another stream client
-                            shell.transmit(t)
-                    elif frame[0] < 0x40:  # STUN: replies wait in the core's command queue
-                        if out:
-                            # What the core relayed leaves first: the commands
-                            # may close the socket it was relayed from.
-                            io.send(out)
-                            out = []
-                        service.pump()
-                except Exception as exc:  # a core bug must not take the connection down
-                    service.internal_error(exc)
-                if self.closed:
-                    return
-            self._buffer = buffer[offset:] if offset else buffer
-        finally:
-            if out:
-                try:
-                    io.send(out)
-                except Exception as exc:
-                    service.internal_error(exc)
-
-    # --- output -------------------------------------------------------------------
-
-    def send(self, payload: bytes) -> None:
-        if self.closed:
-            self.service.drops["stream_closed"] += 1
-            return
-        if self._paused:
-            self._backlog += len(payload)
-            if self._backlog > self.service.limits.write_buffer:
-                self.service.drops["stream_write_buffer"] += 1
-                self.abort("write_buffer")
-                return
-        self.bytes_out += len(payload)
-        pending = self._pending
-        if pending is not None:
-            pending.append(payload)
-            self._pending_bytes += len(payload)
-            if self._pending_bytes > self.service.limits.write_buffer:
-                self.service.drops["stream_write_buffer"] += 1
-                self.abort("write_buffer")
-            return
-        self._pending = [payload]
-        self._pending_bytes = len(payload)
-        self.service.flush_soon(self)
-
-    def flush(self) -> None:
-        """Write what this reactor turn produced, in one send (one TLS record)."""
-        pending, self._pending = self._pending, None
-        if not pending or self.closed:
-            return
-        self._write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def _write(self, data: bytes) -> None:
-        """Bytes for the wire, straight on the socket when Twisted holds
-        nothing: a loop iteration and two epoll_ctl calls less than
-        ``transport.write``.  What the kernel does not take goes through
-        Twisted's buffer, so order and the write-buffer bound are kept."""
-        transport: Any = self.transport
-        sock = self._socket
-        if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0  # BlockingIOError; anything else the transport's own write notices
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
-
-    # IPushProducer: the transport's buffer is full / drained again.
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._backlog = 0
-
-    def stopProducing(self) -> None:
-        self._paused = True
-
-    # --- timers -------------------------------------------------------------------------
-
-    def _auth_timed_out(self) -> None:
-        self._auth_call = None
-        if not self.closed and not self.has_allocation:
-            self.abort("auth_timeout")
-
-    def _handshake_timed_out(self) -> None:
-        self._handshake_call = None
-        if not self.handshaken:
-            self.abort("handshake_timeout")
-
-    def _idle_check(self) -> None:
-        self._idle_call = None
-        if self.closed or self.has_allocation:
-            return  # the allocation's lifetime bounds it; see allocation_ended
-        service = self.service
-        deadline = self.last_frame + service.limits.idle_timeout
-        now = service.now()
-        if deadline <= now:
-            self.abort("idle")
-        else:
-            self._idle_call = service.clock.callLater(deadline - now, self._idle_check)
-
-    def allocation_started(self) -> None:
-        self.has_allocation = True
-        for name in ("_idle_call", "_auth_call"):
-            call = getattr(self, name)
-            setattr(self, name, None)
-            if call is not None and call.active():
-                call.cancel()
-
-    def allocation_ended(self) -> None:
-        self.has_allocation = False
-        if not self.closed and self._idle_call is None:
-            self._idle_check()
-
-
-#: Plaintext read per ``SSLObject.read``: one record holds at most 2**14 bytes.
-_TLS_READ = 1 << 14
-
-
-class TLSStreamProtocol(StreamProtocol):
-    """One TLS connection: ``StreamProtocol`` with an ``ssl.SSLObject`` on
-    two memory BIOs in between, on the TCP transport itself.
-
-    Twisted's ``TLSMemoryBIOProtocol`` would do the same through a wrapper
-    protocol, a second transport and the TCP transport's buffer (an
-    epoll_ctl pair per record); here a read is one BIO write and the
-    ``read`` calls, and a flush is one ``write`` and one BIO read, sent like
-    TCP.  The standard library's ``ssl`` is used rather than pyOpenSSL: its
-    calls are C all the way (pyOpenSSL wraps each in several Python
-    functions: 4 µs more per decrypt-and-encrypt pair on a warm cache, more
-    after each wake-up), and an idle connection adds about 18 KiB to the
-    relay's RSS instead of 26.  The handshake is driven by the client's
-    bytes; a TLS error or the client's close_notify ends the connection
-    (counted as closed by the client).
-    """
-
-    def __init__(self, service: "StreamService", transport_name: str, ip: str, port: int, connection_id: int) -> None:
-        super().__init__(service, transport_name, ip, port, connection_id)
-        self.handshaken = False
-        self._tls: Optional[ssl.SSLObject] = None
-        self._tls_in: Optional[ssl.MemoryBIO] = None
-        self._tls_out: Optional[ssl.MemoryBIO] = None
-        # The incoming record being received (``_track_records``): OpenSSL
-        # takes a partial record out of the BIO into its own buffer, so what
-        # it holds is counted here, from the record headers.
-        self._record_header = b""
-        self._record_missing = 0
-        self._record_received = 0
-
-    def connectionMade(self) -> None:
-        tls_context = self.service.tls
-        assert tls_context is not None
-        self._tls, self._tls_in, self._tls_out = tls_context.server_connection()
-        super().connectionMade()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self._tls = self._tls_in = self._tls_out = None
-        super().connectionLost(reason)
-
-    def _holding(self) -> int:
-        return len(self._buffer) + self._record_received
-
-    def _track_records(self, data: bytes) -> None:
-        """Follow TLS record boundaries (5-byte header with the length in
-        bytes 3-4) to know how much of an incomplete record is held.  One
-        step per record, no copy but of a split header."""
-        n = len(data)
-        i = 0
-        header = self._record_header
-        if header:  # a header split across reads (rare): complete it first
-            take = min(5 - len(header), n)
-            header += data[:take]
-            i = take
-            if len(header) < 5:
-                self._record_header = header
-                self._record_received += take
-                return
-            self._record_header = b""
-            self._record_missing = (header[3] << 8) | header[4]
-            self._record_received = 5
-        missing = self._record_missing
-        if missing:
-            if missing > n - i:
-                self._record_missing = missing - (n - i)
-                self._record_received += n - i
-                return
-            i += missing
-        while n - i >= 5:
-            end = i + 5 + ((data[i + 3] << 8) | data[i + 4])
-            if end > n:
-                self._record_missing = end - n
-                self._record_received = n - i
-                return
-            i = end
-        self._record_missing = 0
-        self._record_received = n - i
-        if i < n:
-            self._record_header = data[i:]
-
-    def _input(self, data: bytes) -> None:
-        """Decrypt ``data`` and hand each record's plaintext to ``_frames``."""
-        tls = self._tls
-        incoming = self._tls_in
-        assert tls is not None and incoming is not None
-        incoming.write(data)
-        self._track_records(data)
-        if not self.handshaken:
-            try:
-                tls.do_handshake()
-            except ssl.SSLWantReadError:
-                self._send_tls_output()
-                return
-            except ssl.SSLError:
-                self._tls_ended()
-                return
-            self.handshaken = True
-            call, self._handshake_call = self._handshake_call, None
-            if call is not None and call.active():
-                call.cancel()
-            self._send_tls_output()  # the server's last flight
-        # Each record's data is handled as soon as it is decrypted: the
-        # ChannelData it carries leaves before the next record is read.
-        # OpenSSL takes whole records from the BIO, so an empty BIO (and
-        # nothing decrypted left over) means there is nothing more to read:
-        # no read that would only raise SSLWantReadError (3.4 us, more than
-        # a read that decrypts a record).
-        read = tls.read
-        while incoming.pending or tls.pending():
-            try:
-                plain = read(_TLS_READ)
-            except ssl.SSLWantReadError:
-                break  # a partial record: the rest comes with the next read
-            except ssl.SSLError:
-                if not self.closed:
-                    self._tls_ended()
-                return
-            if not plain:  # the client's close_notify
-                if not self.closed:
-                    self._tls_ended()
-                return
-            self._frames(plain)
-            if self.closed:
-                return
-        # What OpenSSL wrote while reading (the answer to a key update, say).
-        self._send_tls_output()
-
-    def _tls_ended(self) -> None:
-        """The client closed TLS or broke it: answer (close_notify or the
-        alert OpenSSL wrote), then close once that is sent."""
-        self.closed = True
-        tls = self._tls
-        if tls is not None:
-            try:
-                tls.unwrap()
-            except (ssl.SSLError, ValueError):
-                pass  # SSLWantReadError: the client's close_notify never comes
-            self._send_tls_output()
-        transport: Any = self.transport
-        transport.loseConnection()
-
-    def _write(self, data: bytes) -> None:
-        tls = self._tls
-        if tls is None:
-            return
-        try:
-            tls.write(data)  # records of at most 16 KiB, all into the BIO
-        except ssl.SSLError:
-            self._tls_ended()
-            return
-        self._send_tls_output()
-
-    def _send_tls_output(self) -> None:
-        """Send what OpenSSL wrote into its outgoing BIO, in one send."""
-        outgoing = self._tls_out
-        if outgoing is not None and outgoing.pending:
-            StreamProtocol._write(self, outgoing.read())
 
 
 @dispatch.fast_type
@@ -717,12 +162,12 @@ class StreamService(Service):
         #: Bytes of partial input held by all connections (``max_buffered``).
         self.buffered = 0
         self.listening: Dict[Tuple[str, int], Any] = {}
-        self.accepted: Dict[str, int] = _Counter()
-        self.rejected: Dict[Tuple[str, str], int] = _Counter()
-        self.closed: Dict[Tuple[str, str], int] = _Counter()
-        self.drops: Dict[str, int] = _Counter()
-        self.allocations: Dict[str, int] = _Counter()
-        self.bytes: Dict[Tuple[str, str], int] = _Counter()  # of closed connections
+        self.accepted: Dict[str, int] = Counts()
+        self.rejected: Dict[Tuple[str, str], int] = Counts()
+        self.closed: Dict[Tuple[str, str], int] = Counts()
+        self.drops: Dict[str, int] = Counts()
+        self.allocations: Dict[str, int] = Counts()
+        self.bytes: Dict[Tuple[str, str], int] = Counts()  # of closed connections
         self._next_id = _FIRST_ID
         self._all_closed: Optional[defer.Deferred[None]] = None
         self._dirty: list[StreamProtocol] = []
@@ -732,7 +177,7 @@ class StreamService(Service):
         #: so ``flush_soon`` schedules nothing.
         self.reading = False
         self._previous_handler: Any = None
-        self._logged: Dict[str, float] = {}
+        self._limited = LimitedLog(log)
         shell.attach_stream(self)
 
     # --- life cycle -----------------------------------------------------------
@@ -899,7 +344,7 @@ class StreamService(Service):
                 reason,
                 "{transport} connection from {client} closed: {reason}",
                 transport=conn.transport_name,
-                client=_addr(conn.client),
+                client=format_address(conn.client),
                 reason=reason,
             )
 
@@ -970,10 +415,7 @@ class StreamService(Service):
         self.shell.internal_error("stream", exc)
 
     def _log_limited(self, kind: str, fmt: str, **fields: Any) -> None:
-        now = time.monotonic()
-        last = self._logged.get(kind)
-        if last is None or now - last >= _LOG_INTERVAL:
-            self._logged[kind] = now
+        if self._limited.due(kind):
             log.info(fmt + " (logged at most once a minute per reason)", **fields)
 
     # --- introspection ----------------------------------------------------------------
@@ -993,95 +435,15 @@ class StreamService(Service):
         return totals
 
 
-def _addr(address: Any) -> str:
-    ip, port = address[0], address[1]
-    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
-
-
-# --- metrics -------------------------------------------------------------------------
-
-
-class StreamCollector(Collector):
-    """Stream metrics, by ``transport`` label, read at scrape time.
-
-    ``relay_active_allocations_by_transport`` covers UDP too: the core's
-    allocation count minus those held by stream connections.
-    """
-
-    def __init__(self, service: StreamService) -> None:
-        self.service = service
-
-    def collect(self) -> Iterator[Metric]:
-        service = self.service
-        by_transport = GaugeMetricFamily(
-            "relay_active_allocations_by_transport",
-            "Allocations in service, by the transport of the client leg (udp, tcp, tls).",
-            labels=["transport"],
-        )
-        stream_total = sum(service.allocations[t] for t in TRANSPORTS)
-        by_transport.add_metric(["udp"], max(0, service.relay.allocation_count - stream_total))
-        for t in TRANSPORTS:
-            by_transport.add_metric([t], service.allocations[t])
-        yield by_transport
-
-        connections = GaugeMetricFamily(
-            "relay_stream_connections", "Open TURN client connections, by transport.", labels=["transport"]
-        )
-        counts: Dict[str, int] = {t: 0 for t in TRANSPORTS}
-        for conn in service.connections.values():
-            counts[conn.transport_name] += 1
-        for t in TRANSPORTS:
-            connections.add_metric([t], counts[t])
-        yield connections
-
-        accepted = CounterMetricFamily(
-            "relay_stream_connections_accepted", "Connections accepted, by transport.", labels=["transport"]
-        )
-        for t in TRANSPORTS:
-            accepted.add_metric([t], service.accepted[t])
-        yield accepted
-
-        rejected = CounterMetricFamily(
-            "relay_stream_connections_rejected",
-            "Connections refused at accept time, by transport and limit.",
-            labels=["transport", "reason"],
-        )
-        for (t, reason), count in sorted(service.rejected.items()):
-            rejected.add_metric([t, reason], count)
-        yield rejected
-
-        closed = CounterMetricFamily(
-            "relay_stream_connections_closed",
-            "Connections ended, by transport and reason (client: the client closed it; bad_frame, "
-            "write_buffer, handshake_timeout, idle, auth_timeout, buffer_budget: the relay did).",
-            labels=["transport", "reason"],
-        )
-        for (t, reason), count in sorted(service.closed.items()):
-            closed.add_metric([t, reason], count)
-        yield closed
-
-        yield GaugeMetricFamily(
-            "relay_stream_buffered_bytes",
-            "Bytes of partial input (frames, TLS records) held by all client connections between reads.",
-            value=service.buffered,
-        )
-
-        stream_bytes = CounterMetricFamily(
-            "relay_stream_bytes",
-            "Bytes read from and written to client connections (framing and TLS records excluded), by transport.",
-            labels=["transport", "direction"],
-        )
-        for (t, direction), count in sorted(service.byte_totals().items()):
-            stream_bytes.add_metric([t, direction], count)
-        yield stream_bytes
-
-
 __all__ = [
-    "StreamCollector",
+    "TCP",
+    "TLS",
+    "TRANSPORTS",
     "StreamLimits",
     "StreamProtocol",
     "StreamService",
     "TLSContext",
     "TLSStreamProtocol",
+    "describe_tls_error",
     "make_tls_context",
 ]

@@ -22,7 +22,8 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
-from firezone_relay.adapters.stream import StreamCollector, StreamLimits, StreamService, TLSContext
+from firezone_relay.adapters.metrics import StreamCollector
+from firezone_relay.adapters.stream import StreamLimits, StreamService, TLSContext
 from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.udp import RelayService
 from firezone_relay.core import stun
