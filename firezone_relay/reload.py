@@ -55,7 +55,7 @@ def _shown(name: str, value: Any) -> str:
         return "(secret)"
     if name == "log-level" and hasattr(value, "default"):  # logs.LogLevels
         relay = getattr(value, "relay", None)
-        return value.default.name + (",relay=%s" % relay.name if relay is not None else "")
+        return str(value.default.name) + (",relay=%s" % relay.name if relay is not None else "")
     return repr(value)
 
 

@@ -169,7 +169,7 @@ def _parse_int(flag: str, value: Any, low: Optional[int] = None, high: Optional[
             raise usage.UsageError("--%s must be at least %d (got %d)" % (flag, low, number))
         raise usage.UsageError("--%s must be between %d and %d (got %d)" % (flag, low, high, number))
     if high is not None and number > high:
-        raise usage.UsageError("--%s must be between %d and %d (got %d)" % (flag, low, high, number))
+        raise usage.UsageError("--%s must be between %s and %d (got %d)" % (flag, low, high, number))
     return number
 
 

@@ -88,7 +88,7 @@ class StreamProtocol(Protocol):
         service = self.service
         clock = service.clock
         self.last_frame = service.now()
-        transport = self.transport
+        transport: Any = self.transport  # an ITCPTransport (the interface type says less)
         assert transport is not None
         transport.registerProducer(self, True)
         self._socket = getattr(transport, "socket", None)
@@ -118,8 +118,9 @@ class StreamProtocol(Protocol):
             return
         self.closed = True
         self.service.closed_because(self, reason)
-        assert self.transport is not None
-        self.transport.abortConnection()
+        transport: Any = self.transport
+        assert transport is not None
+        transport.abortConnection()
 
     # --- input ---------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ class _ControlRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
             return
+        assert self.content is not None
         if self.content.tell() + len(data) > MAX_BODY:
             self.too_large = True
             return
@@ -184,6 +185,7 @@ class ControlResource(Resource):
             return _json(request, 404, {"error": "log level changes are not available"})
         directives = _query(request, b"directives")
         if directives is None:
+            assert request.content is not None
             directives = request.content.read().decode("utf-8", "replace").strip()
         if not directives:
             return _json(request, 400, {"error": "give the level as the body or ?directives="})
@@ -212,6 +214,7 @@ def _query(request: Request, name: bytes) -> Optional[str]:
 
 
 def _body_json(request: Request) -> Any:
+    assert request.content is not None
     try:
         return json.loads(request.content.read().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):

@@ -45,6 +45,8 @@ from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -228,7 +230,7 @@ class _Channel(http.HTTPChannel):
             self.abort()
 
     def abort(self) -> None:
-        transport = self.transport
+        transport: Any = self.transport
         if transport is not None:
             transport.abortConnection()
 
@@ -243,7 +245,7 @@ class _Channel(http.HTTPChannel):
         self._arm_deadline()
         super().requestDone(request)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._cancel_deadline()
         self.factory.unregister(self)
@@ -254,7 +256,7 @@ class HealthSite(Site):
     """A ``Site`` with an idle timeout, a deadline per request, connection
     caps (total and per source) and no access log."""
 
-    protocol = _Channel
+    protocol = _Channel  # type: ignore[assignment]  # Twisted types it as its own channel only
     noisy = False
 
     def __init__(
@@ -276,7 +278,7 @@ class HealthSite(Site):
         self.by_source: Dict[str, List[_Channel]] = {}
         self.refused: Dict[str, int] = {reason: 0 for reason in REFUSAL_REASONS}
 
-    def buildProtocol(self, addr: Any) -> Optional[http.HTTPChannel]:
+    def buildProtocol(self, addr: Any) -> Any:
         key = source_key(str(getattr(addr, "host", "")))
         mine = len(self.by_source.get(key, ()))
         if mine >= self.max_connections_per_source:
@@ -326,7 +328,7 @@ class HealthSite(Site):
             if not channels:
                 del self.by_source[channel.source]
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 

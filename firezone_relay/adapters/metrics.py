@@ -313,7 +313,7 @@ class StatsLogger(Service):
         xdp = self.fast_path.counters() if self.fast_path is not None else None
         if xdp is None:
             return 0
-        return xdp.total("bytes", "client_to_peer") + xdp.total("bytes", "peer_to_client")
+        return int(xdp.total("bytes", "client_to_peer") + xdp.total("bytes", "peer_to_client"))
 
     def startService(self) -> None:
         super().startService()

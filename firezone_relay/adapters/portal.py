@@ -43,7 +43,7 @@ from __future__ import annotations
 import email.utils
 import platform
 import re
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -239,7 +239,7 @@ class _PortalFactory(WebSocketClientFactory):
         self.client = client
 
     def buildProtocol(self, addr: Any) -> PortalProtocol:
-        protocol: PortalProtocol = super().buildProtocol(addr)
+        protocol = cast(PortalProtocol, super().buildProtocol(addr))
         protocol.client = self.client
         self.client.protocol = protocol
         return protocol
@@ -419,7 +419,7 @@ class PortalClient(Service):
         if failure.check(defer.CancelledError):
             why = "connect timed out after %.0f s" % self.connect_timeout
         else:
-            why = "could not connect: %s" % (failure.getErrorMessage() or failure.type.__name__)
+            why = "could not connect: %s" % (failure.getErrorMessage() or _type_name(failure))
         self._retry(why, None)
 
     def _attempt_timed_out(self) -> None:
@@ -509,11 +509,11 @@ class PortalClient(Service):
         elif was_open:
             code = protocol.remoteCloseCode
             why = "connection closed by the portal (%s)" % (
-                "close code %s" % code if code is not None else reason.getErrorMessage() or reason.type.__name__
+                "close code %s" % code if code is not None else reason.getErrorMessage() or _type_name(reason)
             )
         else:
             # TLS verification errors only show up here.
-            why = "connection failed: %s" % (reason.getErrorMessage() or reason.type.__name__,)
+            why = "connection failed: %s" % (reason.getErrorMessage() or _type_name(reason),)
         return why, retry_after
 
     # --- the pump -----------------------------------------------------------------
@@ -639,3 +639,8 @@ class PortalClient(Service):
         call, self._retry_call = self._retry_call, None
         if call is not None and call.active():
             call.cancel()
+
+
+def _type_name(failure: Any) -> str:
+    """The exception class name of a ``Failure`` (its ``type`` is typed optional)."""
+    return getattr(failure.type, "__name__", "error")

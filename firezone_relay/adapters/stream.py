@@ -100,7 +100,7 @@ _LISTEN_BACKLOG = 1024
 
 
 @dispatch.fast_type
-class _StreamServer(tcp.Server):  # type: ignore[misc]
+class _StreamServer(tcp.Server):
     """Twisted's accepted TCP connection, as its own type so that
     ``dispatch`` hands its events to it without the per-event log context."""
 

@@ -141,7 +141,7 @@ _VIEW = memoryview(_BUFFER)
 
 
 @dispatch.fast_type
-class _FastPort(udp.Port):  # type: ignore[misc]
+class _FastPort(udp.Port):
     """A UDP port that reads into one preallocated, shared buffer.
 
     Twisted's ``doRead`` calls ``recvfrom(65535)`` for every datagram,
@@ -273,7 +273,7 @@ class RelayService(Service):
 
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
-        waits = [d for d in self._closing]
+        waits: list[Optional[defer.Deferred[None]]] = [d for d in self._closing]
         for key, port in list(self._ports.items()):
             waits.append(self._close(key[0], key[1]))
         self.listening.clear()
@@ -395,7 +395,7 @@ class RelayService(Service):
         self.shell.remove_socket(port, family)
         if listening is None:
             return None
-        d = listening.stopListening()
+        d: Optional[defer.Deferred[None]] = listening.stopListening()
         if d is None:
             return None
         self._closing.add(d)
