@@ -55,16 +55,23 @@ class RelayCollector(Collector):
     ``add_drop_source``; a reason counted in several places is summed.
     """
 
-    def __init__(self, relay: Any, readiness: Any = None, drop_sources: Iterable[Mapping[str, int]] = ()) -> None:
+    def __init__(
+        self,
+        relay: Any,
+        readiness: Any = None,
+        drop_sources: Iterable[Mapping[str, int]] = (),
+        shell: Any = None,
+        fast_path: Any = None,
+    ) -> None:
         self.relay = relay
         self.readiness = readiness
         self._drop_sources: list[Mapping[str, int]] = list(drop_sources)
         #: The XDP fast path (``XdpService``: ``counters()`` -> ``XdpCounters``
         #: or None while it is off), read at scrape time like the core.
-        self.fast_path: Any = None
-        #: The UDP shell (``RelayService``): its ``io`` is the batched reader
-        #: (``stats()`` -> counters) or None for the pure-Python one.
-        self.udp: Any = None
+        self.fast_path: Any = fast_path
+        #: The shell (``shell.Shell``): its ``io`` is the batched UDP I/O
+        #: (``stats()`` -> counters) or None for the pure-Python reader.
+        self.shell: Any = shell
 
     def add_drop_source(self, drops: Mapping[str, int]) -> None:
         self._drop_sources.append(drops)
@@ -230,8 +237,8 @@ class RelayCollector(Collector):
             failures.add_metric([reason], count)
         yield failures
 
-        if self.udp is not None:
-            io = self.udp.io
+        if self.shell is not None:
+            io = self.shell.io
             yield GaugeMetricFamily(
                 "relay_udp_batched_io",
                 "1 when UDP datagrams are read and sent in batches (recvmmsg/sendmmsg, the _udpio extension), "
@@ -260,11 +267,19 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily("relay_ready", "1 while /readyz answers 200, else 0.", value=int(ready))
 
 
-def make_registry(relay: Any, readiness: Any = None, process_metrics: bool = True) -> tuple[CollectorRegistry, RelayCollector]:
-    """A fresh registry with the relay's collector and, by default, the
-    process and platform collectors (``process_*``, ``python_info``)."""
+def make_registry(
+    relay: Any,
+    readiness: Any = None,
+    process_metrics: bool = True,
+    drop_sources: Iterable[Mapping[str, int]] = (),
+    shell: Any = None,
+    fast_path: Any = None,
+) -> tuple[CollectorRegistry, RelayCollector]:
+    """A fresh registry with the relay's collector (``RelayCollector``'s
+    arguments) and, by default, the process and platform collectors
+    (``process_*``, ``python_info``)."""
     registry = CollectorRegistry()
-    collector = RelayCollector(relay, readiness)
+    collector = RelayCollector(relay, readiness, drop_sources, shell=shell, fast_path=fast_path)
     registry.register(collector)
     if process_metrics:
         ProcessCollector(registry=registry)
