@@ -24,6 +24,8 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from firezone_relay.adapters._twisted import default_reactor
+
 log = Logger(namespace="firezone_relay.reload")
 
 #: Flags a reload applies while running.
@@ -159,10 +161,7 @@ class ReloadService(Service):
     name = "reload"
 
     def __init__(self, reload: Callable[[], Any], reactor: Any = None, signum: int = signal.SIGHUP) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.reload = reload
         self.reactor = reactor
         self.signum = signum

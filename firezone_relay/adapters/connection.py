@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from firezone_relay.adapters._twisted import cancel_attributes
 from firezone_relay.adapters.sourcekey import source_key
 from firezone_relay.core.framing import FramingError, frame_length
 
@@ -102,11 +103,7 @@ class StreamProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.closed = True
-        for name in ("_idle_call", "_handshake_call", "_auth_call"):
-            call = getattr(self, name)
-            setattr(self, name, None)
-            if call is not None and call.active():
-                call.cancel()
+        cancel_attributes(self, "_idle_call", "_handshake_call", "_auth_call")
         if self._held:
             self.service.buffered -= self._held
             self._held = 0
@@ -173,7 +170,6 @@ class StreamProtocol(Protocol):
         # With the batched UDP I/O, the ChannelData this read relays leaves in
         # one sendmmsg per socket (io.send) instead of one sendto each.
         out: Optional[list[Any]] = [] if io is not None else None
-        sockets = shell.sockets
         try:
             while end - offset >= 4:
                 try:
@@ -192,14 +188,7 @@ class StreamProtocol(Protocol):
                     if t is not None:
                         if out is not None:
                             out.append(t)
-                        elif len(t[2]) == 2:  # a UDP destination: inline Shell.transmit
-                            try:
-                                sockets[t[1]][t[0]].sendto(t[3], t[2])
-                            except OSError as exc:
-                                shell.send_failed(exc)
-                            except KeyError:
-                                shell.drops["no_socket"] += 1
-                        else:  # another stream client
+                        else:
                             shell.transmit(t)
                     elif frame[0] < 0x40:  # STUN: replies wait in the core's command queue
                         if out:
@@ -306,11 +295,7 @@ class StreamProtocol(Protocol):
 
     def allocation_started(self) -> None:
         self.has_allocation = True
-        for name in ("_idle_call", "_auth_call"):
-            call = getattr(self, name)
-            setattr(self, name, None)
-            if call is not None and call.active():
-                call.cancel()
+        cancel_attributes(self, "_idle_call", "_auth_call")
 
     def allocation_ended(self) -> None:
         self.has_allocation = False

@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from firezone_relay.adapters._twisted import default_reactor
 from firezone_relay.adapters.http import HealthSite
 
 log = Logger(namespace="firezone_relay.adapters.control")
@@ -237,10 +238,7 @@ class ControlService(Service):
     """
 
     def __init__(self, host: str, port: int, resource: ControlResource, required: bool, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.host = host
         self.port = port
         self.reactor = reactor

@@ -51,6 +51,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from firezone_relay.adapters._twisted import cancel_call, default_reactor
 from firezone_relay.adapters.sourcekey import source_key
 
 log = Logger(namespace="firezone_relay.adapters.http")
@@ -220,8 +221,7 @@ class _Channel(http.HTTPChannel):
 
     def _cancel_deadline(self) -> None:
         call, self._deadline_call = self._deadline_call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_call(call)
 
     def _deadline_passed(self) -> None:
         self._deadline_call = None
@@ -378,10 +378,7 @@ class HealthService(Service):
     ) -> None:
         """``limits``: ``request_deadline``, ``max_connections_per_source``
         (``HealthSite``'s keyword arguments)."""
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.host = host
         self.port = port
         self.reactor = reactor

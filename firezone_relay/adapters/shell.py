@@ -42,7 +42,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from firezone_relay.adapters._twisted import Counts, LimitedLog, default_reactor, format_address
+from firezone_relay.adapters._twisted import Counts, LimitedLog, OneTimer, default_reactor, format_address
 from firezone_relay.core import commands as C
 
 try:  # the optional C extension (setup.py); the pure-Python reader otherwise
@@ -164,8 +164,8 @@ class Shell(MultiService):
         #: UDP read begins and ends, so that what the read writes to stream
         #: clients leaves in one send per connection.
         self.read_listener: Optional[StreamTransport] = None
-        self._timer: Any = None
-        self._deadline: Optional[float] = None
+        #: The one timer, at the core's ``poll_timeout()``.
+        self.timer = OneTimer(self.clock, self._on_timer)
         self._limited = LimitedLog(log)
         self._usernames: Dict[int, str] = {}  # allocation port -> username, for the channel log lines
 
@@ -204,7 +204,7 @@ class Shell(MultiService):
 
     def stopService(self) -> "defer.Deferred[Any]":
         d: defer.Deferred[Any] = super().stopService()
-        self._cancel_timer()
+        self.timer.cancel()
         return d
 
     # --- sending -------------------------------------------------------------------
@@ -256,46 +256,21 @@ class Shell(MultiService):
             self.execute(command)
             command = self._next_command()
         deadline = self._poll_timeout()
-        if deadline != self._deadline:
-            self._arm(deadline)
-
-    def _arm(self, deadline: Optional[float]) -> None:
-        self._deadline = deadline
-        if deadline is None:
-            self._cancel_timer()
-            return
-        delay = max(0.0, deadline - self.clock.seconds())
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        self._deadline = None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if deadline != self.timer.deadline:
+            self.timer.arm(deadline)
 
     @property
     def timer_armed(self) -> bool:
-        return self._timer is not None
+        return self.timer.armed
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline, self._deadline = self._deadline, None
-        now = self.clock.seconds()
-        if deadline is not None and deadline > now:
-            now = deadline  # the core never sees a time before the deadline it asked for
+    def _on_timer(self, now: float) -> None:
         try:
             self.relay.handle_timeout(now)
             self.pump()
         except Exception as exc:
             self.internal_error("timer", exc)
-            if self._timer is None and self.running:
-                # Do not spin on a failing deadline, but do not stop either.
-                self._deadline = None
-                self._timer = self.clock.callLater(1.0, self._on_timer)
+            if self.running:
+                self.timer.retry_in(1.0)
 
     # --- commands --------------------------------------------------------------------
 

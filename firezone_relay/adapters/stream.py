@@ -84,7 +84,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from firezone_relay.adapters import dispatch
-from firezone_relay.adapters._twisted import Counts, LimitedLog, format_address
+from firezone_relay.adapters._twisted import Counts, LimitedLog, cancel_call, format_address
 from firezone_relay.adapters.connection import TCP, TLS, TRANSPORTS, StreamLimits, StreamProtocol
 from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.sourcekey import source_key
@@ -204,8 +204,7 @@ class StreamService(Service):
                 waits.append(d)
         self.listening.clear()
         call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_call(call)
         for conn in list(self.connections.values()):
             conn.abort("shutdown")
         if self.connections:  # aborted connections go in the next reactor turn
@@ -370,8 +369,7 @@ class StreamService(Service):
 
     def _flush(self) -> None:
         call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_call(call)
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             try:

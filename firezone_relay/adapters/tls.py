@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from twisted.logger import Logger
 
+from firezone_relay.adapters._twisted import cancel_call
 from firezone_relay.adapters.connection import StreamProtocol
 
 if TYPE_CHECKING:
@@ -208,8 +209,7 @@ class TLSStreamProtocol(StreamProtocol):
                 return
             self.handshaken = True
             call, self._handshake_call = self._handshake_call, None
-            if call is not None and call.active():
-                call.cancel()
+            cancel_call(call)
             self._send_tls_output()  # the server's last flight
         # Each record's data is handled as soon as it is decrypted: the
         # ChannelData it carries leaves before the next record is read.

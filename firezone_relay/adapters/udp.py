@@ -74,20 +74,9 @@ class _ClientProtocol(DatagramProtocol):
         shell = self.shell
         try:
             t = shell.handle_client_input(data, addr, shell.now())
-            if t is not None:  # (source_port, family, destination, payload)
-                # A call that returns a Transmit queued no command and moved
-                # no deadline (core contract): no pump needed.
-                if len(t[2]) == 2:  # a UDP destination: inline Shell.transmit
-                    try:
-                        shell.sockets[t[1]][t[0]].sendto(t[3], t[2])
-                    except OSError as exc:
-                        shell.send_failed(exc)
-                    except KeyError:
-                        shell.drops["no_socket"] += 1
-                else:
-                    shell.transmit(t)
-                return
-            shell.pump()
+            # A call that returns a Transmit queued no command and moved no
+            # deadline (core contract): send it, no pump needed.
+            shell.transmit(t) if t is not None else shell.pump()
         except Exception as exc:
             shell.internal_error("client", exc)
 
@@ -109,19 +98,7 @@ class _PeerProtocol(DatagramProtocol):
         shell = self.shell
         try:
             t = shell.handle_peer_traffic(data, addr, self.port, self.family, shell.now())
-            if t is not None:
-                # As _ClientProtocol: no pump after a Transmit.
-                if len(t[2]) == 2:
-                    try:
-                        shell.sockets[t[1]][t[0]].sendto(t[3], t[2])
-                    except OSError as exc:
-                        shell.send_failed(exc)
-                    except KeyError:
-                        shell.drops["no_socket"] += 1
-                else:
-                    shell.transmit(t)
-                return
-            shell.pump()
+            shell.transmit(t) if t is not None else shell.pump()  # as _ClientProtocol
         except Exception as exc:
             shell.internal_error("peer", exc)
 

@@ -570,7 +570,7 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
         self.assertEqual(len(service.port_numbers()), 2)
         yield service.shell.stopService()
         self.assertEqual(service.port_numbers(), [])
-        self.assertIsNone(service.shell._timer)
+        self.assertFalse(service.shell.timer.armed)
 
     @defer.inlineCallbacks
     def test_no_twisted_port_lines_per_allocation(self) -> Any:
