@@ -4,9 +4,10 @@ Sockets: each (port, family) gets its own UDP socket, IPv6 ones with
 ``IPV6_V6ONLY`` so IPv4 and IPv6 can share a port number and IPv4 peers never
 show up as ``::ffff:`` addresses.  We create, configure and bind the socket
 ourselves (socket options must be set before ``bind``; a failed bind must be
-reported to the core, not crash), then hand it to the reactor with
-``adoptDatagramPort(..., maxPacketSize=65535)`` (the default of 8192 would
-silently truncate) and close our copy (the reactor dups the descriptor).
+reported to the core, not crash), then register it for reading with the
+public ``reactor.addReader`` (``_Reader``, an ``IReadDescriptor``): no
+``udp.Port``, whose per-datagram ``recvfrom(65535)``, per-port log lines and
+private binding hooks the relay does not need.
 Every open socket is registered with the shell (``Shell.add_socket``), whose
 table every sender uses.
 
@@ -37,11 +38,12 @@ import socket
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.application.service import Service
-from twisted.internet import base, defer, udp
+from twisted.internet import defer
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.error import CannotListenError
-from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from firezone_relay.adapters import dispatch
 from firezone_relay.adapters.shell import UDPIO_MISSING, Shell
@@ -118,16 +120,17 @@ _VIEW = memoryview(_BUFFER)
 
 
 @dispatch.fast_type
-class _FastPort(udp.Port):
-    """A UDP port that reads into one preallocated, shared buffer.
+@implementer(IReadDescriptor)
+class _Reader:
+    """One UDP socket of the relay, read through the public
+    ``reactor.addReader``: no ``udp.Port`` (whose binding, logging and
+    ``recvfrom(65535)`` per datagram the relay does not need).
 
-    Twisted's ``doRead`` calls ``recvfrom(65535)`` for every datagram,
-    allocating (and shrinking) a 64 KiB object each time.  This one uses
-    ``recvfrom_into`` and hands ChannelData (first byte 0x40-0x7F) and peer
-    datagrams to the protocol as a ``memoryview`` of that buffer, which the
-    core slices and the adapter sends without another copy; STUN messages
-    are handed over as ``bytes``.  The view is only valid during the call:
-    nothing keeps it.
+    It reads into one preallocated, shared buffer with ``recvfrom_into`` and
+    hands ChannelData (first byte 0x40-0x7F) and peer datagrams to the
+    protocol as a ``memoryview`` of that buffer, which the core slices and
+    the shell sends without another copy; STUN messages are handed over as
+    ``bytes``.  The view is only valid during the call: nothing keeps it.
 
     With the C extension (``batched`` set by ``RelayService._adopt``) the
     whole read goes to ``_udpio.IO.read`` instead: recvmmsg, the core's
@@ -135,39 +138,44 @@ class _FastPort(udp.Port):
     per batch.  See firezone_relay/adapters/_udpio.c.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, sock: socket.socket, protocol: DatagramProtocol, always_view: bool) -> None:
+        self.socket = sock
+        self.protocol = protocol
         #: True for allocation ports: every datagram is peer data.
-        self.always_view = False
+        self.always_view = always_view
         #: ``() -> int``: the batched read, or None for the Python loop below.
         self.batched: Optional[Callable[[], int]] = None
+        self._fileno = sock.fileno()
+        self._v6 = sock.family == socket.AF_INET6
 
-    # Twisted logs "<Protocol> starting on N" and "(UDP Port N Closed)" for
-    # every port; with one port per allocation that was about a quarter of
-    # an Allocate's CPU time, and our own allocation log lines already say
-    # it.  These two are Twisted's own methods (Twisted 22-24) minus that line.
+    def fileno(self) -> int:
+        return self._fileno
 
-    def _bindSocket(self) -> None:
-        if self._preexistingSocket is None:  # not how the relay opens ports
-            super()._bindSocket()
-            return
-        skt, self._preexistingSocket = self._preexistingSocket, None
-        self._realPortNumber = skt.getsockname()[1]
-        self.connected = 1
-        self.socket = skt
-        self.fileno = skt.fileno
+    def logPrefix(self) -> str:
+        return "firezone-relay UDP"
 
-    def connectionLost(self, reason: Any = None) -> None:
-        self._realPortNumber = None
-        self.maxThroughput = -1
-        base.BasePort.connectionLost(self, reason)
-        self.protocol.doStop()
+    def connectionLost(self, reason: Any) -> None:
+        """The reactor dropped this descriptor (an error a read raised)."""
+        self.close()
+
+    def close(self) -> None:
+        self._fileno = -1
         self.socket.close()
-        del self.socket
-        del self.fileno
-        if hasattr(self, "d"):
-            self.d.callback(None)
-            del self.d
+
+    def stop_reading(self, reactor: Any) -> "defer.Deferred[None]":
+        """No more reads; the socket closes at the start of the next reactor
+        turn, as Twisted's ``stopListening`` does: a batched read that is
+        still running on this descriptor must not see its number reused by
+        a port opened in the same turn."""
+        reactor.removeReader(self)
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def close() -> None:
+            self.close()
+            d.callback(None)
+
+        reactor.callLater(0, close)
+        return d
 
     def doRead(self) -> None:
         batched = self.batched
@@ -177,9 +185,9 @@ class _FastPort(udp.Port):
         recv_into = self.socket.recvfrom_into
         buffer = _BUFFER
         view = _VIEW
-        received = self.protocol.datagramReceived
+        received: Callable[[Any, Any], None] = self.protocol.datagramReceived
         always_view = self.always_view
-        v6 = self.addressFamily == socket.AF_INET6
+        v6 = self._v6
         for _ in range(_READ_BATCH):
             try:
                 n, addr = recv_into(buffer)
@@ -284,21 +292,12 @@ class RelayService(Service):
             raise
         return sock
 
-    def _adopt(self, sock: socket.socket, family: int, protocol: DatagramProtocol) -> Any:
-        try:
-            if not isinstance(self.reactor, PosixReactorBase):  # a test double
-                return self.reactor.adoptDatagramPort(sock.fileno(), _AF[family], protocol, maxPacketSize=MAX_DATAGRAM)
-            # What reactor.adoptDatagramPort does, with our faster reading port.
-            port = _FastPort._fromListeningDescriptor(
-                self.reactor, sock.fileno(), _AF[family], protocol, maxPacketSize=MAX_DATAGRAM
-            )
-            port.always_view = isinstance(protocol, _PeerProtocol)
-            port.startListening()
-            if self.shell.io is not None:
-                port.batched = self._batched_reader(port, protocol)
-            return port
-        finally:
-            sock.close()  # the reactor has its own duplicate of the descriptor
+    def _adopt(self, sock: socket.socket, family: int, protocol: DatagramProtocol) -> _Reader:
+        reader = _Reader(sock, protocol, always_view=isinstance(protocol, _PeerProtocol))
+        if self.shell.io is not None:
+            reader.batched = self._batched_reader(reader, protocol)
+        self.reactor.addReader(reader)
+        return reader
 
     def _batched_reader(self, port: Any, protocol: DatagramProtocol) -> Callable[[], int]:
         shell = self.shell
@@ -341,7 +340,7 @@ class RelayService(Service):
                 asked=self.socket_buffer,
             )
         port = self._adopt(sock, family, _ClientProtocol(self.shell, family))
-        number = port.getHost().port
+        number = sock.getsockname()[1]
         if self.listen_port == 0:  # tests ask for any free port
             self.listen_port = number
         self.listening[family] = port
@@ -355,12 +354,12 @@ class RelayService(Service):
             return False
         try:
             sock = self._make_socket(family, port, dont_fragment)
-            listening = self._adopt(sock, family, _PeerProtocol(self.shell, port, family))
         except Exception as exc:  # OSError, CannotListenError: the core picks another port
             self.shell.errors["open_port:%s" % (getattr(exc, "errno", None) or type(exc).__name__)] += 1
             return False
+        listening = self._adopt(sock, family, _PeerProtocol(self.shell, port, family))
         self._ports[(port, family)] = listening
-        self.shell.add_socket(port, family, listening.socket)
+        self.shell.add_socket(port, family, sock)
         return True
 
     def close_port(self, port: int, family: int) -> None:
@@ -372,9 +371,7 @@ class RelayService(Service):
         self.shell.remove_socket(port, family)
         if listening is None:
             return None
-        d: Optional[defer.Deferred[None]] = listening.stopListening()
-        if d is None:
-            return None
+        d: defer.Deferred[None] = listening.stop_reading(self.reactor)
         self._closing.add(d)
         d.addBoth(self._closed, d)
         return d
