@@ -24,25 +24,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
-from twisted.application.service import Service
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from firezone_relay.adapters._twisted import default_reactor
-from firezone_relay.adapters.http import HealthSite
+from firezone_relay.adapters._twisted import default_reactor, format_address
+from firezone_relay.adapters.http import HealthSite, SiteService
 
 log = Logger(namespace="firezone_relay.adapters.control")
 
 MAX_BODY = 64 * 1024
-
-
-def format_address(address: Sequence[Any]) -> str:
-    ip, port = address[0], address[1]
-    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
 
 
 def parse_address(text: str) -> Optional[tuple[str, int]]:
@@ -229,7 +222,7 @@ def _json(request: Request, code: int, value: Any) -> bytes:
     return (json.dumps(value, sort_keys=False) + "\n").encode("utf-8")
 
 
-class ControlService(Service):
+class ControlService(SiteService):
     """Listens on ``host:port`` with the control resource; ``port=0`` picks one (tests).
 
     ``required``: a bind failure stops the start (an address the operator
@@ -245,16 +238,7 @@ class ControlService(Service):
         self.required = required
         self.site = HealthSite(resource, reactor=reactor)
         self.site.requestFactory = _ControlRequest
-        self.listening: Any = None
         self._gave_up = False
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        self._listen()
 
     def _listen(self) -> None:
         if self.listening is not None or self._gave_up:
@@ -279,15 +263,3 @@ class ControlService(Service):
             "control endpoint on {address} (GET /allocations, POST /disconnect, POST /log_filter)",
             address=format_address((address.host, address.port)),
         )
-
-    def stopService(self) -> "defer.Deferred[Any]":
-        super().stopService()
-        listening, self.listening = self.listening, None
-        if listening is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(listening.stopListening)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host = self.listening.getHost()
-        return host.host, host.port

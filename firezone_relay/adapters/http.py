@@ -51,7 +51,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from firezone_relay.adapters._twisted import cancel_call, default_reactor
+from firezone_relay.adapters._twisted import cancel_call, default_reactor, format_address
 from firezone_relay.adapters.sourcekey import source_key
 
 log = Logger(namespace="firezone_relay.adapters.http")
@@ -363,7 +363,40 @@ def make_site(
                       **limits)
 
 
-class HealthService(Service):
+class SiteService(Service):
+    """A TCP listener for a ``Site``: it listens (``_listen``) before the
+    reactor runs, like the UDP listeners, so that an address in use stops
+    twistd at start-up with the reason, and again at ``startService`` when
+    used without ``privilegedStartService`` (tests)."""
+
+    listening: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        raise NotImplementedError
+
+    def stopService(self) -> "defer.Deferred[Any]":
+        super().stopService()
+        listening, self.listening = self.listening, None
+        if listening is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(listening.stopListening)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` actually bound (after start)."""
+        host = self.listening.getHost()
+        return host.host, host.port
+
+
+class HealthService(SiteService):
     """Listens on ``host:port`` (TCP) with ``make_site``; ``port=0`` picks one (tests)."""
 
     def __init__(
@@ -386,17 +419,6 @@ class HealthService(Service):
         self.readiness = readiness
         self.site = make_site(registry, readiness, timeout=timeout, reactor=reactor, **limits)
         registry.register(HttpCollector(self.site))
-        self.listening: Any = None
-
-    def privilegedStartService(self) -> None:
-        # Listen before the reactor runs, like the UDP listeners, so that an
-        # address in use stops twistd at start-up with the reason.
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        self._listen()
 
     def _listen(self) -> None:
         if self.listening is None:
@@ -404,21 +426,8 @@ class HealthService(Service):
             address = self.listening.getHost()
             log.info(
                 "HTTP health and metrics on {address} (/healthz, /readyz, /metrics)",
-                address=("[%s]:%d" if ":" in address.host else "%s:%d") % (address.host, address.port),
+                address=format_address((address.host, address.port)),
             )
-
-    def stopService(self) -> "defer.Deferred[Any]":
-        super().stopService()
-        listening, self.listening = self.listening, None
-        if listening is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(listening.stopListening)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """``(host, port)`` actually bound (after start)."""
-        host = self.listening.getHost()
-        return host.host, host.port
 
 
 class ServingFlag(Service):
