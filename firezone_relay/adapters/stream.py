@@ -384,7 +384,7 @@ class StreamService(Service):
             return conn.transport_name if conn is not None else TCP
         return "udp"
 
-    # --- output, called by the UDP shell and by connections ------------------------------
+    # --- output, called by the shell and by connections ----------------------------------
 
     def send(self, destination: Any, payload: bytes) -> None:
         """Write ``payload`` to the connection of the 3-tuple ``destination``."""
