@@ -16,7 +16,8 @@ import ipaddress
 import os
 import random
 import socket
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple
+import sys
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Optional, Tuple
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -148,11 +149,52 @@ def make_xdp_service(options: "Options") -> Any:
     return service
 
 
+def _listen_error(exc: Exception) -> "NoReturn":
+    """One line on stderr and exit 1: a port the relay cannot bind at start-up."""
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(exc, CannotListenError):
+        host = exc.interface or "*"
+        where = ("[%s]:%s" if ":" in host else "%s:%s") % (host, exc.port)
+        reason = exc.socketError
+        text = getattr(reason, "strerror", None) or str(reason)
+        sys.stderr.write("firezone-relay: error: cannot listen on %s: %s\n" % (where, text))
+    else:
+        sys.stderr.write("firezone-relay: error: %s\n" % (exc,))
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def _relay_services_class() -> Any:
+    from twisted.application.service import MultiService
+    from twisted.internet.error import CannotListenError
+
+    class RelayServices(MultiService):
+        """The relay's services; a listener that cannot be opened at start-up
+        is one line and exit status 1, not twistd's traceback."""
+
+        def privilegedStartService(self) -> None:
+            try:
+                super().privilegedStartService()
+            except CannotListenError as exc:
+                _listen_error(exc)
+
+        def startService(self) -> None:
+            try:
+                super().startService()
+            except CannotListenError as exc:
+                _listen_error(exc)
+
+    return RelayServices
+
+
+def _RelayServices() -> "MultiService":
+    return _relay_services_class()()  # type: ignore[no-any-return]
+
+
 def build(options: "Options", reactor: Any) -> "MultiService":
     """The relay: core state machine, shell, transports, HTTP health/metrics
     and the control plane, in one ``MultiService``."""
-    from twisted.application.service import MultiService
-
     from firezone_relay.tap import _udpio_missing, warn_short_rest_secrets
 
     from firezone_relay.adapters.host import ephemeral_overlap
@@ -199,10 +241,12 @@ def build(options: "Options", reactor: Any) -> "MultiService":
         log.info("standalone mode: using the auth secret from --auth-secret")
 
     log.info(
-        "{software}: STUN/TURN on UDP port {listen_port} (IPv4 {public_ip4}, IPv6 {public_ip6}), "
+        "{software}: STUN/TURN on UDP port {listen_port} (IPv4 {ipv4}, IPv6 {ipv6}), "
         "allocation ports {lowest_port}-{highest_port}",
         software=SOFTWARE,
         listen_port=options["listen-port"],
+        ipv4=options["public-ip4-addr"] or "off",
+        ipv6=options["public-ip6-addr"] or "off",
         public_ip4=options["public-ip4-addr"],
         public_ip6=options["public-ip6-addr"],
         lowest_port=options["lowest-port"],
@@ -212,7 +256,7 @@ def build(options: "Options", reactor: Any) -> "MultiService":
     overlap = ephemeral_overlap(options["lowest-port"], options["highest-port"])
     if overlap is not None:
         log.warn("{message}", message=overlap)
-    top = MultiService()
+    top = _RelayServices()
     # The XDP fast path starts before the UDP service (and so stops after
     # it): it must be attached before the first ChannelBound is mirrored.
     xdp = make_xdp_service(options)

@@ -298,6 +298,11 @@ def _check_control_endpoint(options: Any) -> None:
         return
     options["control-endpoint-required"] = value != DEFAULT_CONTROL_ENDPOINT
     options["control-endpoint"] = _parse_host_port("control-endpoint", value)
+    if options["control-endpoint"] == options["health-check-addr"] and options["control-endpoint"][1] != 0:
+        raise usage.UsageError(
+            "--control-endpoint and --health-check-addr are both %s:%d; give them different ports"
+            % options["control-endpoint"]
+        )
 
 
 def _check_otlp(options: Any) -> None:

@@ -493,13 +493,13 @@ class Relay:
                 self.stats.drop("malformed")
                 return None
             payload = data[4 : 4 + length]
+            meter = entry[4]
+            if self._max_bps and self._over_budget(meter, 4, length, now):
+                return None
             stats = self.stats
             stats.client_to_peer_packets += 1
             stats.client_to_peer_bytes += length
             stats.packet_sizes[(length - 1) // 100 if 0 < length <= 1500 else (15 if length else 0)] += 1
-            meter = entry[4]
-            if self._max_bps and self._over_budget(meter, 4, length, now):
-                return None
             meter[0] += length
             meter[1] += 1
             if entry[3]:
@@ -523,13 +523,13 @@ class Relay:
             if n > 0xFFFF:
                 self.stats.drop("too_big")
                 return None
+            meter = alloc.meter
+            if self._max_bps and self._over_budget(meter, 6, n, now):
+                return None
             stats = self.stats
             stats.peer_to_client_packets += 1
             stats.peer_to_client_bytes += n
             stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
-            meter = alloc.meter
-            if self._max_bps and self._over_budget(meter, 6, n, now):
-                return None
             meter[2] += n
             meter[3] += 1
             if entry[3]:  # streams carry ChannelData padded to 4 bytes (RFC 8656 §12.5)
@@ -542,6 +542,9 @@ class Relay:
         if n > 0xFFFF - 64:
             self.stats.drop("too_big")
             return None
+        meter = alloc.meter
+        if self._max_bps and self._over_budget(meter, 6, n, now):
+            return None
         tid = self._rng.getrandbits(96).to_bytes(12, "big")
         indication = stun.encode(
             stun.DATA_METHOD,
@@ -553,9 +556,6 @@ class Relay:
         stats.peer_to_client_packets += 1
         stats.peer_to_client_bytes += n
         stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
-        meter = alloc.meter
-        if self._max_bps and self._over_budget(meter, 6, n, now):
-            return None
         meter[2] += n
         meter[3] += 1
         return (self.config.listen_port, _family_of(alloc.client[0]), alloc.client, indication)
@@ -1453,12 +1453,12 @@ class Relay:
         if not allowed:
             self.stats.drop("peer_denied")
             return
+        if self._max_bps and self._over_budget(alloc.meter, 4, len(data), now):
+            return
         stats = self.stats
         stats.client_to_peer_packets += 1
         stats.client_to_peer_bytes += len(data)
         stats.packet_sizes[(len(data) - 1) // 100 if 0 < len(data) <= 1500 else (15 if data else 0)] += 1
-        if self._max_bps and self._over_budget(alloc.meter, 4, len(data), now):
-            return
         alloc.meter[0] += len(data)
         alloc.meter[1] += 1
         if hairpin:
