@@ -258,7 +258,7 @@ def twistd_observer() -> ILogObserver:
     if inner_name is not None:
         observer = namedAny(inner_name)()
     else:
-        from twisted.scripts.twistd import _SomeApplicationRunner
+        from twisted.scripts.twistd import _SomeApplicationRunner  # type: ignore[attr-defined]
 
         observer = _SomeApplicationRunner.loggerFactory(_twistd["options"])._getLogObserver()
     if not ILogObserver.providedBy(observer):  # a legacy observer (syslog)

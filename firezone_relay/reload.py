@@ -24,6 +24,8 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from firezone_relay.adapters._twisted import default_reactor
+
 log = Logger(namespace="firezone_relay.reload")
 
 #: Flags a reload applies while running.
@@ -55,7 +57,7 @@ def _shown(name: str, value: Any) -> str:
         return "(secret)"
     if name == "log-level" and hasattr(value, "default"):  # logs.LogLevels
         relay = getattr(value, "relay", None)
-        return value.default.name + (",relay=%s" % relay.name if relay is not None else "")
+        return str(value.default.name) + (",relay=%s" % relay.name if relay is not None else "")
     return repr(value)
 
 
@@ -159,10 +161,7 @@ class ReloadService(Service):
     name = "reload"
 
     def __init__(self, reload: Callable[[], Any], reactor: Any = None, signum: int = signal.SIGHUP) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.reload = reload
         self.reactor = reactor
         self.signum = signum

@@ -15,7 +15,8 @@
  *     run of datagrams on the same socket, with destination tuples turned
  *     into sockaddrs through a cache keyed by object identity.
  *
- * Contract with the Python shell (firezone_relay/adapters/udp.py):
+ * Contract with the Python shell (firezone_relay/adapters/shell.py, which
+ * owns ``io``; udp.py calls ``read`` per readiness event):
  *
  *   io = IO(now, pump, fds, fallback, send_failed, internal_error)
  *   io.read(fd, handler, port, family, always_view, refused) -> datagrams read
@@ -43,7 +44,7 @@
  * pending ECONNREFUSED (an ICMP error) on the socket.
  *
  * ``send`` takes a list of Transmits that did not come from a read (the
- * stream shell collects the ChannelData of one TCP/TLS read this way) and
+ * stream transport collects the ChannelData of one TCP/TLS read this way) and
  * treats each as read() treats a returned one: queued, or passed to the
  * fallback, then everything leaves in sendmmsg calls before it returns.
  * send_failed and internal_error report failures as for read().  It may run

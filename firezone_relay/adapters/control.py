@@ -24,24 +24,18 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
-from twisted.application.service import Service
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from firezone_relay.adapters.http import HealthSite
+from firezone_relay.adapters._twisted import default_reactor, format_address
+from firezone_relay.adapters.http import HealthSite, SiteService
 
 log = Logger(namespace="firezone_relay.adapters.control")
 
 MAX_BODY = 64 * 1024
-
-
-def format_address(address: Sequence[Any]) -> str:
-    ip, port = address[0], address[1]
-    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
 
 
 def parse_address(text: str) -> Optional[tuple[str, int]]:
@@ -76,7 +70,7 @@ class _ControlRequest(Request):
             # the connection until the request deadline.
             self.too_large = True
             body = (json.dumps({"error": "request body larger than %d bytes" % MAX_BODY}) + "\n").encode("utf-8")
-            transport = self.channel.transport
+            transport: Any = self.channel.transport
             transport.write(
                 b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
@@ -87,6 +81,7 @@ class _ControlRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
             return
+        assert self.content is not None
         if self.content.tell() + len(data) > MAX_BODY:
             self.too_large = True
             return
@@ -211,6 +206,7 @@ class ControlResource(Resource):
             return _json(request, 404, {"error": "log level changes are not available"})
         directives = _query(request, b"directives")
         if directives is None:
+            assert request.content is not None
             directives = request.content.read().decode("utf-8", "replace").strip()
         if not directives:
             return _json(request, 400, {"error": "give the level as the body or ?directives="})
@@ -262,6 +258,7 @@ def _query(request: Request, name: bytes) -> Optional[str]:
 
 
 def _body_json(request: Request) -> Any:
+    assert request.content is not None
     try:
         return json.loads(request.content.read().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -275,7 +272,7 @@ def _json(request: Request, code: int, value: Any) -> bytes:
     return (json.dumps(value, sort_keys=False) + "\n").encode("utf-8")
 
 
-class ControlService(Service):
+class ControlService(SiteService):
     """Listens on ``host:port`` with the control resource; ``port=0`` picks one (tests).
 
     ``required``: a bind failure stops the start (an address the operator
@@ -284,26 +281,14 @@ class ControlService(Service):
     """
 
     def __init__(self, host: str, port: int, resource: ControlResource, required: bool, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.host = host
         self.port = port
         self.reactor = reactor
         self.required = required
         self.site = HealthSite(resource, reactor=reactor)
         self.site.requestFactory = _ControlRequest
-        self.listening: Any = None
         self._gave_up = False
-
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        self._listen()
 
     def _listen(self) -> None:
         if self.listening is not None or self._gave_up:
@@ -328,15 +313,3 @@ class ControlService(Service):
             "control endpoint on {address} (GET /allocations, POST /disconnect, POST /log_filter)",
             address=format_address((address.host, address.port)),
         )
-
-    def stopService(self) -> "defer.Deferred[Any]":
-        super().stopService()
-        listening, self.listening = self.listening, None
-        if listening is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(listening.stopListening)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host = self.listening.getHost()
-        return host.host, host.port

@@ -44,6 +44,8 @@ from twisted.application.service import Service
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
+from firezone_relay.adapters._twisted import cancel_attributes, default_reactor
+
 log = Logger(namespace="firezone_relay.adapters.drain")
 
 #: While draining, the allocation count is also looked at this often.
@@ -54,10 +56,7 @@ class ProcessControl:
     """Stops the reactor once, and makes the process exit with a status."""
 
     def __init__(self, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.reactor = reactor
         self.exit_code: Optional[int] = None
 
@@ -115,10 +114,7 @@ class DrainController(Service):
         clock: Any = None,
         signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.relay_service = relay_service
         self.relay = relay_service.relay
         self.process = process
@@ -245,11 +241,7 @@ class DrainController(Service):
         self.process.stop(0)
 
     def _cancel(self, names: Sequence[str]) -> None:
-        for name in names:
-            call = getattr(self, name)
-            setattr(self, name, None)
-            if call is not None and call.active():
-                call.cancel()
+        cancel_attributes(self, *names)
 
 
 def _signal_name(signum: int) -> str:

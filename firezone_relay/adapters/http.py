@@ -45,10 +45,13 @@ from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from firezone_relay.adapters._twisted import cancel_call, default_reactor, format_address
 from firezone_relay.adapters.sourcekey import source_key
 
 log = Logger(namespace="firezone_relay.adapters.http")
@@ -218,8 +221,7 @@ class _Channel(http.HTTPChannel):
 
     def _cancel_deadline(self) -> None:
         call, self._deadline_call = self._deadline_call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_call(call)
 
     def _deadline_passed(self) -> None:
         self._deadline_call = None
@@ -228,7 +230,7 @@ class _Channel(http.HTTPChannel):
             self.abort()
 
     def abort(self) -> None:
-        transport = self.transport
+        transport: Any = self.transport
         if transport is not None:
             transport.abortConnection()
 
@@ -243,7 +245,7 @@ class _Channel(http.HTTPChannel):
         self._arm_deadline()
         super().requestDone(request)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._cancel_deadline()
         self.factory.unregister(self)
@@ -254,7 +256,7 @@ class HealthSite(Site):
     """A ``Site`` with an idle timeout, a deadline per request, connection
     caps (total and per source) and no access log."""
 
-    protocol = _Channel
+    protocol = _Channel  # type: ignore[assignment]  # Twisted types it as its own channel only
     noisy = False
 
     def __init__(
@@ -276,7 +278,7 @@ class HealthSite(Site):
         self.by_source: Dict[str, List[_Channel]] = {}
         self.refused: Dict[str, int] = {reason: 0 for reason in REFUSAL_REASONS}
 
-    def buildProtocol(self, addr: Any) -> Optional[http.HTTPChannel]:
+    def buildProtocol(self, addr: Any) -> Any:
         key = source_key(str(getattr(addr, "host", "")))
         mine = len(self.by_source.get(key, ()))
         if mine >= self.max_connections_per_source:
@@ -326,7 +328,7 @@ class HealthSite(Site):
             if not channels:
                 del self.by_source[channel.source]
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -361,7 +363,40 @@ def make_site(
                       **limits)
 
 
-class HealthService(Service):
+class SiteService(Service):
+    """A TCP listener for a ``Site``: it listens (``_listen``) before the
+    reactor runs, like the UDP listeners, so that an address in use stops
+    twistd at start-up with the reason, and again at ``startService`` when
+    used without ``privilegedStartService`` (tests)."""
+
+    listening: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        raise NotImplementedError
+
+    def stopService(self) -> "defer.Deferred[Any]":
+        super().stopService()
+        listening, self.listening = self.listening, None
+        if listening is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(listening.stopListening)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` actually bound (after start)."""
+        host = self.listening.getHost()
+        return host.host, host.port
+
+
+class HealthService(SiteService):
     """Listens on ``host:port`` (TCP) with ``make_site``; ``port=0`` picks one (tests)."""
 
     def __init__(
@@ -376,10 +411,7 @@ class HealthService(Service):
     ) -> None:
         """``limits``: ``request_deadline``, ``max_connections_per_source``
         (``HealthSite``'s keyword arguments)."""
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         self.host = host
         self.port = port
         self.reactor = reactor
@@ -387,17 +419,6 @@ class HealthService(Service):
         self.readiness = readiness
         self.site = make_site(registry, readiness, timeout=timeout, reactor=reactor, **limits)
         registry.register(HttpCollector(self.site))
-        self.listening: Any = None
-
-    def privilegedStartService(self) -> None:
-        # Listen before the reactor runs, like the UDP listeners, so that an
-        # address in use stops twistd at start-up with the reason.
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        self._listen()
 
     def _listen(self) -> None:
         if self.listening is None:
@@ -405,21 +426,8 @@ class HealthService(Service):
             address = self.listening.getHost()
             log.info(
                 "HTTP health and metrics on {address} (/healthz, /readyz, /metrics)",
-                address=("[%s]:%d" if ":" in address.host else "%s:%d") % (address.host, address.port),
+                address=format_address((address.host, address.port)),
             )
-
-    def stopService(self) -> "defer.Deferred[Any]":
-        super().stopService()
-        listening, self.listening = self.listening, None
-        if listening is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(listening.stopListening)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """``(host, port)`` actually bound (after start)."""
-        host = self.listening.getHost()
-        return host.host, host.port
 
 
 class ServingFlag(Service):

@@ -14,7 +14,7 @@ throughput=1.23 MB/s``; nothing when the relay is idle.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -27,6 +27,8 @@ from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from firezone_relay.adapters.connection import TRANSPORTS
 
 log = Logger(namespace="firezone_relay.adapters.metrics")
 
@@ -53,16 +55,23 @@ class RelayCollector(Collector):
     ``add_drop_source``; a reason counted in several places is summed.
     """
 
-    def __init__(self, relay: Any, readiness: Any = None, drop_sources: Iterable[Mapping[str, int]] = ()) -> None:
+    def __init__(
+        self,
+        relay: Any,
+        readiness: Any = None,
+        drop_sources: Iterable[Mapping[str, int]] = (),
+        shell: Any = None,
+        fast_path: Any = None,
+    ) -> None:
         self.relay = relay
         self.readiness = readiness
         self._drop_sources: list[Mapping[str, int]] = list(drop_sources)
         #: The XDP fast path (``XdpService``: ``counters()`` -> ``XdpCounters``
         #: or None while it is off), read at scrape time like the core.
-        self.fast_path: Any = None
-        #: The UDP shell (``RelayService``): its ``io`` is the batched reader
-        #: (``stats()`` -> counters) or None for the pure-Python one.
-        self.udp: Any = None
+        self.fast_path: Any = fast_path
+        #: The shell (``shell.Shell``): its ``io`` is the batched UDP I/O
+        #: (``stats()`` -> counters) or None for the pure-Python reader.
+        self.shell: Any = shell
 
     def add_drop_source(self, drops: Mapping[str, int]) -> None:
         self._drop_sources.append(drops)
@@ -228,8 +237,8 @@ class RelayCollector(Collector):
             failures.add_metric([reason], count)
         yield failures
 
-        if self.udp is not None:
-            io = self.udp.io
+        if self.shell is not None:
+            io = self.shell.io
             yield GaugeMetricFamily(
                 "relay_udp_batched_io",
                 "1 when UDP datagrams are read and sent in batches (recvmmsg/sendmmsg, the _udpio extension), "
@@ -258,11 +267,19 @@ class RelayCollector(Collector):
         yield GaugeMetricFamily("relay_ready", "1 while /readyz answers 200, else 0.", value=int(ready))
 
 
-def make_registry(relay: Any, readiness: Any = None, process_metrics: bool = True) -> tuple[CollectorRegistry, RelayCollector]:
-    """A fresh registry with the relay's collector and, by default, the
-    process and platform collectors (``process_*``, ``python_info``)."""
+def make_registry(
+    relay: Any,
+    readiness: Any = None,
+    process_metrics: bool = True,
+    drop_sources: Iterable[Mapping[str, int]] = (),
+    shell: Any = None,
+    fast_path: Any = None,
+) -> tuple[CollectorRegistry, RelayCollector]:
+    """A fresh registry with the relay's collector (``RelayCollector``'s
+    arguments) and, by default, the process and platform collectors
+    (``process_*``, ``python_info``)."""
     registry = CollectorRegistry()
-    collector = RelayCollector(relay, readiness)
+    collector = RelayCollector(relay, readiness, drop_sources, shell=shell, fast_path=fast_path)
     registry.register(collector)
     if process_metrics:
         ProcessCollector(registry=registry)
@@ -311,7 +328,7 @@ class StatsLogger(Service):
         xdp = self.fast_path.counters() if self.fast_path is not None else None
         if xdp is None:
             return 0
-        return xdp.total("bytes", "client_to_peer") + xdp.total("bytes", "peer_to_client")
+        return int(xdp.total("bytes", "client_to_peer") + xdp.total("bytes", "peer_to_client"))
 
     def startService(self) -> None:
         super().startService()
@@ -361,3 +378,78 @@ class StatsLogger(Service):
             bytes_per_second=round(rate, 1),
             xdp_bytes_per_second=round(xdp_rate, 1),
         )
+
+
+class StreamCollector(Collector):
+    """Stream metrics, by ``transport`` label, read at scrape time.
+
+    ``relay_active_allocations_by_transport`` covers UDP too: the core's
+    allocation count minus those held by stream connections.
+    """
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service = self.service
+        by_transport = GaugeMetricFamily(
+            "relay_active_allocations_by_transport",
+            "Allocations in service, by the transport of the client leg (udp, tcp, tls).",
+            labels=["transport"],
+        )
+        stream_total = sum(service.allocations[t] for t in TRANSPORTS)
+        by_transport.add_metric(["udp"], max(0, service.relay.allocation_count - stream_total))
+        for t in TRANSPORTS:
+            by_transport.add_metric([t], service.allocations[t])
+        yield by_transport
+
+        connections = GaugeMetricFamily(
+            "relay_stream_connections", "Open TURN client connections, by transport.", labels=["transport"]
+        )
+        counts: Dict[str, int] = {t: 0 for t in TRANSPORTS}
+        for conn in service.connections.values():
+            counts[conn.transport_name] += 1
+        for t in TRANSPORTS:
+            connections.add_metric([t], counts[t])
+        yield connections
+
+        accepted = CounterMetricFamily(
+            "relay_stream_connections_accepted", "Connections accepted, by transport.", labels=["transport"]
+        )
+        for t in TRANSPORTS:
+            accepted.add_metric([t], service.accepted[t])
+        yield accepted
+
+        rejected = CounterMetricFamily(
+            "relay_stream_connections_rejected",
+            "Connections refused at accept time, by transport and limit.",
+            labels=["transport", "reason"],
+        )
+        for (t, reason), count in sorted(service.rejected.items()):
+            rejected.add_metric([t, reason], count)
+        yield rejected
+
+        closed = CounterMetricFamily(
+            "relay_stream_connections_closed",
+            "Connections ended, by transport and reason (client: the client closed it; bad_frame, "
+            "write_buffer, handshake_timeout, idle, auth_timeout, buffer_budget: the relay did).",
+            labels=["transport", "reason"],
+        )
+        for (t, reason), count in sorted(service.closed.items()):
+            closed.add_metric([t, reason], count)
+        yield closed
+
+        yield GaugeMetricFamily(
+            "relay_stream_buffered_bytes",
+            "Bytes of partial input (frames, TLS records) held by all client connections between reads.",
+            value=service.buffered,
+        )
+
+        stream_bytes = CounterMetricFamily(
+            "relay_stream_bytes",
+            "Bytes read from and written to client connections (framing and TLS records excluded), by transport.",
+            labels=["transport", "direction"],
+        )
+        for (t, direction), count in sorted(service.byte_totals().items()):
+            stream_bytes.add_metric([t, direction], count)
+        yield stream_bytes

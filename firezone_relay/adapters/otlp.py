@@ -401,7 +401,7 @@ def make_exporter(inner: Any, source: SnapshotSource, preference: str, endpoint:
         ObservableGauge: cumulative,
     }
 
-    class RelayMetricExporter(MetricExporter):  # type: ignore[misc, valid-type]
+    class RelayMetricExporter(MetricExporter):  # type: ignore[misc, valid-type, unused-ignore]  # typed only with the SDK installed
         def __init__(self) -> None:
             super().__init__(preferred_temporality=temporality)
             self.inner = inner

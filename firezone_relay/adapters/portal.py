@@ -43,7 +43,7 @@ from __future__ import annotations
 import email.utils
 import platform
 import re
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from firezone_relay import __version__
+from firezone_relay.adapters._twisted import OneTimer, cancel_call, default_reactor
 from firezone_relay.core.phoenix import (
     MAX_FRAME_BYTES,
     Fatal,
@@ -239,7 +240,7 @@ class _PortalFactory(WebSocketClientFactory):
         self.client = client
 
     def buildProtocol(self, addr: Any) -> PortalProtocol:
-        protocol: PortalProtocol = super().buildProtocol(addr)
+        protocol = cast(PortalProtocol, super().buildProtocol(addr))
         protocol.client = self.client
         self.client.protocol = protocol
         return protocol
@@ -276,10 +277,7 @@ class PortalClient(Service):
         connect_timeout: float = CONNECT_TIMEOUT,
         readiness: Any = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
+        reactor = default_reactor(reactor)
         if rng is None:
             import random
 
@@ -318,8 +316,8 @@ class PortalClient(Service):
         self._connecting: Optional[defer.Deferred[Any]] = None
         self._attempt_timer: Any = None
         self._retry_call: Any = None
-        self._timer: Any = None
-        self._deadline: Optional[float] = None
+        #: The one timer, at the session's ``poll_timeout()``.
+        self._timer = OneTimer(self.clock, self._on_timer)
         self._why: Optional[str] = None  # why we are dropping the current connection
         self._stopped = False
         self._close_waiters: List[defer.Deferred[None]] = []
@@ -369,7 +367,7 @@ class PortalClient(Service):
             log.info("closing the portal connection; no more reconnects")
         self._cancel_retry()
         self._cancel_attempt_timer()
-        self._cancel_timer()
+        self._timer.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
         protocol = self.protocol
@@ -419,7 +417,7 @@ class PortalClient(Service):
         if failure.check(defer.CancelledError):
             why = "connect timed out after %.0f s" % self.connect_timeout
         else:
-            why = "could not connect: %s" % (failure.getErrorMessage() or failure.type.__name__)
+            why = "could not connect: %s" % (failure.getErrorMessage() or _type_name(failure))
         self._retry(why, None)
 
     def _attempt_timed_out(self) -> None:
@@ -484,7 +482,7 @@ class PortalClient(Service):
         was_open = self.session.open
         self.session.connection_lost()
         self._update_readiness()
-        self._cancel_timer()
+        self._timer.cancel()
         self._cancel_attempt_timer()
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
@@ -509,11 +507,11 @@ class PortalClient(Service):
         elif was_open:
             code = protocol.remoteCloseCode
             why = "connection closed by the portal (%s)" % (
-                "close code %s" % code if code is not None else reason.getErrorMessage() or reason.type.__name__
+                "close code %s" % code if code is not None else reason.getErrorMessage() or _type_name(reason)
             )
         else:
             # TLS verification errors only show up here.
-            why = "connection failed: %s" % (reason.getErrorMessage() or reason.type.__name__,)
+            why = "connection failed: %s" % (reason.getErrorMessage() or _type_name(reason),)
         return why, retry_after
 
     # --- the pump -----------------------------------------------------------------
@@ -544,7 +542,7 @@ class PortalClient(Service):
                 self._ignored(event.reason)  # type: ignore[union-attr]
             event = session.next_event()
         self._update_readiness()
-        self._arm(session.poll_timeout() if session.open and not self._stopped else None)
+        self._timer.arm(session.poll_timeout() if session.open and not self._stopped else None)
 
     def _update_readiness(self) -> None:
         if self.readiness is not None:
@@ -576,7 +574,7 @@ class PortalClient(Service):
         self._stopped = True
         self._cancel_retry()
         self._cancel_attempt_timer()
-        self._cancel_timer()
+        self._timer.cancel()
         log.critical("portal: {reason}; exiting", reason=reason)
         if self.protocol is not None:
             self._why = reason
@@ -602,40 +600,19 @@ class PortalClient(Service):
 
     # --- the one timer ------------------------------------------------------------
 
-    def _arm(self, deadline: Optional[float]) -> None:
-        if deadline == self._deadline and (deadline is None or self._timer is not None):
-            return
-        self._deadline = deadline
-        if deadline is None:
-            self._cancel_timer()
-            return
-        delay = max(0.0, deadline - self.clock.seconds())
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline, self._deadline = self._deadline, None
-        now = self.clock.seconds()
-        if deadline is not None and deadline > now:
-            now = deadline
+    def _on_timer(self, now: float) -> None:
         self.session.handle_timeout(now)
         self._pump()
 
-    def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        self._deadline = None
-        if timer is not None and timer.active():
-            timer.cancel()
-
     def _cancel_attempt_timer(self) -> None:
         timer, self._attempt_timer = self._attempt_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        cancel_call(timer)
 
     def _cancel_retry(self) -> None:
         call, self._retry_call = self._retry_call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_call(call)
+
+
+def _type_name(failure: Any) -> str:
+    """The exception class name of a ``Failure`` (its ``type`` is typed optional)."""
+    return getattr(failure.type, "__name__", "error")

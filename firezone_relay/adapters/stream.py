@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Only the client ↔ relay leg runs on a stream; allocations, peers and the
-relayed leg stay UDP and belong to the UDP shell (``udp.RelayService``),
-whose core, sockets and pump this module shares.  A stream client is
+relayed leg stay UDP.  This transport knows the shell (``shell.Shell``),
+whose core, pump and socket table it uses, and never the UDP transport.  A stream client is
 identified to the core as ``(ip, port, connection_id)``, so one connection is
 one 5-tuple: it holds at most one allocation, and closing the connection
 deletes that allocation at once (``Relay.handle_client_closed``).
@@ -16,10 +16,10 @@ length padded to 4), feeds each complete frame to
 ``framing.MAX_FRAME`` bytes) for the next read.  A frame that cannot be
 parsed ends the connection: a stream has no delimiter to resynchronise on.
 ChannelData goes out as the ``Transmit`` the core returns; after a STUN
-frame the UDP shell's pump drains the replies.
+frame the shell's pump drains the replies.
 
 Output: replies and ChannelData for a 3-tuple arrive here through
-``StreamService.send`` (the UDP shell routes them; see below) and are written
+``StreamService.send`` (the shell routes them by destination) and are written
 to that connection.  ChannelData towards stream clients is already padded by
 the core.  What one read (a stream's, or a batched UDP read) produces for a
 connection leaves in one ``send`` when that read has been handled; anything
@@ -34,12 +34,12 @@ counts what it is asked to write, and once that exceeds
 ``StreamLimits.write_buffer`` the connection is aborted: a client that does not read costs one connection, and the
 relay never buffers without bound.
 
-Routing: connection ids are drawn from ``[2**20, 2**32)``.  A raw UDP
-``sendto`` refuses such a 3-tuple (``TypeError`` on an IPv4 socket,
-``OverflowError`` on an IPv6 one, where the third item would be a flow label
-of at most 20 bits), so the UDP shell's per-packet path needs no test: it
-sends, and routes to this module only in the exception branch.  A datagram
-meant for a stream client can never leave as UDP.
+Routing: a stream client's address is a 3-tuple, a UDP one a 2-tuple; the
+shell and the per-packet paths route by that length.  Connection ids are
+drawn from ``[2**20, 2**32)``; a raw UDP ``sendto`` would refuse such a
+3-tuple anyway (``TypeError`` on an IPv4 socket, ``OverflowError`` on an
+IPv6 one, where the third item would be a flow label of at most 20 bits), so
+a datagram meant for a stream client can never leave as UDP.
 
 Timers, all per connection: a TLS handshake must finish within
 ``handshake_timeout``; a connection that holds no allocation is closed after
@@ -65,594 +65,42 @@ connection whose holding would take the total past it is closed
 only; ``TLSContext.reload`` (on SIGHUP) swaps the certificate for new
 connections while established ones carry on with the old one.
 
-TLS runs inside the connection (``TLSStreamProtocol``: an ``ssl.SSLObject``
-on memory BIOs, fed by ``dataReceived`` and drained into the same direct
-send as TCP) rather than in Twisted's ``TLSMemoryBIOProtocol``,
-whose wrapper protocol and buffered second transport cost, per round trip,
-a few Python layers and an epoll_ctl pair (issue #9).
+TLS (the context, its reload, and ``TLSStreamProtocol``: TLS on memory
+BIOs inside the connection) lives in ``tls.py``; one connection
+(``StreamProtocol``, ``StreamLimits``) in ``connection.py``; the stream
+metrics in ``metrics.StreamCollector``.
 """
 
 from __future__ import annotations
 
 import signal
 import socket
-import ssl
-import time
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from twisted.application.service import Service
 from twisted.internet import defer, tcp
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from firezone_relay.adapters import dispatch
+from firezone_relay.adapters._twisted import Counts, LimitedLog, cancel_call, format_address
+from firezone_relay.adapters.connection import TCP, TLS, TRANSPORTS, StreamLimits, StreamProtocol
+from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.sourcekey import source_key
-from firezone_relay.core.framing import FramingError, frame_length
+from firezone_relay.adapters.tls import TLSContext, TLSStreamProtocol, describe_tls_error, make_tls_context
+from firezone_relay.core import commands as C
 
 log = Logger(namespace="firezone_relay.adapters.stream")
-
-TCP = "tcp"
-TLS = "tls"
-TRANSPORTS = (TCP, TLS)
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _FIRST_ID = 1 << 20  # see "Routing" above
 _ID_LIMIT = 1 << 32
 _LISTEN_BACKLOG = 1024
-_LOG_INTERVAL = 60.0
-
-#: TLS 1.2 suites: forward secrecy and AEAD only (TLS 1.3 suites are all
-#: AEAD and OpenSSL's defaults).  ECDSA and RSA certificates both work.
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """Bounds on what stream clients may cost (SPEC §8)."""
-
-    max_connections: int = 16384
-    max_connections_per_ip: int = 256
-    #: Bytes a connection may be asked to write once its transport's own
-    #: buffer is full; beyond it the connection is aborted.
-    write_buffer: int = 256 * 1024
-    handshake_timeout: float = 10.0
-    #: Seconds without a complete frame after which a connection that holds
-    #: no allocation is closed.
-    idle_timeout: float = 60.0
-    #: Seconds from accept within which a connection must allocate, whatever
-    #: it sends meanwhile; then it is closed.
-    auth_timeout: float = 30.0
-    #: Bytes of partial input (frames, TLS records) all connections together
-    #: may hold between reads.
-    max_buffered: int = 16 * 1024 * 1024
-
-
-class _Counter(dict):  # type: ignore[type-arg]
-    """Counters by key; unknown keys start at 0."""
-
-    def __missing__(self, key: Any) -> int:
-        return 0
-
-
-# --- TLS ----------------------------------------------------------------------
-
-
-def make_tls_context(cert_path: str, key_path: str) -> ssl.SSLContext:
-    """A server context from PEM files: the certificate chain and its key.
-
-    Raises ``ssl.SSLError`` or ``OSError`` when the files are missing,
-    unreadable or do not belong together.
-
-    TLS 1.2 and 1.3 only; on 1.2 ECDHE with AES-GCM or ChaCha20-Poly1305
-    only; no compression, renegotiation or session tickets (``num_tickets``
-    0 for TLS 1.3, ``OP_NO_TICKET`` for 1.2).  Python's ``ssl`` module has
-    no switch for OpenSSL's server session cache: a TLS 1.2 full handshake
-    leaves one session in it, at most 20,480 (OpenSSL's default size),
-    dropped after their timeout.  The module also sets
-    ``SSL_MODE_RELEASE_BUFFERS``: an idle connection holds no record buffers.
-    """
-    for path in (cert_path, key_path):
-        with open(path, "rb"):  # OSError naming the file, not OpenSSL's "system lib"
-            pass
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= (
-        ssl.OP_NO_COMPRESSION
-        | ssl.OP_CIPHER_SERVER_PREFERENCE
-        | ssl.OP_NO_RENEGOTIATION
-        | ssl.OP_SINGLE_ECDH_USE
-        | ssl.OP_NO_TICKET
-    )
-    ctx.num_tickets = 0
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.load_cert_chain(cert_path, key_path)  # checks that the key matches
-    return ctx
-
-
-class TLSContext:
-    """The server side of TLS, with a certificate that can be reloaded.
-
-    Every new connection takes the current ``ssl.SSLContext``; ``reload``
-    builds a new one from the same files and, only if that succeeds, makes it
-    current.  Established connections keep the context they started with.
-    """
-
-    def __init__(self, cert_path: str, key_path: str) -> None:
-        self.cert_path = cert_path
-        self.key_path = key_path
-        self.context = make_tls_context(cert_path, key_path)
-        self.reloads = 0
-
-    def reload(self) -> bool:
-        try:
-            context = make_tls_context(self.cert_path, self.key_path)
-        except OSError as exc:  # ssl.SSLError included
-            log.error(
-                "TLS certificate reload failed, keeping the current one: {error}",
-                error=describe_tls_error(exc),
-                cert=self.cert_path,
-                key=self.key_path,
-            )
-            return False
-        self.context = context
-        self.reloads += 1
-        log.info("TLS certificate reloaded from {cert}", cert=self.cert_path, key=self.key_path)
-        return True
-
-    def server_connection(self) -> Tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-        """A server-side TLS connection on two memory BIOs: (TLS, in, out)."""
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        return self.context.wrap_bio(incoming, outgoing, server_side=True), incoming, outgoing
-
-
-def describe_tls_error(exc: OSError) -> str:
-    """What went wrong with a certificate or key file, in one line."""
-    if isinstance(exc, ssl.SSLError):  # OpenSSL could not use the files' contents
-        return "not a PEM certificate chain and its private key (%s)" % exc
-    return "%s: %s" % (exc.filename or "", exc.strerror or exc)
-
-
-# --- one connection ----------------------------------------------------------------
-
-
-@implementer(IPushProducer)
-class StreamProtocol(Protocol):
-    """One TCP connection of one TURN client (``TLSStreamProtocol``: TLS)."""
-
-    def __init__(self, service: "StreamService", transport_name: str, ip: str, port: int, connection_id: int) -> None:
-        self.service = service
-        self.transport_name = transport_name
-        self.client = (ip, port, connection_id)
-        self.connection_id = connection_id
-        self.closed = False
-        #: Why the relay closed it; None when the client did.
-        self.close_reason: Optional[str] = None
-        self.has_allocation = False
-        self.handshaken = True
-        self.last_frame = 0.0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self._buffer = b""
-        self._paused = False
-        self._backlog = 0
-        self._idle_call: Any = None
-        self._handshake_call: Any = None
-        self._auth_call: Any = None
-        #: Bytes this connection holds in ``service.buffered``.
-        self._held = 0
-        #: The key its per-source count is kept under.
-        self.source = source_key(ip)
-        #: The socket, for a direct send when Twisted buffers nothing.
-        self._socket: Optional[socket.socket] = None
-        #: What was written during this reactor turn (see flush).
-        self._pending: Optional[list[bytes]] = None
-        self._pending_bytes = 0
-
-    # --- life cycle -------------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        service = self.service
-        clock = service.clock
-        self.last_frame = service.now()
-        transport = self.transport
-        assert transport is not None
-        transport.registerProducer(self, True)
-        self._socket = getattr(transport, "socket", None)
-        transport.setTcpNoDelay(True)
-        transport.setTcpKeepAlive(True)
-        if not self.handshaken:
-            self._handshake_call = clock.callLater(service.limits.handshake_timeout, self._handshake_timed_out)
-        self._idle_call = clock.callLater(service.limits.idle_timeout, self._idle_check)
-        if not self.has_allocation:
-            self._auth_call = clock.callLater(service.limits.auth_timeout, self._auth_timed_out)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.closed = True
-        for name in ("_idle_call", "_handshake_call", "_auth_call"):
-            call = getattr(self, name)
-            setattr(self, name, None)
-            if call is not None and call.active():
-                call.cancel()
-        if self._held:
-            self.service.buffered -= self._held
-            self._held = 0
-        self.service.connection_lost(self)
-
-    def abort(self, reason: str) -> None:
-        """Close now, dropping whatever is buffered, and count why."""
-        if self.closed:
-            return
-        self.closed = True
-        self.service.closed_because(self, reason)
-        assert self.transport is not None
-        self.transport.abortConnection()
-
-    # --- input ---------------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.closed:
-            return
-        service = self.service
-        service.reading = True
-        try:
-            self._input(data)
-        finally:
-            service.end_read()
-        if not self.closed:
-            held = self._holding()
-            if held != self._held:
-                self._account(held)
-
-    def _holding(self) -> int:
-        """Bytes of partial input kept until the next read."""
-        return len(self._buffer)
-
-    def _account(self, held: int) -> None:
-        """Move this connection's share of ``service.buffered`` to ``held``,
-        or close it if that would pass ``max_buffered``."""
-        service = self.service
-        total = service.buffered - self._held + held
-        if held > self._held and total > service.limits.max_buffered:
-            self._buffer = b""
-            self.abort("buffer_budget")
-            return
-        service.buffered = total
-        self._held = held
-
-    def _input(self, data: bytes) -> None:
-        """What a read brought: frames here; TLS records in ``TLSStreamProtocol``."""
-        self._frames(data)
-
-    def _frames(self, data: bytes) -> None:
-        """Cut ``data`` (plaintext) into frames and hand each to the core."""
-        service = self.service
-        self.bytes_in += len(data)
-        buffer = self._buffer + data if self._buffer else data
-        end = len(buffer)
-        offset = 0
-        now = service.now()
-        handle = service.handle_client_input
-        client = self.client
-        io = service.udp.io
-        # With the batched UDP I/O, the ChannelData this read relays leaves in
-        # one sendmmsg per socket (io.send) instead of one sendto each.
-        out: Optional[list[Any]] = [] if io is not None else None
-        sockets = service.udp._sockets
-        try:
-            while end - offset >= 4:
-                try:
-                    size = frame_length(buffer, offset)
-                except FramingError:
-                    self._buffer = b""
-                    self.abort("bad_frame")
-                    return
-                if size == 0 or size > end - offset:
-                    break
-                frame = buffer if size == end else buffer[offset : offset + size]
-                offset += size
-                self.last_frame = now  # before the core: its reply may end an allocation
-                try:
-                    t = handle(frame, client, now)
-                    if t is not None:
-                        if out is not None:
-                            out.append(t)
-                        else:
-                            # As the UDP shell's per-packet path: a 3-tuple (another
-                            # stream client) makes sendto raise; see "Routing".
-                            try:
-                                sockets[t[1]][t[0]].sendto(t[3], t[2])
-                            except OSError as exc:
-                                service.udp._send_failed(exc)
-                            except (TypeError, OverflowError, KeyError):
-                                service.transmit(t)
-                    elif frame[0] < 0x40:  # STUN: replies wait in the core's command queue
-                        if out:
-                            # What the core relayed leaves first: the commands
-                            # may close the socket it was relayed from.
-                            io.send(out)
-                            out = []
-                        service.pump()
-                except Exception as exc:  # a core bug must not take the connection down
-                    service.internal_error(exc)
-                if self.closed:
-                    return
-            self._buffer = buffer[offset:] if offset else buffer
-        finally:
-            if out:
-                try:
-                    io.send(out)
-                except Exception as exc:
-                    service.internal_error(exc)
-
-    # --- output -------------------------------------------------------------------
-
-    def send(self, payload: bytes) -> None:
-        if self.closed:
-            self.service.drops["stream_closed"] += 1
-            return
-        if self._paused:
-            self._backlog += len(payload)
-            if self._backlog > self.service.limits.write_buffer:
-                self.service.drops["stream_write_buffer"] += 1
-                self.abort("write_buffer")
-                return
-        self.bytes_out += len(payload)
-        pending = self._pending
-        if pending is not None:
-            pending.append(payload)
-            self._pending_bytes += len(payload)
-            if self._pending_bytes > self.service.limits.write_buffer:
-                self.service.drops["stream_write_buffer"] += 1
-                self.abort("write_buffer")
-            return
-        self._pending = [payload]
-        self._pending_bytes = len(payload)
-        self.service.flush_soon(self)
-
-    def flush(self) -> None:
-        """Write what this reactor turn produced, in one send (one TLS record)."""
-        pending, self._pending = self._pending, None
-        if not pending or self.closed:
-            return
-        self._write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def _write(self, data: bytes) -> None:
-        """Bytes for the wire, straight on the socket when Twisted holds
-        nothing: a loop iteration and two epoll_ctl calls less than
-        ``transport.write``.  What the kernel does not take goes through
-        Twisted's buffer, so order and the write-buffer bound are kept."""
-        transport: Any = self.transport
-        sock = self._socket
-        if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
-            try:
-                sent = sock.send(data)
-            except OSError:
-                sent = 0  # BlockingIOError; anything else the transport's own write notices
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
-
-    # IPushProducer: the transport's buffer is full / drained again.
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._backlog = 0
-
-    def stopProducing(self) -> None:
-        self._paused = True
-
-    # --- timers -------------------------------------------------------------------------
-
-    def _auth_timed_out(self) -> None:
-        self._auth_call = None
-        if not self.closed and not self.has_allocation:
-            self.abort("auth_timeout")
-
-    def _handshake_timed_out(self) -> None:
-        self._handshake_call = None
-        if not self.handshaken:
-            self.abort("handshake_timeout")
-
-    def _idle_check(self) -> None:
-        self._idle_call = None
-        if self.closed or self.has_allocation:
-            return  # the allocation's lifetime bounds it; see allocation_ended
-        service = self.service
-        deadline = self.last_frame + service.limits.idle_timeout
-        now = service.now()
-        if deadline <= now:
-            self.abort("idle")
-        else:
-            self._idle_call = service.clock.callLater(deadline - now, self._idle_check)
-
-    def allocation_started(self) -> None:
-        self.has_allocation = True
-        for name in ("_idle_call", "_auth_call"):
-            call = getattr(self, name)
-            setattr(self, name, None)
-            if call is not None and call.active():
-                call.cancel()
-
-    def allocation_ended(self) -> None:
-        self.has_allocation = False
-        if not self.closed and self._idle_call is None:
-            self._idle_check()
-
-
-#: Plaintext read per ``SSLObject.read``: one record holds at most 2**14 bytes.
-_TLS_READ = 1 << 14
-
-
-class TLSStreamProtocol(StreamProtocol):
-    """One TLS connection: ``StreamProtocol`` with an ``ssl.SSLObject`` on
-    two memory BIOs in between, on the TCP transport itself.
-
-    Twisted's ``TLSMemoryBIOProtocol`` would do the same through a wrapper
-    protocol, a second transport and the TCP transport's buffer (an
-    epoll_ctl pair per record); here a read is one BIO write and the
-    ``read`` calls, and a flush is one ``write`` and one BIO read, sent like
-    TCP.  The standard library's ``ssl`` is used rather than pyOpenSSL: its
-    calls are C all the way (pyOpenSSL wraps each in several Python
-    functions: 4 µs more per decrypt-and-encrypt pair on a warm cache, more
-    after each wake-up), and an idle connection adds about 18 KiB to the
-    relay's RSS instead of 26.  The handshake is driven by the client's
-    bytes; a TLS error or the client's close_notify ends the connection
-    (counted as closed by the client).
-    """
-
-    def __init__(self, service: "StreamService", transport_name: str, ip: str, port: int, connection_id: int) -> None:
-        super().__init__(service, transport_name, ip, port, connection_id)
-        self.handshaken = False
-        self._tls: Optional[ssl.SSLObject] = None
-        self._tls_in: Optional[ssl.MemoryBIO] = None
-        self._tls_out: Optional[ssl.MemoryBIO] = None
-        # The incoming record being received (``_track_records``): OpenSSL
-        # takes a partial record out of the BIO into its own buffer, so what
-        # it holds is counted here, from the record headers.
-        self._record_header = b""
-        self._record_missing = 0
-        self._record_received = 0
-
-    def connectionMade(self) -> None:
-        tls_context = self.service.tls
-        assert tls_context is not None
-        self._tls, self._tls_in, self._tls_out = tls_context.server_connection()
-        super().connectionMade()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self._tls = self._tls_in = self._tls_out = None
-        super().connectionLost(reason)
-
-    def _holding(self) -> int:
-        return len(self._buffer) + self._record_received
-
-    def _track_records(self, data: bytes) -> None:
-        """Follow TLS record boundaries (5-byte header with the length in
-        bytes 3-4) to know how much of an incomplete record is held.  One
-        step per record, no copy but of a split header."""
-        n = len(data)
-        i = 0
-        header = self._record_header
-        if header:  # a header split across reads (rare): complete it first
-            take = min(5 - len(header), n)
-            header += data[:take]
-            i = take
-            if len(header) < 5:
-                self._record_header = header
-                self._record_received += take
-                return
-            self._record_header = b""
-            self._record_missing = (header[3] << 8) | header[4]
-            self._record_received = 5
-        missing = self._record_missing
-        if missing:
-            if missing > n - i:
-                self._record_missing = missing - (n - i)
-                self._record_received += n - i
-                return
-            i += missing
-        while n - i >= 5:
-            end = i + 5 + ((data[i + 3] << 8) | data[i + 4])
-            if end > n:
-                self._record_missing = end - n
-                self._record_received = n - i
-                return
-            i = end
-        self._record_missing = 0
-        self._record_received = n - i
-        if i < n:
-            self._record_header = data[i:]
-
-    def _input(self, data: bytes) -> None:
-        """Decrypt ``data`` and hand each record's plaintext to ``_frames``."""
-        tls = self._tls
-        incoming = self._tls_in
-        assert tls is not None and incoming is not None
-        incoming.write(data)
-        self._track_records(data)
-        if not self.handshaken:
-            try:
-                tls.do_handshake()
-            except ssl.SSLWantReadError:
-                self._send_tls_output()
-                return
-            except ssl.SSLError:
-                self._tls_ended()
-                return
-            self.handshaken = True
-            call, self._handshake_call = self._handshake_call, None
-            if call is not None and call.active():
-                call.cancel()
-            self._send_tls_output()  # the server's last flight
-        # Each record's data is handled as soon as it is decrypted: the
-        # ChannelData it carries leaves before the next record is read.
-        # OpenSSL takes whole records from the BIO, so an empty BIO (and
-        # nothing decrypted left over) means there is nothing more to read:
-        # no read that would only raise SSLWantReadError (3.4 us, more than
-        # a read that decrypts a record).
-        read = tls.read
-        while incoming.pending or tls.pending():
-            try:
-                plain = read(_TLS_READ)
-            except ssl.SSLWantReadError:
-                break  # a partial record: the rest comes with the next read
-            except ssl.SSLError:
-                if not self.closed:
-                    self._tls_ended()
-                return
-            if not plain:  # the client's close_notify
-                if not self.closed:
-                    self._tls_ended()
-                return
-            self._frames(plain)
-            if self.closed:
-                return
-        # What OpenSSL wrote while reading (the answer to a key update, say).
-        self._send_tls_output()
-
-    def _tls_ended(self) -> None:
-        """The client closed TLS or broke it: answer (close_notify or the
-        alert OpenSSL wrote), then close once that is sent."""
-        self.closed = True
-        tls = self._tls
-        if tls is not None:
-            try:
-                tls.unwrap()
-            except (ssl.SSLError, ValueError):
-                pass  # SSLWantReadError: the client's close_notify never comes
-            self._send_tls_output()
-        transport: Any = self.transport
-        transport.loseConnection()
-
-    def _write(self, data: bytes) -> None:
-        tls = self._tls
-        if tls is None:
-            return
-        try:
-            tls.write(data)  # records of at most 16 KiB, all into the BIO
-        except ssl.SSLError:
-            self._tls_ended()
-            return
-        self._send_tls_output()
-
-    def _send_tls_output(self) -> None:
-        """Send what OpenSSL wrote into its outgoing BIO, in one send."""
-        outgoing = self._tls_out
-        if outgoing is not None and outgoing.pending:
-            StreamProtocol._write(self, outgoing.read())
 
 
 @dispatch.fast_type
-class _StreamServer(tcp.Server):  # type: ignore[misc]
+class _StreamServer(tcp.Server):
     """Twisted's accepted TCP connection, as its own type so that
     ``dispatch`` hands its events to it without the per-event log context."""
 
@@ -675,78 +123,72 @@ class _StreamFactory(Factory):
 
 class StreamService(Service):
     """TCP (and, given a ``TLSContext``, TLS) listeners feeding the core of
-    ``udp_service`` (a ``udp.RelayService``), which routes 3-tuple
-    destinations back here (``udp_service.stream`` is set to this service).
+    ``shell``, which routes 3-tuple destinations back here (this service
+    registers with ``Shell.attach_stream`` and becomes its child).
 
     ``tcp_port`` 0 means the UDP listen port; ``tls_port`` 0 asks for any
     free port (tests).  ``bind_ip4`` / ``bind_ip6``: ``None`` for a family not
-    served.  ``clock`` (default: the reactor) owns the timers.
+    served.  The shell's clock owns the timers.
     """
 
     name = "stream"
 
     def __init__(
         self,
-        udp_service: Any,
+        shell: Shell,
         tcp_port: Optional[int] = None,
         bind_ip4: Optional[str] = "0.0.0.0",
         bind_ip6: Optional[str] = None,
         tls: Optional[TLSContext] = None,
         tls_port: int = 5349,
         limits: StreamLimits = StreamLimits(),
-        reactor: Any = None,
-        clock: Any = None,
         reload_signal: Optional[int] = signal.SIGHUP,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.udp = udp_service
-        self.relay = udp_service.relay
+        self.shell = shell
+        self.relay = shell.relay
         self.tcp_port = tcp_port
         self.bind = {4: bind_ip4, 6: bind_ip6}
         self.tls = tls
         self.tls_port = tls_port
         self.limits = limits
-        self.reactor = reactor
-        self.clock = reactor if clock is None else clock
-        self.now = time.time if clock is None else self.clock.seconds
+        self.reactor = shell.reactor
+        self.clock = shell.clock
+        self.now = shell.now
         self.reload_signal = reload_signal
-        self.handle_client_input = self.relay.handle_client_input
-        self.pump = udp_service._pump
+        self.handle_client_input = shell.handle_client_input
+        self.pump = shell.pump
         self.connections: Dict[int, StreamProtocol] = {}
         self.per_ip: Dict[str, int] = {}  # by source key: IPv4 address or IPv6 /64
         #: Bytes of partial input held by all connections (``max_buffered``).
         self.buffered = 0
         self.listening: Dict[Tuple[str, int], Any] = {}
-        self.accepted: Dict[str, int] = _Counter()
-        self.rejected: Dict[Tuple[str, str], int] = _Counter()
-        self.closed: Dict[Tuple[str, str], int] = _Counter()
-        self.drops: Dict[str, int] = _Counter()
-        self.allocations: Dict[str, int] = _Counter()
-        self.bytes: Dict[Tuple[str, str], int] = _Counter()  # of closed connections
+        self.accepted: Dict[str, int] = Counts()
+        self.rejected: Dict[Tuple[str, str], int] = Counts()
+        self.closed: Dict[Tuple[str, str], int] = Counts()
+        self.drops: Dict[str, int] = Counts()
+        self.allocations: Dict[str, int] = Counts()
+        self.bytes: Dict[Tuple[str, str], int] = Counts()  # of closed connections
         self._next_id = _FIRST_ID
         self._all_closed: Optional[defer.Deferred[None]] = None
         self._dirty: list[StreamProtocol] = []
         self._flush_call: Any = None
         #: True while a read is being handled (a stream's, or a batched UDP
-        #: read: see ``udp.RelayService._batched_reader``); its end flushes,
+        #: read: see ``Shell.read_listener``); its end flushes,
         #: so ``flush_soon`` schedules nothing.
         self.reading = False
         self._previous_handler: Any = None
-        self._logged: Dict[str, float] = {}
-        udp_service.stream = self
+        self._limited = LimitedLog(log)
+        shell.attach_stream(self)
 
     # --- life cycle -----------------------------------------------------------
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._open_listeners()
+        self.open_listeners()
 
     def startService(self) -> None:
         super().startService()
-        self._open_listeners()
+        self.open_listeners()
         if self.tls is not None and self.reload_signal is not None:
             self.reactor.callWhenRunning(self._install_reload_signal)
 
@@ -762,8 +204,7 @@ class StreamService(Service):
                 waits.append(d)
         self.listening.clear()
         call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_call(call)
         for conn in list(self.connections.values()):
             conn.abort("shutdown")
         if self.connections:  # aborted connections go in the next reactor turn
@@ -771,18 +212,15 @@ class StreamService(Service):
             waits.append(self._all_closed)
         return defer.gatherResults(waits, consumeErrors=True)
 
-    def start_serving(self) -> None:
-        """Portal mode: the UDP shell opened its listeners; open ours too."""
-        if self.running:
-            self._open_listeners()
-
-    def _open_listeners(self) -> None:
-        if not getattr(self.udp, "serving", True):
-            return  # portal mode before the first init: see start_serving
+    def open_listeners(self) -> None:
+        """Open the TCP (and TLS) listeners of each family served, once the
+        shell serves (portal mode: ``Shell.start_serving``)."""
+        if not self.shell.serving:
+            return
         if self.limits.max_connections <= 0:
             return  # TCP and TLS are off
         if self.tcp_port is None or self.tcp_port == 0:
-            self.tcp_port = self.udp.listen_port
+            self.tcp_port = self.shell.listen_port
         wanted = [(TCP, self.tcp_port)]
         if self.tls is not None:
             wanted.append((TLS, self.tls_port))
@@ -905,7 +343,7 @@ class StreamService(Service):
                 reason,
                 "{transport} connection from {client} closed: {reason}",
                 transport=conn.transport_name,
-                client=_addr(conn.client),
+                client=format_address(conn.client),
                 reason=reason,
             )
 
@@ -918,6 +356,11 @@ class StreamService(Service):
         if self._flush_call is None and not self.reading:
             self._flush_call = self.reactor.callLater(0, self._flush)
 
+    def begin_read(self) -> None:
+        """A read begins (a batched UDP read, or a stream's): hold what it
+        writes to connections until ``end_read``."""
+        self.reading = True
+
     def end_read(self) -> None:
         """A read (``reading``) has been handled: write what it produced."""
         self.reading = False
@@ -926,8 +369,7 @@ class StreamService(Service):
 
     def _flush(self) -> None:
         call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_call(call)
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             try:
@@ -942,7 +384,7 @@ class StreamService(Service):
             return conn.transport_name if conn is not None else TCP
         return "udp"
 
-    # --- output, called by the UDP shell and by connections ------------------------------
+    # --- output, called by the shell and by connections ----------------------------------
 
     def send(self, destination: Any, payload: bytes) -> None:
         """Write ``payload`` to the connection of the 3-tuple ``destination``."""
@@ -952,26 +394,12 @@ class StreamService(Service):
             return
         conn.send(payload)
 
-    def transmit(self, t: Tuple[int, int, Any, bytes]) -> None:
-        """Carry out a ``Transmit`` returned for stream input."""
-        destination = t[2]
-        if len(destination) == 3:
-            self.send(destination, t[3])
-            return
-        udp = self.udp
-        try:
-            udp._sockets[t[1]][t[0]].sendto(t[3], destination)
-        except OSError as exc:
-            udp._send_failed(exc)
-        except KeyError:
-            udp.drops["no_socket"] += 1
-
     def allocation_event(self, command: Any) -> None:
         """``AllocationCreated`` / ``AllocationDeleted`` for a 3-tuple client."""
         conn = self.connections.get(command.client[2])
         if conn is None or conn.client != command.client:
             return
-        created = type(command).__name__ == "AllocationCreated"
+        created = isinstance(command, C.AllocationCreated)
         if created and not conn.has_allocation:
             self.allocations[conn.transport_name] += 1
             conn.allocation_started()
@@ -982,13 +410,10 @@ class StreamService(Service):
     # --- errors ----------------------------------------------------------------------
 
     def internal_error(self, exc: Exception) -> None:
-        self.udp._internal_error("stream", exc)
+        self.shell.internal_error("stream", exc)
 
     def _log_limited(self, kind: str, fmt: str, **fields: Any) -> None:
-        now = time.monotonic()
-        last = self._logged.get(kind)
-        if last is None or now - last >= _LOG_INTERVAL:
-            self._logged[kind] = now
+        if self._limited.due(kind):
             log.info(fmt + " (logged at most once a minute per reason)", **fields)
 
     # --- introspection ----------------------------------------------------------------
@@ -1008,95 +433,15 @@ class StreamService(Service):
         return totals
 
 
-def _addr(address: Any) -> str:
-    ip, port = address[0], address[1]
-    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
-
-
-# --- metrics -------------------------------------------------------------------------
-
-
-class StreamCollector(Collector):
-    """Stream metrics, by ``transport`` label, read at scrape time.
-
-    ``relay_active_allocations_by_transport`` covers UDP too: the core's
-    allocation count minus those held by stream connections.
-    """
-
-    def __init__(self, service: StreamService) -> None:
-        self.service = service
-
-    def collect(self) -> Iterator[Metric]:
-        service = self.service
-        by_transport = GaugeMetricFamily(
-            "relay_active_allocations_by_transport",
-            "Allocations in service, by the transport of the client leg (udp, tcp, tls).",
-            labels=["transport"],
-        )
-        stream_total = sum(service.allocations[t] for t in TRANSPORTS)
-        by_transport.add_metric(["udp"], max(0, service.relay.allocation_count - stream_total))
-        for t in TRANSPORTS:
-            by_transport.add_metric([t], service.allocations[t])
-        yield by_transport
-
-        connections = GaugeMetricFamily(
-            "relay_stream_connections", "Open TURN client connections, by transport.", labels=["transport"]
-        )
-        counts: Dict[str, int] = {t: 0 for t in TRANSPORTS}
-        for conn in service.connections.values():
-            counts[conn.transport_name] += 1
-        for t in TRANSPORTS:
-            connections.add_metric([t], counts[t])
-        yield connections
-
-        accepted = CounterMetricFamily(
-            "relay_stream_connections_accepted", "Connections accepted, by transport.", labels=["transport"]
-        )
-        for t in TRANSPORTS:
-            accepted.add_metric([t], service.accepted[t])
-        yield accepted
-
-        rejected = CounterMetricFamily(
-            "relay_stream_connections_rejected",
-            "Connections refused at accept time, by transport and limit.",
-            labels=["transport", "reason"],
-        )
-        for (t, reason), count in sorted(service.rejected.items()):
-            rejected.add_metric([t, reason], count)
-        yield rejected
-
-        closed = CounterMetricFamily(
-            "relay_stream_connections_closed",
-            "Connections ended, by transport and reason (client: the client closed it; bad_frame, "
-            "write_buffer, handshake_timeout, idle, auth_timeout, buffer_budget: the relay did).",
-            labels=["transport", "reason"],
-        )
-        for (t, reason), count in sorted(service.closed.items()):
-            closed.add_metric([t, reason], count)
-        yield closed
-
-        yield GaugeMetricFamily(
-            "relay_stream_buffered_bytes",
-            "Bytes of partial input (frames, TLS records) held by all client connections between reads.",
-            value=service.buffered,
-        )
-
-        stream_bytes = CounterMetricFamily(
-            "relay_stream_bytes",
-            "Bytes read from and written to client connections (framing and TLS records excluded), by transport.",
-            labels=["transport", "direction"],
-        )
-        for (t, direction), count in sorted(service.byte_totals().items()):
-            stream_bytes.add_metric([t, direction], count)
-        yield stream_bytes
-
-
 __all__ = [
-    "StreamCollector",
+    "TCP",
+    "TLS",
+    "TRANSPORTS",
     "StreamLimits",
     "StreamProtocol",
     "StreamService",
     "TLSContext",
     "TLSStreamProtocol",
+    "describe_tls_error",
     "make_tls_context",
 ]

@@ -1,74 +1,58 @@
-"""The UDP shell around the relay core.
-
-Theory of operation: the core (``firezone_relay.core.relay.Relay``) is a
-state machine that never touches a socket or a clock.  This module owns the
-sockets and the one timer, and runs a single *pump* after every input:
-
-1. feed the input to the core (a datagram on the listen port, a datagram on
-   an allocation port, or the timer firing);
-2. send the ``Transmit`` tuple it returned, if any (the per-packet path);
-3. drain ``next_command()`` and carry each command out (open/close allocation
-   ports, send control-plane datagrams, log allocations);
-4. re-arm the single ``DelayedCall`` from ``poll_timeout()``.
+"""The UDP transport of the shell (``shell.Shell``).
 
 Sockets: each (port, family) gets its own UDP socket, IPv6 ones with
 ``IPV6_V6ONLY`` so IPv4 and IPv6 can share a port number and IPv4 peers never
 show up as ``::ffff:`` addresses.  We create, configure and bind the socket
 ourselves (socket options must be set before ``bind``; a failed bind must be
-reported to the core, not crash), then hand it to the reactor with
-``adoptDatagramPort(..., maxPacketSize=65535)`` (the default of 8192 would
-silently truncate) and close our copy (the reactor dups the descriptor).
+reported to the core, not crash), then register it for reading with the
+public ``reactor.addReader`` (``_Reader``, an ``IReadDescriptor``): no
+``udp.Port``, whose per-datagram ``recvfrom(65535)``, per-port log lines and
+private binding hooks the relay does not need.
+Every open socket is registered with the shell (``Shell.add_socket``), whose
+table every sender uses.
 
 Two readers serve the per-packet path, with the same contract.  When the C
-extension ``_udpio`` is built (setup.py; ``--udp-io``), each readiness event
-becomes one ``recvmmsg`` of up to 64 datagrams, the core's entry point is
-called for each, the Transmits it returns leave in one ``sendmmsg`` per
-socket, and the pump runs once per batch if any call returned None (steps
-1-4 above, per batch instead of per datagram).  Otherwise the pure-Python
-reader below does the same one datagram at a time.  On Twisted's epoll
-reactor the ports' readiness events skip the per-event log context
-(``dispatch``), which costs more than the relay's own work on a datagram.
+extension ``_udpio`` is built (setup.py; ``--udp-io``; the shell owns it as
+``Shell.io``), each readiness event becomes one ``recvmmsg`` of up to 64
+datagrams, the core's entry point is called for each, the Transmits it
+returns leave in one ``sendmmsg`` per socket, and the shell's pump runs
+once per batch if any call returned None.  Otherwise the pure-Python reader
+below does the same one datagram at a time: feed the core, send the
+Transmit it returned (a call that returns one queued no command and moved no
+deadline: no pump), or else pump.  On Twisted's epoll reactor the ports'
+readiness events skip the per-event log context (``dispatch``), which costs
+more than the relay's own work on a datagram.
 
 The pure-Python path sends with the raw socket's ``sendto``: Twisted's
-``Port.write`` re-validates the address on every call.  Send errors are
-counted by reason in ``RelayService.drops`` and the datagram dropped; nothing
-raised by the core or a socket escapes ``datagramReceived`` (a core bug must
-not take the listener down), and such errors are logged at most once per
-kind per ``_ERROR_LOG_INTERVAL``.
+``Port.write`` re-validates the address on every call.  A Transmit whose
+destination is a stream client's 3-tuple goes to ``Shell.transmit``.  Send
+errors are counted by reason in ``Shell.drops`` and the datagram dropped;
+nothing raised by the core or a socket escapes ``datagramReceived`` (a core
+bug must not take the listener down): it is counted by the shell.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.error import CannotListenError
-from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet import base, udp
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from firezone_relay.adapters import dispatch
-from firezone_relay.core import commands as C
+from firezone_relay.adapters.shell import UDPIO_MISSING, Shell
 
-try:  # the optional C extension (setup.py); the pure-Python reader otherwise
-    from firezone_relay.adapters import _udpio as _udpio_module
-
-    _udpio: Any = _udpio_module
-    UDPIO_MISSING = ""
-except ImportError as exc:  # not built: no compiler or headers at install time, or not Linux
-    _udpio = None
-    UDPIO_MISSING = str(exc)
+__all__ = ["MAX_DATAGRAM", "RelayService", "UDPIO_MISSING"]
 
 log = Logger(namespace="firezone_relay.adapters.udp")
 
 MAX_DATAGRAM = 65535
-_ERROR_LOG_INTERVAL = 60.0
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
@@ -78,47 +62,28 @@ _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 _IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
 _IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 
-_SEND_ERRORS = {
-    errno.EAGAIN: "send_eagain",
-    errno.EWOULDBLOCK: "send_eagain",
-    errno.ENOBUFS: "send_enobufs",
-    errno.ECONNREFUSED: "send_refused",
-    errno.EMSGSIZE: "send_too_big",
-    errno.EHOSTUNREACH: "send_unreachable",
-    errno.ENETUNREACH: "send_unreachable",
-    errno.EINVAL: "send_invalid",
-}
-
 
 class _ClientProtocol(DatagramProtocol):
     """The listen port of one family: datagrams from TURN clients."""
 
     noisy = False
 
-    def __init__(self, service: "RelayService", family: int) -> None:
-        self.service = service
+    def __init__(self, shell: Shell, family: int) -> None:
+        self.shell = shell
         self.family = family
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        service = self.service
+        shell = self.shell
         try:
-            t = service._handle_client_input(data, addr, service._now())
-            if t is not None:  # (source_port, family, destination, payload)
-                # A call that returns a Transmit queued no command and moved
-                # no deadline (core contract): no pump needed.
-                try:
-                    service._sockets[t[1]][t[0]].sendto(t[3], t[2])
-                except OSError as exc:
-                    service._send_failed(exc)
-                except (TypeError, OverflowError, KeyError):  # a stream client: see _transmit
-                    service._transmit(t)
-                return
-            service._pump()
+            t = shell.handle_client_input(data, addr, shell.now())
+            # A call that returns a Transmit queued no command and moved no
+            # deadline (core contract): send it, no pump needed.
+            shell.transmit(t) if t is not None else shell.pump()
         except Exception as exc:
-            service._internal_error("client", exc)
+            shell.internal_error("client", exc)
 
     def connectionRefused(self) -> None:
-        self.service.drops["refused"] += 1
+        self.shell.drops["refused"] += 1
 
 
 class _PeerProtocol(DatagramProtocol):
@@ -126,31 +91,21 @@ class _PeerProtocol(DatagramProtocol):
 
     noisy = False  # no "Starting protocol" line per allocation
 
-    def __init__(self, service: "RelayService", port: int, family: int) -> None:
-        self.service = service
+    def __init__(self, shell: Shell, port: int, family: int) -> None:
+        self.shell = shell
         self.port = port
         self.family = family
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        service = self.service
+        shell = self.shell
         try:
-            t = service._handle_peer_traffic(data, addr, self.port, self.family, service._now())
-            if t is not None:
-                # A call that returns a Transmit queued no command and moved
-                # no deadline (core contract): no pump needed.
-                try:
-                    service._sockets[t[1]][t[0]].sendto(t[3], t[2])
-                except OSError as exc:
-                    service._send_failed(exc)
-                except (TypeError, OverflowError, KeyError):  # a stream client: see _transmit
-                    service._transmit(t)
-                return
-            service._pump()
+            t = shell.handle_peer_traffic(data, addr, self.port, self.family, shell.now())
+            shell.transmit(t) if t is not None else shell.pump()  # as _ClientProtocol
         except Exception as exc:
-            service._internal_error("peer", exc)
+            shell.internal_error("peer", exc)
 
     def connectionRefused(self) -> None:
-        self.service.drops["refused"] += 1
+        self.shell.drops["refused"] += 1
 
 
 #: Datagrams read per readiness event before going back to the reactor.
@@ -165,16 +120,17 @@ _VIEW = memoryview(_BUFFER)
 
 
 @dispatch.fast_type
-class _FastPort(udp.Port):  # type: ignore[misc]
-    """A UDP port that reads into one preallocated, shared buffer.
+@implementer(IReadDescriptor)
+class _Reader:
+    """One UDP socket of the relay, read through the public
+    ``reactor.addReader``: no ``udp.Port`` (whose binding, logging and
+    ``recvfrom(65535)`` per datagram the relay does not need).
 
-    Twisted's ``doRead`` calls ``recvfrom(65535)`` for every datagram,
-    allocating (and shrinking) a 64 KiB object each time.  This one uses
-    ``recvfrom_into`` and hands ChannelData (first byte 0x40-0x7F) and peer
-    datagrams to the protocol as a ``memoryview`` of that buffer, which the
-    core slices and the adapter sends without another copy; STUN messages
-    are handed over as ``bytes``.  The view is only valid during the call:
-    nothing keeps it.
+    It reads into one preallocated, shared buffer with ``recvfrom_into`` and
+    hands ChannelData (first byte 0x40-0x7F) and peer datagrams to the
+    protocol as a ``memoryview`` of that buffer, which the core slices and
+    the shell sends without another copy; STUN messages are handed over as
+    ``bytes``.  The view is only valid during the call: nothing keeps it.
 
     With the C extension (``batched`` set by ``RelayService._adopt``) the
     whole read goes to ``_udpio.IO.read`` instead: recvmmsg, the core's
@@ -182,39 +138,44 @@ class _FastPort(udp.Port):  # type: ignore[misc]
     per batch.  See firezone_relay/adapters/_udpio.c.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, sock: socket.socket, protocol: DatagramProtocol, always_view: bool) -> None:
+        self.socket = sock
+        self.protocol = protocol
         #: True for allocation ports: every datagram is peer data.
-        self.always_view = False
+        self.always_view = always_view
         #: ``() -> int``: the batched read, or None for the Python loop below.
         self.batched: Optional[Callable[[], int]] = None
+        self._fileno = sock.fileno()
+        self._v6 = sock.family == socket.AF_INET6
 
-    # Twisted logs "<Protocol> starting on N" and "(UDP Port N Closed)" for
-    # every port; with one port per allocation that was about a quarter of
-    # an Allocate's CPU time, and our own allocation log lines already say
-    # it.  These two are Twisted's own methods (Twisted 22-24) minus that line.
+    def fileno(self) -> int:
+        return self._fileno
 
-    def _bindSocket(self) -> None:
-        if self._preexistingSocket is None:  # not how the relay opens ports
-            super()._bindSocket()
-            return
-        skt, self._preexistingSocket = self._preexistingSocket, None
-        self._realPortNumber = skt.getsockname()[1]
-        self.connected = 1
-        self.socket = skt
-        self.fileno = skt.fileno
+    def logPrefix(self) -> str:
+        return "firezone-relay UDP"
 
-    def connectionLost(self, reason: Any = None) -> None:
-        self._realPortNumber = None
-        self.maxThroughput = -1
-        base.BasePort.connectionLost(self, reason)
-        self.protocol.doStop()
+    def connectionLost(self, reason: Any) -> None:
+        """The reactor dropped this descriptor (an error a read raised)."""
+        self.close()
+
+    def close(self) -> None:
+        self._fileno = -1
         self.socket.close()
-        del self.socket
-        del self.fileno
-        if hasattr(self, "d"):
-            self.d.callback(None)
-            del self.d
+
+    def stop_reading(self, reactor: Any) -> "defer.Deferred[None]":
+        """No more reads; the socket closes at the start of the next reactor
+        turn, as Twisted's ``stopListening`` does: a batched read that is
+        still running on this descriptor must not see its number reused by
+        a port opened in the same turn."""
+        reactor.removeReader(self)
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def close() -> None:
+            self.close()
+            d.callback(None)
+
+        reactor.callLater(0, close)
+        return d
 
     def doRead(self) -> None:
         batched = self.batched
@@ -224,9 +185,9 @@ class _FastPort(udp.Port):  # type: ignore[misc]
         recv_into = self.socket.recvfrom_into
         buffer = _BUFFER
         view = _VIEW
-        received = self.protocol.datagramReceived
+        received: Callable[[Any, Any], None] = self.protocol.datagramReceived
         always_view = self.always_view
-        v6 = self.addressFamily == socket.AF_INET6
+        v6 = self._v6
         for _ in range(_READ_BATCH):
             try:
                 n, addr = recv_into(buffer)
@@ -245,84 +206,35 @@ class _FastPort(udp.Port):  # type: ignore[misc]
                 received(bytes(view[:n]), addr)
 
 
-class _Drops(dict):  # type: ignore[type-arg]
-    """Drop counters by reason; unknown reasons start at 0."""
-
-    def __missing__(self, key: str) -> int:
-        return 0
-
-
 class RelayService(Service):
-    """Runs a ``Relay`` core on UDP sockets.
+    """The UDP transport: the listen sockets and the allocation ports.
 
-    ``bind_ip4`` / ``bind_ip6``: addresses to bind for each family, ``None``
-    for a family the relay does not serve.  ``reactor`` does the I/O;
-    ``clock`` (default: the reactor) owns time and the timer, so a test can
-    pass a ``task.Clock`` and advance it.  ``serve_at_start=False`` (portal
-    mode) keeps the STUN/TURN listeners closed until ``start_serving()``.
+    ``shell`` runs the core; this service registers with it
+    (``Shell.attach_udp``) and becomes its child.  ``bind_ip4`` /
+    ``bind_ip6``: addresses to bind for each family, ``None`` for a family
+    the relay does not serve.  The listeners open at start, unless the shell
+    does not serve yet (portal mode: ``Shell.start_serving``).
     """
+
+    name = "udp"
 
     def __init__(
         self,
-        relay: Any,
+        shell: Shell,
         listen_port: int,
         bind_ip4: Optional[str] = "0.0.0.0",
         bind_ip6: Optional[str] = None,
         socket_buffer: int = 0,
-        reactor: Any = None,
-        clock: Any = None,
-        serve_at_start: bool = True,
-        batched_io: Optional[bool] = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.relay = relay
-        #: False until ``start_serving()`` in portal mode: no listener yet.
-        self.serving = serve_at_start
-        #: Called after an allocation was created or deleted (the drain waits for 0).
-        self.on_allocations_changed: Optional[Callable[[], None]] = None
+        self.shell = shell
         self.listen_port = listen_port
         self.bind = {4: bind_ip4, 6: bind_ip6}
         self.socket_buffer = socket_buffer
-        self.reactor = reactor
-        self.clock = reactor if clock is None else clock
-        # time.time is what the default reactor's seconds() returns, and
-        # cheaper to call per packet; an injected clock is asked instead.
-        self._now: Callable[[], float] = time.time if clock is None else self.clock.seconds
-        # Bound methods looked up once: the per-packet path is hot.
-        self._handle_client_input = relay.handle_client_input
-        self._handle_peer_traffic = relay.handle_peer_traffic
-        self._next_command = relay.next_command
-        self._poll_timeout = relay.poll_timeout
-        # (port) -> raw socket object, one dict per family, for sendto.
-        self._sockets: Dict[int, Dict[int, socket.socket]] = {4: {}, 6: {}}
-        # The same, as descriptors, for the batched reader's sendmmsg.
-        self._fds: Dict[int, Dict[int, int]] = {4: {}, 6: {}}
-        if batched_io and _udpio is None:
-            raise RuntimeError("batched UDP I/O needs the _udpio C extension, which is not built: " + UDPIO_MISSING)
-        #: The C extension's batched reader/sender, or None (pure Python).
-        self.io: Any = None
-        #: Datagrams per recvmmsg/sendmmsg call when ``io`` is set.
-        self.io_batch = _udpio.BATCH if _udpio is not None else 1
-        if batched_io is not False and _udpio is not None:
-            self.io = _udpio.IO(self._now, self._pump, self._fds, self._transmit, self._send_errno, self._internal_error)
+        self.reactor = shell.reactor
         self._ports: Dict[Tuple[int, int], Any] = {}
         self._closing: set[defer.Deferred[None]] = set()
-        self._timer: Any = None
-        self._deadline: Optional[float] = None
-        self._error_logged: Dict[str, float] = {}
-        self.drops: Dict[str, int] = _Drops()
-        self.errors: Dict[str, int] = _Drops()
         self.listening: Dict[int, Any] = {}
-        #: A kernel fast path (``firezone_relay.xdp.service.XdpService``) that
-        #: mirrors the core's ChannelBound/ChannelUnbound, or None.
-        self.fast_path: Any = None
-        #: The stream shell (``stream.StreamService``) when TCP/TLS is served:
-        #: destinations ``(ip, port, connection_id)`` are written there.
-        self.stream: Any = None
-        self._usernames: Dict[int, str] = {}  # allocation port -> username, for the channel log lines
+        shell.attach_udp(self)
 
     # --- life cycle ---------------------------------------------------------
 
@@ -330,24 +242,15 @@ class RelayService(Service):
         # Listeners open here, before the reactor runs, so that a port that
         # cannot be bound stops twistd at start-up with the reason.
         super().privilegedStartService()
-        self._open_listeners()
+        self.open_listeners()
 
     def startService(self) -> None:
         super().startService()
-        self._open_listeners()  # when used without privilegedStartService (tests)
-        self._pump()
+        self.open_listeners()  # when used without privilegedStartService (tests)
 
-    def start_serving(self) -> None:
-        """Open the STUN/TURN listeners now (portal mode: on the portal's first ``init``)."""
-        if not self.serving:
-            self.serving = True
-            if self.running:
-                self._open_listeners()
-                if self.stream is not None:
-                    self.stream.start_serving()
-
-    def _open_listeners(self) -> None:
-        if not self.serving:
+    def open_listeners(self) -> None:
+        """Open the listen port of each family served (once the shell serves)."""
+        if not self.shell.serving:
             return
         for family in (4, 6):
             if self.bind[family] is not None and family not in self.listening:
@@ -355,8 +258,7 @@ class RelayService(Service):
 
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
-        self._cancel_timer()
-        waits = [d for d in self._closing]
+        waits: list[Optional[defer.Deferred[None]]] = [d for d in self._closing]
         for key, port in list(self._ports.items()):
             waits.append(self._close(key[0], key[1]))
         self.listening.clear()
@@ -390,43 +292,35 @@ class RelayService(Service):
             raise
         return sock
 
-    def _adopt(self, sock: socket.socket, family: int, protocol: DatagramProtocol) -> Any:
-        try:
-            if not isinstance(self.reactor, PosixReactorBase):  # a test double
-                return self.reactor.adoptDatagramPort(sock.fileno(), _AF[family], protocol, maxPacketSize=MAX_DATAGRAM)
-            # What reactor.adoptDatagramPort does, with our faster reading port.
-            port = _FastPort._fromListeningDescriptor(
-                self.reactor, sock.fileno(), _AF[family], protocol, maxPacketSize=MAX_DATAGRAM
-            )
-            port.always_view = isinstance(protocol, _PeerProtocol)
-            port.startListening()
-            if self.io is not None:
-                port.batched = self._batched_reader(port, protocol)
-            return port
-        finally:
-            sock.close()  # the reactor has its own duplicate of the descriptor
+    def _adopt(self, sock: socket.socket, family: int, protocol: DatagramProtocol) -> _Reader:
+        reader = _Reader(sock, protocol, always_view=isinstance(protocol, _PeerProtocol))
+        if self.shell.io is not None:
+            reader.batched = self._batched_reader(reader, protocol)
+        self.reactor.addReader(reader)
+        return reader
 
     def _batched_reader(self, port: Any, protocol: DatagramProtocol) -> Callable[[], int]:
-        read, fd, refused = self.io.read, port.fileno(), protocol.connectionRefused
+        shell = self.shell
+        read, fd, refused = shell.io.read, port.fileno(), protocol.connectionRefused
         peer = isinstance(protocol, _PeerProtocol)
         number: Any = protocol.port if peer else None  # type: ignore[attr-defined]
         family = protocol.family if peer else 0  # type: ignore[attr-defined]
 
         def batched() -> int:
             # The entry point is looked up per read (not per datagram), so
-            # that replacing it on the service (tests do) takes effect.
+            # that replacing it on the shell (tests do) takes effect.
             # Peer datagrams always come as views (``always_view``).
-            handler = self._handle_peer_traffic if peer else self._handle_client_input
-            stream = self.stream
-            if stream is None:
+            handler = shell.handle_peer_traffic if peer else shell.handle_client_input
+            listener = shell.read_listener
+            if listener is None:
                 return read(fd, handler, number, family, peer, refused)  # type: ignore[no-any-return]
             # What this read sends to stream clients leaves when it ends, in
-            # one send per connection (stream.StreamService.flush_soon).
-            stream.reading = True
+            # one send per connection.
+            listener.begin_read()
             try:
                 return read(fd, handler, number, family, peer, refused)  # type: ignore[no-any-return]
             finally:
-                stream.end_read()
+                listener.end_read()
 
         return batched
 
@@ -445,38 +339,39 @@ class RelayService(Service):
                 sndbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
                 asked=self.socket_buffer,
             )
-        port = self._adopt(sock, family, _ClientProtocol(self, family))
-        number = port.getHost().port
+        port = self._adopt(sock, family, _ClientProtocol(self.shell, family))
+        number = sock.getsockname()[1]
         if self.listen_port == 0:  # tests ask for any free port
             self.listen_port = number
         self.listening[family] = port
         self._ports[(number, family)] = port
-        self._sockets[family][number] = port.socket
-        self._fds[family][number] = port.fileno()
+        self.shell.add_socket(number, family, port.socket)
 
-    def _open_port(self, port: int, family: int, dont_fragment: bool) -> bool:
+    def open_port(self, port: int, family: int, dont_fragment: bool) -> bool:
+        """Open allocation port ``port`` (the core's ``OpenPort``); False if
+        it cannot be bound (the core then picks another one)."""
         if (port, family) in self._ports:
             return False
         try:
             sock = self._make_socket(family, port, dont_fragment)
-            listening = self._adopt(sock, family, _PeerProtocol(self, port, family))
         except Exception as exc:  # OSError, CannotListenError: the core picks another port
-            self.errors["open_port:%s" % (getattr(exc, "errno", None) or type(exc).__name__)] += 1
+            self.shell.errors["open_port:%s" % (getattr(exc, "errno", None) or type(exc).__name__)] += 1
             return False
+        listening = self._adopt(sock, family, _PeerProtocol(self.shell, port, family))
         self._ports[(port, family)] = listening
-        self._sockets[family][port] = listening.socket
-        self._fds[family][port] = listening.fileno()
+        self.shell.add_socket(port, family, sock)
         return True
+
+    def close_port(self, port: int, family: int) -> None:
+        """Close allocation port ``port`` (the core's ``ClosePort``)."""
+        self._close(port, family)
 
     def _close(self, port: int, family: int) -> Optional["defer.Deferred[None]"]:
         listening = self._ports.pop((port, family), None)
-        self._sockets[family].pop(port, None)
-        self._fds[family].pop(port, None)
+        self.shell.remove_socket(port, family)
         if listening is None:
             return None
-        d = listening.stopListening()
-        if d is None:
-            return None
+        d: defer.Deferred[None] = listening.stop_reading(self.reactor)
         self._closing.add(d)
         d.addBoth(self._closed, d)
         return d
@@ -488,161 +383,3 @@ class RelayService(Service):
     def port_numbers(self) -> list[Tuple[int, int]]:
         """``(port, family)`` of every open socket, listeners included."""
         return sorted(self._ports)
-
-    # --- the pump -------------------------------------------------------------
-
-    def _transmit(self, transmit: Tuple[int, int, Any, bytes]) -> None:
-        source_port, family, destination, payload = transmit
-        if len(destination) == 3:
-            # A stream client (ip, port, connection_id).  The per-packet paths
-            # come here only from their except branch: a raw sendto refuses
-            # such a 3-tuple (stream.py, "Routing"), so UDP never pays for this test.
-            if self.stream is not None:
-                self.stream.send(destination, payload)
-            else:
-                self.drops["no_stream"] += 1
-            return
-        try:
-            self._sockets[family][source_port].sendto(payload, destination)
-        except OSError as exc:
-            self._send_failed(exc)
-        except KeyError:
-            self.drops["no_socket"] += 1
-
-    def _send_failed(self, exc: OSError) -> None:
-        self._send_errno(exc.errno or 0)
-
-    def _send_errno(self, err: int) -> None:
-        """Count a datagram the kernel refused, by its errno (the batched
-        I/O's ``send_failed`` reports it so; ``_send_failed`` by exception)."""
-        self.drops[_SEND_ERRORS.get(err, "send_error")] += 1
-
-    def _pump(self) -> None:
-        command = self._next_command()
-        while command is not None:
-            self._execute(command)
-            command = self._next_command()
-        deadline = self._poll_timeout()
-        if deadline != self._deadline:
-            self._arm(deadline)
-
-    def _arm(self, deadline: Optional[float]) -> None:
-        self._deadline = deadline
-        if deadline is None:
-            self._cancel_timer()
-            return
-        delay = max(0.0, deadline - self.clock.seconds())
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(delay)
-        else:
-            self._timer = self.clock.callLater(delay, self._on_timer)
-
-    def _cancel_timer(self) -> None:
-        timer, self._timer = self._timer, None
-        self._deadline = None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        deadline, self._deadline = self._deadline, None
-        now = self.clock.seconds()
-        if deadline is not None and deadline > now:
-            now = deadline  # the core never sees a time before the deadline it asked for
-        try:
-            self.relay.handle_timeout(now)
-            self._pump()
-        except Exception as exc:
-            self._internal_error("timer", exc)
-            if self._timer is None and self.running:
-                # Do not spin on a failing deadline, but do not stop either.
-                self._deadline = None
-                self._timer = self.clock.callLater(1.0, self._on_timer)
-
-    def _execute(self, command: Any) -> None:
-        kind = type(command)
-        if kind is C.SendDatagram:
-            self._transmit((command.source_port, command.family, command.destination, command.payload))
-        elif kind is C.OpenPort:
-            ok = self._open_port(command.port, command.family, command.dont_fragment)
-            self.relay.handle_port_result(command.port, command.family, ok, self._now())
-        elif kind is C.ClosePort:
-            self._close(command.port, command.family)
-        elif kind is C.AllocationCreated:
-            log.info(
-                "allocation created: client {client} ({transport}) user {username} port {port} relayed {relayed} "
-                "lifetime {lifetime}s",
-                client=_addr(command.client),
-                transport=self._transport_of(command.client),
-                username=command.username,
-                port=command.port,
-                relayed=[_addr(a) for a in command.relayed],
-                lifetime=command.lifetime,
-            )
-            self._usernames[command.port] = command.username
-            if len(command.client) == 3 and self.stream is not None:
-                self.stream.allocation_event(command)
-            if self.on_allocations_changed is not None:
-                self.on_allocations_changed()
-        elif kind is C.AllocationDeleted:
-            log.info(
-                "allocation deleted: client {client} ({transport}) user {username} port {port} ({reason})",
-                client=_addr(command.client),
-                transport=self._transport_of(command.client),
-                username=command.username,
-                port=command.port,
-                reason=command.reason,
-            )
-            self._usernames.pop(command.port, None)
-            if len(command.client) == 3 and self.stream is not None:
-                self.stream.allocation_event(command)
-            if self.on_allocations_changed is not None:
-                self.on_allocations_changed()
-        elif kind is C.ChannelBound or kind is C.ChannelUnbound:
-            fast_path = self.fast_path
-            if fast_path is not None:
-                if kind is C.ChannelBound:
-                    fast_path.channel_bound(command)
-                else:
-                    fast_path.channel_unbound(command)
-            log.info(
-                "channel {state}: client {client} user {username} port {port} channel {channel:#06x} peer {peer}",
-                state="bound" if kind is C.ChannelBound else "unbound",
-                client=_addr(command.client),
-                username=self._usernames.get(command.port, ""),
-                port=command.port,
-                channel=command.channel,
-                peer=_addr(command.peer),
-            )
-        # PermissionAdded/Removed exist for a kernel fast path that mirrors
-        # them; the userspace path needs nothing (and they are too many to log).
-
-    def _transport_of(self, client: Any) -> str:
-        """``udp``, ``tcp`` or ``tls``: the log field ``transport``."""
-        if len(client) == 3 and self.stream is not None:
-            return str(self.stream.transport_of(client))
-        return "udp"
-
-    # --- errors ----------------------------------------------------------------
-
-    def _internal_error(self, where: str, exc: BaseException) -> None:
-        kind = "%s:%s" % (where, type(exc).__name__)
-        self.errors[kind] += 1
-        now = time.monotonic()
-        last = self._error_logged.get(kind)
-        if last is None or now - last >= _ERROR_LOG_INTERVAL:
-            self._error_logged[kind] = now
-            log.failure(
-                "internal error handling {where} input (count {count}; logged at most once a minute per kind)",
-                # Built from the exception: the batched reader reports it
-                # after the fact, outside any ``except`` block.
-                failure=Failure(exc, type(exc), exc.__traceback__),
-                where=where,
-                count=self.errors[kind],
-            )
-
-
-def _addr(address: Any) -> str:
-    ip, port = address[0], address[1]  # a stream client has a connection id too
-    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)

@@ -132,7 +132,7 @@ class DispatchTests(unittest.TestCase):
             self.reactor._selectables = selectables
 
     def test_the_relays_selectables_are_registered(self) -> None:
-        self.assertIn(udp._FastPort, dispatch._FAST_TYPES)
+        self.assertIn(udp._Reader, dispatch._FAST_TYPES)
         self.assertIn(stream._StreamServer, dispatch._FAST_TYPES)
 
     def test_an_idle_poll_and_a_timeout(self) -> None:

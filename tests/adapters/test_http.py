@@ -599,13 +599,13 @@ class MakeServiceTests(HttpFixture, unittest.TestCase):
         self.agent = Agent(reactor, pool=self.pool)
         response, body = yield self.get("/readyz")
         self.assertEqual((response.code, body), (200, b"ready\n"))
-        top.getServiceNamed("udp").drops["send_enobufs"] += 2
+        top.getServiceNamed("shell").drops["send_enobufs"] += 2
         s = yield self.scrape()
         self.assertEqual(value(s, "relay_dropped_packets_total", reason="send_enobufs"), 2)
         self.assertEqual(value(s, "relay_port_range_size"), 8)
         self.assertEqual(value(s, "relay_ready"), 1)
         # The UDP reader in use, and (batched) what it read: exactly our datagrams.
-        udp = top.getServiceNamed("udp")
+        udp = top.getServiceNamed("shell")
         self.assertEqual(value(s, "relay_udp_batched_io"), int(udp.io is not None))
         if udp.io is not None:
             self.assertEqual(value(s, "relay_udp_read_datagrams_total"), 0)

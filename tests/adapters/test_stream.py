@@ -22,7 +22,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
-from firezone_relay.adapters.stream import StreamCollector, StreamLimits, StreamService, TLSContext
+from firezone_relay.adapters.metrics import StreamCollector
+from firezone_relay.adapters.stream import StreamLimits, StreamService, TLSContext
+from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.udp import RelayService
 from firezone_relay.core import stun
 from firezone_relay.core.framing import Deframer
@@ -127,26 +129,24 @@ class StreamFixture:
         self.relay = Relay(RelayConfig(**settings), random.Random(11))
         bind4 = "127.0.0.1" if 4 in families else None
         bind6 = "::1" if 6 in families else None
-        self.udp = RelayService(self.relay, listen_port, bind_ip4=bind4, bind_ip6=bind6, clock=self.clock)
+        self.shell = Shell(self.relay, clock=self.clock)
+        self.udp = RelayService(self.shell, listen_port, bind_ip4=bind4, bind_ip6=bind6)
         self.tls_context: Optional[TLSContext] = None
         if tls:
             cert, key = make_certificate(Path(self.mktemp()), "relay one")
             self.cert_path, self.key_path = cert, key
             self.tls_context = TLSContext(str(cert), str(key))
         self.stream = StreamService(
-            self.udp,
+            self.shell,
             bind_ip4=bind4,
             bind_ip6=bind6,
             tls=self.tls_context,
             tls_port=0,
             limits=limits,
-            clock=self.clock,
             reload_signal=None,
         )
-        self.udp.startService()
-        self.stream.startService()
-        self.addCleanup(self.udp.stopService)
-        self.addCleanup(self.stream.stopService)
+        self.shell.startService()
+        self.addCleanup(self.shell.stopService)
         return self.stream
 
     def expiry(self: Any, seconds: int = 3600) -> int:
@@ -260,7 +260,7 @@ class TcpTests(StreamFixture, unittest.TestCase):
         relayed = yield self.allocate(client)
         peer, peer_addr = self.peer()
         yield self.bind_channel(client, 0x4002, peer_addr)
-        io = self.udp.io
+        io = self.shell.io
         before = io.stats() if io is not None else None
         payloads = [b"%03d" % i * (1 + i % 5) for i in range(40)]
         frames = [channel_data(0x4002, p) for p in payloads]
@@ -551,17 +551,13 @@ class PortalModeTests(unittest.TestCase):
             RelayConfig(auth_secret=SECRET, public_ip4=PUBLIC[4], listen_port=listen_port, lowest_port=low, highest_port=high),
             random.Random(1),
         )
-        udp = RelayService(relay, listen_port, bind_ip4="127.0.0.1")
-        if not hasattr(udp, "serving"):
-            raise unittest.SkipTest("this RelayService has no portal mode")
-        udp.serving = False
-        stream = StreamService(udp, bind_ip4="127.0.0.1", reload_signal=None)
-        udp.startService()
-        stream.startService()
-        self.addCleanup(udp.stopService)
-        self.addCleanup(stream.stopService)
+        shell = Shell(relay, serve_at_start=False)
+        udp = RelayService(shell, listen_port, bind_ip4="127.0.0.1")
+        stream = StreamService(shell, bind_ip4="127.0.0.1", reload_signal=None)
+        shell.startService()
+        self.addCleanup(shell.stopService)
         self.assertEqual(stream.listening, {})
-        udp.start_serving()
+        shell.start_serving()
         self.assertEqual(list(stream.listening), [("tcp", 4)])
         self.assertEqual(stream.tcp_port, udp.listen_port)
 
@@ -736,7 +732,7 @@ class TlsTests(StreamFixture, unittest.TestCase):
         response = yield good.request(stun.REFRESH, [(stun.LIFETIME, 600)])
         self.assertEqual(response.msg_class, stun.SUCCESS)
         self.assertEqual(self.relay.allocation_count, 1)
-        self.assertEqual(dict(self.udp.errors), {})
+        self.assertEqual(dict(self.shell.errors), {})
 
     @defer.inlineCallbacks
     def test_records_split_across_reads_or_many_in_one(self) -> Any:

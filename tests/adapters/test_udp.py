@@ -19,6 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.udp import RelayService
 from firezone_relay.core import commands as C
 from firezone_relay.core import stun
@@ -42,6 +43,11 @@ PUBLIC = {4: "203.0.113.1", 6: "2001:db8::1"}
 def sleep(seconds: float) -> "defer.Deferred[None]":
     return task.deferLater(reactor, seconds, lambda: None)
 
+
+
+def _udp(relay: Any, port: int, clock: Any = None, batched_io: Optional[bool] = None, **kwargs: Any) -> RelayService:
+    """A UDP transport on its own shell (not started)."""
+    return RelayService(Shell(relay, clock=clock, batched_io=batched_io), port, **kwargs)
 
 class RelayFixture:
     """Starts a relay (core + adapter) on loopback for a test case."""
@@ -76,16 +82,15 @@ class RelayFixture:
         )
         settings.update(overrides)
         self.relay = Relay(RelayConfig(**settings), random.Random(7))
+        self.shell = Shell(self.relay, clock=clock, batched_io=self.batched_io)
         self.service = RelayService(
-            self.relay,
+            self.shell,
             listen_port,
             bind_ip4="127.0.0.1" if 4 in families else None,
             bind_ip6="::1" if 6 in families else None,
-            clock=clock,
-            batched_io=self.batched_io,
         )
-        self.service.startService()
-        self.addCleanup(self.service.stopService)
+        self.shell.startService()
+        self.addCleanup(self.shell.stopService)
         return self.service
 
     def client(self: Any, family: int = 4) -> TurnClient:
@@ -207,8 +212,8 @@ class _FullExchange(RelayFixture):
         yield sleep(0.05)  # the reactor closes the socket on its next turn
         with socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((loopback(family), port))  # free again
-        self.assertEqual(dict(service.drops), {})
-        self.assertEqual(dict(service.errors), {})
+        self.assertEqual(dict(service.shell.drops), {})
+        self.assertEqual(dict(service.shell.errors), {})
 
 
 class FullExchangeIPv4Tests(_FullExchange, unittest.TestCase):
@@ -326,21 +331,21 @@ class ExpiryTests(RelayFixture, unittest.TestCase):
     def test_timer_is_rearmed_only_when_the_deadline_changes(self) -> None:
         clock = task.Clock()
         fake = _FakeRelay()
-        service = RelayService(fake, 0, bind_ip4=None, clock=clock)
+        service = _udp(fake, 0, bind_ip4=None, clock=clock)
         fake.deadline = 10.0
-        service._pump()
+        service.shell.pump()
         first = clock.getDelayedCalls()
         self.assertEqual(len(first), 1)
-        service._pump()
+        service.shell.pump()
         self.assertEqual(clock.getDelayedCalls(), first)
         fake.deadline = 5.0
-        service._pump()
+        service.shell.pump()
         self.assertEqual(clock.getDelayedCalls(), first)  # reset(), not a new call
         self.assertEqual(first[0].getTime(), 5.0)
         clock.advance(5)
         self.assertEqual(fake.timeouts, [5.0])
         fake.deadline = None
-        service._pump()
+        service.shell.pump()
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
@@ -441,12 +446,12 @@ class PortTests(RelayFixture, unittest.TestCase):
                 return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
         fake = _FakeRelay()
-        service = RelayService(fake, 0, bind_ip4="127.0.0.1", clock=task.Clock(), batched_io=self.batched_io)
+        service = _udp(fake, 0, bind_ip4="127.0.0.1", clock=task.Clock(), batched_io=self.batched_io)
         self.addCleanup(service.stopService)
         low, high = port_range(500)
         before = rss_kb()
         fake.commands = [C.OpenPort(port, 4) for port in range(low, high + 1)]
-        service._pump()
+        service.shell.pump()
         opened = sum(1 for _, _, ok in fake.port_results if ok)
         self.assertGreater(opened, 400)  # a few may be taken by other tests
         grown = rss_kb() - before
@@ -454,32 +459,32 @@ class PortTests(RelayFixture, unittest.TestCase):
 
     def test_open_port_failure_is_reported_to_the_core(self) -> None:
         fake = _FakeRelay()
-        service = RelayService(fake, 0, bind_ip4="127.0.0.1", clock=task.Clock())
+        service = _udp(fake, 0, bind_ip4="127.0.0.1", clock=task.Clock())
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.addCleanup(s.close)
         s.bind(("127.0.0.1", 0))
         taken = s.getsockname()[1]
         fake.commands = [C.OpenPort(taken, 4), C.OpenPort(taken, 6)]  # 6: family not served
-        service._pump()
+        service.shell.pump()
         self.assertEqual(fake.port_results, [(taken, 4, False), (taken, 6, False)])
         self.assertEqual(service.port_numbers(), [])
 
     def test_dont_fragment_sets_pmtu_discovery(self) -> None:
         fake = _FakeRelay()
         v6 = ipv6_available()
-        service = RelayService(fake, 0, bind_ip4="127.0.0.1", bind_ip6="::1" if v6 else None, clock=task.Clock())
+        service = _udp(fake, 0, bind_ip4="127.0.0.1", bind_ip6="::1" if v6 else None, clock=task.Clock())
         self.addCleanup(service.stopService)
         port = free_udp_port((4, 6))
         fake.commands = [C.OpenPort(port, 4, dont_fragment=True)]
-        service._pump()
+        service.shell.pump()
         self.assertEqual(fake.port_results, [(port, 4, True)])
-        sock = service._sockets[4][port]
+        sock = service.shell.sockets[4][port]
         self.assertEqual(sock.getsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU_DISCOVER", 10)), 2)
         if v6:
             fake.commands = [C.OpenPort(port, 6, dont_fragment=True)]
-            service._pump()
+            service.shell.pump()
             self.assertEqual(fake.port_results[-1], (port, 6, True))
-            sock = service._sockets[6][port]
+            sock = service.shell.sockets[6][port]
             self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU_DISCOVER", 23)), 2)
             self.assertEqual(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
 
@@ -488,7 +493,7 @@ class PortTests(RelayFixture, unittest.TestCase):
         self.addCleanup(s.close)
         s.bind(("127.0.0.1", 0))
         taken = s.getsockname()[1]
-        service = RelayService(_FakeRelay(), taken, bind_ip4="127.0.0.1", clock=task.Clock())
+        service = _udp(_FakeRelay(), taken, bind_ip4="127.0.0.1", clock=task.Clock())
         error = self.assertRaises(CannotListenError, service.privilegedStartService)
         self.assertEqual((error.interface, error.port), ("127.0.0.1", taken))
         self.assertEqual(service.port_numbers(), [])
@@ -518,13 +523,13 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
             client.send(data)
         response = yield client.request(stun.BINDING, signed=False)
         self.assertEqual(response.msg_class, stun.SUCCESS)
-        self.assertEqual(dict(service.errors), {})
+        self.assertEqual(dict(service.shell.errors), {})
 
     @defer.inlineCallbacks
     def test_core_exception_is_counted_not_fatal(self) -> Any:
         service = self.start_relay()
         client = self.client()
-        real = service._handle_client_input
+        real = service.shell.handle_client_input
         calls = []
 
         def boom(data: bytes, sender: Any, now: float) -> Any:
@@ -533,12 +538,12 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
                 raise ZeroDivisionError("core bug")
             return real(data, sender, now)
 
-        service._handle_client_input = boom
+        service.shell.handle_client_input = boom
         client.send(b"boom")
         client.send(b"boom")
         response = yield client.request(stun.BINDING, signed=False)
         self.assertEqual(response.msg_class, stun.SUCCESS)
-        self.assertEqual(service.errors["client:ZeroDivisionError"], 2)
+        self.assertEqual(service.shell.errors["client:ZeroDivisionError"], 2)
         logged = self.flushLoggedErrors(ZeroDivisionError)
         self.assertEqual(len(logged), 1)  # rate limited: once per kind
 
@@ -548,7 +553,7 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
         errno, through either reader, and is not an internal error."""
         service = self.start_relay()
         client = self.client()
-        real = service._handle_client_input
+        real = service.shell.handle_client_input
         listen_port = service.listen_port
 
         def too_big(data: bytes, sender: Any, now: float) -> Any:
@@ -556,29 +561,29 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
                 return (listen_port, 4, sender, b"x" * 70000)
             return real(data, sender, now)
 
-        service._handle_client_input = too_big
+        service.shell.handle_client_input = too_big
         client.send(b"big")
         response = yield client.request(stun.BINDING, signed=False)
         self.assertEqual(response.msg_class, stun.SUCCESS)
-        self.assertEqual(service.drops["send_too_big"], 1)
-        self.assertEqual(dict(service.errors), {})
+        self.assertEqual(service.shell.drops["send_too_big"], 1)
+        self.assertEqual(dict(service.shell.errors), {})
 
     def test_send_errors_are_counted(self) -> None:
         fake = _FakeRelay()
-        service = RelayService(fake, 0, bind_ip4="127.0.0.1", clock=task.Clock())
+        service = _udp(fake, 0, bind_ip4="127.0.0.1", clock=task.Clock())
         self.addCleanup(service.stopService)
         port = free_udp_port((4,))
         fake.commands = [C.OpenPort(port, 4)]
-        service._pump()
-        service._transmit((port, 4, ("::1", 9), b"x"))  # wrong family for the socket
-        service._transmit((port + 1, 4, ("127.0.0.1", 9), b"x"))  # no such socket
-        service._transmit((port, 4, ("127.0.0.1", 9), b"x" * 70000))  # too big
-        self.assertEqual(service.drops["no_socket"], 1)
-        self.assertEqual(service.drops["send_too_big"], 1)
-        self.assertEqual(sum(service.drops.values()), 3)
+        service.shell.pump()
+        service.shell.transmit((port, 4, ("::1", 9), b"x"))  # wrong family for the socket
+        service.shell.transmit((port + 1, 4, ("127.0.0.1", 9), b"x"))  # no such socket
+        service.shell.transmit((port, 4, ("127.0.0.1", 9), b"x" * 70000))  # too big
+        self.assertEqual(service.shell.drops["no_socket"], 1)
+        self.assertEqual(service.shell.drops["send_too_big"], 1)
+        self.assertEqual(sum(service.shell.drops.values()), 3)
         protocol = service._ports[(port, 4)].protocol
         protocol.connectionRefused()
-        self.assertEqual(service.drops["refused"], 1)
+        self.assertEqual(service.shell.drops["refused"], 1)
 
     @defer.inlineCallbacks
     def test_stop_closes_every_socket(self) -> Any:
@@ -587,9 +592,9 @@ class RobustnessTests(RelayFixture, unittest.TestCase):
         _, response = yield client.allocate(SECRET, self.expiry())
         self.assertEqual(response.msg_class, stun.SUCCESS, response)
         self.assertEqual(len(service.port_numbers()), 2)
-        yield service.stopService()
+        yield service.shell.stopService()
         self.assertEqual(service.port_numbers(), [])
-        self.assertIsNone(service._timer)
+        self.assertFalse(service.shell.timer.armed)
 
     @defer.inlineCallbacks
     def test_no_twisted_port_lines_per_allocation(self) -> Any:

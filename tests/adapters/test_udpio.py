@@ -17,8 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from twisted.internet import task
 from twisted.trial import unittest
 
-from firezone_relay.adapters import udp
-from firezone_relay.adapters.udp import RelayService
+from firezone_relay.adapters import shell as udp
+from firezone_relay.adapters.shell import Shell
 from tests.adapters.test_udp import _FakeRelay
 from tests.helpers import ipv6_available
 
@@ -44,11 +44,11 @@ class BuiltTests(unittest.TestCase):
     def test_service_uses_it_by_default_and_on_request_only(self) -> None:
         relay = _FakeRelay()
         if _udpio is None:
-            self.assertRaises(RuntimeError, RelayService, relay, 0, batched_io=True, clock=task.Clock())
+            self.assertRaises(RuntimeError, Shell, relay, batched_io=True, clock=task.Clock())
             raise unittest.SkipTest("the _udpio extension is not built")
-        self.assertIsNotNone(RelayService(relay, 0, clock=task.Clock()).io)
-        self.assertIsNotNone(RelayService(relay, 0, batched_io=True, clock=task.Clock()).io)
-        self.assertIsNone(RelayService(relay, 0, batched_io=False, clock=task.Clock()).io)
+        self.assertIsNotNone(Shell(relay, clock=task.Clock()).io)
+        self.assertIsNotNone(Shell(relay, batched_io=True, clock=task.Clock()).io)
+        self.assertIsNone(Shell(relay, batched_io=False, clock=task.Clock()).io)
 
 
 class Harness:

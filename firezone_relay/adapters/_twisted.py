@@ -1,0 +1,130 @@
+"""Small helpers the adapters share: one copy each.
+
+``Counts`` (a zero-default dict of counters), ``format_address`` (the log
+form of a client or peer address), ``default_reactor`` (the global reactor,
+imported only when no reactor was injected) and ``LimitedLog`` (a log line
+at most once per interval per kind, for events a remote party can cause at
+will).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, TypeVar
+
+from twisted.logger import Logger
+
+K = TypeVar("K", bound=Hashable)
+
+#: Seconds between two log lines of one rate-limited kind.
+LOG_INTERVAL = 60.0
+
+
+class Counts(Dict[K, int]):
+    """Counters by key; an unknown key reads as 0 (and is not stored)."""
+
+    def __missing__(self, key: K) -> int:
+        return 0
+
+
+def format_address(address: Sequence[Any]) -> str:
+    """``1.2.3.4:5`` or ``[::1]:5``; a stream client's connection id (the
+    third item) is left out."""
+    ip, port = address[0], address[1]
+    return "[%s]:%d" % (ip, port) if ":" in ip else "%s:%d" % (ip, port)
+
+
+def default_reactor(reactor: Optional[Any] = None) -> Any:
+    """``reactor`` if given, else Twisted's global reactor (imported late,
+    so that importing an adapter never installs one)."""
+    if reactor is not None:
+        return reactor
+    from twisted.internet import reactor as global_reactor
+
+    return global_reactor
+
+
+class LimitedLog:
+    """Decides whether a line of a given kind may be logged now: at most once
+    per ``interval`` seconds (monotonic time) per kind."""
+
+    def __init__(self, log: Logger, interval: float = LOG_INTERVAL) -> None:
+        self.log = log
+        self.interval = interval
+        self._last: Dict[Hashable, float] = {}
+
+    def due(self, kind: Hashable) -> bool:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is None or now - last >= self.interval:
+            self._last[kind] = now
+            return True
+        return False
+
+
+def cancel_call(call: Optional[Any]) -> None:
+    """Cancel a ``DelayedCall`` unless it is None, has run or was cancelled."""
+    if call is not None and call.active():
+        call.cancel()
+
+
+class OneTimer:
+    """The single ``DelayedCall`` of a sans-IO state machine that asks for an
+    absolute deadline (``poll_timeout()``): ``arm(deadline)`` moves it
+    (``reset``, not a new call), ``arm(None)`` or ``cancel()`` drops it.
+    When it fires, ``fire(now)`` runs with ``now`` never before the deadline
+    asked for (a clock may run a call a little early)."""
+
+    def __init__(self, clock: Any, fire: Callable[[float], None]) -> None:
+        self.clock = clock
+        self.fire = fire
+        #: The deadline the call is armed for, or None.
+        self.deadline: Optional[float] = None
+        self._call: Any = None
+
+    @property
+    def armed(self) -> bool:
+        return self._call is not None
+
+    def arm(self, deadline: Optional[float]) -> None:
+        if deadline == self.deadline and (deadline is None or self._call is not None):
+            return
+        self.deadline = deadline
+        if deadline is None:
+            self.cancel()
+            return
+        delay = max(0.0, deadline - self.clock.seconds())
+        call = self._call
+        if call is not None and call.active():
+            call.reset(delay)
+        else:
+            self._call = self.clock.callLater(delay, self._fired)
+
+    def retry_in(self, seconds: float) -> None:
+        """Fire again after ``seconds`` unless armed meanwhile (after a
+        failed ``fire``: do not spin on the same deadline, do not stop)."""
+        if self._call is None:
+            self.deadline = None
+            self._call = self.clock.callLater(seconds, self._fired)
+
+    def cancel(self) -> None:
+        call, self._call = self._call, None
+        self.deadline = None
+        cancel_call(call)
+
+    def _fired(self) -> None:
+        self._call = None
+        deadline, self.deadline = self.deadline, None
+        now = self.clock.seconds()
+        if deadline is not None and deadline > now:
+            now = deadline  # the machine never sees a time before the deadline it asked for
+        self.fire(now)
+
+
+def cancel_attributes(owner: Any, *names: str) -> None:
+    """Set each named attribute of ``owner`` (a ``DelayedCall`` or None) to
+    None and cancel the call it held."""
+    for name in names:
+        call = getattr(owner, name)
+        setattr(owner, name, None)
+        cancel_call(call)

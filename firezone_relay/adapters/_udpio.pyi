@@ -1,0 +1,29 @@
+# Types of the C extension _udpio.c (batched UDP I/O); its header comment is the contract.
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+#: Datagrams per recvmmsg/sendmmsg call.
+BATCH: int
+
+Transmit = Tuple[int, int, Any, bytes]
+
+class IO:
+    def __init__(
+        self,
+        now: Callable[[], float],
+        pump: Callable[[], None],
+        fds: Dict[int, Dict[int, int]],
+        fallback: Callable[[Transmit], None],
+        send_failed: Callable[[int], None],
+        internal_error: Callable[[str, BaseException], None],
+    ) -> None: ...
+    def read(
+        self,
+        fd: int,
+        handler: Callable[..., Optional[Transmit]],
+        port: Optional[int],
+        family: int,
+        always_view: bool,
+        refused: Callable[[], None],
+    ) -> int: ...
+    def send(self, transmits: List[Transmit]) -> None: ...
+    def stats(self) -> Dict[str, int]: ...
