@@ -16,7 +16,7 @@ the two can never be confused and the shell can tell where a reply goes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 Address = Tuple[str, int]
 #: ``(ip, port)`` for UDP clients, ``(ip, port, connection_id)`` for stream clients.
@@ -134,5 +134,3 @@ Command = Union[
     AllocationCreated,
     AllocationDeleted,
 ]
-
-OptionalCommand = Optional[Command]

@@ -25,10 +25,14 @@ output; the relay never touches a socket or a clock.
 
 Time is POSIX seconds (the shell passes ``reactor.seconds()``), because the
 Firezone credentials carry a wall-clock expiry.  Everything that can expire
-(allocations, permissions, channels, port reservations) sits in one heap of
-``(deadline, sequence, object)``; an object remembers the deadline of its live
-heap entry, so a refresh that pushes a deadline out costs no heap operation
-and stale entries are skipped (and the heap rebuilt if they pile up).
+(allocations, permissions, channels, port reservations: ``allocation.py``)
+sits in one deadline heap (``timers.py``).
+
+Where things live: this module dispatches input and has one handler per
+RFC 8656 request; ``auth.py`` is RFC 8489 §9.2 (credentials, nonces,
+challenges); ``ratelimit.py`` the token buckets; ``stats.py`` the counters;
+``channel_data.py`` the ChannelData format, which the two per-packet paths
+below inline for speed.
 
 Nonces are stateless (see ``auth.NonceFactory``), so nothing is stored for a
 client until it holds an allocation.
@@ -36,13 +40,28 @@ client until it holds an allocation.
 
 from __future__ import annotations
 
-import heapq
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence, Union
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
 
-from . import stun
-from .auth import NONCE_LIFETIME, REALM, NonceFactory, generate_password, parse_rest_username, parse_username, rest_password
+from . import auth, stun
+from .allocation import (
+    CHANNEL_LIFETIME,
+    CHANNEL_RESERVE,
+    DEFAULT_LIFETIME,
+    MAX_LIFETIME,
+    MAX_PORT_ATTEMPTS,
+    PERMISSION_LIFETIME,
+    RESERVATION_LIFETIME,
+    Allocation,
+    AllocationInfo,
+    Channel,
+    Permission,
+    Reservation,
+    pick_port,
+)
+from .auth import MAX_AMPLIFICATION, MAX_REST_LIFETIME, NONCE_LIFETIME, REALM, NonceFactory, Request
+from .channel_data import MAX_CHANNEL, MIN_CHANNEL
 from .commands import (
     Address,
     AllocationCreated,
@@ -59,30 +78,33 @@ from .commands import (
     Transmit,
 )
 from .policy import OwnAddresses, PeerPolicy
+from .ratelimit import ReflectionGuard, over_budget
+from .stats import SIZE_BUCKET, RelayStats
+from .timers import Deadlines, Timed
 
-DEFAULT_LIFETIME = 600
-MAX_LIFETIME = 3600
-PERMISSION_LIFETIME = 300
-CHANNEL_LIFETIME = 600
-CHANNEL_RESERVE = 300
-RESERVATION_LIFETIME = 30
-MIN_CHANNEL = 0x4000
-MAX_CHANNEL = 0x7FFF
+__all__ = [
+    "CHANNEL_LIFETIME",
+    "CHANNEL_RESERVE",
+    "DEFAULT_LIFETIME",
+    "LIVE_FIELDS",
+    "MAX_LIFETIME",
+    "MAX_PEERS_PER_REQUEST",
+    "MAX_PORT_ATTEMPTS",
+    "MAX_REST_LIFETIME",
+    "PERMISSION_LIFETIME",
+    "RESERVATION_LIFETIME",
+    "AllocationInfo",
+    "RandomSource",
+    "Relay",
+    "RelayConfig",
+    "RelayStats",
+]
+
 UDP = 17
-MAX_PORT_ATTEMPTS = 16
-#: A REST credential valid for longer than this is refused (401): a
-#: credential that never expires is a static password in disguise.
-MAX_REST_LIFETIME = 366 * 86400
 #: SPEC §1: a CreatePermission lists at most this many XOR-PEER-ADDRESS (more → 400).
 MAX_PEERS_PER_REQUEST = 32
 #: SPEC §1: a 420 lists at most this many attribute types in UNKNOWN-ATTRIBUTES.
 MAX_UNKNOWN_LISTED = 16
-#: SPEC §5: no reply to an unauthenticated request is more than this many
-#: times the size of the request (reflection amplification).
-MAX_AMPLIFICATION = 4
-
-_PASSWORD_ALGORITHMS = ((stun.ALGORITHM_SHA256, b""), (stun.ALGORITHM_MD5, b""))
-_PASSWORD_ALGORITHMS_SIZE = 4 + 4 * len(_PASSWORD_ALGORITHMS)
 _WIRE_FAMILY = {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}
 
 
@@ -165,177 +187,8 @@ class RelayConfig:
 _FIXED_FIELDS = tuple(name for name in RelayConfig.__dataclass_fields__ if name not in LIVE_FIELDS)
 
 
-@dataclass
-class RelayStats:
-    """Plain integer counters read by the metrics collector at scrape time."""
-
-    allocations_total: int = 0
-    client_to_peer_packets: int = 0
-    client_to_peer_bytes: int = 0
-    peer_to_client_packets: int = 0
-    peer_to_client_bytes: int = 0
-    #: (message_type, "success"|"error", error code or 0) -> count
-    responses: dict[tuple[str, str, int], int] = field(default_factory=dict)
-    #: reason -> count
-    dropped: dict[str, int] = field(default_factory=dict)
-    #: reason -> count
-    auth_failures: dict[str, int] = field(default_factory=dict)
-    #: histogram of relayed payload sizes: index i counts sizes in
-    #: (100*i, 100*(i+1)] for i < 15, index 15 counts > 1500.
-    packet_sizes: list[int] = field(default_factory=lambda: [0] * 16)
-
-    def drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-
-
-@dataclass(frozen=True)
-class AllocationInfo:
-    """One allocation as the control endpoint shows it (SPEC §10)."""
-
-    client: Client
-    username: str
-    port: int
-    relayed: tuple[Address, ...]
-    age: float
-    lifetime_left: float
-    channels: int
-    permissions: int
-    bytes_to_peers: int
-    packets_to_peers: int
-    bytes_to_client: int
-    packets_to_client: int
-
-
-class _Timed:
-    __slots__ = ("deadline", "scheduled", "dead")
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.scheduled = float("inf")
-        self.dead = False
-
-
-class _Permission(_Timed):
-    __slots__ = ("allocation", "ip")
-
-    def __init__(self, allocation: "_Allocation", ip: str, deadline: float) -> None:
-        super().__init__(deadline)
-        self.allocation = allocation
-        self.ip = ip
-
-
-class _Channel(_Timed):
-    __slots__ = ("allocation", "number", "peer", "family", "bound", "expires")
-
-    def __init__(self, allocation: "_Allocation", number: int, peer: Address, family: int, expires: float) -> None:
-        super().__init__(expires)
-        self.allocation = allocation
-        self.number = number
-        self.peer = peer
-        self.family = family
-        self.bound = True
-        self.expires = expires
-
-
-class _Reservation(_Timed):
-    __slots__ = ("token", "port", "family", "owner")
-
-    def __init__(self, token: bytes, port: int, family: int, deadline: float) -> None:
-        super().__init__(deadline)
-        self.token = token
-        self.port = port
-        self.family = family
-        #: The allocation that made it: the reservation goes with it (SPEC §5).
-        self.owner: Optional[_Allocation] = None
-
-
-class _Request:
-    """What a reply to one request needs: where, which transaction, signed how."""
-
-    __slots__ = (
-        "sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated", "algorithm", "size"
-    )
-
-    def __init__(self, sender: Client, message: stun.Message) -> None:
-        self.sender = sender
-        self.method = message.method
-        self.transaction_id = message.transaction_id
-        self.fingerprint = message.has_fingerprint
-        #: The request's size in bytes: the budget of an unauthenticated reply.
-        self.size = len(message.raw)
-        self.key: Optional[bytes] = None
-        self.sha256 = False
-        self.username = ""
-        self.authenticated = False
-        self.algorithm = stun.ALGORITHM_MD5
-
-
-class _Allocation(_Timed):
-    __slots__ = (
-        "client",
-        "username",
-        "port",
-        "families",
-        "pending_families",
-        "opened_families",
-        "permissions",
-        "channels",
-        "channel_by_peer",
-        "chan_in",
-        "request",
-        "response",
-        "lifetime",
-        "dont_fragment",
-        "even_port",
-        "reserve_next",
-        "reservation",
-        "reserved",
-        "attempts",
-        "tried_ports",
-        "active",
-        "created",
-        "meter",
-    )
-
-    def __init__(self, client: Client, username: str, families: tuple[int, ...], lifetime: int) -> None:
-        super().__init__(0.0)
-        self.client = client
-        self.username = username
-        self.port = 0
-        self.families = families
-        self.pending_families: list[int] = []
-        self.opened_families: list[int] = []
-        self.permissions: dict[str, _Permission] = {}
-        self.channels: dict[int, _Channel] = {}
-        self.channel_by_peer: dict[Address, int] = {}
-        #: peer -> (client, 2-byte channel prefix, client family, stream): the fast path
-        self.chan_in: dict[Address, tuple[Client, bytes, int, bool]] = {}
-        self.request: Optional[_Request] = None
-        self.response = b""
-        self.lifetime = lifetime
-        self.dont_fragment = False
-        self.even_port = False
-        self.reserve_next = False
-        self.reservation: Optional[_Reservation] = None
-        #: The reservation this allocation made (EVEN-PORT R), while unclaimed.
-        self.reserved: Optional[_Reservation] = None
-        self.attempts = 0
-        self.tried_ports: set[int] = set()
-        self.active = False
-        self.created = 0.0
-        #: [bytes to peers, packets to peers, bytes to the client, packets to
-        #: the client, then for --max-bps: tokens and last refill of each
-        #: direction]: shared with the fast-path entries, one list per allocation
-        self.meter: list[float] = [0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0]
-
-
 def _family_of(ip: str) -> int:
     return 6 if ":" in ip else 4
-
-
-def _attribute_size(value_length: int) -> int:
-    """Bytes on the wire of an attribute whose value has ``value_length`` bytes."""
-    return 4 + ((value_length + 3) & ~3)
 
 
 def _unknown_listed(message: stun.Message) -> tuple[int, ...]:
@@ -366,19 +219,18 @@ class Relay:
         self._draining = False
         self._max_bps = config.max_bps
 
-        self._allocations: dict[Client, _Allocation] = {}
-        self._by_port: dict[int, _Allocation] = {}
-        self._by_username: dict[str, list[_Allocation]] = {}
-        self._pending: dict[tuple[int, int], _Allocation] = {}
+        self._allocations: dict[Client, Allocation] = {}
+        self._by_port: dict[int, Allocation] = {}
+        self._by_username: dict[str, list[Allocation]] = {}
+        self._pending: dict[tuple[int, int], Allocation] = {}
         #: client -> channel -> (port, family, peer, hairpin, meter): the fast path
         self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool, list[float]]]] = {}
         self._used_ports: set[int] = set()
-        self._reservations: dict[bytes, _Reservation] = {}
+        self._reservations: dict[bytes, Reservation] = {}
         #: Pending allocations that will make a reservation when their port opens.
         self._reserving = 0
-        self._timers: list[tuple[float, int, _Timed]] = []
-        self._timer_seq = 0
-        self._buckets: dict[str, list[float]] = {}
+        self._timers = Deadlines(self._live_timed, self._live_timed_count)
+        self._reflection = ReflectionGuard(config.unauthenticated_burst, config.unauthenticated_rate)
         self.permission_count = 0
         self.channel_count = 0  # bound channels
         self._channels_total = 0  # including those in their reserve period
@@ -421,6 +273,8 @@ class Relay:
             raise ValueError("cannot change while running: %s" % ", ".join(fixed))
         self.config = config
         self._max_bps = config.max_bps
+        self._reflection.burst = float(config.unauthenticated_burst)
+        self._reflection.rate = config.unauthenticated_rate
         self._policy = PeerPolicy(config.allow_peers, config.deny_peers, config.allow_loopback_peers)
         # A peer the new policy denies loses its channels and permissions now
         # (the same commands as on expiry), not when they would have expired.
@@ -436,34 +290,21 @@ class Relay:
         return None
 
     def poll_timeout(self) -> Optional[float]:
-        timers = self._timers
-        while timers:
-            deadline, _, obj = timers[0]
-            if obj.dead or obj.scheduled != deadline:
-                heapq.heappop(timers)
-            elif obj.deadline > deadline:
-                heapq.heappop(timers)
-                obj.scheduled = float("inf")
-                self._schedule(obj)
-            else:
-                return deadline
-        return None
+        """The absolute time ``handle_timeout`` is next due, or ``None``."""
+        return self._timers.next_deadline()
 
     def handle_timeout(self, now: float) -> None:
-        timers = self._timers
-        while True:
-            deadline = self.poll_timeout()
-            if deadline is None or deadline > now:
-                break
-            _, _, obj = heapq.heappop(timers)
-            obj.scheduled = float("inf")
-            if isinstance(obj, _Allocation):
+        """Expire everything due at ``now``: allocations (RFC 8656 §7),
+        permissions (§9), channel bindings (§12) and reservations (§7.1)."""
+        pop_due = self._timers.pop_due
+        while (obj := pop_due(now)) is not None:
+            if isinstance(obj, Allocation):
                 self._delete_allocation(obj, "expired")
-            elif isinstance(obj, _Permission):
+            elif isinstance(obj, Permission):
                 self._expire_permission(obj)
-            elif isinstance(obj, _Channel):
+            elif isinstance(obj, Channel):
                 self._expire_channel(obj)
-            elif isinstance(obj, _Reservation):
+            elif isinstance(obj, Reservation):
                 self._expire_reservation(obj)
         self._maybe_clear_timers()
 
@@ -488,7 +329,7 @@ class Relay:
             stats = self.stats
             stats.client_to_peer_packets += 1
             stats.client_to_peer_bytes += length
-            stats.packet_sizes[(length - 1) // 100 if 0 < length <= 1500 else (15 if length else 0)] += 1
+            stats.packet_sizes[SIZE_BUCKET[length]] += 1
             meter = entry[4]
             if self._max_bps and self._over_budget(meter, 4, length, now):
                 return None
@@ -518,7 +359,7 @@ class Relay:
             stats = self.stats
             stats.peer_to_client_packets += 1
             stats.peer_to_client_bytes += n
-            stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
+            stats.packet_sizes[SIZE_BUCKET[n]] += 1
             meter = alloc.meter
             if self._max_bps and self._over_budget(meter, 6, n, now):
                 return None
@@ -544,7 +385,7 @@ class Relay:
         stats = self.stats
         stats.peer_to_client_packets += 1
         stats.peer_to_client_bytes += n
-        stats.packet_sizes[(n - 1) // 100 if 0 < n <= 1500 else (15 if n else 0)] += 1
+        stats.packet_sizes[SIZE_BUCKET[n]] += 1
         meter = alloc.meter
         if self._max_bps and self._over_budget(meter, 6, n, now):
             return None
@@ -595,27 +436,19 @@ class Relay:
 
     # --- timers ------------------------------------------------------------
 
-    def _schedule(self, obj: _Timed) -> None:
-        if obj.deadline < obj.scheduled:
-            obj.scheduled = obj.deadline
-            self._timer_seq += 1
-            heapq.heappush(self._timers, (obj.deadline, self._timer_seq, obj))
-            if len(self._timers) > 64 + 4 * self._live_timed():
-                self._rebuild_timers()
+    def _schedule(self, obj: Timed) -> None:
+        self._timers.schedule(obj)
 
-    def _live_timed(self) -> int:
+    def _live_timed_count(self) -> int:
         return len(self._by_port) + self.permission_count + self._channels_total + len(self._reservations)
 
-    def _rebuild_timers(self) -> None:
-        live: list[_Timed] = list(self._reservations.values())
+    def _live_timed(self) -> list[Timed]:
+        live: list[Timed] = list(self._reservations.values())
         for alloc in self._by_port.values():
             live.append(alloc)
             live.extend(alloc.permissions.values())
             live.extend(alloc.channels.values())
-        self._timers = []
-        for obj in live:
-            obj.scheduled = float("inf")
-            self._schedule(obj)
+        return live
 
     def _maybe_clear_timers(self) -> None:
         if not self._by_port and not self._reservations:
@@ -635,11 +468,9 @@ class Relay:
                 and exc.transaction_id is not None
             ):
                 if self._unauthenticated_allowed(sender, now):
-                    parsed = parse_username(exc.username) if exc.username is not None else None
                     key = None
-                    if exc.username is not None and parsed is not None:
-                        password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
-                        key = stun.long_term_key(exc.username, self.config.realm, password)
+                    if exc.username is not None:
+                        key = auth.firezone_key(self.config.auth_secret, exc.username, self.config.realm)
                     # Unauthenticated: no SOFTWARE, and within the amplification budget.
                     if self._send(
                         sender,
@@ -656,7 +487,7 @@ class Relay:
             return
         cls = message.msg_class
         if cls == stun.REQUEST:
-            request = _Request(sender, message)
+            request = Request(sender, message)
             method = message.method
             if method == stun.BINDING:
                 self._handle_binding(message, request, now)
@@ -669,7 +500,7 @@ class Relay:
             elif method == stun.CHANNEL_BIND:
                 self._handle_channel_bind(message, request, now)
             else:
-                self._derive_key(message, request)
+                auth.derive_key(message, request, self.config.auth_secret, self.config.realm)
                 self._error(request, 400, now)
         elif cls == stun.INDICATION and message.method == stun.SEND:
             self._handle_send(message, sender, now)
@@ -708,11 +539,9 @@ class Relay:
         return payload
 
     def _count_response(self, method: int, code: int) -> None:
-        key = (stun.METHOD_NAMES.get(method, "unknown"), "error" if code else "success", code)
-        responses = self.stats.responses
-        responses[key] = responses.get(key, 0) + 1
+        self.stats.response(stun.METHOD_NAMES.get(method, "unknown"), code)
 
-    def _reply(self, request: _Request, attributes: list[stun.Attribute]) -> bytes:
+    def _reply(self, request: Request, attributes: list[stun.Attribute]) -> bytes:
         # SPEC §1/§5: SOFTWARE only on replies to authenticated requests; a
         # reply to an unauthenticated one (Binding) stays within 4x its request.
         if request.authenticated:
@@ -732,7 +561,7 @@ class Relay:
             self._count_response(request.method, 0)
         return payload
 
-    def _error(self, request: _Request, code: int, now: float, extra: Optional[list[stun.Attribute]] = None) -> None:
+    def _error(self, request: Request, code: int, now: float, extra: Optional[list[stun.Attribute]] = None) -> None:
         if not request.authenticated and not self._unauthenticated_allowed(request.sender, now):
             self.stats.drop("rate_limited")
             return
@@ -754,41 +583,14 @@ class Relay:
         ):
             self._count_response(request.method, code)
 
-    def _challenge(self, request: _Request, code: int, now: float) -> None:
-        """401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4).
-
-        REALM and NONCE are the MUSTs; PASSWORD-ALGORITHMS is a MAY ("The
-        server MAY support alternate password algorithms, in which case it can
-        list them ... in a PASSWORD-ALGORITHMS attribute"), and if it is sent
-        the nonce must carry the security feature cookie with the "password
-        algorithms" bit.  The full challenge (PASSWORD-ALGORITHMS, cookie
-        nonce: SHA-256 offered) goes to requests large enough that it stays
-        within 4x their size (SPEC §5), which every real first Allocate is
-        (it must carry REQUESTED-TRANSPORT).  A smaller request (a bare 20-byte
-        Allocate or Refresh) gets the smallest correct challenge: REALM and a
-        plain 16-character nonce, MD5 only, 72 bytes unsigned (3.6x).
-        """
+    def _challenge(self, request: Request, code: int, now: float) -> None:
+        """401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4; the
+        attributes: ``auth.challenge_attributes``), within the reflection guard."""
         if not self._unauthenticated_allowed(request.sender, now):
             self.stats.drop("rate_limited")
             return
-        client = (request.sender[0], request.sender[1])
-        reason = stun.REASONS[code]
+        attributes = auth.challenge_attributes(request, code, self.config.realm, self._nonces, now)
         budget = MAX_AMPLIFICATION * request.size
-        nonce = self._nonces.issue(client, now)
-        full_size = (
-            stun.HEADER_LENGTH
-            + _attribute_size(4 + len(reason))
-            + _attribute_size(len(self.config.realm))
-            + _attribute_size(len(nonce))
-            + _PASSWORD_ALGORITHMS_SIZE
-            + (0 if request.key is None else (36 if request.sha256 else 24))
-            + (8 if request.fingerprint else 0)
-        )
-        attributes: list[stun.Attribute] = [(stun.ERROR_CODE, (code, reason)), (stun.REALM, self.config.realm)]
-        if full_size <= budget:
-            attributes += [(stun.NONCE, nonce), (stun.PASSWORD_ALGORITHMS, _PASSWORD_ALGORITHMS)]
-        else:
-            attributes.append((stun.NONCE, self._nonces.issue(client, now, full=False)))
         if self._send(
             request.sender,
             request.method,
@@ -806,130 +608,34 @@ class Relay:
         """The reflection guard.  Stream clients are exempt: a TCP/TLS peer
         completed a handshake, so its source address cannot be spoofed, and
         it does not retransmit a reply we drop."""
-        rate = self.config.unauthenticated_rate
-        if rate <= 0 or len(client) == 3:
+        if len(client) == 3:
             return True
         if client in self._allocations:
             # A 5-tuple that holds an allocation is never charged: Firezone
             # clients send a Binding every 25 s per allocation, and thousands
             # of them can share one NAT address (SPEC §5).
             return True
-        ip = client[0]
-        burst = float(self.config.unauthenticated_burst)
-        bucket = self._buckets.get(ip)
-        if bucket is None:
-            if len(self._buckets) >= 65536:
-                self._prune_buckets(now)
-            self._buckets[ip] = [burst - 1.0, now]
-            return True
-        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
-        return True
-
-    def _prune_buckets(self, now: float) -> None:
-        """Forget buckets that have refilled; if none has, forget the oldest half."""
-        rate = self.config.unauthenticated_rate
-        burst = float(self.config.unauthenticated_burst)
-        full = [ip for ip, (tokens, last) in self._buckets.items() if tokens + (now - last) * rate >= burst]
-        for ip in full:
-            del self._buckets[ip]
-        if len(self._buckets) >= 65536:
-            for ip in list(self._buckets)[: len(self._buckets) // 2]:
-                del self._buckets[ip]
+        return self._reflection.allow(client[0], now)
 
     # --- authentication -------------------------------------------------------
 
-    def _authenticate(self, message: stun.Message, request: _Request, now: float) -> bool:
-        """RFC 8489 §9.2 with the Firezone credential scheme.
-
-        On failure the reply (401/438/400) is queued and False returned.  A
-        request whose USERNAME has the Firezone form gets signed replies,
-        errors included.
-        """
-        parsed, algorithms_ok = self._derive_key(message, request)
-        username = message.get_str(stun.USERNAME)
-        has_integrity = message.integrity_offset >= 0 or message.integrity_sha256_offset >= 0
-        nonce = message.get_str(stun.NONCE)
-        if not has_integrity or username is None or nonce is None:
-            self._auth_failure("missing_credentials")
-            self._challenge(request, 401, now)
-            return False
-        if not self._nonces.is_valid(nonce, (request.sender[0], request.sender[1]), now):
-            self._auth_failure("stale_nonce")
-            self._challenge(request, 438, now)
-            return False
-        if not algorithms_ok:
-            self._auth_failure("bad_password_algorithm")
+    def _authenticate(self, message: stun.Message, request: Request, now: float) -> bool:
+        """RFC 8489 §9.2 (``auth.authenticate``); on failure the reply
+        (401/438 challenge, or 400) is queued and False returned."""
+        failure = auth.authenticate(
+            message, request, self._nonces, self.config.auth_secret, self.config.realm, self.config.rest_secrets, now
+        )
+        if failure is None:
+            return True
+        reason, code = failure
+        self.stats.auth_failure(reason)
+        if code == 400:
             self._error(request, 400, now)
-            return False
-        rest_expiry = parse_rest_username(username) if self.config.rest_secrets else None
-        if (parsed is None or request.key is None) and rest_expiry is None:
-            self._auth_failure("malformed_username")
-            self._challenge(request, 401, now)
-            return False
-        check = stun.check_integrity_sha256 if request.sha256 else stun.check_integrity
-        expiry: Optional[int] = None
-        if parsed is not None and request.key is not None and check(message, request.key):
-            expiry = parsed[0]
-        elif rest_expiry is not None:
-            # TURN REST credentials (SPEC §10): either scheme's key may verify.
-            for secret in self.config.rest_secrets:
-                key = stun.long_term_key(username, self.config.realm, rest_password(secret, username), request.algorithm)
-                if check(message, key):
-                    request.key = key
-                    request.username = username
-                    expiry = rest_expiry
-                    break
-            if expiry is not None and expiry > now + MAX_REST_LIFETIME:
-                self._auth_failure("rest_expiry_too_far")
-                self._challenge(request, 401, now)
-                return False
-        if expiry is None:
-            self._auth_failure("bad_integrity")
-            self._challenge(request, 401, now)
-            return False
-        if expiry < now:
-            self._auth_failure("expired")
-            self._challenge(request, 401, now)
-            return False
-        request.authenticated = True
-        return True
+        else:
+            self._challenge(request, code, now)
+        return False
 
-    def _derive_key(self, message: stun.Message, request: _Request) -> tuple[Optional[tuple[int, str]], bool]:
-        """Set ``request.key`` from a Firezone-form USERNAME so that every
-        reply to it is signed.  Returns the parsed username and whether the
-        PASSWORD-ALGORITHM(S) attributes are acceptable (RFC 8489 §9.2.4)."""
-        username = message.get_str(stun.USERNAME)
-        parsed = parse_username(username) if username is not None else None
-        algorithm = stun.ALGORITHM_MD5
-        algorithm_value = message.get(stun.PASSWORD_ALGORITHM)
-        algorithms_value = message.get(stun.PASSWORD_ALGORITHMS)
-        algorithms_ok = True
-        if algorithm_value is not None or algorithms_value is not None:
-            algorithms_ok = (
-                isinstance(algorithm_value, tuple)
-                and algorithms_value == _PASSWORD_ALGORITHMS
-                and algorithm_value in _PASSWORD_ALGORITHMS
-            )
-            if algorithms_ok and isinstance(algorithm_value, tuple):
-                algorithm = algorithm_value[0]
-        request.algorithm = algorithm
-        request.sha256 = message.integrity_sha256_offset >= 0
-        if username is not None and parsed is not None:
-            request.username = username
-            password = generate_password(self.config.auth_secret, parsed[0], parsed[1])
-            request.key = stun.long_term_key(username, self.config.realm, password, algorithm)
-        return parsed, algorithms_ok
-
-    def _auth_failure(self, reason: str) -> None:
-        failures = self.stats.auth_failures
-        failures[reason] = failures.get(reason, 0) + 1
-
-    def _common_checks(self, message: stun.Message, request: _Request, now: float) -> bool:
+    def _common_checks(self, message: stun.Message, request: Request, now: float) -> bool:
         """Authentication, then 420 for unknown comprehension-required attributes."""
         if not self._authenticate(message, request, now):
             return False
@@ -938,7 +644,7 @@ class Relay:
             return False
         return True
 
-    def _owned_allocation(self, request: _Request, now: float, any_username: bool = False) -> Optional[_Allocation]:
+    def _owned_allocation(self, request: Request, now: float, any_username: bool = False) -> Optional[Allocation]:
         """The sender's active allocation, else 437; wrong username → 441
         unless ``any_username`` (an authenticated delete from the 5-tuple)."""
         alloc = self._allocations.get(request.sender)
@@ -952,7 +658,7 @@ class Relay:
 
     # --- Binding ---------------------------------------------------------------
 
-    def _handle_binding(self, message: stun.Message, request: _Request, now: float) -> None:
+    def _handle_binding(self, message: stun.Message, request: Request, now: float) -> None:
         if message.unknown_required:
             self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, _unknown_listed(message))])
             return
@@ -963,7 +669,7 @@ class Relay:
 
     # --- Allocate ----------------------------------------------------------------
 
-    def _handle_allocate(self, message: stun.Message, request: _Request, now: float) -> None:
+    def _handle_allocate(self, message: stun.Message, request: Request, now: float) -> None:
         existing = self._allocations.get(request.sender)
         if existing is not None and existing.request is not None:
             if existing.request.transaction_id == message.transaction_id:
@@ -1007,7 +713,7 @@ class Relay:
             self._error(request, 400, now)
             return
         families: tuple[int, ...]
-        reservation: Optional[_Reservation] = None
+        reservation: Optional[Reservation] = None
         if token is not None:
             reservation = self._reservations.get(token)
             if reservation is None or reservation.dead:
@@ -1032,7 +738,7 @@ class Relay:
         # that claims one trades the reservation's unit for its own.
         need = 2 if even_port is True else 1
         if reservation is not None:
-            self._detach_reservation(reservation)
+            reservation.detach()
         # A roaming device replaces its own oldest allocation first, so that
         # the port and the quota it frees count for the new one.
         limit = self.config.user_allocation_limit
@@ -1053,7 +759,7 @@ class Relay:
             return
         lifetime = self._allocate_lifetime(message)
 
-        alloc = _Allocation(request.sender, request.username, families, lifetime)
+        alloc = Allocation(request.sender, request.username, families, lifetime)
         alloc.request = request
         alloc.dont_fragment = message.has(stun.DONT_FRAGMENT)
         alloc.even_port = even_port is not None
@@ -1099,37 +805,18 @@ class Relay:
             return DEFAULT_LIFETIME
         return min(requested, MAX_LIFETIME)
 
-    def _pick_port(self, alloc: _Allocation) -> Optional[int]:
-        low, high = self.config.lowest_port, self.config.highest_port
-        size = high - low + 1
-        used = self._used_ports
-        tried = alloc.tried_ports
-
-        def usable(port: int) -> bool:
-            if port in used or port in tried:
-                return False
-            if alloc.even_port:
-                if port & 1:
-                    return False
-                if alloc.reserve_next and (port + 1 > high or port + 1 in used):
-                    return False
-            return True
-
-        for _ in range(32):
-            port = low + self._rng.getrandbits(32) % size
-            if usable(port):
-                return port
-        start = self._rng.getrandbits(32) % size
-        for i in range(size):
-            port = low + (start + i) % size
-            if usable(port):
-                return port
-        return None
-
-    def _start_port_attempt(self, alloc: _Allocation) -> bool:
+    def _start_port_attempt(self, alloc: Allocation) -> bool:
         if alloc.attempts >= MAX_PORT_ATTEMPTS:
             return False
-        port = self._pick_port(alloc)
+        port = pick_port(
+            self.config.lowest_port,
+            self.config.highest_port,
+            self._used_ports,
+            alloc.tried_ports,
+            alloc.even_port,
+            alloc.reserve_next,
+            self._random32,
+        )
         if port is None:
             return False
         alloc.attempts += 1
@@ -1141,12 +828,15 @@ class Relay:
         self._open_next_family(alloc)
         return True
 
-    def _open_next_family(self, alloc: _Allocation) -> None:
+    def _random32(self) -> int:
+        return self._rng.getrandbits(32)
+
+    def _open_next_family(self, alloc: Allocation) -> None:
         family = alloc.pending_families.pop(0)
         self._pending[(alloc.port, family)] = alloc
         self._commands.append(OpenPort(alloc.port, family, alloc.dont_fragment))
 
-    def _fail_pending(self, alloc: _Allocation, now: float) -> None:
+    def _fail_pending(self, alloc: Allocation, now: float) -> None:
         if self._allocations.get(alloc.client) is alloc:
             del self._allocations[alloc.client]
         if alloc.reserve_next and not alloc.dead:
@@ -1156,7 +846,7 @@ class Relay:
         if request is not None:
             self._error(request, 508, now)
 
-    def _activate(self, alloc: _Allocation, now: float) -> None:
+    def _activate(self, alloc: Allocation, now: float) -> None:
         request = alloc.request
         assert request is not None
         alloc.active = True
@@ -1174,7 +864,7 @@ class Relay:
         if alloc.reserve_next:
             self._reserving -= 1
             token = self._rng.getrandbits(64).to_bytes(8, "big")
-            reservation = _Reservation(token, alloc.port + 1, alloc.families[0], now + RESERVATION_LIFETIME)
+            reservation = Reservation(token, alloc.port + 1, alloc.families[0], now + RESERVATION_LIFETIME)
             reservation.owner = alloc
             alloc.reserved = reservation
             self._reservations[token] = reservation
@@ -1184,26 +874,19 @@ class Relay:
         self._commands.append(AllocationCreated(alloc.client, alloc.username, alloc.port, relayed, alloc.lifetime))
         alloc.response = self._reply(request, attributes)
 
-    def _claim_reservation(self, reservation: _Reservation) -> None:
-        self._detach_reservation(reservation)
+    def _claim_reservation(self, reservation: Reservation) -> None:
+        reservation.detach()
         reservation.dead = True
         del self._reservations[reservation.token]
 
-    def _expire_reservation(self, reservation: _Reservation) -> None:
-        self._detach_reservation(reservation)
+    def _expire_reservation(self, reservation: Reservation) -> None:
+        reservation.detach()
         reservation.dead = True
         if self._reservations.pop(reservation.token, None) is not None:
             self._used_ports.discard(reservation.port)
 
     @staticmethod
-    def _detach_reservation(reservation: _Reservation) -> None:
-        owner = reservation.owner
-        if owner is not None:
-            owner.reserved = None
-            reservation.owner = None
-
-    @staticmethod
-    def _user_units(owned: list[_Allocation]) -> int:
+    def _user_units(owned: list[Allocation]) -> int:
         """A username's share of its quota: allocations and their reservations."""
         return len(owned) + sum(1 for alloc in owned if alloc.reserved is not None)
 
@@ -1212,7 +895,7 @@ class Relay:
         and reservations, made or promised."""
         return len(self._allocations) + len(self._reservations) + self._reserving
 
-    def _delete_allocation(self, alloc: _Allocation, reason: str) -> None:
+    def _delete_allocation(self, alloc: Allocation, reason: str) -> None:
         if alloc.dead:
             return
         alloc.dead = True
@@ -1254,7 +937,7 @@ class Relay:
 
     # --- Refresh -------------------------------------------------------------------
 
-    def _handle_refresh(self, message: stun.Message, request: _Request, now: float) -> None:
+    def _handle_refresh(self, message: stun.Message, request: Request, now: float) -> None:
         if not self._common_checks(message, request, now):
             return
         lifetime = self._lifetime(message)
@@ -1301,10 +984,10 @@ class Relay:
     def _ip_allowed(self, ip: str) -> bool:
         return ip in self._own_ips or self._policy.is_allowed(ip)
 
-    def _install_permission(self, alloc: _Allocation, ip: str, now: float) -> None:
+    def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
         permission = alloc.permissions.get(ip)
         if permission is None:
-            permission = _Permission(alloc, ip, now + PERMISSION_LIFETIME)
+            permission = Permission(alloc, ip, now + PERMISSION_LIFETIME)
             alloc.permissions[ip] = permission
             self.permission_count += 1
             self._commands.append(PermissionAdded(alloc.client, alloc.port, ip))
@@ -1312,7 +995,7 @@ class Relay:
             permission.deadline = now + PERMISSION_LIFETIME
         self._schedule(permission)
 
-    def _expire_permission(self, permission: _Permission) -> None:
+    def _expire_permission(self, permission: Permission) -> None:
         permission.dead = True
         alloc = permission.allocation
         if alloc.permissions.pop(permission.ip, None) is not None:
@@ -1321,7 +1004,7 @@ class Relay:
 
     # --- CreatePermission ---------------------------------------------------------------
 
-    def _handle_create_permission(self, message: stun.Message, request: _Request, now: float) -> None:
+    def _handle_create_permission(self, message: stun.Message, request: Request, now: float) -> None:
         if not self._common_checks(message, request, now):
             return
         alloc = self._owned_allocation(request, now)
@@ -1354,7 +1037,7 @@ class Relay:
 
     # --- ChannelBind -------------------------------------------------------------------------
 
-    def _handle_channel_bind(self, message: stun.Message, request: _Request, now: float) -> None:
+    def _handle_channel_bind(self, message: stun.Message, request: Request, now: float) -> None:
         if not self._common_checks(message, request, now):
             return
         alloc = self._owned_allocation(request, now)
@@ -1385,7 +1068,7 @@ class Relay:
             if peer[0] not in alloc.permissions and len(alloc.permissions) >= self.config.max_permissions:
                 self._error(request, 508, now)  # the channel's permission would pass the cap
                 return
-            channel = _Channel(alloc, number, peer, family, now + CHANNEL_LIFETIME)
+            channel = Channel(alloc, number, peer, family, now + CHANNEL_LIFETIME)
             alloc.channels[number] = channel
             alloc.channel_by_peer[peer] = number
             self._channels_total += 1
@@ -1402,7 +1085,7 @@ class Relay:
         self._install_permission(alloc, peer[0], now)
         self._reply(request, [])
 
-    def _expire_channel(self, channel: _Channel) -> None:
+    def _expire_channel(self, channel: Channel) -> None:
         alloc = channel.allocation
         if channel.bound:
             # Unbind; the number and the peer stay reserved for the pair.
@@ -1444,7 +1127,7 @@ class Relay:
         stats = self.stats
         stats.client_to_peer_packets += 1
         stats.client_to_peer_bytes += len(data)
-        stats.packet_sizes[(len(data) - 1) // 100 if 0 < len(data) <= 1500 else (15 if data else 0)] += 1
+        stats.packet_sizes[SIZE_BUCKET[len(data)]] += 1
         if self._max_bps and self._over_budget(alloc.meter, 4, len(data), now):
             return
         alloc.meter[0] += len(data)
@@ -1459,20 +1142,10 @@ class Relay:
     # --- bandwidth -------------------------------------------------------------------------------
 
     def _over_budget(self, meter: list[float], at: int, size: int, now: float) -> bool:
-        """--max-bps: a token bucket of one second's bytes (at least one
-        largest datagram) per direction; ``meter[at]`` holds the tokens and
-        ``meter[at + 1]`` the last refill.  True (and counted) when ``size``
-        bytes do not fit: the datagram is dropped."""
-        rate = float(self._max_bps)
-        capacity = max(rate, 65535.0)
-        last = meter[at + 1]
-        tokens = capacity if last == 0.0 else min(capacity, meter[at] + (now - last) * rate)
-        meter[at + 1] = now
-        if tokens < size:
-            meter[at] = tokens
+        """--max-bps (``ratelimit.over_budget``); counted when over."""
+        if over_budget(meter, at, size, now, float(self._max_bps)):
             self.stats.drop("bandwidth_limit")
             return True
-        meter[at] = tokens - size
         return False
 
     # --- hairpin ----------------------------------------------------------------------------------
@@ -1488,7 +1161,7 @@ class Relay:
     def allocations(self, now: float, username: Optional[str] = None) -> list[AllocationInfo]:
         """Every active allocation (of ``username`` if given), oldest first."""
         if username is not None:
-            chosen: Sequence[_Allocation] = self._by_username.get(username, ())
+            chosen: Sequence[Allocation] = self._by_username.get(username, ())
         else:
             chosen = list(self._by_port.values())
         out = []
@@ -1543,5 +1216,3 @@ class Relay:
             "channels": self._channels_total,
         }
 
-
-AnyCommand = Union[Command, None]

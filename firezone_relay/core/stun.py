@@ -47,7 +47,7 @@ import hmac
 import ipaddress
 import struct
 import zlib
-from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 MAGIC_COOKIE = 0x2112A442
 _MAGIC_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
@@ -906,52 +906,9 @@ def long_term_key(username: str, realm: str, password: str, algorithm: int = ALG
     return hashlib.md5(text).digest()
 
 
-# --- ChannelData -----------------------------------------------------------
+# --- ChannelData: see channel_data.py (RFC 8656 §12) ---------------------------
+# Kept importable here for the shell's tests until they import channel_data.
+from . import channel_data as _channel_data  # noqa: E402
 
-KIND_STUN = 0
-KIND_CHANNEL_DATA = 1
-KIND_OTHER = 2
-
-
-def classify(data: bytes) -> int:
-    """Demultiplex on the first two bits: STUN, ChannelData or other."""
-    if not data:
-        return KIND_OTHER
-    top = data[0] >> 6
-    if top == 0:
-        return KIND_STUN
-    if top == 1:
-        return KIND_CHANNEL_DATA
-    return KIND_OTHER
-
-
-def decode_channel_data(data: bytes) -> Tuple[int, bytes]:
-    """``(channel, payload)``; trailing padding is ignored.
-
-    Raises :class:`StunDecodeError` when the channel is outside
-    0x4000–0x7FFF or the length field exceeds the datagram.
-    """
-    if len(data) < 4:
-        raise StunDecodeError("ChannelData shorter than its header")
-    channel = (data[0] << 8) | data[1]
-    if not 0x4000 <= channel <= 0x7FFF:
-        raise StunDecodeError("not a ChannelData channel number")
-    length = (data[2] << 8) | data[3]
-    if length > len(data) - 4:
-        raise StunDecodeError("ChannelData length exceeds the datagram")
-    return channel, bytes(data[4 : 4 + length])
-
-
-def encode_channel_data(channel: int, payload: bytes, pad: bool = False) -> bytes:
-    """A ChannelData frame; padded to 4 bytes only for stream transports."""
-    if not 0x4000 <= channel <= 0x7FFF:
-        raise ValueError("channel number outside 0x4000-0x7FFF")
-    if len(payload) > 0xFFFF:
-        raise ValueError("payload too long")
-    frame = _ATTR_HEADER.pack(channel, len(payload)) + payload
-    if pad and len(payload) & 3:
-        frame += b"\x00" * (-len(payload) % 4)
-    return frame
-
-
-AnyBytes = Union[bytes, bytearray, memoryview]
+decode_channel_data = _channel_data.decode
+encode_channel_data = _channel_data.encode
