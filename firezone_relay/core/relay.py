@@ -41,8 +41,7 @@ client until it holds an allocation.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Sequence
 
 from . import auth, stun
 from .allocation import (
@@ -60,8 +59,9 @@ from .allocation import (
     Reservation,
     pick_port,
 )
-from .auth import MAX_AMPLIFICATION, MAX_REST_LIFETIME, NONCE_LIFETIME, REALM, NonceFactory, Request
+from .auth import MAX_AMPLIFICATION, MAX_REST_LIFETIME, NonceFactory, Request
 from .channel_data import MAX_CHANNEL, MIN_CHANNEL
+from .config import FIXED_FIELDS, LIVE_FIELDS, RandomSource, RelayConfig
 from .commands import (
     Address,
     AllocationCreated,
@@ -79,6 +79,7 @@ from .commands import (
 )
 from .policy import OwnAddresses, PeerPolicy
 from .ratelimit import ReflectionGuard, over_budget
+from .replies import Replies, family_of
 from .stats import SIZE_BUCKET, RelayStats
 from .timers import Deadlines, Timed
 
@@ -108,96 +109,13 @@ MAX_UNKNOWN_LISTED = 16
 _WIRE_FAMILY = {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}
 
 
-#: RelayConfig fields that ``Relay.reconfigure`` may change.
-LIVE_FIELDS = frozenset(
-    (
-        "user_allocation_limit",
-        "max_allocations",
-        "max_permissions",
-        "max_channels",
-        "allow_loopback_peers",
-        "allow_peers",
-        "deny_peers",
-        "unauthenticated_burst",
-        "unauthenticated_rate",
-        "rest_secrets",
-        "max_bps",
-    )
-)
-
-
-class RandomSource(Protocol):
-    """``random.Random`` and ``random.SystemRandom`` satisfy this."""
-
-    def getrandbits(self, k: int, /) -> int: ...
-
-
-@dataclass
-class RelayConfig:
-    auth_secret: str
-    public_ip4: Optional[str] = None
-    public_ip6: Optional[str] = None
-    listen_port: int = 3478
-    lowest_port: int = 49152
-    highest_port: int = 65535
-    software: str = "firezone-relay 0.1.0 (python)"
-    #: Allocations one username may hold; 0 = no limit.  Beyond it the
-    #: username's oldest allocation is replaced (upstream's roaming rule).
-    user_allocation_limit: int = 0
-    #: Allocations in total; 0 = no limit (the port range still bounds it).
-    max_allocations: int = 0
-    #: Per-allocation caps (→ 508 beyond); channels include those in their
-    #: reserve period.  256 each bounds a full allocation's memory (SECURITY.md).
-    max_permissions: int = 256
-    max_channels: int = 256
-    allow_loopback_peers: bool = False
-    allow_peers: Sequence[str] = ()
-    deny_peers: Sequence[str] = ()
-    #: Token bucket per source IP for replies to unauthenticated requests
-    #: (Binding answers and unsigned errors): burst and refill per second.
-    #: A rate of 0 disables the limit.
-    unauthenticated_burst: int = 200
-    unauthenticated_rate: float = 100.0
-    nonce_lifetime: int = NONCE_LIFETIME
-    #: Shared secrets of coturn-compatible TURN REST credentials (SPEC §10),
-    #: checked after the Firezone scheme; several during a rotation.
-    rest_secrets: Sequence[str] = ()
-    realm: str = REALM
-    #: Relayed payload bytes per second per allocation, each direction on
-    #: its own (coturn's max-bps); 0 = no limit.
-    max_bps: int = 0
-    #: The relay's service ports beside ``listen_port`` (TLS, health and
-    #: metrics, control): never reachable as peers on an own address.
-    service_ports: Sequence[int] = ()
-    #: Own addresses beside the public ones (bind and interface addresses,
-    #: CIDR networks allowed), recognised under every spelling (SPEC §5).
-    own_addresses: Sequence[str] = ()
-
-    def __post_init__(self) -> None:
-        if self.public_ip4 is None and self.public_ip6 is None:
-            raise ValueError("at least one of public_ip4 and public_ip6 is required")
-        if not 0 < self.lowest_port <= self.highest_port <= 65535:
-            raise ValueError("bad allocation port range")
-        if self.lowest_port <= self.listen_port <= self.highest_port:
-            raise ValueError("the listen port lies inside the allocation port range")
-        if not self.auth_secret:
-            raise ValueError("an auth secret is required")
-
-
-_FIXED_FIELDS = tuple(name for name in RelayConfig.__dataclass_fields__ if name not in LIVE_FIELDS)
-
-
-def _family_of(ip: str) -> int:
-    return 6 if ":" in ip else 4
-
-
 def _unknown_listed(message: stun.Message) -> tuple[int, ...]:
     """What a 420 lists: the distinct unknown comprehension-required types,
     first ones first, at most ``MAX_UNKNOWN_LISTED`` (SPEC §1)."""
     return tuple(dict.fromkeys(message.unknown_required))[:MAX_UNKNOWN_LISTED]
 
 
-class Relay:
+class Relay(Replies):
     """The relay state machine.  See the module docstring."""
 
     def __init__(self, config: RelayConfig, rng: RandomSource) -> None:
@@ -268,7 +186,7 @@ class Relay:
         and nonce already issued.  The new limits apply to what comes next;
         existing allocations, permissions and channels are kept.
         """
-        fixed = [f for f in _FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
+        fixed = [f for f in FIXED_FIELDS if getattr(config, f) != getattr(self.config, f)]
         if fixed:
             raise ValueError("cannot change while running: %s" % ", ".join(fixed))
         self.config = config
@@ -391,7 +309,7 @@ class Relay:
             return None
         meter[2] += n
         meter[3] += 1
-        return (self.config.listen_port, _family_of(alloc.client[0]), alloc.client, indication)
+        return (self.config.listen_port, family_of(alloc.client[0]), alloc.client, indication)
 
     def handle_client_closed(self, client: Client, now: float) -> None:
         """A stream client's connection is gone: its allocation goes with it."""
@@ -507,116 +425,6 @@ class Relay:
         else:
             self.stats.drop("unexpected_message")
 
-    # --- replies -------------------------------------------------------------
-
-    def _send(
-        self,
-        to: Client,
-        method: int,
-        cls: int,
-        tid: bytes,
-        attributes: list[stun.Attribute],
-        key: Optional[bytes],
-        sha256: bool,
-        fingerprint: bool,
-        limit: int = 0,
-    ) -> bytes:
-        """Encode and queue a reply; with a ``limit`` (bytes), a reply larger
-        than it is not sent but counted, and ``b""`` returned."""
-        payload = stun.encode(
-            method,
-            cls,
-            tid,
-            attributes,
-            integrity_key=key if key is not None and not sha256 else None,
-            integrity_sha256_key=key if key is not None and sha256 else None,
-            fingerprint=fingerprint,
-        )
-        if limit and len(payload) > limit:
-            self.stats.drop("amplification")
-            return b""
-        self._commands.append(SendDatagram(self.config.listen_port, _family_of(to[0]), to, payload))
-        return payload
-
-    def _count_response(self, method: int, code: int) -> None:
-        self.stats.response(stun.METHOD_NAMES.get(method, "unknown"), code)
-
-    def _reply(self, request: Request, attributes: list[stun.Attribute]) -> bytes:
-        # SPEC §1/§5: SOFTWARE only on replies to authenticated requests; a
-        # reply to an unauthenticated one (Binding) stays within 4x its request.
-        if request.authenticated:
-            attributes = [(stun.SOFTWARE, self._software)] + attributes
-        payload = self._send(
-            request.sender,
-            request.method,
-            stun.SUCCESS,
-            request.transaction_id,
-            attributes,
-            request.key,
-            request.sha256,
-            request.fingerprint,
-            0 if request.authenticated else MAX_AMPLIFICATION * request.size,
-        )
-        if payload:
-            self._count_response(request.method, 0)
-        return payload
-
-    def _error(self, request: Request, code: int, now: float, extra: Optional[list[stun.Attribute]] = None) -> None:
-        if not request.authenticated and not self._unauthenticated_allowed(request.sender, now):
-            self.stats.drop("rate_limited")
-            return
-        attributes: list[stun.Attribute] = [(stun.ERROR_CODE, (code, stun.REASONS.get(code, "Error")))]
-        if request.authenticated:
-            attributes.insert(0, (stun.SOFTWARE, self._software))
-        if extra:
-            attributes.extend(extra)
-        if self._send(
-            request.sender,
-            request.method,
-            stun.ERROR,
-            request.transaction_id,
-            attributes,
-            request.key,
-            request.sha256,
-            request.fingerprint,
-            0 if request.authenticated else MAX_AMPLIFICATION * request.size,
-        ):
-            self._count_response(request.method, code)
-
-    def _challenge(self, request: Request, code: int, now: float) -> None:
-        """401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4; the
-        attributes: ``auth.challenge_attributes``), within the reflection guard."""
-        if not self._unauthenticated_allowed(request.sender, now):
-            self.stats.drop("rate_limited")
-            return
-        attributes = auth.challenge_attributes(request, code, self.config.realm, self._nonces, now)
-        budget = MAX_AMPLIFICATION * request.size
-        if self._send(
-            request.sender,
-            request.method,
-            stun.ERROR,
-            request.transaction_id,
-            attributes,
-            request.key,
-            request.sha256,
-            request.fingerprint,
-            budget,
-        ):
-            self._count_response(request.method, code)
-
-    def _unauthenticated_allowed(self, client: Client, now: float) -> bool:
-        """The reflection guard.  Stream clients are exempt: a TCP/TLS peer
-        completed a handshake, so its source address cannot be spoofed, and
-        it does not retransmit a reply we drop."""
-        if len(client) == 3:
-            return True
-        if client in self._allocations:
-            # A 5-tuple that holds an allocation is never charged: Firezone
-            # clients send a Binding every 25 s per allocation, and thousands
-            # of them can share one NAT address (SPEC §5).
-            return True
-        return self._reflection.allow(client[0], now)
-
     # --- authentication -------------------------------------------------------
 
     def _authenticate(self, message: stun.Message, request: Request, now: float) -> bool:
@@ -678,7 +486,7 @@ class Relay:
                     self._commands.append(
                         SendDatagram(
                             self.config.listen_port,
-                            _family_of(request.sender[0]),
+                            family_of(request.sender[0]),
                             request.sender,
                             existing.response,
                         )
@@ -1025,7 +833,7 @@ class Relay:
             return
         families = alloc.families
         for ip in ips:
-            if _family_of(ip) not in families:
+            if family_of(ip) not in families:
                 self._error(request, 443, now)
                 return
             if not self._ip_allowed(ip):
@@ -1048,7 +856,7 @@ class Relay:
         if number is None or peer is None or not MIN_CHANNEL <= number <= MAX_CHANNEL:
             self._error(request, 400, now)
             return
-        family = _family_of(peer[0])
+        family = family_of(peer[0])
         if family not in alloc.families:
             self._error(request, 443, now)
             return
@@ -1079,7 +887,7 @@ class Relay:
             channel.bound = True
             self.channel_count += 1
             self._chan_out.setdefault(alloc.client, {})[number] = (alloc.port, family, peer, hairpin, alloc.meter)
-            alloc.chan_in[peer] = (alloc.client, number.to_bytes(2, "big"), _family_of(alloc.client[0]), len(alloc.client) == 3)
+            alloc.chan_in[peer] = (alloc.client, number.to_bytes(2, "big"), family_of(alloc.client[0]), len(alloc.client) == 3)
             self._commands.append(ChannelBound(alloc.client, number, peer, alloc.port, family))
         self._schedule(channel)
         self._install_permission(alloc, peer[0], now)
@@ -1115,7 +923,7 @@ class Relay:
         if alloc is None or not alloc.active or peer is None or data is None:
             self.stats.drop("bad_send_indication")
             return
-        family = _family_of(peer[0])
+        family = family_of(peer[0])
         permission = alloc.permissions.get(peer[0])
         if family not in alloc.families or permission is None or permission.deadline <= now:
             self.stats.drop("no_permission")
