@@ -33,6 +33,32 @@ RESERVATION_LIFETIME = 30
 MAX_PORT_ATTEMPTS = 16
 
 
+def initial_lifetime(requested: Optional[int]) -> int:
+    """The initial time-to-expiry of a new allocation, RFC 8656 §7.2:
+
+    "If the request contains a LIFETIME attribute, then the server
+    computes the minimum of the client's proposed lifetime and the
+    server's maximum allowed lifetime.  If this computed value is greater
+    than the default lifetime, then the server uses the computed lifetime
+    as the initial value of the time-to-expiry field.  Otherwise, the
+    server uses the default lifetime."
+
+    So an Allocate asking for less than 600 s (0 included) gets 600 s.
+    A Refresh keeps upstream's rule (``refresh_lifetime``).
+    """
+    if requested is None:
+        return DEFAULT_LIFETIME
+    return max(min(requested, MAX_LIFETIME), DEFAULT_LIFETIME)
+
+
+def refresh_lifetime(requested: Optional[int]) -> int:
+    """A Refresh's new lifetime (RFC 8656 §8; upstream's rule): the default
+    without LIFETIME, else the request up to the maximum; 0 deletes."""
+    if requested is None:
+        return DEFAULT_LIFETIME
+    return min(requested, MAX_LIFETIME)
+
+
 class Permission(Timed):
     __slots__ = ("allocation", "ip")
 

@@ -29,77 +29,35 @@ Firezone credentials carry a wall-clock expiry.  Everything that can expire
 sits in one deadline heap (``timers.py``).
 
 Where things live: this module dispatches input and has one handler per
-RFC 8656 request; ``auth.py`` is RFC 8489 §9.2 (credentials, nonces,
-challenges); ``ratelimit.py`` the token buckets; ``stats.py`` the counters;
-``channel_data.py`` the ChannelData format, which the two per-packet paths
-below inline for speed.
-
-Nonces are stateless (see ``auth.NonceFactory``), so nothing is stored for a
-client until it holds an allocation.
+RFC 8656 request.  ``Relay``'s bases hold the rest of its state:
+``table.AllocationTable`` (allocations, permissions, channels and their
+indexes), ``peers.PeerRules`` (who may be a peer), ``replies.Replies``
+(encoding, signing and limiting replies).  ``auth.py`` is RFC 8489 §9.2,
+``ratelimit.py`` the token buckets, ``stats.py`` the counters,
+``channel_data.py`` the ChannelData format (inlined below for speed).
+Nonces are stateless: nothing is stored for a client until it allocates.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional, Sequence
+from typing import Optional
 
 from . import auth, stun
-from .allocation import (
-    CHANNEL_LIFETIME,
-    CHANNEL_RESERVE,
-    DEFAULT_LIFETIME,
-    MAX_LIFETIME,
-    MAX_PORT_ATTEMPTS,
-    PERMISSION_LIFETIME,
-    RESERVATION_LIFETIME,
-    Allocation,
-    AllocationInfo,
-    Channel,
-    Permission,
-    Reservation,
-    pick_port,
-)
-from .auth import MAX_AMPLIFICATION, MAX_REST_LIFETIME, NonceFactory, Request
+from .allocation import Allocation, AllocationInfo, Channel, Permission, Reservation, initial_lifetime, refresh_lifetime
+from .auth import MAX_REST_LIFETIME, NonceFactory, Request
 from .channel_data import MAX_CHANNEL, MIN_CHANNEL
 from .config import FIXED_FIELDS, LIVE_FIELDS, RandomSource, RelayConfig
-from .commands import (
-    Address,
-    AllocationCreated,
-    Client,
-    AllocationDeleted,
-    ChannelBound,
-    ChannelUnbound,
-    ClosePort,
-    Command,
-    OpenPort,
-    PermissionAdded,
-    PermissionRemoved,
-    SendDatagram,
-    Transmit,
-)
-from .policy import OwnAddresses, PeerPolicy
+from .commands import Address, AllocationCreated, Client, ClosePort, Command, SendDatagram, Transmit
+from .peers import PeerRules
+from .policy import PeerPolicy
 from .ratelimit import ReflectionGuard, over_budget
 from .replies import Replies, family_of
 from .stats import SIZE_BUCKET, RelayStats
-from .timers import Deadlines, Timed
+from .table import AllocationTable
 
-__all__ = [
-    "CHANNEL_LIFETIME",
-    "CHANNEL_RESERVE",
-    "DEFAULT_LIFETIME",
-    "LIVE_FIELDS",
-    "MAX_LIFETIME",
-    "MAX_PEERS_PER_REQUEST",
-    "MAX_PORT_ATTEMPTS",
-    "MAX_REST_LIFETIME",
-    "PERMISSION_LIFETIME",
-    "RESERVATION_LIFETIME",
-    "AllocationInfo",
-    "RandomSource",
-    "Relay",
-    "RelayConfig",
-    "RelayStats",
-]
+#: The names the shell imports from here (the config ones live in config.py).
+__all__ = ["LIVE_FIELDS", "MAX_PEERS_PER_REQUEST", "MAX_REST_LIFETIME", "AllocationInfo", "RandomSource", "Relay", "RelayConfig", "RelayStats"]
 
 UDP = 17
 #: SPEC §1: a CreatePermission lists at most this many XOR-PEER-ADDRESS (more → 400).
@@ -115,7 +73,7 @@ def _unknown_listed(message: stun.Message) -> tuple[int, ...]:
     return tuple(dict.fromkeys(message.unknown_required))[:MAX_UNKNOWN_LISTED]
 
 
-class Relay(Replies):
+class Relay(AllocationTable, PeerRules, Replies):
     """The relay state machine.  See the module docstring."""
 
     def __init__(self, config: RelayConfig, rng: RandomSource) -> None:
@@ -124,34 +82,13 @@ class Relay(Replies):
         self._rng = rng
         self._commands: deque[Command] = deque()
         self._nonces = NonceFactory(rng.getrandbits(256).to_bytes(32, "big"), config.nonce_lifetime)
-        self._policy = PeerPolicy(config.allow_peers, config.deny_peers, config.allow_loopback_peers)
-        self._public: dict[int, str] = {}
-        if config.public_ip4:
-            self._public[4] = config.public_ip4
-        if config.public_ip6:
-            self._public[6] = config.public_ip6
-        self._own_ips = frozenset(self._public.values())
-        self._own = OwnAddresses(list(self._public.values()) + list(config.own_addresses))
-        self._service_ports = frozenset((config.listen_port, *config.service_ports))
+        self._init_peers(config)
         self._software = config.software
         self._draining = False
         self._max_bps = config.max_bps
 
-        self._allocations: dict[Client, Allocation] = {}
-        self._by_port: dict[int, Allocation] = {}
-        self._by_username: dict[str, list[Allocation]] = {}
-        self._pending: dict[tuple[int, int], Allocation] = {}
-        #: client -> channel -> (port, family, peer, hairpin, meter): the fast path
-        self._chan_out: dict[Client, dict[int, tuple[int, int, Address, bool, list[float]]]] = {}
-        self._used_ports: set[int] = set()
-        self._reservations: dict[bytes, Reservation] = {}
-        #: Pending allocations that will make a reservation when their port opens.
-        self._reserving = 0
-        self._timers = Deadlines(self._live_timed, self._live_timed_count)
         self._reflection = ReflectionGuard(config.unauthenticated_burst, config.unauthenticated_rate)
-        self.permission_count = 0
-        self.channel_count = 0  # bound channels
-        self._channels_total = 0  # including those in their reserve period
+        self._init_table()
 
     # --- public surface ----------------------------------------------------
 
@@ -162,17 +99,6 @@ class Relay(Replies):
     @property
     def draining(self) -> bool:
         return self._draining
-
-    @property
-    def allocation_count(self) -> int:
-        return len(self._by_port)
-
-    def allocation_count_by_family(self) -> dict[int, int]:
-        counts = {4: 0, 6: 0}
-        for alloc in self._by_port.values():
-            for family in alloc.families:
-                counts[family] += 1
-        return counts
 
     def start_draining(self) -> None:
         """Refuse new allocations (508) from now on; everything else goes on."""
@@ -228,7 +154,11 @@ class Relay(Replies):
 
     def handle_client_input(self, data: bytes, sender: Client, now: float) -> Optional[Transmit]:
         """A datagram from ``sender`` on the listen port, or one framed
-        message from a stream client (``sender`` has three items)."""
+        message from a stream client (``sender`` has three items).
+
+        ChannelData (RFC 8656 §12.6; the format: ``channel_data``) on a bound
+        channel is returned as a ``Transmit`` to the peer; STUN goes to
+        ``_handle_stun``."""
         if not data or sender[1] == 0:
             self.stats.drop("malformed" if data else "empty")
             return None
@@ -263,43 +193,26 @@ class Relay(Replies):
         return None
 
     def handle_peer_traffic(self, data: bytes, peer: Address, port: int, family: int, now: float) -> Optional[Transmit]:
-        """A datagram from ``peer`` on allocation port ``port`` (socket family ``family``)."""
+        """A datagram from ``peer`` on allocation port ``port`` (socket family
+        ``family``): ChannelData on a bound channel (RFC 8656 §12.7), else a
+        Data indication under a permission (§11.3), as a ``Transmit``."""
         alloc = self._by_port.get(port)
         if alloc is None:
             self.stats.drop("no_allocation")
             return None
         entry = alloc.chan_in.get(peer)
         n = len(data)
-        if entry is not None:
-            if n > 0xFFFF:
+        if entry is None:  # a Data indication, under a permission
+            permission = alloc.permissions.get(peer[0])
+            if permission is None or permission.deadline <= now:
+                self.stats.drop("no_permission")
+                return None
+            if n > 0xFFFF - 64:
                 self.stats.drop("too_big")
                 return None
-            stats = self.stats
-            stats.peer_to_client_packets += 1
-            stats.peer_to_client_bytes += n
-            stats.packet_sizes[SIZE_BUCKET[n]] += 1
-            meter = alloc.meter
-            if self._max_bps and self._over_budget(meter, 6, n, now):
-                return None
-            meter[2] += n
-            meter[3] += 1
-            if entry[3]:  # streams carry ChannelData padded to 4 bytes (RFC 8656 §12.5)
-                return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data + b"\x00" * (-n % 4))
-            return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data)
-        permission = alloc.permissions.get(peer[0])
-        if permission is None or permission.deadline <= now:
-            self.stats.drop("no_permission")
-            return None
-        if n > 0xFFFF - 64:
+        elif n > 0xFFFF:
             self.stats.drop("too_big")
             return None
-        tid = self._rng.getrandbits(96).to_bytes(12, "big")
-        indication = stun.encode(
-            stun.DATA_METHOD,
-            stun.INDICATION,
-            tid,
-            [(stun.XOR_PEER_ADDRESS, peer), (stun.DATA, bytes(data))],
-        )
         stats = self.stats
         stats.peer_to_client_packets += 1
         stats.peer_to_client_bytes += n
@@ -309,6 +222,12 @@ class Relay(Replies):
             return None
         meter[2] += n
         meter[3] += 1
+        if entry is not None:
+            if entry[3]:  # streams carry ChannelData padded to 4 bytes (RFC 8656 §12.5)
+                return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data + b"\x00" * (-n % 4))
+            return (self.config.listen_port, entry[2], entry[0], entry[1] + n.to_bytes(2, "big") + data)
+        tid = self._rng.getrandbits(96).to_bytes(12, "big")
+        indication = stun.encode(stun.DATA_METHOD, stun.INDICATION, tid, [(stun.XOR_PEER_ADDRESS, peer), (stun.DATA, bytes(data))])
         return (self.config.listen_port, family_of(alloc.client[0]), alloc.client, indication)
 
     def handle_client_closed(self, client: Client, now: float) -> None:
@@ -318,16 +237,8 @@ class Relay(Replies):
             return
         if alloc.active:
             self._delete_allocation(alloc, "connection closed")
-        else:  # still waiting for its ports: forget it, close what was bound
-            for key in [k for k, v in self._pending.items() if v is alloc]:
-                del self._pending[key]
-            for family in alloc.opened_families:
-                self._commands.append(ClosePort(alloc.port, family))
-            self._used_ports.discard(alloc.port)
-            del self._allocations[client]
-            if alloc.reserve_next and not alloc.dead:
-                self._reserving -= 1
-            alloc.dead = True
+        else:  # still waiting for its ports
+            self._forget_pending(alloc)
 
     def handle_port_result(self, port: int, family: int, ok: bool, now: float) -> None:
         """The shell's answer to ``OpenPort(port, family)``."""
@@ -352,56 +263,15 @@ class Relay(Replies):
         if alloc.reservation is not None or not self._start_port_attempt(alloc):
             self._fail_pending(alloc, now)
 
-    # --- timers ------------------------------------------------------------
-
-    def _schedule(self, obj: Timed) -> None:
-        self._timers.schedule(obj)
-
-    def _live_timed_count(self) -> int:
-        return len(self._by_port) + self.permission_count + self._channels_total + len(self._reservations)
-
-    def _live_timed(self) -> list[Timed]:
-        live: list[Timed] = list(self._reservations.values())
-        for alloc in self._by_port.values():
-            live.append(alloc)
-            live.extend(alloc.permissions.values())
-            live.extend(alloc.channels.values())
-        return live
-
-    def _maybe_clear_timers(self) -> None:
-        if not self._by_port and not self._reservations:
-            self._timers.clear()
-
     # --- STUN dispatch -------------------------------------------------------
 
     def _handle_stun(self, data: bytes, sender: Client, now: float) -> None:
+        """Decode (RFC 8489 §6.3) and dispatch to one handler per method."""
         try:
             message = stun.decode(data)
         except stun.StunDecodeError as exc:
             self.stats.drop(exc.drop_reason)
-            if (
-                exc.error_code is not None
-                and exc.msg_class == stun.REQUEST
-                and exc.method is not None
-                and exc.transaction_id is not None
-            ):
-                if self._unauthenticated_allowed(sender, now):
-                    key = None
-                    if exc.username is not None:
-                        key = auth.firezone_key(self.config.auth_secret, exc.username, self.config.realm)
-                    # Unauthenticated: no SOFTWARE, and within the amplification budget.
-                    if self._send(
-                        sender,
-                        exc.method,
-                        stun.ERROR,
-                        exc.transaction_id,
-                        [(stun.ERROR_CODE, (400, "Bad Request"))],
-                        key,
-                        False,
-                        False,
-                        MAX_AMPLIFICATION * len(data),
-                    ):
-                        self._count_response(exc.method, exc.error_code)
+            self._decode_error(exc, sender, len(data), now)
             return
         cls = message.msg_class
         if cls == stun.REQUEST:
@@ -467,6 +337,8 @@ class Relay(Replies):
     # --- Binding ---------------------------------------------------------------
 
     def _handle_binding(self, message: stun.Message, request: Request, now: float) -> None:
+        """Binding (RFC 8489 §6.3.1, §7.3): XOR-MAPPED-ADDRESS, no
+        authentication; within the reflection guard and 4x budget (SPEC §5)."""
         if message.unknown_required:
             self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, _unknown_listed(message))])
             return
@@ -478,6 +350,10 @@ class Relay(Replies):
     # --- Allocate ----------------------------------------------------------------
 
     def _handle_allocate(self, message: stun.Message, request: Request, now: float) -> None:
+        """Allocate (RFC 8656 §7.2): checks in the RFC's order, then quotas
+        (SPEC §5), then a relayed port per family through ``OpenPort``; the
+        success response waits for ``handle_port_result`` (``_activate``).
+        A retransmission gets the stored response again (§7.2, last step)."""
         existing = self._allocations.get(request.sender)
         if existing is not None and existing.request is not None:
             if existing.request.transaction_id == message.transaction_id:
@@ -565,7 +441,7 @@ class Relay(Replies):
         if reservation is None and len(self._used_ports) >= self.config.highest_port - self.config.lowest_port + 1:
             self._error(request, 508, now)
             return
-        lifetime = self._allocate_lifetime(message)
+        lifetime = initial_lifetime(message.get_int(stun.LIFETIME))
 
         alloc = Allocation(request.sender, request.username, families, lifetime)
         alloc.request = request
@@ -586,169 +462,34 @@ class Relay(Replies):
         elif not self._start_port_attempt(alloc):
             self._fail_pending(alloc, now)
 
-    @staticmethod
-    def _allocate_lifetime(message: stun.Message) -> int:
-        """The initial time-to-expiry of a new allocation, RFC 8656 §7.2:
-
-        "If the request contains a LIFETIME attribute, then the server
-        computes the minimum of the client's proposed lifetime and the
-        server's maximum allowed lifetime.  If this computed value is greater
-        than the default lifetime, then the server uses the computed lifetime
-        as the initial value of the time-to-expiry field.  Otherwise, the
-        server uses the default lifetime."
-
-        So an Allocate asking for less than 600 s (0 included) gets 600 s.
-        A Refresh keeps upstream's rule (``_lifetime``): any value up to the
-        maximum, 0 deletes.
-        """
-        requested = message.get_int(stun.LIFETIME)
-        if requested is None:
-            return DEFAULT_LIFETIME
-        return max(min(requested, MAX_LIFETIME), DEFAULT_LIFETIME)
-
-    @staticmethod
-    def _lifetime(message: stun.Message) -> int:
-        requested = message.get_int(stun.LIFETIME)
-        if requested is None:
-            return DEFAULT_LIFETIME
-        return min(requested, MAX_LIFETIME)
-
-    def _start_port_attempt(self, alloc: Allocation) -> bool:
-        if alloc.attempts >= MAX_PORT_ATTEMPTS:
-            return False
-        port = pick_port(
-            self.config.lowest_port,
-            self.config.highest_port,
-            self._used_ports,
-            alloc.tried_ports,
-            alloc.even_port,
-            alloc.reserve_next,
-            self._random32,
-        )
-        if port is None:
-            return False
-        alloc.attempts += 1
-        alloc.tried_ports.add(port)
-        alloc.port = port
-        self._used_ports.add(port)
-        alloc.pending_families = list(alloc.families)
-        alloc.opened_families = []
-        self._open_next_family(alloc)
-        return True
-
-    def _random32(self) -> int:
-        return self._rng.getrandbits(32)
-
-    def _open_next_family(self, alloc: Allocation) -> None:
-        family = alloc.pending_families.pop(0)
-        self._pending[(alloc.port, family)] = alloc
-        self._commands.append(OpenPort(alloc.port, family, alloc.dont_fragment))
-
     def _fail_pending(self, alloc: Allocation, now: float) -> None:
-        if self._allocations.get(alloc.client) is alloc:
-            del self._allocations[alloc.client]
-        if alloc.reserve_next and not alloc.dead:
-            self._reserving -= 1
-        alloc.dead = True
+        """No port could be bound: 508 (RFC 8656 §7.2, Insufficient Capacity)."""
+        self._abandon(alloc)
         request = alloc.request
         if request is not None:
             self._error(request, 508, now)
 
     def _activate(self, alloc: Allocation, now: float) -> None:
+        """Every port is bound: the Allocate success response (RFC 8656 §7.2)."""
         request = alloc.request
         assert request is not None
-        alloc.active = True
-        alloc.created = now
-        alloc.deadline = now + alloc.lifetime
-        alloc.tried_ports = set()
-        self._by_port[alloc.port] = alloc
-        self._by_username.setdefault(alloc.username, []).append(alloc)
-        self._schedule(alloc)
-        self.stats.allocations_total += 1
+        self._register(alloc, now)
         relayed = tuple((self._public[f], alloc.port) for f in alloc.families)
         attributes: list[stun.Attribute] = [(stun.XOR_RELAYED_ADDRESS, address) for address in relayed]
         attributes.append((stun.XOR_MAPPED_ADDRESS, (alloc.client[0], alloc.client[1])))
         attributes.append((stun.LIFETIME, alloc.lifetime))
         if alloc.reserve_next:
-            self._reserving -= 1
-            token = self._rng.getrandbits(64).to_bytes(8, "big")
-            reservation = Reservation(token, alloc.port + 1, alloc.families[0], now + RESERVATION_LIFETIME)
-            reservation.owner = alloc
-            alloc.reserved = reservation
-            self._reservations[token] = reservation
-            self._used_ports.add(reservation.port)
-            self._schedule(reservation)
-            attributes.append((stun.RESERVATION_TOKEN, token))
+            attributes.append((stun.RESERVATION_TOKEN, self._reserve_next_port(alloc, now)))
         self._commands.append(AllocationCreated(alloc.client, alloc.username, alloc.port, relayed, alloc.lifetime))
         alloc.response = self._reply(request, attributes)
-
-    def _claim_reservation(self, reservation: Reservation) -> None:
-        reservation.detach()
-        reservation.dead = True
-        del self._reservations[reservation.token]
-
-    def _expire_reservation(self, reservation: Reservation) -> None:
-        reservation.detach()
-        reservation.dead = True
-        if self._reservations.pop(reservation.token, None) is not None:
-            self._used_ports.discard(reservation.port)
-
-    @staticmethod
-    def _user_units(owned: list[Allocation]) -> int:
-        """A username's share of its quota: allocations and their reservations."""
-        return len(owned) + sum(1 for alloc in owned if alloc.reserved is not None)
-
-    def _quota_units(self) -> int:
-        """What ``max_allocations`` bounds: allocations (pending ones too)
-        and reservations, made or promised."""
-        return len(self._allocations) + len(self._reservations) + self._reserving
-
-    def _delete_allocation(self, alloc: Allocation, reason: str) -> None:
-        if alloc.dead:
-            return
-        alloc.dead = True
-        alloc.active = False
-        del self._allocations[alloc.client]
-        del self._by_port[alloc.port]
-        owned = self._by_username[alloc.username]
-        owned.remove(alloc)
-        if not owned:
-            del self._by_username[alloc.username]
-        channels = self._chan_out.get(alloc.client)
-        for channel in alloc.channels.values():
-            channel.dead = True
-            self._channels_total -= 1
-            if channel.bound:
-                self.channel_count -= 1
-                if channels is not None:
-                    channels.pop(channel.number, None)
-                self._commands.append(
-                    ChannelUnbound(alloc.client, channel.number, channel.peer, alloc.port, channel.family)
-                )
-        if channels is not None and not channels:
-            del self._chan_out[alloc.client]
-        for permission in alloc.permissions.values():
-            permission.dead = True
-            self.permission_count -= 1
-            self._commands.append(PermissionRemoved(alloc.client, alloc.port, permission.ip))
-        alloc.channels.clear()
-        alloc.channel_by_peer.clear()
-        alloc.chan_in.clear()
-        alloc.permissions.clear()
-        for family in alloc.families:
-            self._commands.append(ClosePort(alloc.port, family))
-        self._used_ports.discard(alloc.port)
-        if alloc.reserved is not None:  # its unclaimed reservation goes with it
-            self._expire_reservation(alloc.reserved)
-        self._commands.append(AllocationDeleted(alloc.client, alloc.username, alloc.port, reason))
-        self._maybe_clear_timers()
 
     # --- Refresh -------------------------------------------------------------------
 
     def _handle_refresh(self, message: stun.Message, request: Request, now: float) -> None:
+        """Refresh (RFC 8656 §8.2): a new lifetime, or 0 to delete."""
         if not self._common_checks(message, request, now):
             return
-        lifetime = self._lifetime(message)
+        lifetime = refresh_lifetime(message.get_int(stun.LIFETIME))
         # Deleting needs only valid credentials from the owning 5-tuple: a
         # Firezone client rotates its credentials on a network reset and
         # deletes its old allocation with the new ones (SPEC §2).
@@ -766,53 +507,10 @@ class Relay(Replies):
             self._schedule(alloc)
         self._reply(request, [(stun.LIFETIME, lifetime)])
 
-    # --- peers -----------------------------------------------------------------------
-
-    def _peer_allowed(self, peer: Address) -> tuple[bool, bool]:
-        """``(allowed, hairpin)`` for a peer transport address (SPEC §5).
-
-        An own address under any spelling (NAT64, 6to4, mapped, SIIT of a
-        public, bind or interface address) never reaches a service port,
-        whatever the allow lists say.  The public addresses as such reach
-        the allocation ports internally (hairpin); any other spelling of an
-        own address on an allocation port goes out to the network as the
-        policy allows; other ports of own addresses need an explicit allow.
-        """
-        ip, port = peer
-        if ip in self._own:
-            if port in self._service_ports:
-                return False, False
-            if self.config.lowest_port <= port <= self.config.highest_port:
-                if ip in self._own_ips:
-                    return True, True
-                return self._policy.is_allowed(ip), False
-            return self._policy.explicitly_allowed(ip), False
-        return self._policy.is_allowed(ip), False
-
-    def _ip_allowed(self, ip: str) -> bool:
-        return ip in self._own_ips or self._policy.is_allowed(ip)
-
-    def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
-        permission = alloc.permissions.get(ip)
-        if permission is None:
-            permission = Permission(alloc, ip, now + PERMISSION_LIFETIME)
-            alloc.permissions[ip] = permission
-            self.permission_count += 1
-            self._commands.append(PermissionAdded(alloc.client, alloc.port, ip))
-        else:
-            permission.deadline = now + PERMISSION_LIFETIME
-        self._schedule(permission)
-
-    def _expire_permission(self, permission: Permission) -> None:
-        permission.dead = True
-        alloc = permission.allocation
-        if alloc.permissions.pop(permission.ip, None) is not None:
-            self.permission_count -= 1
-            self._commands.append(PermissionRemoved(alloc.client, alloc.port, permission.ip))
-
     # --- CreatePermission ---------------------------------------------------------------
 
     def _handle_create_permission(self, message: stun.Message, request: Request, now: float) -> None:
+        """CreatePermission (RFC 8656 §10.2; permissions §9): all peers or none."""
         if not self._common_checks(message, request, now):
             return
         alloc = self._owned_allocation(request, now)
@@ -846,6 +544,8 @@ class Relay(Replies):
     # --- ChannelBind -------------------------------------------------------------------------
 
     def _handle_channel_bind(self, message: stun.Message, request: Request, now: float) -> None:
+        """ChannelBind (RFC 8656 §12.2): bind or refresh a channel; it
+        installs or refreshes the peer's permission too."""
         if not self._common_checks(message, request, now):
             return
         alloc = self._owned_allocation(request, now)
@@ -876,47 +576,15 @@ class Relay(Replies):
             if peer[0] not in alloc.permissions and len(alloc.permissions) >= self.config.max_permissions:
                 self._error(request, 508, now)  # the channel's permission would pass the cap
                 return
-            channel = Channel(alloc, number, peer, family, now + CHANNEL_LIFETIME)
-            alloc.channels[number] = channel
-            alloc.channel_by_peer[peer] = number
-            self._channels_total += 1
-            channel.bound = False
-        channel.expires = now + CHANNEL_LIFETIME
-        channel.deadline = channel.expires
-        if not channel.bound:
-            channel.bound = True
-            self.channel_count += 1
-            self._chan_out.setdefault(alloc.client, {})[number] = (alloc.port, family, peer, hairpin, alloc.meter)
-            alloc.chan_in[peer] = (alloc.client, number.to_bytes(2, "big"), family_of(alloc.client[0]), len(alloc.client) == 3)
-            self._commands.append(ChannelBound(alloc.client, number, peer, alloc.port, family))
-        self._schedule(channel)
+        self._bind_channel(alloc, channel, number, peer, hairpin, now)
         self._install_permission(alloc, peer[0], now)
         self._reply(request, [])
-
-    def _expire_channel(self, channel: Channel) -> None:
-        alloc = channel.allocation
-        if channel.bound:
-            # Unbind; the number and the peer stay reserved for the pair.
-            channel.bound = False
-            self.channel_count -= 1
-            channels = self._chan_out.get(alloc.client)
-            if channels is not None:
-                channels.pop(channel.number, None)
-                if not channels:
-                    del self._chan_out[alloc.client]
-            alloc.chan_in.pop(channel.peer, None)
-            self._commands.append(ChannelUnbound(alloc.client, channel.number, channel.peer, alloc.port, channel.family))
-            channel.deadline = channel.expires + CHANNEL_RESERVE
-            self._schedule(channel)
-            return
-        channel.dead = True
-        self._channels_total -= 1
-        del alloc.channels[channel.number]
-        del alloc.channel_by_peer[channel.peer]
 
     # --- Send indication ----------------------------------------------------------------------
 
     def _handle_send(self, message: stun.Message, sender: Client, now: float) -> None:
+        """Send indication (RFC 8656 §11.2): relay DATA to the peer, or drop
+        silently (an indication gets no error)."""
         alloc = self._allocations.get(sender)
         peer = message.get_address(stun.XOR_PEER_ADDRESS)
         data = message.get_bytes(stun.DATA)
@@ -956,71 +624,10 @@ class Relay(Replies):
             return True
         return False
 
-    # --- hairpin ----------------------------------------------------------------------------------
-
+    # --- hairpin -----------------------------------------------------------------
     def _hairpin(self, port: int, family: int, peer: Address, payload: bytes, now: float) -> Optional[Transmit]:
         """Deliver to one of our own allocations as if the datagram had arrived
         on its port from ``(our public address, port)``."""
         source = (self._public[family], port)
         return self.handle_peer_traffic(payload, source, peer[1], family, now)
-
-    # --- introspection for tests and metrics --------------------------------------------------------
-
-    def allocations(self, now: float, username: Optional[str] = None) -> list[AllocationInfo]:
-        """Every active allocation (of ``username`` if given), oldest first."""
-        if username is not None:
-            chosen: Sequence[Allocation] = self._by_username.get(username, ())
-        else:
-            chosen = list(self._by_port.values())
-        out = []
-        for alloc in sorted(chosen, key=lambda a: (a.created, a.port)):
-            meter = alloc.meter
-            out.append(
-                AllocationInfo(
-                    alloc.client,
-                    alloc.username,
-                    alloc.port,
-                    tuple((self._public[f], alloc.port) for f in alloc.families),
-                    max(0.0, now - alloc.created),
-                    max(0.0, alloc.deadline - now),
-                    sum(1 for c in alloc.channels.values() if c.bound),
-                    len(alloc.permissions),
-                    int(meter[0]),
-                    int(meter[1]),
-                    int(meter[2]),
-                    int(meter[3]),
-                )
-            )
-        return out
-
-    def disconnect(self, username: Optional[str] = None, client: Optional[Address] = None) -> int:
-        """Delete at once the allocations of ``username`` and/or from
-        ``client`` (ip, port; a stream client matches on its address).
-        Returns how many were deleted; their ports close as on expiry."""
-        if username is None and client is None:
-            raise ValueError("disconnect needs a username or a client")
-        doomed = [
-            alloc
-            for alloc in self._by_port.values()
-            if (username is None or alloc.username == username)
-            and (client is None or (alloc.client[0], alloc.client[1]) == client)
-        ]
-        for alloc in doomed:
-            self._delete_allocation(alloc, "disconnected by the operator")
-        return len(doomed)
-
-    def memory_footprint(self) -> dict[str, int]:
-        """Sizes of every internal table (tests check they all return to 0)."""
-        return {
-            "allocations": len(self._allocations),
-            "by_port": len(self._by_port),
-            "by_username": len(self._by_username),
-            "pending": len(self._pending),
-            "chan_out": len(self._chan_out),
-            "used_ports": len(self._used_ports),
-            "reservations": len(self._reservations),
-            "timers": len(self._timers),
-            "permissions": self.permission_count,
-            "channels": self._channels_total,
-        }
 

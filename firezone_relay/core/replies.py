@@ -72,27 +72,34 @@ class Replies:
     def _count_response(self, method: int, code: int) -> None:
         self.stats.response(stun.METHOD_NAMES.get(method, "unknown"), code)
 
-    def _reply(self, request: Request, attributes: list[stun.Attribute]) -> bytes:
-        # SPEC §1/§5: SOFTWARE only on replies to authenticated requests; a
-        # reply to an unauthenticated one (Binding) stays within 4x its request.
-        if request.authenticated:
-            attributes = [(stun.SOFTWARE, self._software)] + attributes
+    def _respond(self, request: Request, cls: int, attributes: list[stun.Attribute], code: int, limit: int) -> bytes:
+        """Queue and count the response of class ``cls`` to ``request``,
+        signed as the request was; ``b""`` when over ``limit``."""
         payload = self._send(
             request.sender,
             request.method,
-            stun.SUCCESS,
+            cls,
             request.transaction_id,
             attributes,
             request.key,
             request.sha256,
             request.fingerprint,
-            0 if request.authenticated else MAX_AMPLIFICATION * request.size,
+            limit,
         )
         if payload:
-            self._count_response(request.method, 0)
+            self._count_response(request.method, code)
         return payload
 
+    def _reply(self, request: Request, attributes: list[stun.Attribute]) -> bytes:
+        """The success response (RFC 8489 §6.3.1.1)."""
+        # SPEC §1/§5: SOFTWARE only on replies to authenticated requests; a
+        # reply to an unauthenticated one (Binding) stays within 4x its request.
+        if request.authenticated:
+            return self._respond(request, stun.SUCCESS, [(stun.SOFTWARE, self._software)] + attributes, 0, 0)
+        return self._respond(request, stun.SUCCESS, attributes, 0, MAX_AMPLIFICATION * request.size)
+
     def _error(self, request: Request, code: int, now: float, extra: Optional[list[stun.Attribute]] = None) -> None:
+        """An error response (RFC 8489 §6.3.1.1) with ``code`` and ``extra``."""
         if not request.authenticated and not self._unauthenticated_allowed(request.sender, now):
             self.stats.drop("rate_limited")
             return
@@ -101,18 +108,7 @@ class Replies:
             attributes.insert(0, (stun.SOFTWARE, self._software))
         if extra:
             attributes.extend(extra)
-        if self._send(
-            request.sender,
-            request.method,
-            stun.ERROR,
-            request.transaction_id,
-            attributes,
-            request.key,
-            request.sha256,
-            request.fingerprint,
-            0 if request.authenticated else MAX_AMPLIFICATION * request.size,
-        ):
-            self._count_response(request.method, code)
+        self._respond(request, stun.ERROR, attributes, code, 0 if request.authenticated else MAX_AMPLIFICATION * request.size)
 
     def _challenge(self, request: Request, code: int, now: float) -> None:
         """401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4; the
@@ -121,19 +117,7 @@ class Replies:
             self.stats.drop("rate_limited")
             return
         attributes = auth.challenge_attributes(request, code, self.config.realm, self._nonces, now)
-        budget = MAX_AMPLIFICATION * request.size
-        if self._send(
-            request.sender,
-            request.method,
-            stun.ERROR,
-            request.transaction_id,
-            attributes,
-            request.key,
-            request.sha256,
-            request.fingerprint,
-            budget,
-        ):
-            self._count_response(request.method, code)
+        self._respond(request, stun.ERROR, attributes, code, MAX_AMPLIFICATION * request.size)
 
     def _unauthenticated_allowed(self, client: Client, now: float) -> bool:
         """The reflection guard.  Stream clients are exempt: a TCP/TLS peer
@@ -147,3 +131,19 @@ class Replies:
             # of them can share one NAT address (SPEC §5).
             return True
         return self._reflection.allow(client[0], now)
+
+    def _decode_error(self, exc: stun.StunDecodeError, sender: Client, size: int, now: float) -> None:
+        """A request that could not be decoded gets the 400 the decoder
+        chose (h11's error_status_hint), signed when its USERNAME has the
+        Firezone form, unauthenticated in every other way: no SOFTWARE,
+        within the reflection guard and the amplification budget."""
+        if exc.error_code is None or exc.msg_class != stun.REQUEST or exc.method is None or exc.transaction_id is None:
+            return
+        if not self._unauthenticated_allowed(sender, now):
+            return
+        key = None
+        if exc.username is not None:
+            key = auth.firezone_key(self.config.auth_secret, exc.username, self.config.realm)
+        attributes: list[stun.Attribute] = [(stun.ERROR_CODE, (400, "Bad Request"))]
+        if self._send(sender, exc.method, stun.ERROR, exc.transaction_id, attributes, key, False, False, MAX_AMPLIFICATION * size):
+            self._count_response(exc.method, exc.error_code)
