@@ -41,7 +41,7 @@ Nonces are stateless: nothing is stored for a client until it allocates.
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
 from . import auth, stun
 from .allocation import Allocation, AllocationInfo, Channel, Permission, Reservation, initial_lifetime, refresh_lifetime
@@ -89,6 +89,14 @@ class Relay(AllocationTable, PeerRules, Replies):
 
         self._reflection = ReflectionGuard(config.unauthenticated_burst, config.unauthenticated_rate)
         self._init_table()
+        #: STUN method -> its request handler: one per RFC 8656 request, and Binding.
+        self._request_handlers: dict[int, Callable[[stun.Message, Request, float], None]] = {
+            stun.BINDING: self._handle_binding,
+            stun.ALLOCATE: self._handle_allocate,
+            stun.REFRESH: self._handle_refresh,
+            stun.CREATE_PERMISSION: self._handle_create_permission,
+            stun.CHANNEL_BIND: self._handle_channel_bind,
+        }
 
     # --- public surface ----------------------------------------------------
 
@@ -276,17 +284,9 @@ class Relay(AllocationTable, PeerRules, Replies):
         cls = message.msg_class
         if cls == stun.REQUEST:
             request = Request(sender, message)
-            method = message.method
-            if method == stun.BINDING:
-                self._handle_binding(message, request, now)
-            elif method == stun.ALLOCATE:
-                self._handle_allocate(message, request, now)
-            elif method == stun.REFRESH:
-                self._handle_refresh(message, request, now)
-            elif method == stun.CREATE_PERMISSION:
-                self._handle_create_permission(message, request, now)
-            elif method == stun.CHANNEL_BIND:
-                self._handle_channel_bind(message, request, now)
+            handler = self._request_handlers.get(message.method)
+            if handler is not None:
+                handler(message, request, now)
             else:
                 auth.derive_key(message, request, self.config.auth_secret, self.config.realm)
                 self._error(request, 400, now)
