@@ -160,8 +160,8 @@ class Server:
 
     def _command(self) -> Tuple[List[str], Dict[str, str]]:
         env = dict(os.environ)
-        if self.kind in ("ours", "ours-python"):
-            if self.kind == "ours":
+        if self.kind in ("ours", "ours-python", "ours-otlp"):
+            if self.kind != "ours-python":
                 ensure_extension()
             env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             argv = [
@@ -179,7 +179,7 @@ class Server:
                 "--health-check-addr", "127.0.0.1:%d" % free_port(),
                 "--allow-loopback-peers",
                 "--auth-secret", SECRET,
-                "--udp-io", "batched" if self.kind == "ours" else "python",
+                "--udp-io", "python" if self.kind == "ours-python" else "batched",
             ]  # fmt: skip
         elif self.kind == "coturn":
             turnserver = shutil.which("turnserver")

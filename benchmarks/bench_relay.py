@@ -556,12 +556,54 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
     }
 
 
+def otlp_server(args: argparse.Namespace) -> Server:
+    """``ours`` with ``--otlp-grpc-endpoint`` at a closed loopback port (a dead
+    collector): every export fails and retries in the SDK's thread while the
+    relay is measured.  ``OTEL_METRIC_EXPORT_INTERVAL`` (``--otlp-interval-ms``)
+    is short so that failures keep happening during each measured window."""
+    if args.otlp_endpoint == "none":  # A/A control: the same relay without OTLP
+        return Server("ours-otlp", 23000, 23999)
+    endpoint = args.otlp_endpoint
+    if endpoint == "closed":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            endpoint = "127.0.0.1:%d" % s.getsockname()[1]  # closed again when we leave: connection refused
+    os.environ["OTEL_METRIC_EXPORT_INTERVAL"] = str(args.otlp_interval_ms)
+    return Server("ours-otlp", 23000, 23999, extra=["--otlp-grpc-endpoint", endpoint])
+
+
+def idle_cpu(servers: List[Server], seconds: float) -> Dict[str, float]:
+    """CPU milliseconds per second each server uses with no traffic (its
+    timers, and for ours-otlp the exporter failing and retrying)."""
+    before = {s.kind: s.cpu_ns() for s in servers}
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    return {s.kind: (s.cpu_ns() - before[s.kind]) / 1e6 / elapsed for s in servers}
+
+
+def otlp_evidence(server: Server) -> str:
+    """What ours-otlp's log says about its exporter (proof that it was pushing and failing)."""
+    try:
+        with open(server.log_path, errors="replace") as f:
+            text = f.read()
+    except OSError as exc:
+        return "log unreadable: %s" % exc
+    started = "OTLP: pushing metrics to" in text
+    failures = len(re.findall(r"OTLP: exporting metrics to \S+ failed \((\d+) in a row\)", text))
+    counts = re.findall(r"failed \((\d+) in a row\)", text)
+    return "exporter %s; %d rate-limited failure warnings logged, the last after %s failed exports in a row" % (
+        "started" if started else "NOT started", failures, counts[-1] if counts else "0")
+
+
 def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[List[Dict[str, Any]], List[str]]:
     rows: List[Dict[str, Any]] = []
     commands: List[str] = []
     servers = [Server("ours", 20000, 20999), Server("coturn", 21000, 21999)]
     if args.python_io:
         servers.insert(1, Server("ours-python", 22000, 22999))
+    if args.otlp:
+        servers.insert(1, otlp_server(args))
     targets: Dict[str, Target] = {}
     wait_budget = args.quiet_wait_total
     try:
@@ -573,6 +615,9 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
                 pin_process(s.pid, {1})
             print("%s: pid %d, listening %s:%d, relayed %s:%d, %d threads"
                   % (s.kind, s.pid, *s.address, *targets[s.kind].relayed, _procs.thread_count(s.pid)))  # fmt: skip
+        if args.otlp and args.otlp_idle_seconds > 0:
+            args.otlp_idle = idle_cpu([s for s in servers if s.kind in ("ours", "ours-otlp")], args.otlp_idle_seconds)
+            print("idle CPU (ms per s): %s" % ", ".join("%s %.2f" % kv for kv in args.otlp_idle.items()))
         for size in args.sizes:
             runs: Dict[str, List[Dict[str, float]]] = {s.kind: [] for s in servers}
             for run in range(args.runs):
@@ -605,6 +650,10 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
                 row["lost"] = sum(x["lost"] for x in rs)
                 row["noisy"] = sum(1 for x in rs if x["noisy"])
                 rows.append(row)
+        for s in servers:
+            if s.kind == "ours-otlp":
+                args.otlp_evidence = otlp_evidence(s)
+                print("ours-otlp:", args.otlp_evidence)
     finally:
         for t in targets.values():
             try:
@@ -719,6 +768,29 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
                 out.append("| %s | %d B | **%.2f×** | %.2f× |" % (
                     kind, size, o["rt_per_s"] / c["rt_per_s"], o["cpu_us_per_pkt"] / c["cpu_us_per_pkt"]))  # fmt: skip
     out.append("")
+    if args.otlp:
+        if args.otlp_endpoint == "none":
+            out.append("A/A control (`--otlp-endpoint none`): `ours-otlp` is a second `ours` without OTLP.")
+        else:
+            out.append("`ours-otlp` is `ours` pushing OTLP to %s (`OTEL_METRIC_EXPORT_INTERVAL=%d`). "
+                       "Target: ≥ 0.97× `ours`. Its log: %s." % (
+                           "a dead collector (a closed loopback port)" if args.otlp_endpoint == "closed"
+                           else "`%s`" % args.otlp_endpoint,
+                           args.otlp_interval_ms, getattr(args, "otlp_evidence", "not read")))  # fmt: skip
+        out.append("")
+        idle = getattr(args, "otlp_idle", None)
+        if idle:
+            out.append("Idle, no traffic, %g s: %s CPU ms per second." % (
+                args.otlp_idle_seconds, ", ".join("`%s` %.2f" % kv for kv in idle.items())))  # fmt: skip
+            out.append("")
+        out.append("| payload | ours-otlp / ours round trips/s | ours-otlp / ours CPU per packet |")
+        out.append("|---:|---:|---:|")
+        for size in args.sizes:
+            o, b = by.get(("ours-otlp", size)), by.get(("ours", size))
+            if o and b:
+                out.append("| %d B | **%.3f×** | %.3f× |" % (
+                    size, o["rt_per_s"] / b["rt_per_s"], o["cpu_us_per_pkt"] / b["cpu_us_per_pkt"]))  # fmt: skip
+        out.append("")
     if uc:
         out.append("Many clients: `%s` (u/w: each server's credentials) against `turnutils_peer`:" % uc[0]["argv"].split(" -u ")[0])
         out.append("")
@@ -777,6 +849,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-readme", action="store_true")
     p.add_argument("--python-io", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure our relay with --udp-io python (pure-Python UDP I/O)")
+    p.add_argument("--otlp", action=argparse.BooleanOptionalAction, default=False,
+                   help="also measure our relay pushing OTLP to a dead collector (ours-otlp; needs the otlp extra)")
+    p.add_argument("--otlp-interval-ms", type=int, default=1000, help="OTEL_METRIC_EXPORT_INTERVAL of ours-otlp")
+    p.add_argument("--otlp-endpoint", default="closed",
+                   help="ours-otlp's collector: closed (a closed loopback port, the default), host:port, "
+                        "or none (an A/A control: ours-otlp without OTLP, to see the noise between two relays)")
+    p.add_argument("--otlp-idle-seconds", type=float, default=20.0,
+                   help="with --otlp, first measure both relays' CPU with no traffic for this long")
     args = p.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
@@ -802,7 +882,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(body)
     if not args.no_readme:
-        update_readme("bench_relay_pinned" if args.pin else "bench_relay", body)
+        section = "bench_relay_otlp" if args.otlp else "bench_relay"
+        update_readme(section + "_pinned" if args.pin else section, body)
         print("\nwrote", README)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

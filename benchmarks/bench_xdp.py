@@ -3,17 +3,23 @@
 One command::
 
     sudo .venv/bin/python -m benchmarks.bench_xdp [--runs 5] [--seconds 5] [--window 64]
+        [--xdp-modes generic auto] [--router-gro native|all|none]
 
-Topology (``tests/xdp/netns.py``): client, peer, relay and router namespaces
-joined by veth pairs through the router.  A small C load generator (compiled
+Topology (``tests/xdp/netns.py``): client, peer, router and one namespace per
+relay configuration (so that no server's traffic crosses another server's
+XDP program), joined by veth pairs through the router.  A small C load generator (compiled
 here with cc) keeps ``--window`` datagrams in flight from the client and an
 echo in the peer namespace returns each one; every answer sends the next
 datagram.  Configurations, each measured at 100 B and 1200 B payloads:
 
 (a) no relay: client -> router -> peer echo and back (the ceiling);
-(b) our relay with the XDP fast path (generic mode on veth);
+(b) our relay with the XDP fast path, once per ``--xdp-modes`` entry
+    (``--ebpf-attach-mode``; ``generic`` in namespace "relay", ``auto`` in
+    namespace "xdpauto", where the router's end of the veth gets GRO on so
+    that native mode can deliver: see benchmarks/README.md);
 (c) our relay, userspace only (the Twisted process relays);
-(d) coturn (``turnserver``, one relay thread per CPU by default).
+(d) coturn (``turnserver``, one relay thread per CPU by default);
+(c) and (d) share the namespace "plain", which has no XDP program.
 
 For (b)-(d) the client holds an allocation and a channel to the echo, so a
 round trip is two relayed datagrams (client->peer and peer->client).
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -159,6 +166,9 @@ class Bench:
         self.procs: List[subprocess.Popen] = []  # type: ignore[type-arg]
         self.topology = Topology("fzb")
         self.relays: List[RelayProcess] = []
+        self.router_programs: List[object] = []
+        with open("/proc/loadavg") as f:
+            self.load_before = " ".join(f.read().split()[:3])
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -177,6 +187,11 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     pass
         self.procs = []
+        if self.router_programs:
+            with self.topology.entered("router"):
+                for program in self.router_programs:
+                    program.close()  # type: ignore[attr-defined]
+            self.router_programs = []
         self.topology.destroy()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -217,9 +232,9 @@ class Bench:
         total += (int(parts[11]) + int(parts[12])) / tick
         return total
 
-    def bpf_stats(self) -> Tuple[int, int]:
-        """(run_time_ns, run_cnt) of the XDP program on the relay's eth0."""
-        out = self.topology.ip("relay", "-d", "link", "show", "dev", "eth0").stdout
+    def bpf_stats(self, role: str) -> Tuple[int, int]:
+        """(run_time_ns, run_cnt) of the XDP program on the eth0 of ``role``."""
+        out = self.topology.ip(role, "-d", "link", "show", "dev", "eth0").stdout
         prog_id = None
         words = out.split()
         for i, w in enumerate(words):
@@ -233,10 +248,11 @@ class Bench:
         info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", prog_id], capture_output=True, text=True).stdout or "{}")
         return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
 
-    def run_client(self, sock: socket.socket, prefix: bytes, size: int, pid: Optional[int], xdp: bool) -> Dict[str, float]:
+    def run_client(self, sock: socket.socket, prefix: bytes, size: int, pid: Optional[int], xdp: Optional[str]) -> Dict[str, float]:
+        """``xdp``: the namespace role whose XDP program to account, or None."""
         seconds = self.args.seconds
         cpu0 = self.process_cpu(pid) if pid else 0.0
-        bpf0 = self.bpf_stats() if xdp else (0, 0)
+        bpf0 = self.bpf_stats(xdp) if xdp else (0, 0)
         busy0, all0 = self.busy_jiffies()
         done = subprocess.run(
             [self.loop, "client", str(sock.fileno()), prefix.hex(), str(size), str(self.args.window), str(seconds)],
@@ -247,7 +263,7 @@ class Bench:
         )
         busy1, all1 = self.busy_jiffies()
         cpu1 = self.process_cpu(pid) if pid else 0.0
-        bpf1 = self.bpf_stats() if xdp else (0, 0)
+        bpf1 = self.bpf_stats(xdp) if xdp else (0, 0)
         count, lost = (int(x) for x in done.stdout.split())
         rts = count / seconds
         tick = os.sysconf("SC_CLK_TCK")
@@ -270,42 +286,55 @@ class Bench:
     # and the runs are interleaved: (a) (b) (c) (d), (a) (b) (c) (d), ... so that
     # background load on a shared machine spreads over every configuration alike.
 
-    def turn_socket(self, port: int, credentials: Optional[Tuple[str, str]] = None) -> socket.socket:
+    def turn_socket(self, role: str, port: int, credentials: Optional[Tuple[str, str]] = None) -> socket.socket:
+        server = self.topology.addr[role][0]
         sock = self.client_socket()
-        client = BlockingTurnClient(sock, (ADDR["relay"][0], port))
+        client = BlockingTurnClient(sock, (server, port))
         client.allocate(SECRET, credentials=credentials)
         error = client.channel_bind(CHAN, (ADDR["peer"][0], PEER_PORT))
         if error is not None:
             raise RuntimeError("ChannelBind failed with %s" % error)
-        sock.connect((ADDR["relay"][0], port))
+        sock.connect((server, port))
         return sock
 
-    def start_ours(self, xdp: bool) -> Tuple[socket.socket, int]:
-        index = 0 if xdp else 1
+    def start_ours(self, role: str, index: int, mode: Optional[str]) -> Tuple[socket.socket, int, str]:
+        """Our relay in ``role``'s namespace; ``mode`` the XDP attach mode, None for userspace only.
+        Returns (socket, pid, the mode the XDP program attached in and how it sends, or "")."""
         relay = RelayProcess(
             self.topology,
             self.tmp,
-            xdp=xdp,
+            xdp=mode is not None,
             listen_port=LISTEN_PORT + index,
             ports=(LOWEST + 1000 * index, HIGHEST + 1000 * index),
             metrics_port=9108 + index,
+            attach_mode=mode,
+            role=role,
         )
         self.procs.append(relay.proc)
         self.relays.append(relay)
         relay.wait_ready()
-        if xdp and "XDP fast path attached" not in relay.output():
-            raise RuntimeError("the XDP fast path did not attach:\n%s" % relay.output()[-3000:])
-        return self.turn_socket(LISTEN_PORT + index), relay.proc.pid
+        attached = ""
+        if mode is not None:
+            output = relay.output()
+            found = re.search(r"XDP fast path attached to eth0 \((\w+) mode, sending with (\w+)", output)
+            if found is None:
+                raise RuntimeError("the XDP fast path did not attach:\n%s" % output[-3000:])
+            attached = "%s, %s" % found.groups()
+            fallback = re.search(r'"msg": "XDP native \(driver\) mode not used on eth0[^"]*: ([^"]*)"', output)
+            if fallback:
+                print("  XDP %s: native mode not used: %s" % (mode, fallback.group(1)), flush=True)
+        return self.turn_socket(role, LISTEN_PORT + index), relay.proc.pid, attached
 
-    def start_coturn(self) -> Optional[Tuple[socket.socket, int]]:
+    def start_coturn(self, role: str) -> Optional[Tuple[socket.socket, int]]:
         turnserver = shutil.which("turnserver")
         if turnserver is None:
             print("  (d) coturn: turnserver not installed (apt-get install coturn); skipped")
             return None
-        port = LISTEN_PORT + 2
+        port = LISTEN_PORT + 99
+        address = self.topology.addr[role][0]
         argv = [
-            "ip", "netns", "exec", self.topology.ns["relay"], turnserver,
-            "--listening-ip", ADDR["relay"][0], "--relay-ip", ADDR["relay"][0],
+            "ip", "netns", "exec", self.topology.ns[role], turnserver,
+            "--listening-ip", address, "--relay-ip", address,
             "--listening-port", str(port), "--min-port", str(LOWEST + 2000), "--max-port", str(HIGHEST + 2000),
             "--realm", "firezone", "--lt-cred-mech", "--user", "%s:%s" % COTURN_USER,
             "--allowed-peer-ip", ADDR["peer"][0], "--no-multicast-peers", "--no-cli", "--no-tls", "--no-dtls",
@@ -316,7 +345,7 @@ class Bench:
         deadline = time.monotonic() + 15
         while True:
             try:
-                return self.turn_socket(port, COTURN_USER), proc.pid
+                return self.turn_socket(role, port, COTURN_USER), proc.pid
             except Exception:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise
@@ -326,22 +355,52 @@ class Bench:
         self.build()
         self.topology.create()
         subprocess.run(["sysctl", "-q", "-w", "kernel.bpf_stats_enabled=1"], check=False)
+        a = self.args
+        configs = a.configs
+        modes = a.xdp_modes if "b" in configs else []
+        roles = {mode: ("relay" if i == 0 else "xdp%s" % mode) for i, mode in enumerate(modes)}
+        n = 4
+        for mode, role in roles.items():
+            if role != "relay":
+                self.topology.add_relay(role, n)
+                n += 1
+        if "c" in configs or "d" in configs:
+            self.topology.add_relay("plain", n)
+        for mode, role in roles.items():
+            if a.router_gro == "all" or (a.router_gro == "native" and mode != "generic"):
+                self.topology.exec("router", "ethtool", "-K", "to-%s" % role, "gro", "on")
+        if a.router_xdp:
+            from firezone_relay.xdp import loader
+
+            for mode, role in roles.items():
+                if mode != "generic":
+                    # A pass-everything program (ours, disabled) on the router's end.
+                    with self.topology.entered("router"):
+                        program = loader.XdpProgram(loader.build_object(self.tmp), "to-%s" % role)
+                        program.configure(LISTEN_PORT, LOWEST, HIGHEST, enabled=False)
+                        program.attach("driver")
+                    self.router_programs.append(program)
+        if a.router_gro == "all":
+            for role in ("client", "peer", "plain"):
+                if role in self.topology.ns:
+                    self.topology.exec("router", "ethtool", "-K", "to-%s" % role, "gro", "on")
         self.start_echo(4)
         direct = self.client_socket()
         direct.connect((ADDR["peer"][0], PEER_PORT))
-        # name -> (socket, server pid or None, ChannelData framing, xdp)
-        setups: Dict[str, Tuple[socket.socket, Optional[int], bool, bool]] = {"(a) no relay": (direct, None, False, False)}
-        configs = self.args.configs
-        if "b" in configs:
-            sock, pid = self.start_ours(True)
-            setups["(b) our relay, XDP (generic)"] = (sock, pid, True, True)
+        # name -> (socket, server pid or None, ChannelData framing, namespace of the XDP program or None)
+        setups: Dict[str, Tuple[socket.socket, Optional[int], bool, Optional[str]]] = {
+            "(a) no relay": (direct, None, False, None)
+        }
+        for index, (mode, role) in enumerate(roles.items()):
+            sock, pid, attached = self.start_ours(role, index, mode)
+            setups["(b) XDP %s (%s)" % (mode, attached)] = (sock, pid, True, role)
         if "c" in configs:
-            sock, pid = self.start_ours(False)
-            setups["(c) our relay, userspace"] = (sock, pid, True, False)
+            sock, pid, _ = self.start_ours("plain", 10, None)
+            setups["(c) our relay, userspace"] = (sock, pid, True, None)
         if "d" in configs:
-            started = self.start_coturn()
+            started = self.start_coturn("plain")
             if started is not None:
-                setups["(d) coturn %s" % coturn_version()] = (started[0], started[1], True, False)
+                setups["(d) coturn %s" % coturn_version()] = (started[0], started[1], True, None)
         results: Dict[str, Dict[int, List[Dict[str, float]]]] = {name: {} for name in setups}
         for size in self.args.sizes:
             for name, (sock, pid, framed, xdp) in setups.items():
@@ -373,7 +432,13 @@ class Bench:
     def report(self, results: Dict[str, Dict[int, List[Dict[str, float]]]]) -> None:
         a = self.args
         print()
-        print("IPv4, window %d, medians of %d x %g s, %d CPUs, kernel %s" % (a.window, a.runs, a.seconds, os.cpu_count() or 0, os.uname().release))
+        print(
+            "IPv4, window %d, medians of %d x %g s, %d CPUs, kernel %s, router GRO %s%s, load average before: %s"
+            % (
+                a.window, a.runs, a.seconds, os.cpu_count() or 0, os.uname().release, a.router_gro,
+                ", router XDP pass program" if a.router_xdp else "", self.load_before,
+            )
+        )
         print()
         print("| configuration | payload | round trips/s | vs no relay | vs coturn | machine CPU µs / round trip | relay CPU µs / relayed packet |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -412,6 +477,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1200])
     parser.add_argument("--configs", nargs="+", default=["a", "b", "c", "d"], help="subset of a b c d ((a) always runs)")
+    parser.add_argument(
+        "--xdp-modes", nargs="+", default=["generic", "auto"], choices=["generic", "auto", "driver"],
+        help="one (b) relay per --ebpf-attach-mode, each in its own namespace",
+    )
+    parser.add_argument(
+        "--router-gro", default="native", choices=["native", "all", "none"],
+        help="GRO on the router's end of the veth: of relays in auto/driver mode (native), of every link (all), "
+        "or nowhere (none: auto then falls back to generic on veth)",
+    )
+    parser.add_argument(
+        "--router-xdp", action="store_true",
+        help="attach a pass-everything XDP program (native) on the router's end of relays in auto/driver mode, "
+        "the other way to give that veth end a receive ring (combine with --router-gro none)",
+    )
     args = parser.parse_args(argv)
     reason = need_root()
     if reason is not None:

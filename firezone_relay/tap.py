@@ -82,7 +82,7 @@ _PARAMETERS: list[list[Any]] = [
     ["socket-buffer", None, str(DEFAULT_SOCKET_BUFFER), "SO_RCVBUF/SO_SNDBUF in bytes, 0 = OS default"],
     ["udp-io", None, "auto", "UDP per-packet I/O: batched (recvmmsg/sendmmsg, C extension), python, or auto (batched when built)"],
     ["ebpf-offloading", None, None, "Interface to attach the XDP ChannelData fast path to (Linux, root; off by default)"],
-    ["ebpf-attach-mode", None, "generic", "XDP attach mode: generic (any interface) or driver (native)"],
+    ["ebpf-attach-mode", None, "auto", "XDP attach mode: auto (driver, else generic), driver (native) or generic (any interface)"],
     ["ebpf-int4-addr", None, None, "IPv4 source address for IPv6->IPv4 relaying in XDP (default: the interface's)"],
     ["ebpf-int6-addr", None, None, "IPv6 source address for IPv4->IPv6 relaying in XDP (default: the interface's)"],
     ["listen-address-discovery-method", None, None, "Read the public addresses not given from the cloud's metadata service: gce_metadata or aws_ec2_metadata"],
@@ -97,6 +97,7 @@ _PARAMETERS: list[list[Any]] = [
     ["max-channels-per-allocation", None, "256", "Channels one allocation may hold, including those in their reserve period (508 beyond)"],
     ["log-level", None, "info", "Log level: trace, debug, info, warn, error or off, or RUST_LOG-style directives "
      "such as warn,relay=debug (RUST_LOG is read when LOG_LEVEL is not set)"],
+    ["otlp-grpc-endpoint", None, None, "OTLP/gRPC collector (host:port) to push metrics to, as upstream (pip install 'firezone-relay[otlp]')"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -295,6 +296,27 @@ def _check_control_endpoint(options: Any) -> None:
         return
     options["control-endpoint-required"] = value != DEFAULT_CONTROL_ENDPOINT
     options["control-endpoint"] = _parse_host_port("control-endpoint", value)
+
+
+def _check_otlp(options: Any) -> None:
+    """``--otlp-grpc-endpoint`` (SPEC §7): a URL, the SDK installed, its variables sane."""
+    value = options["otlp-grpc-endpoint"]
+    if value is None or not value.strip():
+        options["otlp-grpc-endpoint"] = None
+        return
+    from firezone_relay.adapters.otlp import check_environment, missing_sdk, parse_endpoint
+
+    try:
+        options["otlp-grpc-endpoint"] = parse_endpoint(value)
+        check_environment(options._environ)
+    except ValueError as exc:
+        raise usage.UsageError(str(exc)) from None
+    missing = missing_sdk()
+    if missing:
+        raise usage.UsageError(
+            "--otlp-grpc-endpoint needs the OpenTelemetry SDK and its OTLP/gRPC exporter, which are not installed "
+            "(%s); install them with: pip install 'firezone-relay[otlp]'" % (missing,)
+        )
 
 
 class Options(usage.Options):
@@ -498,8 +520,8 @@ class Options(usage.Options):
             )
         if self["ebpf-offloading"] is not None and not self["ebpf-offloading"].strip():
             self["ebpf-offloading"] = None
-        if self["ebpf-attach-mode"] not in ("generic", "driver"):
-            raise usage.UsageError("--ebpf-attach-mode must be generic or driver (got %r)" % (self["ebpf-attach-mode"],))
+        if self["ebpf-attach-mode"] not in ("auto", "generic", "driver"):
+            raise usage.UsageError("--ebpf-attach-mode must be auto, driver or generic (got %r)" % (self["ebpf-attach-mode"],))
         if self["ebpf-int4-addr"] is not None:
             self["ebpf-int4-addr"] = _parse_ip("ebpf-int4-addr", self["ebpf-int4-addr"], 4)
         if self["ebpf-int6-addr"] is not None:
@@ -523,6 +545,7 @@ class Options(usage.Options):
         self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
         self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
         _check_stream_options(self)
+        _check_otlp(self)
         from firezone_relay.discovery import check_options as _check_discovery_options
 
         _check_discovery_options(self, self._environ)
@@ -810,6 +833,10 @@ def makeService(options: Options) -> "MultiService":
     if not options["token"]:
         ServingFlag(readiness).setServiceParent(top)
     StatsLogger(relay, fast_path=xdp).setServiceParent(top)
+    if options["otlp-grpc-endpoint"]:
+        from firezone_relay.adapters.otlp import make_service as make_otlp_service
+
+        make_otlp_service(options["otlp-grpc-endpoint"], relay, fast_path=xdp).setServiceParent(top)
     host, port = options["health-check-addr"]
     health = HealthService(host, port, registry, readiness)
     health.setName("http")

@@ -1,12 +1,18 @@
 """Compile, load, attach and drive the XDP program through the system libbpf.
 
 Theory of operation: ``relay_xdp.c`` (next to this file) is compiled with
-``clang -O2 -g -target bpf`` into a temporary directory when the relay
-starts (a ``relay_xdp.o`` shipped next to the source is used instead when
-present); the object is opened and loaded with ``ctypes`` calls into
-``libbpf.so.1`` (no Python dependency), attached to one interface in generic
-(SKB) or driver (native) mode, and its maps are then written from the
-reactor thread only: userspace is the single writer.
+``clang -O2 -g -target bpf`` when the package is built (setup.py's build_py
+step, ``compile_object``) and ships as ``relay_xdp.o`` with a
+``relay_xdp.o.sha256`` sidecar naming the source it came from; at start-up
+``find_object`` uses that object when it is a BPF ELF object of this
+machine's byte order built from the source shipped beside it, and only
+otherwise compiles the source into a temporary directory (so production
+hosts need only ``libbpf1``, not clang).  The object is opened and loaded
+with ``ctypes`` calls into ``libbpf.so.1`` (no Python dependency), attached
+to one interface in generic (SKB) or driver (native) mode, or ``auto``:
+native first, generic when the driver refuses (``XdpProgram.attach``), and
+its maps are then written from the reactor thread only: userspace is the
+single writer.
 
 Every failure raises ``XdpError`` with a sentence that says why (no clang,
 no libbpf, not root, the verifier's log, an attach error); the caller logs it
@@ -27,24 +33,28 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import ipaddress
 import os
 import shutil
 import socket
 import struct
 import subprocess
-import tempfile
+import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "relay_xdp.c")
 PREBUILT = os.path.join(HERE, "relay_xdp.o")
+#: Next to a built object: the SHA-256 (hex) of the ``relay_xdp.c`` it was compiled from.
+SIDECAR_SUFFIX = ".sha256"
 PROGRAM = "relay_xdp"
 #: The channel maps, one per direction and client/peer family pair.
 ROUTE_MAPS = tuple(
     "%s_%d%d" % (kind, a, b) for kind in ("chan_to_udp", "udp_to_chan") for a in (4, 6) for b in (4, 6)
 )
+CLANG_ARGS = ["-O2", "-g", "-target", "bpf"]
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -56,7 +66,7 @@ BPF_ANY = 0
 
 # Mirrors of the C layouts (checked against the object's BTF in the tests).
 CONFIG = struct.Struct("=4s16s4s16sHHHHI")
-CFG_ENABLED, CFG_PUBLIC4, CFG_PUBLIC6, CFG_INT4, CFG_INT6 = 1, 2, 4, 8, 16
+CFG_ENABLED, CFG_PUBLIC4, CFG_PUBLIC6, CFG_INT4, CFG_INT6, CFG_REDIRECT = 1, 2, 4, 8, 16, 32
 CLIENT_CHAN = {4: struct.Struct(">4sHH"), 6: struct.Struct(">16sHH")}
 PORT_PEER = CLIENT_CHAN  # {ip, allocation port, peer port}: the same shapes
 
@@ -88,7 +98,13 @@ _SIOCGIFADDR = 0x8915
 
 
 class XdpError(Exception):
-    """The fast path could not be set up; the message says why."""
+    """The fast path could not be set up; the message says why.
+
+    ``code``: the errno behind it, when there is one."""
+
+    def __init__(self, message: str, code: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class XdpMapFull(XdpError):
@@ -145,23 +161,88 @@ def _libbpf() -> ctypes.CDLL:
 # --- building ---------------------------------------------------------------------
 
 
-def build_object(directory: str, clang: Optional[str] = None) -> str:
-    """The path of a compiled ``relay_xdp.o``: the prebuilt one shipped with
-    the package if any, else one compiled into ``directory`` with clang."""
-    if os.path.exists(PREBUILT) and os.path.getmtime(PREBUILT) >= os.path.getmtime(SOURCE):
-        return PREBUILT
+def source_digest(path: str = SOURCE) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def compile_object(out: str, clang: Optional[str] = None, source: str = SOURCE) -> str:
+    """Compile ``source`` into the BPF object ``out`` and write its sidecar
+    (the source's SHA-256); returns ``out``.  Used by setup.py at build time
+    and, as the fallback, at start-up."""
     clang = clang or shutil.which("clang")
     if clang is None:
-        raise XdpError("clang not found: it compiles the XDP program at start-up (apt-get install clang)")
-    out = os.path.join(directory, "relay_xdp.o")
-    cmd = [clang, "-O2", "-g", "-target", "bpf", "-c", SOURCE, "-o", out]
+        raise XdpError("clang not found (apt-get install clang)")
+    digest = source_digest(source)
+    cmd = [clang, *CLANG_ARGS, "-c", source, "-o", out]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise XdpError("could not run clang: %s" % exc) from None
     if done.returncode != 0:
-        raise XdpError("clang failed to compile %s:\n%s" % (SOURCE, done.stderr.strip()[-4000:]))
+        raise XdpError("clang failed to compile %s:\n%s" % (source, done.stderr.strip()[-4000:]))
+    with open(out + SIDECAR_SUFFIX, "w") as f:
+        f.write(digest + "\n")
     return out
+
+
+_EM_BPF = 247
+_ET_REL = 1
+
+
+def object_problem(path: str = PREBUILT, source: str = SOURCE) -> Optional[str]:
+    """Why the built object at ``path`` cannot be used, or None when it can:
+    it must be a relocatable 64-bit ELF object for BPF in this machine's byte
+    order, compiled from exactly the ``source`` next to it (its sidecar)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except FileNotFoundError:
+        return "%s is not there (it is built with the package only where clang is installed)" % path
+    except OSError as exc:
+        return "%s cannot be read: %s" % (path, exc)
+    order = "<" if sys.byteorder == "little" else ">"
+    if len(header) < 20 or header[:4] != b"\x7fELF" or header[4] != 2:
+        return "%s is not a 64-bit ELF object" % path
+    if header[5] != (1 if order == "<" else 2):
+        return "%s was built for the other byte order" % path
+    e_type, e_machine = struct.unpack_from(order + "HH", header, 16)
+    if e_machine != _EM_BPF or e_type != _ET_REL:
+        return "%s is not a BPF object (ELF type %d, machine %d)" % (path, e_type, e_machine)
+    try:
+        with open(path + SIDECAR_SUFFIX) as f:
+            recorded = f.read().strip()
+    except OSError:
+        return "%s has no %s sidecar naming its source" % (path, SIDECAR_SUFFIX)
+    if os.path.exists(source) and recorded != source_digest(source):
+        return "%s was built from another version of %s" % (path, os.path.basename(source))
+    return None
+
+
+def find_object(
+    directory: str, clang: Optional[str] = None, prebuilt: str = PREBUILT, source: str = SOURCE
+) -> Tuple[str, str]:
+    """``(path, origin)`` of the object to load: the one shipped with the
+    package (``prebuilt``) when it is usable, else one compiled from
+    ``source`` into ``directory`` with clang.  ``origin`` says which, and
+    why, for the start-up log."""
+    problem = object_problem(prebuilt, source)
+    if problem is None:
+        return prebuilt, "the object built with the package (%s)" % prebuilt
+    clang = clang or shutil.which("clang")
+    if clang is None:
+        raise XdpError(
+            "no usable prebuilt XDP object (%s) and clang not found to compile it at start-up "
+            "(reinstall the package on a host with clang to ship the object, or apt-get install clang)" % problem
+        )
+    out = compile_object(os.path.join(directory, "relay_xdp.o"), clang, source)
+    return out, "compiled at start-up with %s (%s)" % (clang, problem)
+
+
+def build_object(directory: str, clang: Optional[str] = None) -> str:
+    """The path of a compiled ``relay_xdp.o``: the prebuilt one shipped with
+    the package if usable, else one compiled into ``directory`` with clang."""
+    return find_object(directory, clang)[0]
 
 
 # --- interface facts -------------------------------------------------------------------
@@ -200,6 +281,108 @@ def interface_ip6(name: str) -> Optional[str]:
         # flag 0x40 = tentative (not usable yet), 0x20 = deprecated is still fine
         if len(fields) == 6 and fields[5] == name and int(fields[3], 16) == 0 and not int(fields[4], 16) & 0x40:
             return str(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+    return None
+
+
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GDRVINFO = 0x00000003
+
+
+def interface_driver(name: str) -> Optional[str]:
+    """The interface's driver name (``ethtool -i``), or None when it has none."""
+    info = ctypes.create_string_buffer(196)  # struct ethtool_drvinfo
+    struct.pack_into("=I", info, 0, _ETHTOOL_GDRVINFO)
+    request = struct.pack("16sP", name.encode()[:15], ctypes.addressof(info)).ljust(40, b"\0")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), _SIOCETHTOOL, request)
+    except OSError:
+        return None
+    return info.raw[4:36].split(b"\0", 1)[0].decode(errors="replace") or None
+
+
+# netdev_xdp_act bits (include/uapi/linux/netdev.h)
+XDP_ACT_BASIC = 1 << 0
+XDP_ACT_NDO_XMIT = 1 << 2
+
+_NETLINK_GENERIC = 16
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 1
+_GENL_ID_CTRL = 0x10
+_CTRL_CMD_GETFAMILY = 3
+_CTRL_ATTR_FAMILY_ID = 1
+_CTRL_ATTR_FAMILY_NAME = 2
+_NETDEV_CMD_DEV_GET = 1
+_NETDEV_A_DEV_IFINDEX = 1
+_NETDEV_A_DEV_XDP_FEATURES = 3
+
+
+def _nlattr(kind: int, value: bytes) -> bytes:
+    length = 4 + len(value)
+    return struct.pack("=HH", length, kind) + value + bytes(-length % 4)
+
+
+def _genl_request(sock: socket.socket, family: int, cmd: int, attrs: bytes, seq: int) -> Dict[int, bytes]:
+    body = struct.pack("=BBH", cmd, 1, 0) + attrs
+    sock.send(struct.pack("=IHHII", 16 + len(body), family, _NLM_F_REQUEST, seq, 0) + body)
+    reply = sock.recv(65536)
+    length, kind = struct.unpack_from("=IH", reply, 0)
+    if kind == _NLMSG_ERROR:
+        code = -struct.unpack_from("=i", reply, 16)[0]
+        raise OSError(code, os.strerror(code))
+    out: Dict[int, bytes] = {}
+    offset = 20  # nlmsghdr + genlmsghdr
+    while offset + 4 <= length:
+        alen, akind = struct.unpack_from("=HH", reply, offset)
+        if alen < 4:
+            break
+        out[akind & 0x3FFF] = reply[offset + 4 : offset + alen]
+        offset += (alen + 3) & ~3
+    return out
+
+
+def interface_xdp_features(ifindex: int) -> Optional[int]:
+    """The interface's ``xdp-features`` bits from the kernel's ``netdev``
+    generic netlink family (Linux >= 6.3), or None when it cannot say."""
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_GENERIC) as sock:
+            sock.settimeout(2.0)
+            family = _genl_request(
+                sock, _GENL_ID_CTRL, _CTRL_CMD_GETFAMILY, _nlattr(_CTRL_ATTR_FAMILY_NAME, b"netdev\0"), 1
+            )
+            family_id = struct.unpack("=H", family[_CTRL_ATTR_FAMILY_ID][:2])[0]
+            dev = _genl_request(
+                sock, family_id, _NETDEV_CMD_DEV_GET, _nlattr(_NETDEV_A_DEV_IFINDEX, struct.pack("=I", ifindex)), 2
+            )
+            return int(struct.unpack("=Q", dev[_NETDEV_A_DEV_XDP_FEATURES][:8])[0])
+    except (OSError, KeyError, struct.error):
+        return None
+
+
+def native_tx_problem(interface: str, ifindex: int) -> Optional[str]:
+    """Why relaying in native mode would lose frames on this interface
+    although the driver accepts the program, or None.
+
+    A veth hands the frames we send back out into the other end's NAPI ring,
+    which only exists while that end has GRO on or an XDP program of its own;
+    without it the kernel drops every frame (``veth_xdp_xmit``).  The kernel
+    (6.4+) reflects exactly that in this end's ``ndo-xmit`` XDP feature.
+    (With GRO alone, XDP_TX frames would wait in that ring for the next
+    packet: in native mode on a veth the program sends with XDP_REDIRECT,
+    which is flushed.)"""
+    if interface_driver(interface) != "veth":
+        return None
+    features = interface_xdp_features(ifindex)
+    if features is None:
+        return (
+            "%s is a veth and this kernel does not report whether the other end of the pair can "
+            "receive XDP frames (netdev xdp-features, Linux >= 6.3)" % interface
+        )
+    if not features & XDP_ACT_NDO_XMIT:
+        return (
+            "%s is a veth whose other end has neither GRO nor an XDP program, so frames relayed in native mode "
+            "would be dropped (on the other end: ethtool -K <dev> gro on)" % interface
+        )
     return None
 
 
@@ -254,6 +437,16 @@ class XdpProgram:
         self._lib = lib = _libbpf()
         self._obj: Optional[int] = None
         self._attached_flags: Optional[int] = None
+        #: The mode attached in ("generic" or "driver"), once attached.
+        self.mode: Optional[str] = None
+        #: After ``attach("auto")`` fell back to generic: why driver mode was not used.
+        self.fallback: Optional[str] = None
+        #: After ``attach("driver")``: why relaying may not work in that mode, if it may not.
+        self.warning: Optional[str] = None
+        #: Send with XDP_REDIRECT to the incoming interface instead of XDP_TX
+        #: (native mode on a veth; see CFG_REDIRECT in relay_xdp.c).
+        self.redirect = False
+        self._config: Optional[List[object]] = None
         lib.libbpf_set_print(None)  # failures are reported through XdpError
         obj = lib.bpf_object__open_file(object_path.encode(), None)
         if not obj:
@@ -295,8 +488,41 @@ class XdpProgram:
 
     # --- attach / detach ----------------------------------------------------------
 
-    def attach(self, mode: str = "generic") -> None:
-        """Attach to the interface; refuses to replace another XDP program."""
+    def attach(self, mode: str = "generic") -> str:
+        """Attach to the interface; refuses to replace another XDP program.
+
+        ``mode`` is ``generic``, ``driver`` (both strict) or ``auto``: driver
+        mode unless the driver refuses it (or, on a veth, its other end could
+        not receive the frames), then generic; ``fallback`` then says why.
+        Returns the mode used.  In driver mode on a veth the program sends
+        with XDP_REDIRECT instead of XDP_TX (``redirect``)."""
+        self.fallback = self.warning = None
+        veth = interface_driver(self.interface) == "veth"
+        if mode == "generic":
+            self._set_redirect(False)
+            self._attach("generic")
+            return mode
+        problem = native_tx_problem(self.interface, self.ifindex) if veth else None
+        if mode == "driver":
+            self._set_redirect(veth)
+            self._attach("driver")
+            self.warning = problem
+            return mode
+        if problem is None:
+            self._set_redirect(veth)
+            try:
+                self._attach("driver")
+                return "driver"
+            except XdpError as exc:
+                if exc.code in (errno.EBUSY, errno.EEXIST, errno.EPERM):
+                    raise  # generic mode would fail the same way
+                problem = str(exc)
+        self._set_redirect(False)
+        self._attach("generic")
+        self.fallback = problem
+        return "generic"
+
+    def _attach(self, mode: str) -> None:
         flags = MODES[mode]
         err = self._lib.bpf_xdp_attach(self.ifindex, self.prog_fd, flags | XDP_FLAGS_UPDATE_IF_NOEXIST, None)
         if err:
@@ -304,15 +530,21 @@ class XdpProgram:
             if code in (errno.EBUSY, errno.EEXIST):
                 raise XdpError(
                     "another XDP program is attached to %s; not replacing it "
-                    "(a stale one from a killed relay: ip link set dev %s xdp off)" % (self.interface, self.interface)
+                    "(a stale one from a killed relay: ip link set dev %s xdp off)" % (self.interface, self.interface),
+                    code,
                 )
             hint = ""
             if code == errno.EOPNOTSUPP and mode == "driver":
-                hint = " (the driver has no native XDP: use --ebpf-attach-mode generic)"
+                hint = " (the driver has no native XDP: use --ebpf-attach-mode generic or auto)"
+            elif code == errno.ERANGE and mode == "driver":
+                hint = " (on a veth: the MTU of the other end is too large for native XDP)"
             elif code == errno.EPERM:
                 hint = " (needs root or CAP_NET_ADMIN)"
-            raise XdpError("could not attach XDP to %s in %s mode: %s%s" % (self.interface, mode, _errno_text(code), hint))
+            raise XdpError(
+                "could not attach XDP to %s in %s mode: %s%s" % (self.interface, mode, _errno_text(code), hint), code
+            )
         self._attached_flags = flags
+        self.mode = mode
 
     @property
     def attached(self) -> bool:
@@ -392,7 +624,7 @@ class XdpProgram:
             | (CFG_INT4 if int4 else 0)
             | (CFG_INT6 if int6 else 0)
         )
-        value = CONFIG.pack(
+        self._config = [
             _packed(public4, 4),
             _packed(public6, 6),
             _packed(int4, 4),
@@ -402,8 +634,20 @@ class XdpProgram:
             highest_port,
             min(mtu, 0xFFFF),
             flags,
-        )
-        self._update("config", struct.pack("=I", 0), value)
+        ]
+        self._write_config()
+
+    def _write_config(self) -> None:
+        if self._config is None:
+            return
+        *fields, flags = self._config
+        flags = (int(flags) & ~CFG_REDIRECT) | (CFG_REDIRECT if self.redirect else 0)  # type: ignore[call-overload]
+        self._update("config", struct.pack("=I", 0), CONFIG.pack(*fields, flags))
+
+    def _set_redirect(self, redirect: bool) -> None:
+        if redirect != self.redirect:
+            self.redirect = redirect
+            self._write_config()
 
     @staticmethod
     def _keys(

@@ -83,6 +83,7 @@ struct xdp_md {
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_xdp_adjust_head)(struct xdp_md *ctx, int delta) = (void *)44;
+static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -117,6 +118,12 @@ struct port_peer_v6 {
 #define CFG_PUBLIC6 4
 #define CFG_INT4 8
 #define CFG_INT6 16
+/* Send with XDP_REDIRECT to the interface the frame came in on instead of
+ * XDP_TX.  The loader sets it for native mode on a veth: there XDP_TX queues
+ * the frame on the other end of the pair but only wakes that end up when it
+ * has an XDP program of its own (GRO alone is not enough), while a redirect
+ * is flushed at the end of the NAPI poll either way. */
+#define CFG_REDIRECT 32
 
 /* Ports and lengths in host byte order, addresses as on the wire. */
 struct relay_config {
@@ -730,5 +737,7 @@ int relay_xdp(struct xdp_md *ctx)
 	count(ST_PACKETS + idx, 1);
 	count(ST_BYTES + idx, data_len);
 	count(ST_SIZES + size_bucket(data_len), 1);
+	if (cfg->flags & CFG_REDIRECT)
+		return (int)bpf_redirect(ctx->ingress_ifindex, 0);
 	return XDP_TX;
 }

@@ -1,7 +1,8 @@
 """The XDP fast path as a Twisted service, fed by the core's channel commands.
 
-Theory of operation: ``XdpService`` compiles, loads and attaches the program
-in ``privilegedStartService`` (before twistd drops privileges) and detaches
+Theory of operation: ``XdpService`` loads the object built with the package
+(or, failing that, compiles one: ``loader.find_object``, logged either way),
+and attaches it in ``privilegedStartService`` (before twistd drops privileges) and detaches
 it in ``stopService`` (so on every clean exit: a reactor stop, the end of a
 drain, a fatal portal error) and, as a last resort, from an ``atexit`` hook.
 If anything fails it logs why and the relay goes on in userspace: the
@@ -39,7 +40,7 @@ from firezone_relay.xdp.loader import (
     XdpError,
     XdpMapFull,
     XdpProgram,
-    build_object,
+    find_object,
     interface_ip4,
     interface_ip6,
 )
@@ -57,8 +58,10 @@ class _Counts(dict):  # type: ignore[type-arg]
 class XdpService(Service):
     """Loads the XDP program on ``interface`` and mirrors channel bindings into it.
 
-    ``mode``: ``"generic"`` (SKB mode: veth, bridges, any driver) or
-    ``"driver"`` (native).  ``int4``/``int6``: the source addresses used when
+    ``mode``: ``"generic"`` (SKB mode: veth, bridges, any driver),
+    ``"driver"`` (native) or ``"auto"`` (native, generic if the driver
+    refuses); ``attached_mode`` is the one in use once attached.
+    ``int4``/``int6``: the source addresses used when
     a datagram changes family (default: the interface's own addresses).
     ``public4``/``public6``: the relay's public addresses (hairpin).
     """
@@ -88,6 +91,9 @@ class XdpService(Service):
         #: Entries per channel map (None: the object's 65,536); tests make it small.
         self.map_entries = map_entries
         self.program: Optional[XdpProgram] = None
+        self.attached_mode: Optional[str] = None
+        #: Where the loaded object came from (shipped or compiled), for the log.
+        self.object_origin: Optional[str] = None
         #: Why the fast path is off, once start-up has failed.
         self.failure: Optional[str] = None
         self.errors: Dict[str, int] = _Counts()
@@ -118,7 +124,9 @@ class XdpService(Service):
         workdir = tempfile.mkdtemp(prefix="firezone-relay-xdp-")
         program = None
         try:
-            program = XdpProgram(build_object(workdir), self.interface, map_entries=self.map_entries)
+            path, self.object_origin = find_object(workdir)
+            log.info("XDP program: {origin}", origin=self.object_origin, interface=self.interface)
+            program = XdpProgram(path, self.interface, map_entries=self.map_entries)
             int4 = self.int4 or interface_ip4(self.interface)
             int6 = self.int6 or interface_ip6(self.interface)
             program.configure(
@@ -130,7 +138,7 @@ class XdpService(Service):
                 int4=int4,
                 int6=int6,
             )
-            program.attach(self.mode)
+            self.attached_mode = program.attach(self.mode)
         except XdpError as exc:
             if program is not None:
                 program.close()
@@ -148,16 +156,27 @@ class XdpService(Service):
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         self.program = program
+        if program.fallback is not None:
+            log.warn(
+                "XDP native (driver) mode not used on {interface}, attached in generic mode instead: {reason}",
+                interface=self.interface,
+                reason=program.fallback,
+            )
+        if program.warning is not None:
+            log.warn("XDP in driver mode on {interface}: {reason}", interface=self.interface, reason=program.warning)
         if not self._atexit_registered:
             atexit.register(self.close)
             self._atexit_registered = True
         log.info(
-            "XDP fast path attached to {interface} ({mode} mode, program id {prog_id}): ChannelData on port "
+            "XDP fast path attached to {interface} ({mode} mode, sending with {send}, program id {prog_id}, "
+            "--ebpf-attach-mode {requested}): ChannelData on port "
             "{listen_port} and allocation ports {lowest_port}-{highest_port}; cross-family source addresses "
             "IPv4 {int4}, IPv6 {int6}; hairpin for {public4} {public6}; detach a stale one with: "
             "ip link set dev {interface} xdp off",
             interface=self.interface,
-            mode=self.mode,
+            mode=self.attached_mode,
+            requested=self.mode,
+            send="XDP_REDIRECT" if program.redirect else "XDP_TX",
             prog_id=program.attached_id(),
             listen_port=self.listen_port,
             lowest_port=self.lowest_port,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -64,8 +65,11 @@ def run(argv: Sequence[str], timeout: float = 20.0, check: bool = True) -> "subp
 class Topology:
     def __init__(self, prefix: str = "fzx") -> None:
         suffix = os.urandom(3).hex()
+        self.prefix, self.suffix = prefix, suffix
         self.ns: Dict[str, str] = {role: "%s-%s-%s" % (prefix, role[:3], suffix) for role in ROLES}
         self.created: List[str] = []
+        #: role -> (IPv4, IPv6) of its eth0 (``ADDR`` plus relays added with ``add_relay``)
+        self.addr: Dict[str, Tuple[str, str]] = dict(ADDR)
 
     def __enter__(self) -> "Topology":
         self.create()
@@ -87,28 +91,7 @@ class Topology:
                 self.created.append(self.ns[role])
                 self.ip(role, "link", "set", "lo", "up")
             for role, n in _LINK.items():
-                # Created straight inside the two namespaces: nothing in the root one.
-                run(
-                    [
-                        "ip", "-n", self.ns[role], "link", "add", "eth0", "type", "veth",
-                        "peer", "name", "to-%s" % role, "netns", self.ns["router"],
-                    ]
-                )
-                v4, v6 = ADDR[role]
-                self.ip(role, "addr", "add", v4 + "/24", "dev", "eth0")
-                self.ip(role, "-6", "addr", "add", v6 + "/64", "dev", "eth0", "nodad")
-                if role == "peer":
-                    d4, d6 = ADDR["denied"]
-                    self.ip(role, "addr", "add", d4 + "/24", "dev", "eth0")
-                    self.ip(role, "-6", "addr", "add", d6 + "/64", "dev", "eth0", "nodad")
-                self.ip(role, "link", "set", "eth0", "up")
-                self.ip(role, "route", "add", "default", "via", "10.0.%d.1" % n)
-                self.ip(role, "-6", "route", "add", "default", "via", "fd00:%d::1" % n)
-                dev = "to-%s" % role
-                self.ip("router", "addr", "add", "10.0.%d.1/24" % n, "dev", dev)
-                self.ip("router", "-6", "addr", "add", "fd00:%d::1/64" % n, "dev", dev, "nodad")
-                self.ip("router", "link", "set", dev, "up")
-                self.exec(role, "ethtool", "-K", "eth0", "tx", "off")
+                self._link(role, n)
             self.exec("router", "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
             self.exec("router", "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
             self.wait_reachable()
@@ -116,16 +99,51 @@ class Topology:
             self.destroy()
             raise
 
-    def wait_reachable(self, timeout: float = 10.0) -> None:
+    def _link(self, role: str, n: int) -> None:
+        # Created straight inside the two namespaces: nothing in the root one.
+        run(
+            [
+                "ip", "-n", self.ns[role], "link", "add", "eth0", "type", "veth",
+                "peer", "name", "to-%s" % role, "netns", self.ns["router"],
+            ]
+        )
+        v4, v6 = self.addr[role]
+        self.ip(role, "addr", "add", v4 + "/24", "dev", "eth0")
+        self.ip(role, "-6", "addr", "add", v6 + "/64", "dev", "eth0", "nodad")
+        if role == "peer":
+            d4, d6 = ADDR["denied"]
+            self.ip(role, "addr", "add", d4 + "/24", "dev", "eth0")
+            self.ip(role, "-6", "addr", "add", d6 + "/64", "dev", "eth0", "nodad")
+        self.ip(role, "link", "set", "eth0", "up")
+        self.ip(role, "route", "add", "default", "via", "10.0.%d.1" % n)
+        self.ip(role, "-6", "route", "add", "default", "via", "fd00:%d::1" % n)
+        dev = "to-%s" % role
+        self.ip("router", "addr", "add", "10.0.%d.1/24" % n, "dev", dev)
+        self.ip("router", "-6", "addr", "add", "fd00:%d::1/64" % n, "dev", dev, "nodad")
+        self.ip("router", "link", "set", dev, "up")
+        self.exec(role, "ethtool", "-K", "eth0", "tx", "off")
+
+    def add_relay(self, role: str, n: int) -> None:
+        """One more namespace like "relay" on its own router link ``to-<role>``:
+        10.0.n.2 / fd00:n::2 (n >= 4).  Deleted by ``destroy()``."""
+        self.ns[role] = "%s-%s-%s" % (self.prefix, role, self.suffix)
+        self.addr[role] = ("10.0.%d.2" % n, "fd00:%d::2" % n)
+        run(["ip", "netns", "add", self.ns[role]])
+        self.created.append(self.ns[role])
+        self.ip(role, "link", "set", "lo", "up")
+        self._link(role, n)
+        self.wait_reachable(pairs=(("client", role), ("peer", role)))
+
+    def wait_reachable(self, timeout: float = 10.0, pairs: Sequence[Tuple[str, str]] = ()) -> None:
         """Until UDP gets through client<->relay<->peer in both families (neighbours resolved, DAD done)."""
         deadline = time.monotonic() + timeout
-        for a, b in (("client", "relay"), ("peer", "relay"), ("client", "peer")):
+        for a, b in pairs or (("client", "relay"), ("peer", "relay"), ("client", "peer")):
             for family in (4, 6):
                 for src, dst in ((a, b), (b, a)):
                     rx = self.socket(dst, family)
                     tx = self.socket(src, family)
                     try:
-                        rx.bind((ADDR[dst][family == 6], 0))
+                        rx.bind((self.addr[dst][family == 6], 0))
                         rx.settimeout(0.1)
                         while True:
                             tx.sendto(b"probe", rx.getsockname()[:2])
@@ -349,8 +367,18 @@ class RelayProcess:
         listen_port: int = LISTEN_PORT,
         ports: Tuple[int, int] = (LOWEST, HIGHEST),
         metrics_port: int = METRICS[1],
+        attach_mode: Optional[str] = "generic",
+        python: Optional[str] = None,
+        env: Optional[Dict[str, str]] = None,
+        role: str = "relay",
     ) -> None:
+        """``attach_mode`` None: no ``--ebpf-attach-mode`` (the default).
+        ``python``: the interpreter of an installed relay (default: this one,
+        with this source tree first on PYTHONPATH); ``env``: variables to set;
+        ``role``: the namespace (``Topology.add_relay``)."""
         self.topology = topology
+        self.role = role
+        self.address = topology.addr[role]
         self.listen_port = listen_port
         self.metrics_port = metrics_port
         self.log_path = os.path.join(workdir, "relay-%d.log" % listen_port)
@@ -361,8 +389,8 @@ class RelayProcess:
             "--listen-port=%d" % listen_port,
             "--lowest-port=%d" % ports[0],
             "--highest-port=%d" % ports[1],
-            "--public-ip4-addr=%s" % ADDR["relay"][0],
-            "--public-ip6-addr=%s" % ADDR["relay"][1],
+            "--public-ip4-addr=%s" % self.address[0],
+            "--public-ip6-addr=%s" % self.address[1],
             "--allow-peer=%s/32" % ADDR["peer"][0],
             "--allow-peer=%s/128" % ADDR["peer"][1],
             "--auth-secret=%s" % SECRET,
@@ -370,14 +398,22 @@ class RelayProcess:
             "--log-format=json",
         ]
         if xdp:
-            args += ["--ebpf-offloading=eth0", "--ebpf-attach-mode=generic"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREZONE_", "EBPF_", "PUBLIC_", "LISTEN_"))}
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        env["PYTHONUNBUFFERED"] = "1"
-        self.argv = ["ip", "netns", "exec", topology.ns["relay"], *TWISTD, *args, *extra]
+            args += ["--ebpf-offloading=eth0"]
+            if attach_mode is not None:
+                args += ["--ebpf-attach-mode=%s" % attach_mode]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("FIREZONE_", "EBPF_", "PUBLIC_", "LISTEN_"))}
+        if python is None:
+            environ["PYTHONPATH"] = ROOT + os.pathsep + environ.get("PYTHONPATH", "")
+        else:
+            environ.pop("PYTHONPATH", None)
+        environ["PYTHONUNBUFFERED"] = "1"
+        environ.update(env or {})
+        twistd = [python, *TWISTD[1:]] if python is not None else TWISTD
+        ip = shutil.which("ip") or "ip"  # found on our PATH, not on the relay's
+        self.argv = [ip, "netns", "exec", topology.ns[role], *twistd, *args, *extra]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                self.argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.argv, cwd=workdir, env=environ, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
 
     def output(self) -> str:
@@ -391,7 +427,7 @@ class RelayProcess:
         """Until a Binding request from the client namespace is answered."""
         sock = self.topology.socket("client", 4)
         try:
-            client = BlockingTurnClient(sock, (ADDR["relay"][0], self.listen_port), timeout=0.2)
+            client = BlockingTurnClient(sock, (self.address[0], self.listen_port), timeout=0.2)
             deadline = time.monotonic() + timeout
             while True:
                 if self.proc.poll() is not None:
@@ -407,7 +443,7 @@ class RelayProcess:
 
     def metrics(self) -> Dict[str, float]:
         """``/metrics`` as {'name{labels}': value}."""
-        text = http_get(self.topology, "relay", METRICS[0], self.metrics_port, "/metrics")
+        text = http_get(self.topology, self.role, METRICS[0], self.metrics_port, "/metrics")
         out: Dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

@@ -171,10 +171,10 @@ class OptionsTests(unittest.SynchronousTestCase):
         options.parseOptions(args)
         return options
 
-    def test_defaults_are_off_and_generic(self) -> None:
+    def test_defaults_are_off_and_auto(self) -> None:
         o = self.parse([])
         self.assertIsNone(o["ebpf-offloading"])
-        self.assertEqual(o["ebpf-attach-mode"], "generic")
+        self.assertEqual(o["ebpf-attach-mode"], "auto")
         from firezone_relay import tap
 
         self.assertIsNone(tap.make_xdp_service(o))
@@ -195,7 +195,7 @@ class OptionsTests(unittest.SynchronousTestCase):
         from twisted.python import usage
 
         for args, fragment in (
-            (["--ebpf-attach-mode", "native"], "generic or driver"),
+            (["--ebpf-attach-mode", "native"], "must be auto, driver or generic"),
             (["--ebpf-int4-addr", "2001:db8::1"], "expected IPv4"),
             (["--ebpf-int6-addr", "nope"], "not an IPv6 address"),
         ):
@@ -636,12 +636,15 @@ class ProgramTests(_Namespaced):
             other_end = loader.XdpProgram(path, "to-relay")
             self.addCleanup(other_end.close)
             other_end.configure(LISTEN_PORT, LOWEST, HIGHEST, enabled=False)
-            other_end.attach("driver")
+            self.assertEqual(other_end.attach("driver"), "driver")  # strict: attached although ...
+            self.assertIn("neither GRO nor an XDP program", other_end.warning or "")  # ... said to be unable to send
         with topology.entered("relay"):
             program = loader.XdpProgram(path, "eth0")
             self.addCleanup(program.close)
             program.configure(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0])
             program.attach("driver")
+            self.assertIsNone(program.warning)  # the other end has an XDP program now
+            self.assertTrue(program.redirect)
         client, peer = self.sock(topology, "client", V4), self.sock(topology, "peer", V4)
         program.add_channel(client.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST)
         client.sendto(struct.pack("!HH", CHAN, 6) + b"native", (ADDR["relay"][0], LISTEN_PORT))
@@ -694,6 +697,76 @@ class ProgramTests(_Namespaced):
         client.sendto(struct.pack("!HH", CHAN + 3, 3) + b"now", relay)
         self.assertEqual(peers[3].recvfrom(100)[0], b"now")
 
+    def auto(self, topology: Topology) -> Tuple[loader.XdpProgram, str]:
+        path = _object(self)
+        with topology.entered("relay"):
+            program = loader.XdpProgram(path, "eth0")
+            self.addCleanup(program.close)
+            program.configure(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0])
+            mode = program.attach("auto")
+        return program, mode
+
+    def relays_both_ways(self, topology: Topology, program: loader.XdpProgram) -> None:
+        client, peer = self.sock(topology, "client", V4), self.sock(topology, "peer", V4)
+        program.add_channel(client.getsockname()[:2], CHAN, peer.getsockname()[:2], LOWEST)
+        client.sendto(struct.pack("!HH", CHAN, 4) + b"auto", (ADDR["relay"][0], LISTEN_PORT))
+        self.assertEqual(peer.recvfrom(100)[0], b"auto")
+        peer.sendto(b"back", (ADDR["relay"][0], LOWEST))
+        self.assertEqual(client.recvfrom(100)[0], struct.pack("!HH", CHAN, 4) + b"back")
+        counters = program.counters()
+        self.assertEqual(counters.total("packets", "client_to_peer"), 1)
+        self.assertEqual(counters.total("packets", "peer_to_client"), 1)
+
+    def test_auto_attaches_native_on_a_veth_whose_other_end_has_gro(self) -> None:
+        """Native XDP_TX on a veth needs NAPI on the other end: GRO on is enough (no XDP program there)."""
+        topology = self.make_topology()
+        topology.exec("router", "ethtool", "-K", "to-relay", "gro", "on")
+        program, mode = self.auto(topology)
+        self.assertEqual((mode, program.mode, program.fallback, program.redirect), ("driver", "driver", None, True))
+        shown = topology.ip("relay", "link", "show", "dev", "eth0").stdout
+        self.assertIn("prog/xdp id", shown)
+        self.assertNotIn("xdpgeneric", shown)
+        self.relays_both_ways(topology, program)
+
+    def test_auto_uses_generic_on_a_veth_whose_other_end_could_not_receive(self) -> None:
+        """Without GRO or XDP on the other end the kernel would drop native XDP_TX frames: auto says so."""
+        topology = self.make_topology()
+        topology.exec("router", "ethtool", "-K", "to-relay", "gro", "off")
+        program, mode = self.auto(topology)
+        self.assertEqual(mode, "generic")
+        self.assertIn("neither GRO nor an XDP program", program.fallback or "")
+        self.assertIn("xdpgeneric", topology.ip("relay", "link", "show", "dev", "eth0").stdout)
+        self.relays_both_ways(topology, program)
+
+    def test_auto_falls_back_to_generic_when_the_driver_refuses(self) -> None:
+        topology = self.make_topology()
+        topology.exec("router", "ethtool", "-K", "to-relay", "gro", "on")
+        topology.ip("router", "link", "set", "dev", "to-relay", "mtu", "9000")  # veth: too big for native XDP
+        program, mode = self.auto(topology)
+        self.assertEqual(mode, "generic")
+        self.assertIn("could not attach XDP to eth0 in driver mode", program.fallback or "")
+        self.assertIn("ERANGE", program.fallback or "")
+        self.assertIn("xdpgeneric", topology.ip("relay", "link", "show", "dev", "eth0").stdout)
+        self.relays_both_ways(topology, program)
+
+    def test_driver_and_generic_stay_strict(self) -> None:
+        topology = self.make_topology()
+        topology.ip("router", "link", "set", "dev", "to-relay", "mtu", "9000")
+        path = _object(self)
+        with topology.entered("relay"):
+            program = loader.XdpProgram(path, "eth0")
+            self.addCleanup(program.close)
+            with self.assertRaises(loader.XdpError) as caught:
+                program.attach("driver")
+            self.assertIn("in driver mode: Numerical result out of range", str(caught.exception))
+            self.assertFalse(program.attached)
+            self.assertFalse(topology.xdp_attached())
+            self.assertEqual(program.attach("generic"), "generic")
+            self.assertIsNone(program.fallback)
+            with self.assertRaises(loader.XdpError) as caught:
+                loader.XdpProgram(path, "eth0").attach("auto")  # auto never replaces a program either
+            self.assertIn("another XDP program is attached", str(caught.exception))
+
     def test_detach_and_reload_is_clean(self) -> None:
         topology = self.make_topology()
         program = self.attach(topology)
@@ -714,10 +787,12 @@ class RelayProcessTests(_Namespaced):
 
     timeout = 120
 
-    def start(self, topology: Topology, xdp: bool = True, extra: Tuple[str, ...] = ()) -> RelayProcess:
+    def start(
+        self, topology: Topology, xdp: bool = True, extra: Tuple[str, ...] = (), attach_mode: Optional[str] = "generic"
+    ) -> RelayProcess:
         directory = tempfile.mkdtemp(prefix="xdp-relay-")
         self.addCleanup(shutil.rmtree, directory, True)
-        relay = RelayProcess(topology, directory, xdp=xdp, extra=extra)
+        relay = RelayProcess(topology, directory, xdp=xdp, extra=extra, attach_mode=attach_mode)
         self.addCleanup(relay.stop)
         relay.wait_ready()
         return relay
@@ -850,6 +925,61 @@ class RelayProcessTests(_Namespaced):
         self.assertEqual(relay.proc.wait(10), 0)
         self.assertFalse(topology.xdp_attached(), relay.output()[-2000:])
         self.assertIn("XDP fast path detached", relay.output())
+
+    def test_auto_is_the_default_and_its_fallback_is_logged(self) -> None:
+        topology = self.make_topology()
+        topology.exec("router", "ethtool", "-K", "to-relay", "gro", "on")
+        topology.ip("router", "link", "set", "dev", "to-relay", "mtu", "9000")  # the veth refuses native XDP
+        relay = self.start(topology, attach_mode=None)
+        output = relay.output()
+        self.assertIn(
+            "XDP native (driver) mode not used on eth0, attached in generic mode instead: "
+            "could not attach XDP to eth0 in driver mode: Numerical result out of range (ERANGE)",
+            output,
+        )
+        self.assertIn("XDP fast path attached to eth0 (generic mode, sending with XDP_TX, program id", output)
+        self.assertIn("--ebpf-attach-mode auto)", output)
+        c = self.client(topology, V4)
+        peer = self.sock(topology, "peer", V4)
+        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+        c.send_channel(CHAN, b"generic")
+        self.assertEqual(peer.recvfrom(100)[0], b"generic")
+        self.assertEqual(self.relayed(relay)[("xdp", "client_to_peer")], 1)
+
+    def test_auto_attaches_native_where_the_veth_allows_it(self) -> None:
+        topology = self.make_topology()
+        topology.exec("router", "ethtool", "-K", "to-relay", "gro", "on")
+        relay = self.start(topology, attach_mode="auto")
+        output = relay.output()
+        self.assertIn("XDP fast path attached to eth0 (driver mode, sending with XDP_REDIRECT, program id", output)
+        self.assertNotIn("not used on eth0", output)
+        self.assertNotIn("xdpgeneric", topology.ip("relay", "link", "show", "dev", "eth0").stdout)
+        c = self.client(topology, V4)
+        peer = self.sock(topology, "peer", V4)
+        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+        for i in range(5):
+            c.send_channel(CHAN, b"native %d" % i)
+            data, source = peer.recvfrom(100)
+            self.assertEqual(data, b"native %d" % i)
+            peer.sendto(b"back %d" % i, source)
+            self.assertEqual(c.recv(), struct.pack("!HH", CHAN, 6) + b"back %d" % i)
+        counts = self.relayed(relay)
+        self.assertEqual((counts[("xdp", "client_to_peer")], counts[("xdp", "peer_to_client")]), (5, 5))
+        self.assertEqual((counts[("userspace", "client_to_peer")], counts[("userspace", "peer_to_client")]), (0, 0))
+
+    def test_driver_mode_is_strict(self) -> None:
+        topology = self.make_topology()
+        topology.ip("router", "link", "set", "dev", "to-relay", "mtu", "9000")
+        relay = self.start(topology, xdp=False, extra=("--ebpf-offloading=eth0", "--ebpf-attach-mode=driver"))
+        output = relay.output()
+        self.assertIn("XDP fast path off, relaying in userspace only: could not attach XDP to eth0 in driver mode", output)
+        self.assertFalse(topology.xdp_attached())
+        c = self.client(topology, V4)
+        peer = self.sock(topology, "peer", V4)
+        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+        c.send_channel(CHAN, b"userspace")
+        self.assertEqual(peer.recvfrom(100)[0], b"userspace")
+        self.assertEqual(self.relayed(relay)[("userspace", "client_to_peer")], 1)
 
     def test_a_load_failure_leaves_the_relay_in_userspace(self) -> None:
         topology = self.make_topology()
