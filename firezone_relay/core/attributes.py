@@ -36,9 +36,9 @@ Address = Tuple[str, int]
 Decoder = Callable[[bytes, bytes], object]
 Encoder = Callable[[object, bytes], bytes]
 
-_ATTR_HEADER = struct.Struct(">HH")
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
+ATTR_HEADER = struct.Struct(">HH")
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
 _H8 = struct.Struct(">8H")
 
 
@@ -116,8 +116,8 @@ def decode_address(value: bytes, tid: bytes) -> Address:
 def encode_address(addr: object, tid: bytes) -> bytes:
     ip, port = as_address(addr)
     if ":" in ip:
-        return b"\x00\x02" + _U16.pack(port) + pack_ip(ip)
-    return b"\x00\x01" + _U16.pack(port) + pack_ip(ip)
+        return b"\x00\x02" + U16.pack(port) + pack_ip(ip)
+    return b"\x00\x01" + U16.pack(port) + pack_ip(ip)
 
 
 def _xor_mask(tid: bytes, length: int) -> bytes:
@@ -146,7 +146,7 @@ def encode_xor_address(addr: object, tid: bytes) -> bytes:
     mask = _xor_mask(tid, len(packed))
     xored = (int.from_bytes(packed, "big") ^ int.from_bytes(mask, "big")).to_bytes(len(packed), "big")
     family = b"\x00\x02" if len(packed) == 16 else b"\x00\x01"
-    return family + _U16.pack(port ^ _XPORT) + xored
+    return family + U16.pack(port ^ _XPORT) + xored
 
 
 def as_address(addr: object) -> Address:
@@ -216,7 +216,7 @@ def decode_u32(value: bytes, tid: bytes) -> int:
 def encode_u32(value: object, tid: bytes) -> bytes:
     if not isinstance(value, int):
         raise TypeError("expected int")
-    return _U32.pack(value)
+    return U32.pack(value)
 
 
 def decode_first_byte(value: bytes, tid: bytes) -> int:
@@ -241,7 +241,7 @@ def decode_channel_number(value: bytes, tid: bytes) -> int:
 def encode_channel_number(value: object, tid: bytes) -> bytes:
     if not isinstance(value, int) or not 0 <= value <= 0xFFFF:
         raise TypeError("expected a 16-bit channel number")
-    return _U16.pack(value) + b"\x00\x00"
+    return U16.pack(value) + b"\x00\x00"
 
 
 def decode_error_code(value: bytes, tid: bytes) -> Tuple[int, str]:
@@ -298,7 +298,7 @@ def decode_unknown_attributes(value: bytes, tid: bytes) -> Tuple[int, ...]:
 def encode_unknown_attributes(value: object, tid: bytes) -> bytes:
     if not isinstance(value, tuple):
         raise TypeError("expected a tuple of attribute types")
-    return b"".join(_U16.pack(t) for t in value)
+    return b"".join(U16.pack(t) for t in value)
 
 
 def decode_even_port(value: bytes, tid: bytes) -> bool:
@@ -328,7 +328,7 @@ def encode_flag(value: object, tid: bytes) -> bytes:
 def _decode_one_algorithm(value: bytes, pos: int) -> Tuple[Tuple[int, bytes], int]:
     if pos + 4 > len(value):
         raise AttributeValueError("truncated algorithm")
-    alg, plen = _ATTR_HEADER.unpack_from(value, pos)
+    alg, plen = ATTR_HEADER.unpack_from(value, pos)
     end = pos + 4 + plen
     if end > len(value):
         raise AttributeValueError("truncated algorithm parameters")
@@ -348,7 +348,7 @@ def _encode_one_algorithm(value: object) -> bytes:
     alg, params = value
     if not isinstance(alg, int) or not isinstance(params, bytes):
         raise TypeError("expected (algorithm, parameters)")
-    return _ATTR_HEADER.pack(alg, len(params)) + params + b"\x00" * (-len(params) % 4)
+    return ATTR_HEADER.pack(alg, len(params)) + params + b"\x00" * (-len(params) % 4)
 
 
 def encode_password_algorithm(value: object, tid: bytes) -> bytes:

@@ -322,9 +322,14 @@ class Relay(AllocationTable, PeerRules, Replies):
             return False
         return True
 
-    def _owned_allocation(self, request: Request, now: float, any_username: bool = False) -> Optional[Allocation]:
-        """The sender's active allocation, else 437; wrong username → 441
-        unless ``any_username`` (an authenticated delete from the 5-tuple)."""
+    def _owned_allocation(
+        self, message: stun.Message, request: Request, now: float, any_username: bool = False
+    ) -> Optional[Allocation]:
+        """After ``_common_checks``, the sender's active allocation, else 437;
+        wrong username → 441 unless ``any_username`` (an authenticated
+        delete from the 5-tuple).  ``None`` when a reply has been queued."""
+        if not self._common_checks(message, request, now):
+            return None
         alloc = self._allocations.get(request.sender)
         if alloc is None or not alloc.active:
             self._error(request, 437, now)
@@ -487,13 +492,11 @@ class Relay(AllocationTable, PeerRules, Replies):
 
     def _handle_refresh(self, message: stun.Message, request: Request, now: float) -> None:
         """Refresh (RFC 8656 §8.2): a new lifetime, or 0 to delete."""
-        if not self._common_checks(message, request, now):
-            return
         lifetime = refresh_lifetime(message.get_int(stun.LIFETIME))
         # Deleting needs only valid credentials from the owning 5-tuple: a
         # Firezone client rotates its credentials on a network reset and
         # deletes its old allocation with the new ones (SPEC §2).
-        alloc = self._owned_allocation(request, now, any_username=lifetime == 0)
+        alloc = self._owned_allocation(message, request, now, any_username=lifetime == 0)
         if alloc is None:
             return
         requested = message.get_int(stun.REQUESTED_ADDRESS_FAMILY)
@@ -511,9 +514,7 @@ class Relay(AllocationTable, PeerRules, Replies):
 
     def _handle_create_permission(self, message: stun.Message, request: Request, now: float) -> None:
         """CreatePermission (RFC 8656 §10.2; permissions §9): all peers or none."""
-        if not self._common_checks(message, request, now):
-            return
-        alloc = self._owned_allocation(request, now)
+        alloc = self._owned_allocation(message, request, now)
         if alloc is None:
             return
         peers = [p for p in message.get_all(stun.XOR_PEER_ADDRESS) if isinstance(p, tuple)]
@@ -546,9 +547,7 @@ class Relay(AllocationTable, PeerRules, Replies):
     def _handle_channel_bind(self, message: stun.Message, request: Request, now: float) -> None:
         """ChannelBind (RFC 8656 §12.2): bind or refresh a channel; it
         installs or refreshes the peer's permission too."""
-        if not self._common_checks(message, request, now):
-            return
-        alloc = self._owned_allocation(request, now)
+        alloc = self._owned_allocation(message, request, now)
         if alloc is None:
             return
         number = message.get_int(stun.CHANNEL_NUMBER)

@@ -56,6 +56,9 @@ from .attributes import FAMILY_IPV4 as FAMILY_IPV4
 from .attributes import FAMILY_IPV6 as FAMILY_IPV6
 from .attributes import MAGIC_COOKIE as MAGIC_COOKIE
 from .attributes import Address as Address
+from .attributes import ATTR_HEADER as _ATTR_HEADER
+from .attributes import U16 as _U16
+from .attributes import U32 as _U32
 from .attributes import AttributeValueError as _AttributeError
 from .attributes import Decoder as _Decoder
 from .attributes import Encoder as _Encoder
@@ -150,9 +153,6 @@ AttributeValue = object
 Attribute = Tuple[int, AttributeValue]
 
 _HEADER = struct.Struct(">HHI")
-_ATTR_HEADER = struct.Struct(">HH")
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
 
 #: Decoding bounds (SPEC §1): a message with more attributes than this is
 #: rejected after reading exactly this many attribute headers, so the cost of
