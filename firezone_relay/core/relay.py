@@ -44,8 +44,10 @@ from collections import deque
 from typing import Callable, Optional
 
 from . import auth, stun
-from .allocation import Allocation, AllocationInfo, Channel, Permission, Reservation, initial_lifetime, refresh_lifetime
-from .auth import MAX_REST_LIFETIME, NonceFactory, Request
+from .allocation import CHANNEL_LIFETIME, CHANNEL_RESERVE, DEFAULT_LIFETIME, MAX_LIFETIME, MAX_PORT_ATTEMPTS, PERMISSION_LIFETIME
+from .allocation import RESERVATION_LIFETIME, Allocation, AllocationInfo, Channel, Permission, Reservation
+from .allocation import initial_lifetime, refresh_lifetime
+from .auth import MAX_AMPLIFICATION, MAX_REST_LIFETIME, NonceFactory, Request
 from .channel_data import MAX_CHANNEL, MIN_CHANNEL
 from .config import FIXED_FIELDS, LIVE_FIELDS, RandomSource, RelayConfig
 from .commands import Address, AllocationCreated, Client, ClosePort, Command, SendDatagram, Transmit
@@ -56,8 +58,12 @@ from .replies import Replies, family_of
 from .stats import SIZE_BUCKET, RelayStats
 from .table import AllocationTable
 
-#: The names the shell imports from here (the config ones live in config.py).
-__all__ = ["LIVE_FIELDS", "MAX_PEERS_PER_REQUEST", "MAX_REST_LIFETIME", "AllocationInfo", "RandomSource", "Relay", "RelayConfig", "RelayStats"]
+#: The names importable from here as before the split (most now live elsewhere).
+__all__ = [
+    "CHANNEL_LIFETIME", "CHANNEL_RESERVE", "DEFAULT_LIFETIME", "LIVE_FIELDS", "MAX_AMPLIFICATION", "MAX_LIFETIME",
+    "MAX_PEERS_PER_REQUEST", "MAX_PORT_ATTEMPTS", "MAX_REST_LIFETIME", "PERMISSION_LIFETIME", "RESERVATION_LIFETIME",
+    "AllocationInfo", "RandomSource", "Relay", "RelayConfig", "RelayStats",
+]
 
 UDP = 17
 #: SPEC §1: a CreatePermission lists at most this many XOR-PEER-ADDRESS (more → 400).

@@ -168,6 +168,10 @@ class CodecTests(unittest.TestCase):
         """The shell's tests still call ``stun.encode_channel_data``/``decode_channel_data``."""
         self.assertIs(stun.encode_channel_data, codec.encode)
         self.assertIs(stun.decode_channel_data, codec.decode)
+        from firezone_relay.core import framing  # the stream adapter's import, until it moves
+
+        self.assertIs(framing.Deframer, Deframer)
+        self.assertIs(framing.frame_length, frame_length)
 
 
 class ChannelDataExamples(unittest.SynchronousTestCase):
