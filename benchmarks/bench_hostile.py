@@ -348,6 +348,36 @@ def build_max_peers(size: int = MAX_STUN) -> Callable[[Target], Payloads]:
     return build
 
 
+def build_new_peers(target: Target) -> Payloads:
+    """The most policy work one accepted CreatePermission asks for: 32 peers
+    (SPEC §1's maximum), each datagram's 31 allowed ones never seen before (no
+    cache helps), the 32nd denied (multicast), so every peer is judged and the
+    403 leaves no permission behind to hit the per-allocation cap.  The 31 are
+    public addresses (11.0.0.0/8), which pass every default range: the longest
+    judgement (a loopback peer under --allow-loopback-peers is admitted early).
+    No datagram goes to them: a CreatePermission sends nothing to its peers."""
+    client = target.peers
+    client.refresh(3600)
+    assert client.realm is not None and client.nonce is not None and client.key is not None
+    templates = []
+    for k in range(NEW_PEER_TEMPLATES):
+        peers = [(T.XOR_PEER_ADDRESS, T.xor_address("11.%d.%d.%d" % (n >> 16, (n >> 8) & 255, n & 255), 9))
+                 for n in range(k * 31, k * 31 + 31)]  # fmt: skip
+        peers.append((T.XOR_PEER_ADDRESS, T.xor_address("224.0.0.1", 9)))
+        templates.append(T.signed_request(T.CREATE_PERMISSION, T.new_tid(), peers, client.username, client.realm,
+                                          client.nonce, client.key))  # fmt: skip
+    return Payloads(templates, key=client.key)
+
+
+NEW_PEER_TEMPLATES = 1000  # x 31 distinct peers: far more than the relay's policy cache (4,096)
+
+
+def build_password_algorithms(target: Target) -> Payloads:
+    """64 attributes (SPEC §1's maximum) of the most work each: PASSWORD-ALGORITHMS of 8 entries."""
+    value = struct.pack(">16H", *[x for i in range(8) for x in (1 + i % 2, 0)])
+    return Payloads([T.encode(T.msg_type(T.BINDING, 0), T.new_tid(), [(0x8002, value)] * 64)])
+
+
 def build_junk(stun_bits: bool) -> Callable[[Target], Payloads]:
     def build(target: Target) -> Payloads:
         out = []
@@ -410,6 +440,13 @@ SHAPES: List[Shape] = [
           build_max_ipv6(COTURN_MAX)),
     Shape("peers-16k", "max CreatePermission peers at 16 KiB: signed, ~1,350 peers (16,3xx B)", "peers16", 1000, 32,
           build_max_peers(COTURN_MAX)),
+    # The worst shapes within the bounds: 32 peers, 64 attributes.
+    Shape("new-peers", "max accepted CreatePermission: signed, 32 peers, 31 never seen (403 for the 32nd)", "peers",
+          1000, 32, build_new_peers),
+    Shape("ipv6-64", "64 IPv6 addresses: Binding, 64 × XOR-PEER-ADDRESS (1,556 B)", "fresh", 1000, 32,
+          build_max_ipv6(20 + 64 * 24)),
+    Shape("algorithms-64", "64 × PASSWORD-ALGORITHMS of 8 entries: Binding (2,324 B)", "fresh", 1000, 32,
+          build_password_algorithms),
     Shape("junk-00", "64 KiB junk, first bits 00", "fresh", 2000, 16, build_junk(True)),
     Shape("junk-other", "64 KiB junk, first bits not 00", "fresh", 2000, 16, build_junk(False)),
     Shape("channel-data", "64 KiB ChannelData, unbound channel (client with allocation)", "typical", 2000, 16,

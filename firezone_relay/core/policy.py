@@ -26,7 +26,9 @@ address is one of the relay's own under any spelling.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, Optional, Sequence, Union
+import re
+from bisect import bisect_right
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -145,6 +147,7 @@ class PeerPolicy:
         self._deny_v6 = parse_networks(DEFAULT_DENY_V6)
         self._global_v6 = parse_networks(GLOBAL_EXCEPTIONS_V6)
         self._cache: dict[str, bool] = {}
+        self._tables: Optional[_Verdicts] = None
 
     @staticmethod
     def _in(addr: IPAddr, networks: Sequence[IPNetwork]) -> bool:
@@ -166,11 +169,32 @@ class PeerPolicy:
     def is_allowed(self, ip: str) -> bool:
         verdict = self._cache.get(ip)
         if verdict is None:
-            verdict = self._judge(ip)
+            # Canonical IPv4 text (what the STUN decoder produces) judged
+            # inline: a CreatePermission may ask for 32 new ones (SPEC §1).
+            parts = ip.split(".")
+            value = -1
+            if len(parts) == 4:
+                digits = _DIGITS
+                try:
+                    value = (digits[parts[0]] << 24) | (digits[parts[1]] << 16) | (digits[parts[2]] << 8) | digits[parts[3]]
+                except KeyError:
+                    pass
+            if value >= 0:
+                table = self._verdicts().table4
+                layer, default = table.values[bisect_right(table.starts, value) - 1]
+                verdict = layer != _DENY if layer else default
+            else:
+                verdict = self._judge(ip)
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[ip] = verdict
         return verdict
+
+    def _verdicts(self) -> "_Verdicts":
+        tables = self._tables
+        if tables is None:
+            tables = self._tables = _Verdicts(self)
+        return tables
 
     def default_allows(self, addr: IPAddr) -> bool:
         """The built-in verdict, before the explicit lists."""
@@ -189,27 +213,199 @@ class PeerPolicy:
         return not self._in(addr, self._deny_v6)
 
     def _judge(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        candidates: list[IPAddr] = [addr]
-        if isinstance(addr, ipaddress.IPv6Address):
+        """The verdict for ``ip``, from the integer tables of :class:`_Verdicts`
+        (one ``bisect`` per address, two for an address carrying an IPv4
+        one); text other than canonical IPv4 or plain hex-and-colons IPv6 is
+        parsed by the ``ipaddress`` module."""
+        tables = self._verdicts()
+        value = _parse_ipv4(ip)
+        if value >= 0:
+            return tables.judge4(value)
+        value = _parse_ipv6(ip)
+        if value < 0:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                return False
+            if isinstance(addr, ipaddress.IPv4Address):
+                return tables.judge4(int(addr))
             if addr.scope_id is not None:
                 return False  # a zone index names a link, never a global peer
-            if _mapped_or_compatible(addr):
-                return False  # mapped / compatible: not routable on IPv6-only sockets
-            if addr in _NAT64 or addr in _SIX_TO_FOUR:
-                inner = embedded_ipv4(addr)
-                assert inner is not None
-                candidates.append(inner)
-        if any(self._in(a, self.deny) for a in candidates):
+            value = int(addr)
+        return tables.judge6(value)
+
+
+# --- the verdict tables -------------------------------------------------------------------
+
+#: Layers of the explicit lists, strongest first (``deny`` always wins).
+_NONE, _DENY, _ALLOW, _LOOP = 0, 1, 2, 3
+
+_V4_MAX = (1 << 32) - 1
+_V6_MAX = (1 << 128) - 1
+_NAT64_LOW = int(_NAT64.network_address)
+_NAT64_HIGH = int(_NAT64.broadcast_address)
+_6TO4_LOW = int(_SIX_TO_FOUR.network_address)
+_6TO4_HIGH = int(_SIX_TO_FOUR.broadcast_address)
+_MAPPED_LOW = 0xFFFF << 32  # ::ffff:0:0/96
+_MAPPED_HIGH = _MAPPED_LOW | 0xFFFFFFFF
+
+
+#: ``value -> (layer, default verdict)``.
+_Verdict = Callable[[int], tuple[int, bool]]
+
+
+def _span(net: IPNetwork) -> tuple[int, int]:
+    return int(net.network_address), int(net.broadcast_address)
+
+
+class _Table:
+    """A piecewise-constant function over one address family's integers:
+    ``starts`` sorted, ``values[i]`` holding from ``starts[i]`` up to the next
+    start.  Built by evaluating ``verdict`` once per elementary interval of
+    the given ranges' end points."""
+
+    __slots__ = ("starts", "values")
+
+    def __init__(self, spans: Iterable[tuple[int, int]], top: int, verdict: _Verdict) -> None:
+        points = {0}
+        for low, high in spans:
+            points.add(low)
+            if high < top:
+                points.add(high + 1)
+        self.starts = sorted(points)
+        self.values = [verdict(start) for start in self.starts]
+
+    def __call__(self, value: int) -> tuple[int, bool]:
+        return self.values[bisect_right(self.starts, value) - 1]
+
+
+class _Verdicts:
+    """The policy of a :class:`PeerPolicy` as two integer tables, one per
+    family, each giving ``(layer, default verdict)``: the strongest explicit
+    list naming the address (``_DENY``, ``_ALLOW``, ``_LOOP`` for loopback
+    under ``allow_loopback``, ``_NONE``) and :meth:`PeerPolicy.default_allows`.
+    Equivalent to judging the ``ipaddress`` objects range by range; the
+    tests hold the two side by side."""
+
+    __slots__ = ("table4", "table6")
+
+    def __init__(self, policy: PeerPolicy) -> None:
+        loop4 = [_LOOPBACK[0]] if policy.allow_loopback else []
+        loop6 = [_LOOPBACK[1]] if policy.allow_loopback else []
+        deny4 = [_span(n) for n in policy.deny if n.version == 4]
+        deny6 = [_span(n) for n in policy.deny if n.version == 6]
+        allow4 = [_span(n) for n in policy.allow if n.version == 4]
+        allow6 = [_span(n) for n in policy.allow if n.version == 6]
+        l4 = [_span(n) for n in loop4]
+        l6 = [_span(n) for n in loop6]
+        d4 = [_span(n) for n in policy._deny_v4]
+        d6 = [_span(n) for n in policy._deny_v6]
+        g6 = [_span(n) for n in policy._global_v6]
+        unicast = _span(_GLOBAL_UNICAST)
+
+        def inside(value: int, spans: list[tuple[int, int]]) -> bool:
+            return any(low <= value <= high for low, high in spans)
+
+        def layer(value: int, deny: list[tuple[int, int]], allow: list[tuple[int, int]], loop: list[tuple[int, int]]) -> int:
+            if inside(value, deny):
+                return _DENY
+            if inside(value, allow):
+                return _ALLOW
+            return _LOOP if inside(value, loop) else _NONE
+
+        def verdict4(value: int) -> tuple[int, bool]:
+            return layer(value, deny4, allow4, l4), not inside(value, d4)
+
+        def verdict6(value: int) -> tuple[int, bool]:
+            # The default for addresses outside NAT64 and 6to4; those two are
+            # judged by their IPv4 address in judge6.
+            if not inside(value, [unicast]):
+                default = False
+            elif inside(value, g6):
+                default = True
+            else:
+                default = not inside(value, d6)
+            return layer(value, deny6, allow6, l6), default
+
+        self.table4 = _Table(deny4 + allow4 + l4 + d4, _V4_MAX, verdict4)
+        self.table6 = _Table(
+            deny6 + allow6 + l6 + d6 + g6 + [unicast, _span(_NAT64), _span(_SIX_TO_FOUR)], _V6_MAX, verdict6
+        )
+
+    def judge4(self, value: int) -> bool:
+        layer, default = self.table4(value)
+        if layer:
+            return layer != _DENY
+        return default
+
+    def judge6(self, value: int) -> bool:
+        if value >> 32 == 0 and value > 1 or _MAPPED_LOW <= value <= _MAPPED_HIGH:
+            return False  # mapped / compatible: not routable on IPv6-only sockets
+        layer, default = self.table6(value)
+        if _NAT64_LOW <= value <= _NAT64_HIGH:
+            inner = value & 0xFFFFFFFF
+        elif _6TO4_LOW <= value <= _6TO4_HIGH:
+            inner = (value >> 80) & 0xFFFFFFFF
+        else:
+            if layer:
+                return layer != _DENY
+            return default
+        # Both addresses are candidates: deny on either wins, then allow on
+        # either, then loopback on either, then the IPv4 address's default.
+        layer4, default4 = self.table4(inner)
+        if layer == _DENY or layer4 == _DENY:
             return False
-        if any(self._in(a, self.allow) for a in candidates):
+        if layer or layer4:
             return True
-        if self.allow_loopback and any(self._in(a, _LOOPBACK) for a in candidates):
-            return True
-        return self.default_allows(addr)
+        return default4
+
+
+_DIGITS = {text: i for i, text in enumerate(str(i) for i in range(256))}
+
+
+def _parse_ipv4(ip: str) -> int:
+    """The integer of canonical dotted-decimal text, -1 for anything else
+    (the ``ipaddress`` module accepts exactly these octet spellings too)."""
+    parts = ip.split(".")
+    if len(parts) != 4:
+        return -1
+    digits = _DIGITS
+    try:
+        return (digits[parts[0]] << 24) | (digits[parts[1]] << 16) | (digits[parts[2]] << 8) | digits[parts[3]]
+    except KeyError:
+        return -1
+
+
+_HEX_COLONS = re.compile(r"[0-9a-fA-F:]{2,39}\Z")
+_HEX_GROUP = re.compile(r"[0-9a-fA-F]{1,4}\Z")
+
+
+def _parse_ipv6(ip: str) -> int:
+    """The integer of IPv6 text made of hex groups and colons (with at most
+    one ``::`` standing for at least one group), -1 for anything else,
+    including text the ``ipaddress`` module would refuse."""
+    if not _HEX_COLONS.match(ip):
+        return -1
+    head, gap, tail = ip.partition("::")
+    high = head.split(":") if head else []
+    low = tail.split(":") if tail else []
+    if gap:
+        if "::" in tail or len(high) + len(low) > 7:
+            return -1
+    elif len(high) != 8:
+        return -1
+    value = 0
+    group = _HEX_GROUP.match
+    for part in high:
+        if not group(part):
+            return -1
+        value = (value << 16) | int(part, 16)
+    value <<= 16 * (8 - len(high) - len(low))
+    for part in low:
+        if not group(part):
+            return -1
+        value = (value << 16) | int(part, 16)
+    return value
 
 
 _UNSPECIFIED = ("0.0.0.0/32", "::/128")  # a datagram to either reaches this host

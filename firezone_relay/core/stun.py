@@ -378,6 +378,12 @@ def _decode(data: bytes) -> Message:
     method = (mtype & 0x000F) | ((mtype >> 1) & 0x0070) | ((mtype >> 2) & 0x0F80)
     msg_class = ((mtype >> 4) & 1) | ((mtype >> 7) & 2)
 
+    if n > _MAY_EXCEED_ATTRIBUTES:
+        # Room for more than MAX_ATTRIBUTES attributes: count the headers
+        # first, so that a message with too many is refused before any value
+        # is decoded (SPEC §1: the cost of refusing is ~64 header reads).
+        _count_attributes(data, n, method, msg_class, tid)
+
     attributes: list[Attribute] = []
     append = attributes.append
     decoders = _DECODERS
@@ -457,6 +463,151 @@ def _decode(data: bytes) -> Message:
         has_fingerprint,
         tuple(unknown_required),
     )
+
+
+def decode_structure(data: bytes) -> Message:
+    """Check one STUN message as :func:`decode` does, without decoding any
+    attribute value: ``attributes`` is empty.
+
+    For a request whose method reads no attribute (Binding, SPEC §2): the
+    header, the padding, the bound of ``MAX_ATTRIBUTES``, FINGERPRINT (last
+    and correct) are checked and the unknown comprehension-required types
+    before MESSAGE-INTEGRITY(-SHA256) collected, exactly as :func:`decode`
+    does, so a 400 or 420 is answered as before; a malformed value of a known
+    attribute goes unnoticed, as the method never reads it.  The cost is one
+    header read and one list append per attribute (SPEC §1).
+    """
+    try:
+        return _decode_structure(data)
+    except StunDecodeError:
+        raise
+    except Exception as exc:  # pragma: no cover - defence in depth
+        raise StunDecodeError("malformed: %s" % (exc,)) from None
+
+
+def _decode_structure(data: bytes) -> Message:
+    if type(data) is not bytes:
+        data = bytes(data)
+    n = len(data)
+    if n < HEADER_LENGTH:
+        raise StunDecodeError("shorter than a STUN header")
+    mtype, length, cookie = _HEADER.unpack_from(data)
+    if mtype & 0xC000:
+        raise StunDecodeError("not a STUN message (first bits)")
+    if cookie != MAGIC_COOKIE:
+        raise StunDecodeError("bad magic cookie")
+    if length + HEADER_LENGTH != n:
+        raise StunDecodeError("length field does not match the datagram")
+    if length & 3:
+        raise StunDecodeError("length is not a multiple of 4")
+    tid = data[8:20]
+    method, msg_class = split_message_type(mtype)
+    unpack_attr = _ATTR_HEADER.unpack_from
+    special = _STRUCTURE_TYPES
+    types: list[int] = []
+    append = types.append
+    cut = -1  # index of the first MESSAGE-INTEGRITY(-SHA256): what follows is ignored
+    mi_offset = -1
+    mi256_offset = -1
+    username_at = -1
+    has_fingerprint = False
+    pos = HEADER_LENGTH
+    for _ in range(MAX_ATTRIBUTES):
+        if pos >= n:
+            break
+        atype, alen = unpack_attr(data, pos)
+        if atype in special:
+            if atype == USERNAME:
+                if username_at < 0 and cut < 0:
+                    username_at = pos
+            elif atype == FINGERPRINT:
+                if pos + 8 != n or alen != 4:
+                    raise StunDecodeError("bad FINGERPRINT length" if pos + 8 == n else "attribute after FINGERPRINT")
+                expected = (zlib.crc32(data[:pos]) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
+                if int.from_bytes(data[pos + 4 : pos + 8], "big") != expected:
+                    raise StunDecodeError("FINGERPRINT mismatch")
+                has_fingerprint = True
+                pos = n
+                break
+            else:
+                if cut < 0:
+                    cut = len(types)
+                if atype == MESSAGE_INTEGRITY:
+                    if mi_offset < 0 and mi256_offset < 0:
+                        mi_offset = pos
+                elif mi256_offset < 0:
+                    mi256_offset = pos
+        append(atype)
+        pos += 4 + ((alen + 3) & ~3)
+    else:
+        if pos < n:
+            raise _too_many_attributes(data, username_at, method, msg_class, tid)
+    if pos != n:
+        raise StunDecodeError("attribute runs past the end")
+    known = _DECODERS
+    unknown_required = tuple([t for t in (types if cut < 0 else types[:cut]) if t < 0x8000 and t not in known])
+    return Message(method, msg_class, tid, [], data, mi_offset, mi256_offset, has_fingerprint, unknown_required)
+
+
+_STRUCTURE_TYPES = frozenset((USERNAME, FINGERPRINT, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
+
+
+#: A message body longer than this may hold more than MAX_ATTRIBUTES attributes.
+_MAY_EXCEED_ATTRIBUTES = HEADER_LENGTH + 4 * MAX_ATTRIBUTES
+
+
+def _count_attributes(data: bytes, n: int, method: int, msg_class: int, tid: bytes) -> None:
+    """Walk the attribute headers only, and raise the too-many-attributes
+    error after reading ``MAX_ATTRIBUTES`` of them if more follow.
+
+    Values are not decoded, except the first USERNAME before a
+    MESSAGE-INTEGRITY(-SHA256) when the message is refused, so that its 400
+    can still be signed.  Anything else wrong (a length running past the
+    end, FINGERPRINT not last) is left to the full decode.
+    """
+    unpack_attr = _ATTR_HEADER.unpack_from
+    watched = _USERNAME_AND_INTEGRITY
+    pos = HEADER_LENGTH
+    username_at = -1
+    before_integrity = True
+    for _ in range(MAX_ATTRIBUTES):
+        if pos >= n:
+            return
+        atype, alen = unpack_attr(data, pos)
+        if atype in watched:
+            if atype != USERNAME:
+                before_integrity = False
+            elif username_at < 0 and before_integrity:
+                username_at = pos
+        pos += 4 + ((alen + 3) & ~3)
+    if pos >= n:
+        return
+    raise _too_many_attributes(data, username_at, method, msg_class, tid)
+
+
+def _too_many_attributes(data: bytes, username_at: int, method: int, msg_class: int, tid: bytes) -> StunDecodeError:
+    """The error for a message with more than MAX_ATTRIBUTES attributes,
+    with the USERNAME at ``username_at`` (if any, and valid) for a signed 400."""
+    username: Optional[str] = None
+    if username_at >= 0:
+        ulen = _U16.unpack_from(data, username_at + 2)[0]
+        try:
+            value = _username[0](data[username_at + 4 : username_at + 4 + ulen], tid)
+            username = value if isinstance(value, str) else None
+        except _AttributeError:
+            username = None
+    return StunDecodeError(
+        "more than %d attributes" % MAX_ATTRIBUTES,
+        error_code=400,
+        method=method,
+        msg_class=msg_class,
+        transaction_id=tid,
+        username=username,
+        drop_reason="too_many_attributes",
+    )
+
+
+_USERNAME_AND_INTEGRITY = frozenset((USERNAME, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
 
 
 def _first_username(attributes: list[Attribute]) -> Optional[str]:

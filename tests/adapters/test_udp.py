@@ -383,11 +383,36 @@ class PortTests(RelayFixture, unittest.TestCase):
             self.addCleanup(s.close)
             s.bind(("127.0.0.1", port))
 
+    def occupied_range(self, size: int, leave_free: int = 0) -> Tuple[int, int, list[int]]:
+        """A port range of ``size`` whose ports this test holds, all but
+        ``leave_free`` of them (returned, checked free just now).  Another
+        window is tried when any port of one is taken by someone else (other
+        test workers bind in the same region)."""
+        for _ in range(50):
+            low, high = port_range(size)
+            ports = list(range(low, high + 1))
+            free = random.Random().sample(ports, leave_free)
+            held: list[socket.socket] = []
+            try:
+                for port in ports:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    held.append(s)
+                    s.bind(("127.0.0.1", port))
+            except OSError:
+                for s in held:
+                    s.close()
+                continue
+            for s in held:
+                if s.getsockname()[1] in free:
+                    s.close()
+                else:
+                    self.addCleanup(s.close)
+            return low, high, free
+        raise AssertionError("no window of %d free UDP ports found" % size)
+
     @defer.inlineCallbacks
     def test_taken_ports_are_skipped(self) -> Any:
-        low, high = port_range(8)
-        free = low + random.Random().randrange(8)
-        self.occupy([p for p in range(low, high + 1) if p != free])
+        low, high, (free,) = self.occupied_range(8, leave_free=1)
         service = self.start_relay(port_range_=(low, high))
         client = self.client()
         _, response = yield client.allocate(SECRET, self.expiry())
@@ -397,8 +422,7 @@ class PortTests(RelayFixture, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_no_free_port_is_508(self) -> Any:
-        low, high = port_range(4)
-        self.occupy(range(low, high + 1))
+        low, high, _ = self.occupied_range(4)
         service = self.start_relay(port_range_=(low, high))
         client = self.client()
         _, response = yield client.allocate(SECRET, self.expiry())

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+import zlib
 from typing import Any
 from unittest import mock
 
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from firezone_relay.core import auth, stun
 from firezone_relay.core.commands import SendDatagram
-from firezone_relay.core.relay import MAX_PEERS_PER_REQUEST
+from firezone_relay.core.relay import MAX_PEERS_PER_REQUEST, MAX_STUN_MESSAGE
 
 from .harness import CLIENT, PUBLIC6, Driver, build, credentials, error_code, make_relay, verify_signed
 
@@ -94,17 +95,91 @@ class DecodeBoundTests(SynchronousTestCase):
             stun.decode(stun.encode(stun.BINDING, stun.REQUEST, b"t" * 12, [(0x8888, b"")] * 64, fingerprint=True))
 
     def test_relay_answers_the_worst_binding_with_one_small_400(self) -> None:
+        """At the size cap (16,384 bytes, 4,091 attributes) the worst Binding
+        gets one 40-byte 400 after 64 header reads; the issue's 65,504-byte
+        one is over the cap and dropped unread (SPEC §1: 400 or drop)."""
+        at_cap = raw_message(stun.BINDING, attr(0x7001, b"") * 4091)
+        self.assertEqual(len(at_cap), MAX_STUN_MESSAGE)
         for sender in (CLIENT, STREAM_CLIENT):  # TCP is exempt from the reflection guard
             d = Driver(make_relay())
             counter = CountingHeader()
             with mock.patch.object(stun, "_ATTR_HEADER", counter):
-                _, commands = d.client(WORST_BINDING, sender)  # type: ignore[arg-type]
+                _, commands = d.client(at_cap, sender)  # type: ignore[arg-type]
             self.assertEqual(counter.reads, 64)
             (reply,) = replies(commands, sender)
             message = stun.decode(reply.payload)
             self.assertEqual(error_code(message), 400)
             self.assertEqual(len(reply.payload), 40)  # header + ERROR-CODE, no SOFTWARE
             self.assertEqual(d.relay.stats.dropped, {"too_many_attributes": 1})
+            with mock.patch.object(stun, "_ATTR_HEADER", counter):
+                _, commands = d.client(WORST_BINDING, sender)  # type: ignore[arg-type]
+            self.assertEqual(counter.reads, 64)  # none more
+            self.assertEqual(replies(commands, sender), [])
+            self.assertEqual(d.relay.stats.dropped, {"too_many_attributes": 1, "oversized": 1})
+
+    def test_only_send_indications_may_exceed_the_cap(self) -> None:
+        """Every STUN message over 16,384 bytes but a Send indication is dropped
+        unread; a Send indication's DATA may still fill a 64 KiB datagram."""
+        d = Driver(make_relay(allow_loopback_peers=True))
+        d.allocate()
+        d.request(d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, ("127.0.0.9", 5000))]))
+        payload = b"p" * (65504 - 20 - 12 - 4)
+        send = build(stun.SEND, d.next_tid(), [(stun.XOR_PEER_ADDRESS, ("127.0.0.9", 5000)), (stun.DATA, payload)],
+                     cls=stun.INDICATION)  # fmt: skip
+        self.assertEqual(len(send), 65504)
+        _, commands = d.client(send)
+        relayed = [c for c in commands if isinstance(c, SendDatagram) and c.destination == ("127.0.0.9", 5000)]
+        self.assertEqual([c.payload for c in relayed], [payload])
+        self.assertNotIn("oversized", d.relay.stats.dropped)
+        big = [(0x8888, b"x" * (MAX_STUN_MESSAGE - 20 - 4 + 4))]  # one byte-aligned attribute over the cap
+        for method, cls in ((stun.BINDING, stun.REQUEST), (stun.ALLOCATE, stun.REQUEST), (stun.BINDING, stun.INDICATION),
+                            (stun.SEND, stun.REQUEST), (stun.DATA_METHOD, stun.INDICATION), (stun.BINDING, stun.SUCCESS)):  # fmt: skip
+            data = build(method, d.next_tid(), big, cls=cls)
+            self.assertEqual(len(data), MAX_STUN_MESSAGE + 4)
+            before = d.relay.stats.dropped.get("oversized", 0)
+            out, commands = d.client(data)
+            self.assertEqual((out, replies(commands)), (None, []))
+            self.assertEqual(d.relay.stats.dropped.get("oversized"), before + 1, (method, cls))
+        # At the cap exactly, a request with a large ignored attribute is served.
+        reply = d.request(build(stun.BINDING, d.next_tid(), [(0x8888, b"x" * (MAX_STUN_MESSAGE - 20 - 4))]))
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+
+    def test_too_many_attributes_are_refused_before_any_value_is_decoded(self) -> None:
+        """The header walk comes first: 65 IPv6 addresses cost no address decoding
+        (before: 64 were decoded, then the message refused)."""
+        peers = [(stun.XOR_PEER_ADDRESS, ("2001:4860::%x" % i, 1000 + i)) for i in range(1, 66)]
+        data = stun.encode(stun.BINDING, stun.REQUEST, b"t" * 12, peers)
+        calls: list[bytes] = []
+
+        def counting(value: bytes, tid: bytes) -> object:
+            calls.append(value)
+            return stun._decode_xor_address(value, tid)
+
+        with mock.patch.dict(stun._DECODERS, {stun.XOR_PEER_ADDRESS: counting}):
+            with self.assertRaises(stun.StunDecodeError) as caught:
+                stun.decode(data)
+            self.assertEqual(caught.exception.drop_reason, "too_many_attributes")
+            self.assertEqual(calls, [])
+            # 64 are fine, and every one is decoded.
+            message = stun.decode(stun.encode(stun.BINDING, stun.REQUEST, b"t" * 12, peers[:64]))
+        self.assertEqual(len(calls), 64)
+        self.assertEqual(message.get_all(stun.XOR_PEER_ADDRESS), [p for _, p in peers[:64]])
+
+    def test_too_many_attributes_400_is_still_signed(self) -> None:
+        """The header walk remembers the first USERNAME before MESSAGE-INTEGRITY,
+        so the 400 to a Firezone username is signed as before; a USERNAME after
+        MESSAGE-INTEGRITY is ignored (RFC 8489 §14.5)."""
+        d = Driver(make_relay())
+        username, password = credentials()
+        head = attr(stun.USERNAME, username.encode()) + attr(stun.REALM, auth.REALM.encode())
+        reply = d.request(raw_message(stun.ALLOCATE, head + attr(0x8888, b"") * 70, tid=d.next_tid()))
+        self.assertEqual(error_code(reply), 400)
+        self.assertTrue(verify_signed(reply, (username, password)))
+        late = attr(stun.MESSAGE_INTEGRITY, b"m" * 20) + head + attr(0x8888, b"") * 70
+        unsigned = d.request(raw_message(stun.ALLOCATE, late, tid=d.next_tid()))
+        self.assertEqual(error_code(unsigned), 400)
+        self.assertIsNone(unsigned.get(stun.MESSAGE_INTEGRITY))
+        self.assertEqual(d.relay.stats.dropped, {"too_many_attributes": 2})
 
     def test_unknown_attributes_in_a_420_list_at_most_16_types(self) -> None:
         d = Driver(make_relay())
@@ -325,9 +400,11 @@ class CreatePermissionBoundTests(SynchronousTestCase):
         self.assertEqual(self.lookups, 32)
 
     def test_a_large_count_is_refused_by_the_decoder(self) -> None:
-        """~5,400 peers (the issue's shape) never reach the handler."""
+        """~1,300 peers (16 KiB) never reach the handler; ~5,400 (the issue's
+        64 KiB shape) are over the size cap and not even read."""
         counter = CountingHeader()
-        request = self.d.signed(stun.CREATE_PERMISSION, self.peers(5400))
+        request = self.d.signed(stun.CREATE_PERMISSION, self.peers(1300))
+        self.assertLessEqual(len(request), MAX_STUN_MESSAGE)
         with mock.patch.object(stun, "_ATTR_HEADER", counter):
             _, commands = self.d.client(request)
         (reply,) = replies(commands)
@@ -335,6 +412,13 @@ class CreatePermissionBoundTests(SynchronousTestCase):
         self.assertEqual(counter.reads, 64)
         self.assertEqual(self.lookups, 0)
         self.assertEqual(self.d.relay.stats.dropped.get("too_many_attributes"), 1)
+        request = self.d.signed(stun.CREATE_PERMISSION, self.peers(5400))
+        with mock.patch.object(stun, "_ATTR_HEADER", counter):
+            _, commands = self.d.client(request)
+        self.assertEqual(replies(commands), [])
+        self.assertEqual(counter.reads, 64)
+        self.assertEqual(self.lookups, 0)
+        self.assertEqual(self.d.relay.stats.dropped.get("oversized"), 1)
 
     def test_duplicates_cost_one_lookup(self) -> None:
         same = [(stun.XOR_PEER_ADDRESS, ("8.8.8.8", 5000 + i)) for i in range(32)]
@@ -377,3 +461,112 @@ class AllocateLifetimeTests(SynchronousTestCase):
         reply = d.request(d.signed(stun.REFRESH, [(stun.LIFETIME, 30)]))
         self.assertEqual(reply.get(stun.LIFETIME), 30)
         self.assertEqual(d.relay.poll_timeout(), d.now + 30)
+
+
+# --- a Binding reads no attribute: structure only ---------------------------------------
+
+_ATTR_TYPES = [stun.USERNAME, stun.MESSAGE_INTEGRITY, stun.MESSAGE_INTEGRITY_SHA256, stun.FINGERPRINT,
+               stun.XOR_PEER_ADDRESS, stun.PASSWORD_ALGORITHMS, stun.LIFETIME, 0x7001, 0x7002, 0x8888, 0x0003]  # fmt: skip
+
+
+#: A valid value of each type, so that decode accepts many generated messages.
+_VALID = {stun.USERNAME: b"user", stun.MESSAGE_INTEGRITY: b"m" * 20, stun.MESSAGE_INTEGRITY_SHA256: b"s" * 32,
+          stun.XOR_PEER_ADDRESS: b"\x00\x01\x00\x01\x01\x02\x03\x04", stun.PASSWORD_ALGORITHMS: b"\x00\x01\x00\x00",
+          stun.LIFETIME: b"\x00\x00\x00\x01"}  # fmt: skip
+
+
+def _fingerprint_then(tail: bytes) -> bytes:
+    """A Binding whose correct FINGERPRINT is followed by ``tail`` (to be refused)."""
+    head = raw_message(stun.BINDING, attr(0x8888, b""))
+    head = head[:2] + (len(head) - 20 + 8 + len(tail)).to_bytes(2, "big") + head[4:]
+    crc = (zlib.crc32(head) ^ stun.FINGERPRINT_XOR) & 0xFFFFFFFF
+    return head + struct.pack(">HHI", stun.FINGERPRINT, 4, crc) + tail
+
+
+@st.composite
+def _messages(draw: Any) -> bytes:
+    """Messages near the structural rules: random types and lengths, sometimes
+    a correct FINGERPRINT, sometimes more than 64 attributes, sometimes cut."""
+    count = draw(st.integers(0, 70))
+    parts = []
+    for _ in range(count):
+        atype = draw(st.sampled_from(_ATTR_TYPES))
+        valid = _VALID.get(atype, b"")
+        parts.append(attr(atype, valid if draw(st.booleans()) else draw(st.binary(max_size=24))))
+    body = b"".join(parts)
+    method = draw(st.sampled_from([stun.BINDING, stun.ALLOCATE]))
+    data = raw_message(method, body, tid=draw(st.binary(min_size=12, max_size=12)))
+    if draw(st.booleans()):
+        head = data[:2] + (len(data) - 20 + 8).to_bytes(2, "big") + data[4:]
+        crc = (zlib.crc32(head) ^ stun.FINGERPRINT_XOR) & 0xFFFFFFFF
+        data = head + struct.pack(">HHI", stun.FINGERPRINT, 4, crc)
+    cut = draw(st.integers(0, 8))
+    return data[: len(data) - cut] if cut and draw(st.booleans()) else data
+
+
+class BindingStructureTests(SynchronousTestCase):
+    @given(_messages())
+    @settings(max_examples=400, deadline=None)
+    @example(_fingerprint_then(attr(0x8888, b"")))
+    def test_structure_agrees_with_decode(self, data: bytes) -> None:
+        """What decode accepts, decode_structure accepts with the same header,
+        FINGERPRINT, integrity offsets and unknown types; what it refuses as
+        structure, decode refuses too."""
+        try:
+            full = stun.decode(data)
+        except stun.StunDecodeError:
+            full = None
+        try:
+            shape = stun.decode_structure(data)
+        except stun.StunDecodeError as exc:
+            self.assertIsNone(full, exc)
+            return
+        self.assertEqual(shape.attributes, [])
+        if full is not None:
+            fields = ("method", "msg_class", "transaction_id", "has_fingerprint", "unknown_required",
+                      "integrity_offset", "integrity_sha256_offset", "raw")  # fmt: skip
+            self.assertEqual([getattr(shape, f) for f in fields], [getattr(full, f) for f in fields])
+
+    def test_binding_with_64_ipv6_addresses_decodes_none(self) -> None:
+        """The worst Binding within the bounds (64 IPv6 XOR-PEER-ADDRESS) costs
+        header reads only: no address is formatted."""
+        peers = [(stun.XOR_PEER_ADDRESS, ("2001:4860::%x" % i, 1000 + i)) for i in range(1, 65)]
+        d = Driver(make_relay())
+        calls: list[bytes] = []
+
+        def counting(value: bytes, tid: bytes) -> object:
+            calls.append(value)
+            return stun._decode_xor_address(value, tid)
+
+        with mock.patch.dict(stun._DECODERS, {stun.XOR_PEER_ADDRESS: counting}):
+            reply = d.request(stun.encode(stun.BINDING, stun.REQUEST, d.next_tid(), peers))
+            self.assertEqual(reply.msg_class, stun.SUCCESS)
+            self.assertEqual(calls, [])
+            # Other methods still decode them.
+            d.request(stun.encode(stun.ALLOCATE, stun.REQUEST, d.next_tid(), peers[:3]))
+        self.assertEqual(len(calls), 3)
+
+    def test_binding_keeps_every_structural_answer(self) -> None:
+        d = Driver(make_relay())
+        unknown = d.request(raw_message(stun.BINDING, attr(0x7001, b"") + attr(0x8888, b"x"), tid=d.next_tid()))
+        self.assertEqual((error_code(unknown), unknown.get(stun.UNKNOWN_ATTRIBUTES)), (420, (0x7001,)))
+        # Unknown types after MESSAGE-INTEGRITY are ignored.
+        after = raw_message(stun.BINDING, attr(stun.MESSAGE_INTEGRITY, b"m" * 20) + attr(0x7001, b""), tid=d.next_tid())
+        self.assertEqual(d.request(after).msg_class, stun.SUCCESS)
+        signed = stun.encode(stun.BINDING, stun.REQUEST, d.next_tid(), [(0x8888, b"")], fingerprint=True)
+        reply = d.request(signed)
+        self.assertEqual(reply.msg_class, stun.SUCCESS)
+        self.assertTrue(reply.has_fingerprint)
+        bad = signed[:-1] + bytes([signed[-1] ^ 1])
+        self.assertEqual(replies(d.client(bad)[1]), [])
+        self.assertEqual(d.relay.stats.dropped.get("malformed"), 1)
+        for data in (_fingerprint_then(attr(0x8888, b"")), raw_message(stun.BINDING, attr(0x8888, b"abc")[:-4])):
+            with self.assertRaises(stun.StunDecodeError):
+                stun.decode_structure(data)
+            self.assertEqual(replies(d.client(data)[1]), [])
+        self.assertEqual(d.relay.stats.dropped.get("malformed"), 3)
+        # A value the Binding never reads is not judged: success, where decode would refuse it.
+        odd = raw_message(stun.BINDING, attr(stun.XOR_PEER_ADDRESS, b"\x00\x07\x00\x00"), tid=d.next_tid())
+        with self.assertRaises(stun.StunDecodeError):
+            stun.decode(odd)
+        self.assertEqual(d.request(odd).msg_class, stun.SUCCESS)
