@@ -52,17 +52,14 @@ import zlib
 from typing import Iterable, Optional, Tuple
 
 from . import attributes as _attr
-from .attributes import FAMILY_IPV4 as FAMILY_IPV4
-from .attributes import FAMILY_IPV6 as FAMILY_IPV6
-from .attributes import MAGIC_COOKIE as MAGIC_COOKIE
-from .attributes import Address as Address
-from .attributes import ATTR_HEADER as _ATTR_HEADER
-from .attributes import U16 as _U16
-from .attributes import U32 as _U32
-from .attributes import AttributeValueError as _AttributeError
-from .attributes import Decoder as _Decoder
-from .attributes import Encoder as _Encoder
-from .attributes import ip_family as ip_family
+from .attributes import FAMILY_IPV4 as FAMILY_IPV4, FAMILY_IPV6 as FAMILY_IPV6, MAGIC_COOKIE as MAGIC_COOKIE
+from .attributes import Address as Address, ip_family as ip_family
+from .attributes import ATTR_HEADER as _ATTR_HEADER, U16 as _U16, U32 as _U32, AttributeValueError as _AttributeError
+from .attributes import Decoder as _Decoder, Encoder as _Encoder
+
+# The registry values (methods, classes, attribute types, password
+# algorithms, reason phrases) live in ``iana``; stun.BINDING etc. stay here.
+from .iana import *  # noqa: F401,F403
 
 #: Kept under their old names for the codec tests (test_hostile_codec
 #: compares the IPv6 formatter with ``ipaddress`` and counts address decodes).
@@ -72,82 +69,6 @@ _decode_xor_address = _attr.decode_xor_address
 HEADER_LENGTH = 20
 FINGERPRINT_XOR = 0x5354554E
 
-# Classes.
-REQUEST = 0
-INDICATION = 1
-SUCCESS = 2
-ERROR = 3
-
-# Methods.
-BINDING = 0x001
-ALLOCATE = 0x003
-REFRESH = 0x004
-SEND = 0x006
-DATA_METHOD = 0x007
-CREATE_PERMISSION = 0x008
-CHANNEL_BIND = 0x009
-
-METHOD_NAMES = {
-    BINDING: "binding",
-    ALLOCATE: "allocate",
-    REFRESH: "refresh",
-    SEND: "send",
-    DATA_METHOD: "data",
-    CREATE_PERMISSION: "createpermission",
-    CHANNEL_BIND: "channelbind",
-}
-
-# Attributes.
-MAPPED_ADDRESS = 0x0001
-USERNAME = 0x0006
-MESSAGE_INTEGRITY = 0x0008
-ERROR_CODE = 0x0009
-UNKNOWN_ATTRIBUTES = 0x000A
-CHANNEL_NUMBER = 0x000C
-LIFETIME = 0x000D
-XOR_PEER_ADDRESS = 0x0012
-DATA = 0x0013
-REALM = 0x0014
-NONCE = 0x0015
-XOR_RELAYED_ADDRESS = 0x0016
-REQUESTED_ADDRESS_FAMILY = 0x0017
-EVEN_PORT = 0x0018
-REQUESTED_TRANSPORT = 0x0019
-DONT_FRAGMENT = 0x001A
-MESSAGE_INTEGRITY_SHA256 = 0x001C
-PASSWORD_ALGORITHM = 0x001D
-USERHASH = 0x001E
-XOR_MAPPED_ADDRESS = 0x0020
-RESERVATION_TOKEN = 0x0022
-ADDITIONAL_ADDRESS_FAMILY = 0x8000
-ADDRESS_ERROR_CODE = 0x8001
-PASSWORD_ALGORITHMS = 0x8002
-SOFTWARE = 0x8022
-ALTERNATE_SERVER = 0x8023
-FINGERPRINT = 0x8028
-
-
-# PASSWORD-ALGORITHM values (RFC 8489 §18.5).
-ALGORITHM_MD5 = 0x0001
-ALGORITHM_SHA256 = 0x0002
-
-
-REASONS = {
-    300: "Try Alternate",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    420: "Unknown Attribute",
-    437: "Allocation Mismatch",
-    438: "Stale Nonce",
-    440: "Address Family not Supported",
-    441: "Wrong Credentials",
-    442: "Unsupported Transport Protocol",
-    443: "Peer Address Family Mismatch",
-    486: "Allocation Quota Reached",
-    500: "Server Error",
-    508: "Insufficient Capacity",
-}
 
 AttributeValue = object
 Attribute = Tuple[int, AttributeValue]

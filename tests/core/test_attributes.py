@@ -45,3 +45,20 @@ class AttributeCodecTests(SynchronousTestCase):
         for atype, (decoder, encoder) in stun.CODECS.items():
             for function in (decoder, encoder):
                 self.assertTrue(function in module_functions or function.__module__ == attributes.__name__, (atype, function))
+
+
+class RegistryTests(SynchronousTestCase):
+    def test_stun_re_exports_every_registry_value(self) -> None:
+        from firezone_relay.core import iana
+
+        self.assertIn("BINDING", iana.__all__)
+        for name in iana.__all__:
+            self.assertIs(getattr(stun, name), getattr(iana, name), name)
+
+    def test_values_are_distinct_within_each_registry(self) -> None:
+        from firezone_relay.core import iana
+
+        methods = [iana.BINDING, iana.ALLOCATE, iana.REFRESH, iana.SEND, iana.DATA_METHOD, iana.CREATE_PERMISSION, iana.CHANNEL_BIND]
+        self.assertEqual(len(set(methods)), len(methods))
+        self.assertEqual(set(iana.METHOD_NAMES), set(methods))
+        self.assertTrue(all(300 <= code <= 699 for code in iana.REASONS))
