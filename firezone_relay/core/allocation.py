@@ -184,7 +184,7 @@ def pick_port(
     tried: set[int],
     even: bool,
     reserve_next: bool,
-    random32: Callable[[], int],
+    getrandbits: Callable[[int], int],
 ) -> Optional[int]:
     """A free port in ``low..high`` (RFC 8656 §7.2: chosen at random), not in
     ``used`` nor ``tried``; even, and with a free next port when
@@ -203,10 +203,10 @@ def pick_port(
         return True
 
     for _ in range(32):
-        port = low + random32() % size
+        port = low + getrandbits(32) % size
         if usable(port):
             return port
-    start = random32() % size
+    start = getrandbits(32) % size
     for i in range(size):
         port = low + (start + i) % size
         if usable(port):

@@ -112,7 +112,7 @@ class AllocationTable:
             alloc.tried_ports,
             alloc.even_port,
             alloc.reserve_next,
-            self._random32,
+            self._rng.getrandbits,
         )
         if port is None:
             return False
@@ -124,9 +124,6 @@ class AllocationTable:
         alloc.opened_families = []
         self._open_next_family(alloc)
         return True
-
-    def _random32(self) -> int:
-        return self._rng.getrandbits(32)
 
     def _open_next_family(self, alloc: Allocation) -> None:
         family = alloc.pending_families.pop(0)

@@ -13,9 +13,8 @@ import tests.hypothesis_profile  # noqa: F401
 from firezone_relay.core.allocation import Allocation, Reservation, pick_port
 
 
-def picker(seed: int = 1) -> Callable[[], int]:
-    rng = random.Random(seed)
-    return lambda: rng.getrandbits(32)
+def picker(seed: int = 1) -> Callable[[int], int]:
+    return random.Random(seed).getrandbits
 
 
 class PickPortTests(SynchronousTestCase):
