@@ -7,7 +7,7 @@
 The endpoint is ``--endpoint``, else ``$CONTROL_ENDPOINT``, else
 ``127.0.0.1:9999`` (the relay's default).  Exit status: 0 done, 1 the relay
 answered with an error (``disconnect`` that matched nothing included), 2 the
-relay could not be reached or the command line is wrong.
+command line is wrong, 3 the relay could not be reached.
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     who = disconnect.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="every allocation of this USERNAME")
     who.add_argument("--client", help="the allocation of this client address (ip:port, [ipv6]:port)")
-    level = commands.add_parser("log-level", help="change the log level (trace, debug, info, warn, error)")
+    level = commands.add_parser(
+        "log-level", help="change the log level: trace, debug, info, warn, error, off, or directives like warn,relay=debug"
+    )
     level.add_argument("level")
     args = parser.parse_args(argv)
     if args.endpoint == "off":
@@ -126,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: Te
     except OSError as exc:
         reason = getattr(exc, "reason", exc)
         err.write("firezone-relay-ctl: cannot reach the relay's control endpoint at %s: %s\n" % (args.endpoint, reason))
-        return 2
+        return 3
 
     if args.json:
         out.write(json.dumps(answer, indent=2) + "\n")

@@ -122,14 +122,17 @@ class Endpoint:
 
 def _endpoint(variable: str, value: str, url: bool) -> Endpoint:
     text = value.strip()
+    expected = ("an http:// URL such as %s" % DEFAULT_AWS_ENDPOINT) if url else (
+        "a host or host:port such as %s" % DEFAULT_GCE_HOST
+    )
+    try:
+        parts = urlsplit(text if url else "http://" + text)
+    except ValueError:  # e.g. "http://[::1" (an unclosed IPv6 bracket)
+        raise usage.UsageError("%s: %r is not %s" % (variable, value, expected)) from None
     if url:
-        parts = urlsplit(text)
         ok = parts.scheme == "http" and parts.path in ("", "/") and not parts.query and not parts.fragment
-        expected = "an http:// URL such as %s" % DEFAULT_AWS_ENDPOINT
     else:
-        parts = urlsplit("http://" + text)
         ok = "/" not in text and "?" not in text and "#" not in text
-        expected = "a host or host:port such as %s" % DEFAULT_GCE_HOST
     try:
         host, port = parts.hostname, parts.port
     except ValueError:

@@ -21,7 +21,7 @@ import os
 import random
 import socket
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -53,7 +53,7 @@ def _udpio_missing() -> str:
 # [long name, short, default, description]
 _PARAMETERS: list[list[Any]] = [
     ["public-ip4-addr", None, None, "Public IPv4 address of this relay (default: the primary address of the host)"],
-    ["public-ip6-addr", None, None, "Public IPv6 address of this relay (IPv6 is served only when given)"],
+    ["public-ip6-addr", None, None, "Public IPv6 address of this relay (IPv6 is served only when given or discovered)"],
     ["bind-ip4-addr", None, "0.0.0.0", "IPv4 address to bind"],
     ["bind-ip6-addr", None, "::", "IPv6 address to bind"],
     ["listen-port", None, "3478", "UDP port for STUN/TURN"],
@@ -296,6 +296,11 @@ def _check_control_endpoint(options: Any) -> None:
         return
     options["control-endpoint-required"] = value != DEFAULT_CONTROL_ENDPOINT
     options["control-endpoint"] = _parse_host_port("control-endpoint", value)
+    if options["control-endpoint"] == options["health-check-addr"] and options["control-endpoint"][1] != 0:
+        raise usage.UsageError(
+            "--control-endpoint and --health-check-addr are both %s:%d; give them different ports"
+            % options["control-endpoint"]
+        )
 
 
 def _check_otlp(options: Any) -> None:
@@ -378,7 +383,10 @@ class Options(usage.Options):
         if "LOG_LEVEL" not in env and "RUST_LOG" in env:  # upstream's variable; LOG_LEVEL wins
             args += ["--log-level", env["RUST_LOG"]]
         for name in _REPEATABLE:
-            values = [v.strip() for v in env.get(env_name(name), "").split(",") if v.strip()]
+            text = env.get(env_name(name), "")
+            values = [v.strip() for v in text.split(",") if v.strip()]
+            if name == "rest-auth-secret" and text.strip() and len(values) != text.count(",") + 1:
+                raise usage.UsageError("%s: an empty secret in the comma-separated list" % env_name(name))
             self._env_counts[name] = len(values)
             for v in values:
                 args += ["--" + name, v]
@@ -452,20 +460,23 @@ class Options(usage.Options):
         return list(self.config_file.arguments())
 
     def _locate(self, message: str, env_args: Sequence[str]) -> str:
-        """A usage error about a flag whose value came from the config file
-        names the file's line and key."""
+        """A usage error about a flag whose value came from the environment
+        names the variable; from the config file, the file's line and key."""
         from firezone_relay.config import flag_of_error
 
-        if self.config_file is None:
-            return message
         names = [entry[0] for entry in _PARAMETERS] + [entry[0] for entry in _FLAGS] + list(_REPEATABLE)
         flag = flag_of_error(message, names)
-        if flag is None or flag not in self.config_file.values:
+        if flag is None:
             return message
         given = ("--" + flag, "--%s=" % flag)
-        if any(a == given[0] or a.startswith(given[1]) for a in list(env_args) + self.argv):
-            return message
-        return "%s: key %r: %s" % (self.config_file.where(flag), flag, message)
+        if any(a == given[0] or a.startswith(given[1]) for a in self.argv):
+            return message  # the command line's own value
+        if given[0] in env_args:
+            variable = "RUST_LOG" if flag == "log-level" and "LOG_LEVEL" not in self._environ else env_name(flag)
+            return message if variable in message else "%s: %s" % (variable, message)
+        if self.config_file is not None and flag in self.config_file.values:
+            return "%s: key %r: %s" % (self.config_file.where(flag), flag, message)
+        return message
 
     def postOptions(self) -> None:
         # A repeatable flag given on the command line replaces the
@@ -727,6 +738,58 @@ def make_xdp_service(options: Options) -> Any:
     return service
 
 
+def _listen_error(exc: Exception) -> "NoReturn":
+    """One line on stderr and exit 1: a port the relay cannot bind at start-up."""
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(exc, CannotListenError):
+        host = exc.interface or "*"
+        where = ("[%s]:%s" if ":" in host else "%s:%s") % (host, exc.port)
+        reason = exc.socketError
+        text = getattr(reason, "strerror", None) or str(reason)
+        sys.stderr.write("firezone-relay: error: cannot listen on %s: %s\n" % (where, text))
+    else:
+        sys.stderr.write("firezone-relay: error: %s\n" % (exc,))
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def _relay_services_class() -> Any:
+    from twisted.application.service import MultiService
+    from twisted.internet.error import CannotListenError
+
+    class RelayServices(MultiService):
+        """The relay's services; a listener that cannot be opened at start-up
+        is one line and exit status 1, not twistd's traceback."""
+
+        def privilegedStartService(self) -> None:
+            try:
+                super().privilegedStartService()
+            except CannotListenError as exc:
+                _listen_error(exc)
+
+        def startService(self) -> None:
+            try:
+                super().startService()
+            except CannotListenError as exc:
+                _listen_error(exc)
+
+    return RelayServices
+
+
+def _RelayServices() -> "MultiService":
+    return _relay_services_class()()  # type: ignore[no-any-return]
+
+
+def _console_script(name: str) -> str:
+    """``name`` as the operator can run it: the path next to this Python
+    (a venv's bin/) unless that directory is on PATH."""
+    directory = os.path.dirname(sys.executable)
+    path = os.path.join(directory, name)
+    on_path = directory in os.environ.get("PATH", "").split(os.pathsep)
+    return name if on_path or not os.path.exists(path) else path
+
+
 def makeService(options: Options) -> "MultiService":
     """The relay: core state machine + UDP adapter + HTTP health/metrics, in one ``MultiService``."""
     from twisted.application.service import MultiService
@@ -767,17 +830,20 @@ def makeService(options: Options) -> "MultiService":
         # this process, so it is logged exactly once, with how to use it.
         log.info(
             "standalone mode: generated auth secret {auth_secret}; mint credentials with: "
-            "firezone-relay-credentials --secret {auth_secret} --ttl 3600",
+            "{credentials} --secret {auth_secret} --ttl 3600",
             auth_secret=secret,
+            credentials=_console_script("firezone-relay-credentials"),
         )
     else:
         log.info("standalone mode: using the auth secret from --auth-secret")
 
     log.info(
-        "{software}: STUN/TURN on UDP port {listen_port} (IPv4 {public_ip4}, IPv6 {public_ip6}), "
+        "{software}: STUN/TURN on UDP port {listen_port} (IPv4 {ipv4}, IPv6 {ipv6}), "
         "allocation ports {lowest_port}-{highest_port}",
         software=SOFTWARE,
         listen_port=options["listen-port"],
+        ipv4=options["public-ip4-addr"] or "off",
+        ipv6=options["public-ip6-addr"] or "off",
         public_ip4=options["public-ip4-addr"],
         public_ip6=options["public-ip6-addr"],
         lowest_port=options["lowest-port"],
@@ -787,7 +853,7 @@ def makeService(options: Options) -> "MultiService":
     overlap = ephemeral_overlap(options["lowest-port"], options["highest-port"])
     if overlap is not None:
         log.warn("{message}", message=overlap)
-    top = MultiService()
+    top = _RelayServices()
     # The XDP fast path starts before the UDP service (and so stops after
     # it): it must be attached before the first ChannelBound is mirrored.
     xdp = make_xdp_service(options)

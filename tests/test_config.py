@@ -151,6 +151,19 @@ class OptionsTests(unittest.TestCase):
             self.parse(["--config", path, "--lowest-port", "70001"])
         self.assertTrue(str(caught.exception).startswith("--lowest-port must be"), str(caught.exception))
 
+    def test_an_environment_value_names_its_variable(self) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse([], {"MAX_BPS": "abc"})
+        self.assertEqual(str(caught.exception), "MAX_BPS: --max-bps: 'abc' is not an integer")
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(["--max-bps", "abc"], {"MAX_BPS": "1"})
+        self.assertEqual(str(caught.exception), "--max-bps: 'abc' is not an integer")
+        for value in (",", "a-secret-of-enough-length-0123456789,", "x,,y"):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse([], {"REST_AUTH_SECRETS": value})
+            self.assertEqual(str(caught.exception), "REST_AUTH_SECRETS: an empty secret in the comma-separated list")
+        self.assertEqual(self.parse([], {"REST_AUTH_SECRETS": ""})["rest-auth-secret"], ())
+
     def test_file_errors(self) -> None:
         path = self.write("max-allocation = 10\n")
         with self.assertRaises(usage.UsageError) as caught:

@@ -213,6 +213,8 @@ class AddressRuleTests(unittest.SynchronousTestCase):
             (["--listen-address-discovery-method", "aws_ec2_metadata"], {"AWS_EC2_METADATA_SERVICE_ENDPOINT": "169.254.169.254"}, "AWS_EC2_METADATA_SERVICE_ENDPOINT: '169.254.169.254' is not an http:// URL"),
             (["--listen-address-discovery-method", "aws_ec2_metadata"], {"AWS_EC2_METADATA_SERVICE_ENDPOINT": "https://169.254.169.254"}, "is not an http:// URL"),
             (["--listen-address-discovery-method", "aws_ec2_metadata"], {"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://169.254.169.254/latest"}, "is not an http:// URL"),
+            (["--listen-address-discovery-method", "aws_ec2_metadata"], {"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://[::1"}, "'http://[::1' is not an http:// URL"),
+            (["--listen-address-discovery-method", "gce_metadata"], {"GCE_METADATA_HOST": "[::1"}, "'[::1' is not a host or host:port"),
         ]
         for args, environ, fragment in bad:
             with self.assertRaises(usage.UsageError) as caught:

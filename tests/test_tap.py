@@ -378,7 +378,9 @@ class MakeServiceTests(unittest.TestCase):
         secret = tap.make_secret(None, 3)[0]
         mentions = [e for e in events if secret in str(e.get("auth_secret", ""))]
         self.assertEqual(len(mentions), 1)
-        self.assertIn("firezone-relay-credentials --secret", mentions[0]["log_format"])
+        from twisted.logger import formatEvent
+
+        self.assertIn("firezone-relay-credentials --secret %s" % secret, formatEvent(mentions[0]))
         # With the secret from the log, TURN works.
         _, response = yield client.allocate(secret, int(time.time()) + 60)
         self.assertEqual(response.msg_class, stun.SUCCESS, response)

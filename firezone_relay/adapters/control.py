@@ -72,7 +72,16 @@ class _ControlRequest(Request):
 
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > MAX_BODY:
+            # Answer now, from the headers: waiting for the body would hold
+            # the connection until the request deadline.
             self.too_large = True
+            body = (json.dumps({"error": "request body larger than %d bytes" % MAX_BODY}) + "\n").encode("utf-8")
+            transport = self.channel.transport
+            transport.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            transport.loseConnection()
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -109,6 +118,14 @@ class ControlResource(Resource):
     def render(self, request: Request) -> bytes:
         if self.loopback_only and not _is_loopback(request.getClientAddress()):
             return _json(request, 403, {"error": "the control endpoint answers loopback clients only"})
+        # No authentication, so no browser either: a web page on the relay's
+        # host could otherwise POST here (browsers send Origin on such
+        # requests), or read it after rebinding a name to 127.0.0.1 (then
+        # Host is that name, not an address).
+        if request.getHeader(b"origin") is not None:
+            return _json(request, 403, {"error": "requests from web pages (with an Origin header) are refused"})
+        if not _host_is_address(_header(request, b"host")):
+            return _json(request, 403, {"error": "the Host header must be an IP address or localhost"})
         if getattr(request, "too_large", False):
             return _json(request, 413, {"error": "request body larger than %d bytes" % MAX_BODY})
         path = request.path.rstrip(b"/") or b"/"
@@ -131,6 +148,9 @@ class ControlResource(Resource):
     # --- endpoints ---------------------------------------------------------
 
     def allocations(self, request: Request) -> bytes:
+        unknown = sorted(k.decode("utf-8", "replace") for k in (request.args or {}) if k != b"user")
+        if unknown:
+            return _json(request, 400, {"error": "unknown query keys: %s (only user=)" % ", ".join(unknown)})
         user = _query(request, b"user")
         now = self.clock()
         rows = [
@@ -153,6 +173,9 @@ class ControlResource(Resource):
         return _json(request, 200, {"allocations": rows})
 
     def disconnect(self, request: Request) -> bytes:
+        content_type = (_header(request, b"content-type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            return _json(request, 415, {"error": "send the body as Content-Type: application/json"})
         body = _body_json(request)
         if not isinstance(body, dict):
             return _json(request, 400, {"error": 'the body must be a JSON object: {"user": ...} or {"client": "ip:port"}'})
@@ -174,8 +197,12 @@ class ControlResource(Resource):
         self.pump()
         if count:
             log.info(
-                "control endpoint: disconnected {count} allocation(s) (user {user}, client {client})",
-                count=count, user=user, client=client_text,
+                "control endpoint: disconnected {count} allocation(s) of {who}",
+                count=count,
+                who=" and ".join(x for x in ("user %s" % user if user is not None else "",
+                                             "client %s" % client_text if client_text is not None else "") if x),
+                user=user,
+                client=client_text,
             )
         return _json(request, 200 if count else 404, {"disconnected": count})
 
@@ -202,6 +229,29 @@ def _is_loopback(address: Any) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _header(request: Request, name: bytes) -> Optional[str]:
+    value = request.getHeader(name)
+    return None if value is None else bytes(value).decode("latin-1")
+
+
+def _host_is_address(host: Optional[str]) -> bool:
+    """``Host`` is an IP literal or localhost (with or without a port)."""
+    if not host:
+        return True  # HTTP/1.0 without Host: no browser sends that
+    host = host.strip()
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _query(request: Request, name: bytes) -> Optional[str]:

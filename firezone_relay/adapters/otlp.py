@@ -170,6 +170,32 @@ def check_environment(environ: Mapping[str, str]) -> None:
             raise ValueError("%s: %r is not a number of milliseconds" % (name, environ[name])) from None
         if not 0 < millis < float("inf"):
             raise ValueError("%s must be a positive number of milliseconds (got %r)" % (name, environ[name]))
+    # The exporter's own variables: the SDK raises on these deep inside the
+    # exporter (a traceback at start-up) or only fails at the first export.
+    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT"):
+        text = environ.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise ValueError("%s: %r is not a number of seconds" % (name, environ[name])) from None
+        if not 0 < seconds < float("inf"):
+            raise ValueError("%s must be a positive number of seconds (got %r)" % (name, environ[name]))
+    for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION"):
+        text = environ.get(name, "").strip().lower()
+        if text and text not in ("gzip", "deflate", "none"):
+            raise ValueError("%s must be gzip, deflate or none (got %r)" % (name, environ[name]))
+    for kind in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
+        for name in ("OTEL_EXPORTER_OTLP_%s" % kind, "OTEL_EXPORTER_OTLP_METRICS_%s" % kind):
+            path = environ.get(name, "").strip()
+            if not path:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    f.read(1)
+            except OSError as exc:
+                raise ValueError("%s: %r cannot be read: %s" % (name, path, exc.strerror or exc)) from None
 
 
 # ---------------------------------------------------------------------------

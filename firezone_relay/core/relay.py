@@ -196,13 +196,13 @@ class Relay(AllocationTable, PeerRules, Replies):
                 self.stats.drop("malformed")
                 return None
             payload = data[4 : 4 + length]
+            meter = entry[4]
+            if self._max_bps and self._over_budget(meter, 4, length, now):
+                return None
             stats = self.stats
             stats.client_to_peer_packets += 1
             stats.client_to_peer_bytes += length
             stats.packet_sizes[SIZE_BUCKET[length]] += 1
-            meter = entry[4]
-            if self._max_bps and self._over_budget(meter, 4, length, now):
-                return None
             meter[0] += length
             meter[1] += 1
             if entry[3]:
@@ -235,13 +235,13 @@ class Relay(AllocationTable, PeerRules, Replies):
         elif n > 0xFFFF:
             self.stats.drop("too_big")
             return None
+        meter = alloc.meter
+        if self._max_bps and self._over_budget(meter, 6, n, now):
+            return None
         stats = self.stats
         stats.peer_to_client_packets += 1
         stats.peer_to_client_bytes += n
         stats.packet_sizes[SIZE_BUCKET[n]] += 1
-        meter = alloc.meter
-        if self._max_bps and self._over_budget(meter, 6, n, now):
-            return None
         meter[2] += n
         meter[3] += 1
         if entry is not None:
@@ -617,12 +617,12 @@ class Relay(AllocationTable, PeerRules, Replies):
         if not allowed:
             self.stats.drop("peer_denied")
             return
+        if self._max_bps and self._over_budget(alloc.meter, 4, len(data), now):
+            return
         stats = self.stats
         stats.client_to_peer_packets += 1
         stats.client_to_peer_bytes += len(data)
         stats.packet_sizes[SIZE_BUCKET[len(data)]] += 1
-        if self._max_bps and self._over_budget(alloc.meter, 4, len(data), now):
-            return
         alloc.meter[0] += len(data)
         alloc.meter[1] += 1
         if hairpin:

@@ -12,6 +12,7 @@ import urllib.request
 from typing import Any, Optional
 
 from twisted.internet import defer, reactor
+from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -23,8 +24,13 @@ from tests.interop.support import SECRET, Relay, relay_env
 from .test_http import free_tcp_port, http_get, parse_samples, value
 
 
-def call(port: int, method: str, path: str, body: Optional[bytes] = None) -> tuple[int, Any]:
+def call(port: int, method: str, path: str, body: Optional[bytes] = None,
+         headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
     request = urllib.request.Request("http://127.0.0.1:%d%s" % (port, path), data=body, method=method)
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
@@ -143,6 +149,8 @@ class ProcessTests(unittest.TestCase):
         _, body, _ = http_get("http://127.0.0.1:%d/metrics" % http_port, time.time() + 10)
         samples = parse_samples(body.decode())
         self.assertEqual(value(samples, "relay_dropped_packets_total", reason="bandwidth_limit"), 100 - received)
+        relayed = value(samples, "relay_data_relayed_packets_total", direction="client_to_peer", datapath="userspace")
+        self.assertEqual(relayed, received)  # what the cap dropped is not counted as relayed
         relay.assert_healthy()
 
     @defer.inlineCallbacks
@@ -199,12 +207,35 @@ class ProcessTests(unittest.TestCase):
             self.assertIn(text, answer["error"])
         status, answer = call(control_port, "POST", "/disconnect", b'{"user": "1:nobody"}')
         self.assertEqual((status, answer), (404, {"disconnected": 0}))
+        # No browser: a page's cross-site POST (Origin), a rebound name (Host), a form's content type.
+        refusals = [
+            ({"Origin": "http://evil.example"}, 403, "Origin"),
+            ({"Host": "evil.example:%d" % control_port}, 403, "Host header"),
+            ({"Content-Type": "text/plain"}, 415, "application/json"),
+        ]
+        for headers, code, text in refusals:
+            status, answer = call(control_port, "POST", "/disconnect", b'{"user": "x"}', headers)
+            self.assertEqual(status, code, (headers, answer))
+            self.assertIn(text, answer["error"])
+        status, answer = call(control_port, "GET", "/allocations", headers={"Host": "[::1]:%d" % control_port})
+        self.assertEqual(status, 200)
+        status, answer = call(control_port, "GET", "/allocations?usr=bob")
+        self.assertEqual(status, 400)
+        self.assertIn("unknown query keys: usr", answer["error"])
+        # A declared body over 64 KiB is refused from its headers, at once.
+        with socket.create_connection(("127.0.0.1", control_port), timeout=5) as s:
+            started = time.monotonic()
+            s.sendall(b"POST /disconnect HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 999999999\r\n\r\nx")
+            answer_bytes = s.recv(4096)
+            self.assertTrue(answer_bytes.startswith(b"HTTP/1.1 413 "), answer_bytes)
+            self.assertLess(time.monotonic() - started, 2.0)
         self.assertTrue(relay.proc.poll() is None)
         relay.assert_healthy()
 
     def test_ctl_says_when_the_relay_is_not_there(self) -> None:
         result = ctl(free_tcp_port(), "allocations")
-        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.returncode, 3)
         self.assertIn("cannot reach the relay's control endpoint at 127.0.0.1:", result.stderr)
         self.assertEqual(result.stdout, "")
 
@@ -222,9 +253,20 @@ class ProcessTests(unittest.TestCase):
                       "--health-check-addr=127.0.0.1:0", "--control-endpoint=127.0.0.1:%d" % port],
             capture_output=True, text=True, timeout=60, env=relay_env(),
         )
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn("127.0.0.1:%d" % port, result.stdout + result.stderr)
-        self.assertIn("Address already in use", result.stdout + result.stderr)
+        self.assertEqual(result.returncode, 1)
+        # twistd has redirected stderr into its log by then: the line is its last one.
+        last = (result.stdout + result.stderr).strip().splitlines()[-1]
+        self.assertTrue(
+            last.endswith("firezone-relay: error: cannot listen on 127.0.0.1:%d: Address already in use" % port), last
+        )
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        # The same port for the health server and the control endpoint is refused when parsed.
+        from firezone_relay import tap
+
+        options = tap.Options(environ={})
+        with self.assertRaises(usage.UsageError) as caught:
+            options.parseOptions(["--health-check-addr", "127.0.0.1:9100", "--control-endpoint", "127.0.0.1:9100"])
+        self.assertIn("give them different ports", str(caught.exception))
 
 
 class ServiceTests(unittest.TestCase):

@@ -461,6 +461,22 @@ class OptionsTests(unittest.SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             self.parse(["--otlp-grpc-endpoint", "c:1"], {"OTEL_METRIC_EXPORT_INTERVAL": "-5"})
         self.assertIn("OTEL_METRIC_EXPORT_INTERVAL must be a positive number", str(caught.exception))
+        # The exporter's own variables, which the SDK would raise on with a traceback (or ignore until an export).
+        for environ, fragment in [
+            ({"OTEL_EXPORTER_OTLP_TIMEOUT": "abc"}, "OTEL_EXPORTER_OTLP_TIMEOUT: 'abc' is not a number of seconds"),
+            ({"OTEL_EXPORTER_OTLP_METRICS_TIMEOUT": "0"}, "must be a positive number of seconds"),
+            ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "OTEL_EXPORTER_OTLP_COMPRESSION must be gzip, deflate or none"),
+            ({"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent.pem"}, "OTEL_EXPORTER_OTLP_CERTIFICATE: '/nonexistent.pem' cannot be read"),
+        ]:
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse(["--otlp-grpc-endpoint", "https://c:1"], environ)
+            self.assertIn(fragment, str(caught.exception))
+        self.assertEqual(
+            self.parse(["--otlp-grpc-endpoint", "c:1"], {"OTEL_EXPORTER_OTLP_COMPRESSION": "GZIP", "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5"})[
+                "otlp-grpc-endpoint"
+            ],
+            "http://c:1",
+        )
 
 
 class ParseEndpointTests(unittest.SynchronousTestCase):

@@ -105,6 +105,9 @@ class MaxBpsTests(unittest.TestCase):
     def test_a_second_of_bytes_then_the_refill_rate(self) -> None:
         self.assertEqual(self.sent(150), 100)
         self.assertEqual(self.relay.stats.dropped["bandwidth_limit"], 50)
+        # What the cap dropped is not counted as relayed.
+        self.assertEqual((self.relay.stats.client_to_peer_packets, self.relay.stats.client_to_peer_bytes), (100, 100_000))
+        self.assertEqual(self.relay.stats.packet_sizes[9], 100)
         self.d.advance(0.5)
         self.assertEqual(self.sent(100), 50)
         self.assertEqual(self.relay.allocations(self.d.now)[0].bytes_to_peers, 150 * 1000)
@@ -113,6 +116,7 @@ class MaxBpsTests(unittest.TestCase):
         self.assertEqual(self.sent(200), 100)
         back = sum(1 for _ in range(200) if self.d.peer(b"y" * 1000, PEER, self.port)[0] is not None)
         self.assertEqual(back, 100)
+        self.assertEqual((self.relay.stats.peer_to_client_packets, self.relay.stats.peer_to_client_bytes), (100, 100_000))
 
     def test_send_indications_and_data_indications_count_too(self) -> None:
         from firezone_relay.core.commands import SendDatagram
@@ -120,6 +124,7 @@ class MaxBpsTests(unittest.TestCase):
         send = stun.encode(stun.SEND, stun.INDICATION, b"\x00" * 12, [(stun.XOR_PEER_ADDRESS, PEER), (stun.DATA, b"z" * 1000)])
         out = [c for _ in range(150) for c in self.d.client(send)[1] if isinstance(c, SendDatagram)]
         self.assertEqual(len(out), 100)
+        self.assertEqual(self.relay.stats.client_to_peer_packets, 100)
         other = ("8.8.8.8", 53)  # a permission but no channel: Data indications
         self.d.request(self.d.signed(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, other)]))
         back = sum(1 for _ in range(150) if self.d.peer(b"w" * 1000, other, self.port)[0] is not None)
