@@ -14,6 +14,12 @@ smallest challenge, for requests too small to justify more (SPEC §5: no
 unauthenticated reply is more than 4x its request).  Checking one costs an
 HMAC and no memory; a nonce is bound to its form and the client address and
 valid for ``NONCE_LIFETIME`` seconds.
+
+RFC 8489 §9.2 lives here whole: key derivation (§9.2.2 with the Firezone
+and TURN REST passwords), password algorithms (§9.2.4/§14.11-12), the nonce
+cookie (§9.2), the credential check (``authenticate``) and the challenge a
+failure gets (``challenge_attributes``).  The relay turns a failure into the
+reply and the counters.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
+
+from . import stun
+from .commands import Client
 
 REALM = "firezone"
 NONCE_LIFETIME = 600
@@ -34,6 +43,16 @@ _NONCE_PREFIX = NONCE_COOKIE + NONCE_FEATURES
 _NONCE_MAC_BYTES = 8
 #: base64 of 4 bytes of issue time and the MAC: 16 characters, no padding.
 _NONCE_BODY = 4 * (4 + _NONCE_MAC_BYTES) // 3
+
+#: The PASSWORD-ALGORITHMS the relay offers and accepts (RFC 8489 §14.11).
+PASSWORD_ALGORITHMS = ((stun.ALGORITHM_SHA256, b""), (stun.ALGORITHM_MD5, b""))
+_PASSWORD_ALGORITHMS_SIZE = 4 + 4 * len(PASSWORD_ALGORITHMS)
+#: A REST credential valid for longer than this is refused (401): a
+#: credential that never expires is a static password in disguise.
+MAX_REST_LIFETIME = 366 * 86400
+#: SPEC §5: no reply to an unauthenticated request is more than this many
+#: times the size of the request (reflection amplification).
+MAX_AMPLIFICATION = 4
 
 
 def generate_password(secret: str, expiry: int, salt: str) -> str:
@@ -123,3 +142,152 @@ class NonceFactory:
         if not age < self._lifetime:
             return False
         return hmac.compare_digest(raw[4:], self._mac(full, issued, client))
+
+
+def _attribute_size(value_length: int) -> int:
+    """Bytes on the wire of an attribute whose value has ``value_length`` bytes."""
+    return 4 + ((value_length + 3) & ~3)
+
+
+class Request:
+    """What a reply to one request needs: where, which transaction, signed how."""
+
+    __slots__ = (
+        "sender", "method", "transaction_id", "fingerprint", "key", "sha256", "username", "authenticated", "algorithm", "size"
+    )
+
+    def __init__(self, sender: Client, message: stun.Message) -> None:
+        self.sender = sender
+        self.method = message.method
+        self.transaction_id = message.transaction_id
+        self.fingerprint = message.has_fingerprint
+        #: The request's size in bytes: the budget of an unauthenticated reply.
+        self.size = len(message.raw)
+        self.key: Optional[bytes] = None
+        self.sha256 = False
+        self.username = ""
+        self.authenticated = False
+        self.algorithm = stun.ALGORITHM_MD5
+
+
+def firezone_key(secret: str, username: str, realm: str, algorithm: int = stun.ALGORITHM_MD5) -> Optional[bytes]:
+    """The long-term key (RFC 8489 §9.2.2) of a Firezone ``username``, or
+    ``None`` when it does not have the Firezone form."""
+    parsed = parse_username(username)
+    if parsed is None:
+        return None
+    return stun.long_term_key(username, realm, generate_password(secret, parsed[0], parsed[1]), algorithm)
+
+
+def derive_key(message: stun.Message, request: Request, secret: str, realm: str) -> tuple[Optional[tuple[int, str]], bool]:
+    """Set ``request.key`` from a Firezone-form USERNAME so that every
+    reply to it is signed.  Returns the parsed username and whether the
+    PASSWORD-ALGORITHM(S) attributes are acceptable (RFC 8489 §9.2.4)."""
+    username = message.get_str(stun.USERNAME)
+    parsed = parse_username(username) if username is not None else None
+    algorithm = stun.ALGORITHM_MD5
+    algorithm_value = message.get(stun.PASSWORD_ALGORITHM)
+    algorithms_value = message.get(stun.PASSWORD_ALGORITHMS)
+    algorithms_ok = True
+    if algorithm_value is not None or algorithms_value is not None:
+        algorithms_ok = (
+            isinstance(algorithm_value, tuple)
+            and algorithms_value == PASSWORD_ALGORITHMS
+            and algorithm_value in PASSWORD_ALGORITHMS
+        )
+        if algorithms_ok and isinstance(algorithm_value, tuple):
+            algorithm = algorithm_value[0]
+    request.algorithm = algorithm
+    request.sha256 = message.integrity_sha256_offset >= 0
+    if username is not None and parsed is not None:
+        request.username = username
+        password = generate_password(secret, parsed[0], parsed[1])
+        request.key = stun.long_term_key(username, realm, password, algorithm)
+    return parsed, algorithms_ok
+
+
+def authenticate(
+    message: stun.Message,
+    request: Request,
+    nonces: NonceFactory,
+    secret: str,
+    realm: str,
+    rest_secrets: Sequence[str],
+    now: float,
+) -> Optional[Tuple[str, int]]:
+    """RFC 8489 §9.2 with the Firezone credential scheme, then TURN REST.
+
+    ``None`` when the request is authenticated (``request.authenticated``
+    set, ``request.key`` the key that verified it); otherwise ``(reason,
+    code)``: the failure counter's reason and 401 or 438 (a challenge) or 400.
+    A request whose USERNAME has the Firezone form gets signed replies,
+    errors included.
+    """
+    parsed, algorithms_ok = derive_key(message, request, secret, realm)
+    username = message.get_str(stun.USERNAME)
+    has_integrity = message.integrity_offset >= 0 or message.integrity_sha256_offset >= 0
+    nonce = message.get_str(stun.NONCE)
+    if not has_integrity or username is None or nonce is None:
+        return "missing_credentials", 401
+    if not nonces.is_valid(nonce, (request.sender[0], request.sender[1]), now):
+        return "stale_nonce", 438
+    if not algorithms_ok:
+        return "bad_password_algorithm", 400
+    rest_expiry = parse_rest_username(username) if rest_secrets else None
+    if (parsed is None or request.key is None) and rest_expiry is None:
+        return "malformed_username", 401
+    check = stun.check_integrity_sha256 if request.sha256 else stun.check_integrity
+    expiry: Optional[int] = None
+    if parsed is not None and request.key is not None and check(message, request.key):
+        expiry = parsed[0]
+    elif rest_expiry is not None:
+        # TURN REST credentials (SPEC §10): either scheme's key may verify.
+        for rest_secret in rest_secrets:
+            key = stun.long_term_key(username, realm, rest_password(rest_secret, username), request.algorithm)
+            if check(message, key):
+                request.key = key
+                request.username = username
+                expiry = rest_expiry
+                break
+        if expiry is not None and expiry > now + MAX_REST_LIFETIME:
+            return "rest_expiry_too_far", 401
+    if expiry is None:
+        return "bad_integrity", 401
+    if expiry < now:
+        return "expired", 401
+    request.authenticated = True
+    return None
+
+
+def challenge_attributes(request: Request, code: int, realm: str, nonces: NonceFactory, now: float) -> list[stun.Attribute]:
+    """ERROR-CODE 401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4).
+
+    REALM and NONCE are the MUSTs; PASSWORD-ALGORITHMS is a MAY ("The
+    server MAY support alternate password algorithms, in which case it can
+    list them ... in a PASSWORD-ALGORITHMS attribute"), and if it is sent
+    the nonce must carry the security feature cookie with the "password
+    algorithms" bit.  The full challenge (PASSWORD-ALGORITHMS, cookie
+    nonce: SHA-256 offered) goes to requests large enough that it stays
+    within 4x their size (SPEC §5), which every real first Allocate is
+    (it must carry REQUESTED-TRANSPORT).  A smaller request (a bare 20-byte
+    Allocate or Refresh) gets the smallest correct challenge: REALM and a
+    plain 16-character nonce, MD5 only, 72 bytes unsigned (3.6x).
+    """
+    client = (request.sender[0], request.sender[1])
+    reason = stun.REASONS[code]
+    nonce = nonces.issue(client, now)
+    full_size = (
+        stun.HEADER_LENGTH
+        + _attribute_size(4 + len(reason))
+        + _attribute_size(len(realm))
+        + _attribute_size(len(nonce))
+        + _PASSWORD_ALGORITHMS_SIZE
+        + (0 if request.key is None else (36 if request.sha256 else 24))
+        + (8 if request.fingerprint else 0)
+    )
+    attributes: list[stun.Attribute] = [(stun.ERROR_CODE, (code, reason)), (stun.REALM, realm)]
+    if full_size <= MAX_AMPLIFICATION * request.size:
+        attributes += [(stun.NONCE, nonce), (stun.PASSWORD_ALGORITHMS, PASSWORD_ALGORITHMS)]
+    else:
+        attributes.append((stun.NONCE, nonces.issue(client, now, full=False)))
+    return attributes

@@ -16,7 +16,7 @@ the two can never be confused and the shell can tell where a reply goes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 Address = Tuple[str, int]
 #: ``(ip, port)`` for UDP clients, ``(ip, port, connection_id)`` for stream clients.
@@ -66,39 +66,39 @@ class ClosePort:
 
 
 @dataclass(frozen=True)
-class ChannelBound:
+class _ChannelNotice:
+    client: Client
+    channel: int
+    peer: Address
+    port: int
+    family: int
+
+
+@dataclass(frozen=True)
+class ChannelBound(_ChannelNotice):
     """A channel became usable: a kernel fast path may mirror it."""
 
-    client: Client
-    channel: int
-    peer: Address
-    port: int
-    family: int
-
 
 @dataclass(frozen=True)
-class ChannelUnbound:
+class ChannelUnbound(_ChannelNotice):
     """A channel stopped being usable (expiry or deletion)."""
 
-    client: Client
-    channel: int
-    peer: Address
-    port: int
-    family: int
-
 
 @dataclass(frozen=True)
-class PermissionAdded:
+class _PermissionNotice:
     client: Client
     port: int
     peer_ip: str
 
 
 @dataclass(frozen=True)
-class PermissionRemoved:
-    client: Client
-    port: int
-    peer_ip: str
+class PermissionAdded(_PermissionNotice):
+    """A permission for ``peer_ip`` was installed on allocation ``port``."""
+
+
+@dataclass(frozen=True)
+class PermissionRemoved(_PermissionNotice):
+    """A permission expired or went with its allocation."""
 
 
 @dataclass(frozen=True)
@@ -123,16 +123,11 @@ class AllocationDeleted:
     reason: str
 
 
-Command = Union[
-    SendDatagram,
-    OpenPort,
-    ClosePort,
-    ChannelBound,
-    ChannelUnbound,
-    PermissionAdded,
-    PermissionRemoved,
-    AllocationCreated,
-    AllocationDeleted,
-]
-
-OptionalCommand = Optional[Command]
+#: What the shell must carry out: socket work.
+ShellCommand = Union[SendDatagram, OpenPort, ClosePort]
+#: What the shell may observe (logs, the XDP mirror, the stream transport).
+Notice = Union[ChannelBound, ChannelUnbound, PermissionAdded, PermissionRemoved, AllocationCreated, AllocationDeleted]
+#: Everything ``Relay.next_command()`` returns: a closed union of frozen
+#: dataclasses, so the shell can ``match`` on it with positional patterns,
+#: e.g. ``case SendDatagram(port, family, destination, payload):``.
+Command = Union[ShellCommand, Notice]

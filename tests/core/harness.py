@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from firezone_relay.core import stun
 from firezone_relay.core.auth import REALM, make_credentials
-from firezone_relay.core.commands import Command, OpenPort, SendDatagram, Transmit
+from firezone_relay.core.commands import ClosePort, Command, OpenPort, SendDatagram, Transmit
 from firezone_relay.core.relay import Relay, RelayConfig
 
 SECRET = "4c98bf59c99b3e467ecd7cf9d6b3e5279645fca59be67bc5bb4af3cf653761ab"
@@ -63,16 +63,16 @@ class Driver:
             if command is None:
                 break
             out.append(command)
-            if isinstance(command, OpenPort):
-                ok = command.port not in self.busy_ports
-                if ok:
-                    assert (command.port, command.family) not in self.open_ports, command
-                    self.open_ports.add((command.port, command.family))
-                self.relay.handle_port_result(command.port, command.family, ok, self.now)
-            elif type(command).__name__ == "ClosePort":
-                key = (command.port, command.family)  # type: ignore[union-attr]
-                assert key in self.open_ports, command
-                self.open_ports.discard(key)
+            match command:
+                case OpenPort(port, family):
+                    ok = port not in self.busy_ports
+                    if ok:
+                        assert (port, family) not in self.open_ports, command
+                        self.open_ports.add((port, family))
+                    self.relay.handle_port_result(port, family, ok, self.now)
+                case ClosePort(port, family):
+                    assert (port, family) in self.open_ports, command
+                    self.open_ports.discard((port, family))
         self.commands.extend(out)
         return out
 

@@ -200,7 +200,7 @@ class DecodeBoundTests(SynchronousTestCase):
     def test_ipv6_addresses_are_decoded_without_the_ipaddress_module(self) -> None:
         peers = [("2001:db8::%x" % i, 1000 + i) for i in range(1, 61)]
         data = stun.encode(stun.CREATE_PERMISSION, stun.REQUEST, b"t" * 12, [(stun.XOR_PEER_ADDRESS, p) for p in peers])
-        with mock.patch.object(stun.ipaddress, "IPv6Address", side_effect=AssertionError("ipaddress on the hot path")):
+        with mock.patch.object(ipaddress, "IPv6Address", side_effect=AssertionError("ipaddress on the hot path")):
             message = stun.decode(data)
         self.assertEqual(message.get_all(stun.XOR_PEER_ADDRESS), peers)
 

@@ -497,7 +497,7 @@ class ResourceTests(SynchronousTestCase):
         for i in range(70000):
             d.relay.handle_client_input(build(stun.BINDING, b"\x00" * 12, []), ("10.%d.%d.%d" % (i >> 16, (i >> 8) & 255, i & 255), 1), d.now)
             d.relay._commands.clear()
-        self.assertLessEqual(len(d.relay._buckets), 65536)
+        self.assertLessEqual(len(d.relay._reflection.buckets), 65536)
 
     def test_amplification_of_unauthenticated_replies(self) -> None:
         """Bytes out per byte in for the smallest unauthenticated requests."""

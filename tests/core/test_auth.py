@@ -1,0 +1,119 @@
+"""RFC 8489 §9.2 in one place (core/auth.py), without a relay around it."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from firezone_relay.core import auth, stun
+
+from .harness import CLIENT, NOW, SECRET, credentials
+
+KEY = b"k" * 32
+REST = "a-rest-secret"
+
+
+def request(attributes: Sequence[stun.Attribute], key: Optional[bytes] = None, sha256: bool = False) -> tuple[stun.Message, auth.Request]:
+    data = stun.encode(
+        stun.ALLOCATE,
+        stun.REQUEST,
+        b"T" * 12,
+        list(attributes),
+        integrity_key=None if sha256 else key,
+        integrity_sha256_key=key if sha256 else None,
+    )
+    message = stun.decode(data)
+    return message, auth.Request(CLIENT, message)
+
+
+def signed(username: str, password: str, nonce: str, sha256: bool = False, extra: Sequence[stun.Attribute] = ()) -> tuple[stun.Message, auth.Request]:
+    algorithm = stun.ALGORITHM_SHA256 if sha256 else stun.ALGORITHM_MD5
+    key = stun.long_term_key(username, auth.REALM, password, algorithm)
+    attributes = [(stun.USERNAME, username), (stun.REALM, auth.REALM), (stun.NONCE, nonce), *extra]
+    return request(attributes, key, sha256)
+
+
+class AuthenticateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.nonces = auth.NonceFactory(KEY)
+        self.nonce = self.nonces.issue(CLIENT, NOW)
+
+    def check(self, message: stun.Message, req: auth.Request, rest: Sequence[str] = ()) -> Optional[tuple[str, int]]:
+        return auth.authenticate(message, req, self.nonces, SECRET, auth.REALM, rest, NOW)
+
+    def test_firezone_credentials(self) -> None:
+        username, password = credentials()
+        message, req = signed(username, password, self.nonce)
+        self.assertIsNone(self.check(message, req))
+        self.assertTrue(req.authenticated)
+        self.assertEqual(req.username, username)
+        self.assertEqual(req.key, auth.firezone_key(SECRET, username, auth.REALM))
+
+    def test_sha256_with_password_algorithms(self) -> None:
+        username, password = credentials()
+        algorithms = [
+            (stun.PASSWORD_ALGORITHMS, auth.PASSWORD_ALGORITHMS),
+            (stun.PASSWORD_ALGORITHM, (stun.ALGORITHM_SHA256, b"")),
+        ]
+        message, req = signed(username, password, self.nonce, sha256=True, extra=algorithms)
+        self.assertIsNone(self.check(message, req))
+        self.assertTrue(req.sha256)
+        self.assertEqual(req.algorithm, stun.ALGORITHM_SHA256)
+
+    def test_failures_name_their_reason_and_code(self) -> None:
+        username, password = credentials()
+        expired = credentials(expiry=NOW - 1)
+        cases = [
+            (request([]), "missing_credentials", 401),
+            (signed(username, password, self.nonces.issue(CLIENT, NOW - 700)), "stale_nonce", 438),
+            (signed(username, password, self.nonce, extra=[(stun.PASSWORD_ALGORITHM, (stun.ALGORITHM_SHA256, b""))]), "bad_password_algorithm", 400),
+            (signed("alice", "x", self.nonce), "malformed_username", 401),
+            (signed(username, "wrong", self.nonce), "bad_integrity", 401),
+            (signed(expired[0], expired[1], self.nonce), "expired", 401),
+        ]
+        for (message, req), reason, code in cases:
+            self.assertEqual(self.check(message, req), (reason, code))
+            self.assertFalse(req.authenticated)
+
+    def test_rest_credentials_only_with_rest_secrets(self) -> None:
+        username = "%d:@alice:example.org" % (NOW + 3600)
+        message, req = signed(username, auth.rest_password(REST, username), self.nonce)
+        self.assertEqual(self.check(message, req), ("malformed_username", 401))
+        message, req = signed(username, auth.rest_password(REST, username), self.nonce)
+        self.assertIsNone(self.check(message, req, rest=("old", REST)))
+        self.assertEqual(req.username, username)
+        far = "%d:bob" % (NOW + auth.MAX_REST_LIFETIME + 10)
+        message, req = signed(far, auth.rest_password(REST, far), self.nonce)
+        self.assertEqual(self.check(message, req, rest=(REST,)), ("rest_expiry_too_far", 401))
+
+    def test_firezone_key_needs_the_firezone_form(self) -> None:
+        self.assertIsNone(auth.firezone_key(SECRET, "alice", auth.REALM))
+        username, password = credentials()
+        self.assertEqual(auth.firezone_key(SECRET, username, auth.REALM), stun.long_term_key(username, auth.REALM, password))
+
+
+class ChallengeTests(SynchronousTestCase):
+    def test_full_challenge_when_the_request_is_large_enough(self) -> None:
+        nonces = auth.NonceFactory(KEY)
+        _, req = request([(stun.REQUESTED_TRANSPORT, 17)])
+        attributes = dict(auth.challenge_attributes(req, 401, auth.REALM, nonces, NOW))
+        self.assertEqual(attributes[stun.ERROR_CODE], (401, "Unauthorized"))
+        self.assertEqual(attributes[stun.REALM], auth.REALM)
+        self.assertEqual(attributes[stun.PASSWORD_ALGORITHMS], auth.PASSWORD_ALGORITHMS)
+        nonce = attributes[stun.NONCE]
+        assert isinstance(nonce, str)
+        self.assertTrue(nonce.startswith(auth.NONCE_COOKIE))
+        self.assertTrue(nonces.is_valid(nonce, CLIENT, NOW))
+
+    def test_a_bare_request_gets_the_smallest_challenge(self) -> None:
+        nonces = auth.NonceFactory(KEY)
+        _, req = request([])
+        attributes = dict(auth.challenge_attributes(req, 438, auth.REALM, nonces, NOW))
+        self.assertNotIn(stun.PASSWORD_ALGORITHMS, attributes)
+        nonce = attributes[stun.NONCE]
+        assert isinstance(nonce, str)
+        self.assertEqual(len(nonce), 16)
+        self.assertTrue(nonces.is_valid(nonce, CLIENT, NOW))
+        reply = stun.encode(stun.ALLOCATE, stun.ERROR, b"T" * 12, list(attributes.items()))
+        self.assertLessEqual(len(reply), auth.MAX_AMPLIFICATION * req.size)
