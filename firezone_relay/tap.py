@@ -45,11 +45,9 @@ DEFAULT_CONTROL_ENDPOINT = "127.0.0.1:9999"  # upstream's
 
 def _udpio_missing() -> str:
     """Why the batched UDP I/O extension cannot be used, or "" when it can."""
-    try:
-        from firezone_relay.adapters import _udpio  # noqa: F401
-    except ImportError as exc:
-        return str(exc) or "import failed"
-    return ""
+    from firezone_relay.adapters._twisted import import_failure
+
+    return import_failure("firezone_relay.adapters._udpio")
 
 
 # [long name, short, default, description]

@@ -290,7 +290,7 @@ class ControlService(SiteService):
         self.site.requestFactory = _ControlRequest
         self._gave_up = False
 
-    def _listen(self) -> None:
+    def open_listeners(self) -> None:
         if self.listening is not None or self._gave_up:
             return
         from twisted.internet.error import CannotListenError

@@ -69,6 +69,8 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from firezone_relay.adapters._twisted import import_failure
+
 log = Logger(namespace="firezone_relay.adapters.otlp")
 
 #: Meter (instrumentation scope) name, as upstream.
@@ -138,12 +140,7 @@ def parse_endpoint(value: str) -> str:
 
 def missing_sdk() -> str:
     """Why the OpenTelemetry SDK and OTLP exporter cannot be used, or ""."""
-    try:
-        import opentelemetry.exporter.otlp.proto.grpc.metric_exporter  # noqa: F401
-        import opentelemetry.sdk.metrics  # noqa: F401
-    except ImportError as exc:
-        return str(exc) or "import failed"
-    return ""
+    return import_failure("opentelemetry.exporter.otlp.proto.grpc.metric_exporter", "opentelemetry.sdk.metrics")
 
 
 def temporality_preference(environ: Mapping[str, str]) -> str:
@@ -156,32 +153,28 @@ def temporality_preference(environ: Mapping[str, str]) -> str:
     return text
 
 
+def _check_positive(environ: Mapping[str, str], names: Iterable[str], unit: str) -> None:
+    """Each of ``names`` that is set must be a positive, finite number (of ``unit``)."""
+    for name in names:
+        text = environ.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("%s: %r is not a number of %s" % (name, environ[name], unit)) from None
+        if not 0 < value < float("inf"):
+            raise ValueError("%s must be a positive number of %s (got %r)" % (name, unit, environ[name]))
+
+
 def check_environment(environ: Mapping[str, str]) -> None:
     """The SDK's variables we depend on, checked at start-up (the SDK itself
     would only log a warning and use its default)."""
     temporality_preference(environ)
-    for name in _MILLISECOND_ENV:
-        text = environ.get(name, "").strip()
-        if not text:
-            continue
-        try:
-            millis = float(text)
-        except ValueError:
-            raise ValueError("%s: %r is not a number of milliseconds" % (name, environ[name])) from None
-        if not 0 < millis < float("inf"):
-            raise ValueError("%s must be a positive number of milliseconds (got %r)" % (name, environ[name]))
+    _check_positive(environ, _MILLISECOND_ENV, "milliseconds")
     # The exporter's own variables: the SDK raises on these deep inside the
     # exporter (a traceback at start-up) or only fails at the first export.
-    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT"):
-        text = environ.get(name, "").strip()
-        if not text:
-            continue
-        try:
-            seconds = float(text)
-        except ValueError:
-            raise ValueError("%s: %r is not a number of seconds" % (name, environ[name])) from None
-        if not 0 < seconds < float("inf"):
-            raise ValueError("%s must be a positive number of seconds (got %r)" % (name, environ[name]))
+    _check_positive(environ, ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT"), "seconds")
     for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION"):
         text = environ.get(name, "").strip().lower()
         if text and text not in ("gzip", "deflate", "none"):
