@@ -41,9 +41,8 @@ from firezone_relay.xdp.loader import (
     XdpMapFull,
     XdpProgram,
     find_object,
-    interface_ip4,
-    interface_ip6,
 )
+from firezone_relay.xdp.interface import interface_ip4, interface_ip6
 
 log = Logger(namespace="firezone_relay.xdp")
 
