@@ -309,7 +309,7 @@ def _check_otlp(options: Any) -> None:
     if value is None or not value.strip():
         options["otlp-grpc-endpoint"] = None
         return
-    from firezone_relay.adapters.otlp import check_environment, missing_sdk, parse_endpoint
+    from firezone_relay.adapters.otlpconfig import check_environment, missing_sdk, parse_endpoint
 
     try:
         options["otlp-grpc-endpoint"] = parse_endpoint(value)
