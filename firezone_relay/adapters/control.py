@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from firezone_relay.adapters._twisted import default_reactor, format_address
+from firezone_relay.adapters._twisted import format_address
 from firezone_relay.adapters.http import HealthSite, SiteService
 
 log = Logger(namespace="firezone_relay.adapters.control")
@@ -281,12 +281,9 @@ class ControlService(SiteService):
     """
 
     def __init__(self, host: str, port: int, resource: ControlResource, required: bool, reactor: Any = None) -> None:
-        reactor = default_reactor(reactor)
-        self.host = host
-        self.port = port
-        self.reactor = reactor
+        super().__init__(host, port, reactor)
         self.required = required
-        self.site = HealthSite(resource, reactor=reactor)
+        self.site = HealthSite(resource, reactor=self.reactor)
         self.site.requestFactory = _ControlRequest
         self._gave_up = False
 

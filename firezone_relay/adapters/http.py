@@ -369,6 +369,11 @@ class SiteService(ListenerService):
 
     listening: Any = None
 
+    def __init__(self, host: str, port: int, reactor: Any = None) -> None:
+        self.host = host
+        self.port = port
+        self.reactor = default_reactor(reactor)
+
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
         listening, self.listening = self.listening, None
@@ -398,13 +403,10 @@ class HealthService(SiteService):
     ) -> None:
         """``limits``: ``request_deadline``, ``max_connections_per_source``
         (``HealthSite``'s keyword arguments)."""
-        reactor = default_reactor(reactor)
-        self.host = host
-        self.port = port
-        self.reactor = reactor
+        super().__init__(host, port, reactor)
         self.registry = registry
         self.readiness = readiness
-        self.site = make_site(registry, readiness, timeout=timeout, reactor=reactor, **limits)
+        self.site = make_site(registry, readiness, timeout=timeout, reactor=self.reactor, **limits)
         registry.register(HttpCollector(self.site))
 
     def open_listeners(self) -> None:

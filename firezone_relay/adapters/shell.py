@@ -291,23 +291,17 @@ class Shell(MultiService):
                 log.info(
                     "allocation created: client {client} ({transport}) user {username} port {port} "
                     "relayed {relayed} lifetime {lifetime}s",
-                    client=format_address(command.client),
-                    transport=self.transport_of(command.client),
-                    username=command.username,
-                    port=command.port,
                     relayed=[format_address(a) for a in command.relayed],
                     lifetime=command.lifetime,
+                    **self._allocation_fields(command),
                 )
                 self._usernames[command.port] = command.username
                 self._allocation_changed(command)
             case C.AllocationDeleted():
                 log.info(
                     "allocation deleted: client {client} ({transport}) user {username} port {port} ({reason})",
-                    client=format_address(command.client),
-                    transport=self.transport_of(command.client),
-                    username=command.username,
-                    port=command.port,
                     reason=command.reason,
+                    **self._allocation_fields(command),
                 )
                 self._usernames.pop(command.port, None)
                 self._allocation_changed(command)
@@ -333,6 +327,15 @@ class Shell(MultiService):
                 # mirrors them; the userspace path needs nothing (and they
                 # are too many to log).
                 pass
+
+    def _allocation_fields(self, command: Any) -> Dict[str, Any]:
+        """The log fields an allocation's created and deleted lines share."""
+        return {
+            "client": format_address(command.client),
+            "transport": self.transport_of(command.client),
+            "username": command.username,
+            "port": command.port,
+        }
 
     def _allocation_changed(self, command: Any) -> None:
         if len(command.client) == 3 and self.stream is not None:
