@@ -305,8 +305,7 @@ class ControlService(SiteService):
                 reason=exc.socketError,
             )
             return
-        address = self.listening.getHost()
         log.info(
             "control endpoint on {address} (GET /allocations, POST /disconnect, POST /log_filter)",
-            address=format_address((address.host, address.port)),
+            address=format_address(self.address),
         )

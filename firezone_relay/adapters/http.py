@@ -412,10 +412,9 @@ class HealthService(SiteService):
     def open_listeners(self) -> None:
         if self.listening is None:
             self.listening = self.reactor.listenTCP(self.port, self.site, interface=self.host)
-            address = self.listening.getHost()
             log.info(
                 "HTTP health and metrics on {address} (/healthz, /readyz, /metrics)",
-                address=format_address((address.host, address.port)),
+                address=format_address(self.address),
             )
 
 
