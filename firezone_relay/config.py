@@ -171,3 +171,22 @@ def flag_of_error(message: str, names: Sequence[str]) -> Optional[str]:
     if match and match.group(1) in names:
         return match.group(1)
     return None
+
+
+def drop_overridden(args: Sequence[str], later: Sequence[str], drop: Iterable[str], takes_value: Iterable[str]) -> list[str]:
+    """``args`` (``--name [value]`` from the file or the environment) without
+    the flags named in ``drop`` that ``later`` arguments give again (flag >
+    env > file): a value that is replaced is never parsed, so a bad one there
+    cannot stop the start or be reported under the wrong source.
+    ``takes_value``: the names followed by a value."""
+    given = {a[2:].split("=", 1)[0] for a in later if a.startswith("--")}
+    drop, takes_value = set(drop) & given, set(takes_value)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        name = args[i][2:]
+        width = 2 if name in takes_value else 1
+        if name not in drop:
+            out += args[i : i + width]
+        i += width
+    return out

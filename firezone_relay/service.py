@@ -17,7 +17,7 @@ import os
 import random
 import socket
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Optional, Tuple
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -174,14 +174,15 @@ def _relay_services_class() -> Any:
         is one line and exit status 1, not twistd's traceback."""
 
         def privilegedStartService(self) -> None:
-            try:
-                super().privilegedStartService()
-            except CannotListenError as exc:
-                _listen_error(exc)
+            self._or_exit(super().privilegedStartService)
 
         def startService(self) -> None:
+            self._or_exit(super().startService)
+
+        @staticmethod
+        def _or_exit(start: Callable[[], None]) -> None:
             try:
-                super().startService()
+                start()
             except CannotListenError as exc:
                 _listen_error(exc)
 

@@ -19,7 +19,8 @@ import getopt
 import ipaddress
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Tuple
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -45,11 +46,9 @@ DEFAULT_CONTROL_ENDPOINT = "127.0.0.1:9999"  # upstream's
 
 def _udpio_missing() -> str:
     """Why the batched UDP I/O extension cannot be used, or "" when it can."""
-    try:
-        from firezone_relay.adapters import _udpio  # noqa: F401
-    except ImportError as exc:
-        return str(exc) or "import failed"
-    return ""
+    from firezone_relay.adapters._twisted import import_failure
+
+    return import_failure("firezone_relay.adapters._udpio")
 
 
 # [long name, short, default, description]
@@ -216,14 +215,31 @@ def _check_secret(value: str) -> str:
     return value
 
 
-def _parse_seconds(flag: str, value: Any) -> float:
+def _parse_seconds(flag: str, value: Any, zero: bool = False) -> float:
     try:
         seconds = float(value)
     except ValueError:
         raise usage.UsageError("--%s: %r is not a number of seconds" % (flag, value)) from None
-    if not 0 < seconds < float("inf"):
-        raise usage.UsageError("--%s must be a positive number of seconds" % flag)
+    if not (0 <= seconds if zero else 0 < seconds) or seconds == float("inf"):
+        raise usage.UsageError("--%s must be a %s number of seconds" % (flag, "non-negative" if zero else "positive"))
     return seconds
+
+
+def _choice(flag: str, choices: Sequence[str], value: str) -> str:
+    if value not in choices:
+        listed = ", ".join(choices[:-1]) + " or " + choices[-1]
+        raise usage.UsageError("--%s must be %s (got %r)" % (flag, listed, value))
+    return value
+
+
+def _parse_rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = -1.0
+    if not 0 <= rate < float("inf"):
+        raise usage.UsageError("--unauthenticated-rate must be a number >= 0 (got %r)" % (value,))
+    return rate
 
 
 def _check_caps(options: Any) -> None:
@@ -311,7 +327,7 @@ def _check_otlp(options: Any) -> None:
     if value is None or not value.strip():
         options["otlp-grpc-endpoint"] = None
         return
-    from firezone_relay.adapters.otlp import check_environment, missing_sdk, parse_endpoint
+    from firezone_relay.adapters.otlpconfig import check_environment, missing_sdk, parse_endpoint
 
     try:
         options["otlp-grpc-endpoint"] = parse_endpoint(value)
@@ -326,6 +342,37 @@ def _check_otlp(options: Any) -> None:
         )
 
 
+#: usage.Options' coerce column: each flag's own check, run as its value is
+#: parsed (flag, environment or file; a default in postOptions).  It raises
+#: UsageError, not ValueError (which Twisted prefixes with "Parameter type
+#: enforcement failed"), so the message is ours.  Checks of two flags: postOptions.
+_COERCE: Dict[str, Callable[[str], Any]] = {
+    "public-ip4-addr": partial(_parse_ip, "public-ip4-addr", version=4),
+    "public-ip6-addr": partial(_parse_ip, "public-ip6-addr", version=6),
+    "bind-ip4-addr": partial(_parse_ip, "bind-ip4-addr", version=4),
+    "bind-ip6-addr": partial(_parse_ip, "bind-ip6-addr", version=6),
+    "listen-port": partial(_parse_int, "listen-port", low=1, high=65535),
+    "lowest-port": partial(_parse_int, "lowest-port", low=1024, high=65535),
+    "highest-port": partial(_parse_int, "highest-port", low=1024, high=65535),
+    "rng-seed": partial(_parse_int, "rng-seed"),
+    "log-format": partial(_choice, "log-format", ("human", "json")),
+    "health-check-addr": partial(_parse_host_port, "health-check-addr"),
+    "max-allocations": partial(_parse_int, "max-allocations", low=0),
+    "unauthenticated-burst": partial(_parse_int, "unauthenticated-burst", low=1),
+    "unauthenticated-rate": _parse_rate,
+    "user-allocation-limit": partial(_parse_int, "user-allocation-limit", low=0),
+    "socket-buffer": partial(_parse_int, "socket-buffer", low=0),
+    "udp-io": partial(_choice, "udp-io", ("auto", "batched", "python")),
+    "ebpf-attach-mode": partial(_choice, "ebpf-attach-mode", ("auto", "driver", "generic")),
+    "ebpf-int4-addr": partial(_parse_ip, "ebpf-int4-addr", version=4),
+    "ebpf-int6-addr": partial(_parse_ip, "ebpf-int6-addr", version=6),
+    "drain-timeout": partial(_parse_seconds, "drain-timeout", zero=True),
+    "realm": _check_realm,
+    "max-bps": partial(_parse_int, "max-bps", low=0),
+}
+_DEFAULTS = {entry[0]: entry[2] for entry in _PARAMETERS}
+
+
 class Options(usage.Options):
     """Options of ``twistd firezone-relay``; ``Options(environ=...)`` in tests."""
 
@@ -336,7 +383,7 @@ class Options(usage.Options):
         "credentials for it). Every flag is also read from the environment variable shown. "
         "TOKEN and NAME may also be given as arguments, as upstream's relay takes them."
     )
-    optParameters = [[n, s, d, _with_env(h, n)] for n, s, d, h in _PARAMETERS]
+    optParameters = [[n, s, d, _with_env(h, n), _COERCE.get(n)] for n, s, d, h in _PARAMETERS]
     optFlags = [[n, s, _with_env(h, n)] for n, s, h in _FLAGS]
 
     def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
@@ -419,8 +466,11 @@ class Options(usage.Options):
             options = sys.argv[1:]
         self.argv = list(options)
         try:
-            env_args = self._environment_arguments()
-            file_args = self._config_file_arguments(self.argv)
+            from firezone_relay.config import drop_overridden
+
+            takes_value = [entry[0] for entry in _PARAMETERS] + list(_REPEATABLE)
+            env_args = drop_overridden(self._environment_arguments(), self.argv, _COERCE, takes_value)
+            file_args = drop_overridden(self._config_file_arguments(self.argv), env_args + self.argv, _COERCE, takes_value)
             try:
                 super().parseOptions(self._options_first(file_args + env_args + self.argv))
             except usage.UsageError as exc:
@@ -490,16 +540,11 @@ class Options(usage.Options):
             elif from_env:
                 self[name] = self[name][from_file:]
 
-        if self["public-ip4-addr"] is not None:
-            self["public-ip4-addr"] = _parse_ip("public-ip4-addr", self["public-ip4-addr"], 4)
-        if self["public-ip6-addr"] is not None:
-            self["public-ip6-addr"] = _parse_ip("public-ip6-addr", self["public-ip6-addr"], 6)
-        self["bind-ip4-addr"] = _parse_ip("bind-ip4-addr", self["bind-ip4-addr"], 4)
-        self["bind-ip6-addr"] = _parse_ip("bind-ip6-addr", self["bind-ip6-addr"], 6)
+        for name, coerce in _COERCE.items():  # the defaults not replaced by a given value
+            if isinstance(_DEFAULTS[name], str) and self[name] == _DEFAULTS[name]:
+                self[name] = coerce(self[name])
 
-        listen = self["listen-port"] = _parse_int("listen-port", self["listen-port"], 1, 65535)
-        lowest = self["lowest-port"] = _parse_int("lowest-port", self["lowest-port"], 1024, 65535)
-        highest = self["highest-port"] = _parse_int("highest-port", self["highest-port"], 1024, 65535)
+        listen, lowest, highest = self["listen-port"], self["lowest-port"], self["highest-port"]
         if lowest > highest:
             raise usage.UsageError("--lowest-port (%d) must not be above --highest-port (%d)" % (lowest, highest))
         if lowest <= listen <= highest:
@@ -507,25 +552,6 @@ class Options(usage.Options):
                 "--listen-port (%d) must not be inside the allocation range %d-%d" % (listen, lowest, highest)
             )
 
-        if self["rng-seed"] is not None:
-            self["rng-seed"] = _parse_int("rng-seed", self["rng-seed"])
-        if self["log-format"] not in ("human", "json"):
-            raise usage.UsageError("--log-format must be human or json (got %r)" % (self["log-format"],))
-        self["health-check-addr"] = _parse_host_port("health-check-addr", self["health-check-addr"])
-        self["max-allocations"] = _parse_int("max-allocations", self["max-allocations"], 0)
-        self["unauthenticated-burst"] = _parse_int("unauthenticated-burst", self["unauthenticated-burst"], 1)
-        try:
-            rate = float(self["unauthenticated-rate"])
-        except (TypeError, ValueError):
-            rate = -1.0
-        if not 0 <= rate < float("inf"):
-            raise usage.UsageError("--unauthenticated-rate must be a number >= 0 (got %r)" % (self["unauthenticated-rate"],))
-        self["unauthenticated-rate"] = rate
-        if self["user-allocation-limit"] is not None:
-            self["user-allocation-limit"] = _parse_int("user-allocation-limit", self["user-allocation-limit"], 0)
-        self["socket-buffer"] = _parse_int("socket-buffer", self["socket-buffer"], 0)
-        if self["udp-io"] not in ("auto", "batched", "python"):
-            raise usage.UsageError("--udp-io must be auto, batched or python (got %r)" % (self["udp-io"],))
         if self["udp-io"] == "batched" and _udpio_missing():
             raise usage.UsageError(
                 "--udp-io batched needs the C extension firezone_relay.adapters._udpio, which is not built (%s); "
@@ -533,24 +559,8 @@ class Options(usage.Options):
             )
         if self["ebpf-offloading"] is not None and not self["ebpf-offloading"].strip():
             self["ebpf-offloading"] = None
-        if self["ebpf-attach-mode"] not in ("auto", "generic", "driver"):
-            raise usage.UsageError("--ebpf-attach-mode must be auto, driver or generic (got %r)" % (self["ebpf-attach-mode"],))
-        if self["ebpf-int4-addr"] is not None:
-            self["ebpf-int4-addr"] = _parse_ip("ebpf-int4-addr", self["ebpf-int4-addr"], 4)
-        if self["ebpf-int6-addr"] is not None:
-            self["ebpf-int6-addr"] = _parse_ip("ebpf-int6-addr", self["ebpf-int6-addr"], 6)
-        if self["drain-timeout"] is not None:
-            try:
-                drain = float(self["drain-timeout"])
-            except ValueError:
-                raise usage.UsageError("--drain-timeout: %r is not a number of seconds" % (self["drain-timeout"],))
-            if not drain >= 0 or drain == float("inf"):
-                raise usage.UsageError("--drain-timeout must be a non-negative number of seconds")
-            self["drain-timeout"] = drain
         _check_control_endpoint(self)
         self["rest-auth-secret"] = tuple(_check_rest_secret(v) for v in self["rest-auth-secret"])
-        self["realm"] = _check_realm(self["realm"])
-        self["max-bps"] = _parse_int("max-bps", self["max-bps"], 0)
         if self["max-bps"] and self["ebpf-offloading"]:
             raise usage.UsageError(
                 "--max-bps cannot be combined with --ebpf-offloading: the XDP fast path relays without counting bytes"

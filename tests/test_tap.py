@@ -106,6 +106,21 @@ class OptionsTests(unittest.SynchronousTestCase):
         o = parse(["--deny-peer", "192.0.2.0/24", "--deny-peer", "2001:db8::/32"])
         self.assertEqual(o["deny-peer"], ("192.0.2.0/24", "2001:db8::/32"))
 
+    def test_a_replaced_value_is_not_checked(self) -> None:
+        # The per-flag checks run as each value is parsed (the coerce
+        # column); a value the flag (or the environment) replaces is not
+        # parsed at all, so it neither stops the start nor is blamed on
+        # the flag that replaced it.
+        environ = {"LISTEN_PORT": "not-a-port", "UDP_IO": "bogus"}
+        o = parse(["--listen-port", "3480", "--udp-io=python"], environ)
+        self.assertEqual((o["listen-port"], o["udp-io"]), (3480, "python"))
+        self.assertUsageError([], "LISTEN_PORT: --listen-port: 'not-a-port' is not an integer", {"LISTEN_PORT": "not-a-port"})
+
+    def test_coerce_errors_keep_their_own_message(self) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            parse(["--lowest-port", "80"])
+        self.assertEqual(str(caught.exception), "--lowest-port must be between 1024 and 65535 (got 80)")
+
     def test_user_allocation_limit_default_depends_on_mode(self) -> None:
         self.assertEqual(parse(["--token", "abc"])["user-allocation-limit"], 1)
         self.assertEqual(parse(["--token", "abc", "--user-allocation-limit", "3"])["user-allocation-limit"], 3)

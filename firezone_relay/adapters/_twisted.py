@@ -9,9 +9,11 @@ will).
 
 from __future__ import annotations
 
+import importlib
 import time
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence, TypeVar
 
+from twisted.application.service import Service
 from twisted.logger import Logger
 
 K = TypeVar("K", bound=Hashable)
@@ -128,3 +130,33 @@ def cancel_attributes(owner: Any, *names: str) -> None:
         call = getattr(owner, name)
         setattr(owner, name, None)
         cancel_call(call)
+
+
+def import_failure(*modules: str) -> str:
+    """Why one of ``modules`` cannot be imported, or "" when all can (an
+    optional dependency or extension, checked at start-up)."""
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError as exc:
+        return str(exc) or "import failed"
+    return ""
+
+
+class ListenerService(Service):
+    """A service whose listeners open in ``privilegedStartService``, before
+    the reactor runs (and before twistd drops privileges), so that a port
+    that cannot be bound stops twistd at start-up with the reason; and again
+    at ``startService`` when used without ``privilegedStartService`` (tests).
+    ``open_listeners`` must therefore do nothing for what is already open."""
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self.open_listeners()
+
+    def startService(self) -> None:
+        super().startService()
+        self.open_listeners()
+
+    def open_listeners(self) -> None:
+        raise NotImplementedError

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from firezone_relay.adapters import dispatch
 from firezone_relay.adapters._twisted import cancel_attributes
 from firezone_relay.adapters.sourcekey import source_key
 from firezone_relay.core.framing import FramingError, frame_length
@@ -92,7 +93,7 @@ class StreamProtocol(Protocol):
         transport: Any = self.transport  # an ITCPTransport (the interface type says less)
         assert transport is not None
         transport.registerProducer(self, True)
-        self._socket = getattr(transport, "socket", None)
+        self._socket = dispatch.direct_socket(transport)
         transport.setTcpNoDelay(True)
         transport.setTcpKeepAlive(True)
         if not self.handshaken:
@@ -248,7 +249,7 @@ class StreamProtocol(Protocol):
         Twisted's buffer, so order and the write-buffer bound are kept."""
         transport: Any = self.transport
         sock = self._socket
-        if sock is not None and not transport._tempDataLen and not transport.dataBuffer:
+        if sock is not None and not dispatch.unsent(transport):
             try:
                 sent = sock.send(data)
             except OSError:

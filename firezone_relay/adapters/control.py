@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from firezone_relay.adapters._twisted import default_reactor, format_address
+from firezone_relay.adapters._twisted import format_address
 from firezone_relay.adapters.http import HealthSite, SiteService
 
 log = Logger(namespace="firezone_relay.adapters.control")
@@ -281,16 +281,13 @@ class ControlService(SiteService):
     """
 
     def __init__(self, host: str, port: int, resource: ControlResource, required: bool, reactor: Any = None) -> None:
-        reactor = default_reactor(reactor)
-        self.host = host
-        self.port = port
-        self.reactor = reactor
+        super().__init__(host, port, reactor)
         self.required = required
-        self.site = HealthSite(resource, reactor=reactor)
+        self.site = HealthSite(resource, reactor=self.reactor)
         self.site.requestFactory = _ControlRequest
         self._gave_up = False
 
-    def _listen(self) -> None:
+    def open_listeners(self) -> None:
         if self.listening is not None or self._gave_up:
             return
         from twisted.internet.error import CannotListenError
@@ -308,8 +305,7 @@ class ControlService(SiteService):
                 reason=exc.socketError,
             )
             return
-        address = self.listening.getHost()
         log.info(
             "control endpoint on {address} (GET /allocations, POST /disconnect, POST /log_filter)",
-            address=format_address((address.host, address.port)),
+            address=format_address(self.address),
         )

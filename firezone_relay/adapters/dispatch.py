@@ -21,6 +21,9 @@ and do not use it).  Every other selectable (HTTP, the portal websocket,
 listening ports) keeps Twisted's dispatch.  Any other reactor is left as it
 is, and so is an ``EPollReactor`` whose ``doPoll`` is not Twisted's own or
 that lacks the private attributes the loop uses (another Twisted version).
+
+The stream connections' direct write (``direct_socket``, ``unsent``) is the
+other use of Twisted's private parts, kept here beside it, guarded the same way.
 """
 
 from __future__ import annotations
@@ -37,6 +40,26 @@ def fast_type(kind: type) -> type:
     """Register ``kind`` (a selectable class) for direct dispatch; usable as a decorator."""
     _FAST_TYPES.add(kind)
     return kind
+
+
+def direct_socket(transport: Any) -> Any:
+    """The socket of a TCP ``transport`` that ``unsent`` can look into, or
+    None (TLS's wrapper, another Twisted): then write through the transport.
+
+    The stream connections write straight on the socket when Twisted holds
+    nothing unsent (``StreamProtocol._write``): a loop iteration and two
+    epoll_ctl calls less per write.  No public interface says whether a
+    ``FileDescriptor`` holds unsent bytes (``IPushProducer`` only says when
+    its buffer is full), so ``unsent`` reads its two private buffers; this
+    guard keeps a Twisted without them on the public path."""
+    if not all(hasattr(transport, name) for name in ("_tempDataLen", "dataBuffer")):
+        return None
+    return getattr(transport, "socket", None)
+
+
+def unsent(transport: Any) -> bool:
+    """Whether a transport ``direct_socket`` accepted holds bytes not yet sent."""
+    return bool(transport._tempDataLen or transport.dataBuffer)
 
 
 def _epoll_reactor_type() -> Any:

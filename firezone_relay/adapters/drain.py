@@ -95,7 +95,7 @@ class DrainController(Service):
     """First SIGTERM/SIGINT drains, the second stops; see the module docstring.
 
     ``relay_service`` is the ``RelayService`` (its ``relay`` is the core; it
-    calls ``allocations_changed`` through ``on_allocations_changed``).
+    calls ``allocations_changed``, registered with ``watch_allocations``).
     ``portal`` is the ``PortalClient`` or ``None`` in standalone mode;
     ``readiness`` (``http.Readiness``, optional) gets ``draining``.
     ``process.stop(code)`` ends the process.
@@ -131,7 +131,7 @@ class DrainController(Service):
         self._timeout_call: Any = None
         self._poll_call: Any = None
         self._stopping = False
-        relay_service.on_allocations_changed = self.allocations_changed
+        relay_service.watch_allocations(self.allocations_changed)
 
     # --- life cycle -----------------------------------------------------------
 
@@ -211,7 +211,7 @@ class DrainController(Service):
         self.check()
 
     def _poll(self) -> None:
-        # A safety net for deletions that no ``on_allocations_changed`` hook
+        # A safety net for deletions that no ``watch_allocations`` hook
         # reported (an adapter other than the UDP service pumping the core).
         self._poll_call = None
         self.check()

@@ -27,15 +27,18 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
+def _lines(path: str) -> List[str]:
+    """The lines of ``path``; none when it cannot be read."""
+    text = _read(path)
+    return [] if text is None else text.splitlines()
+
+
 def local_ipv4_networks(path: str = FIB_TRIE) -> List[str]:
     """Every address (or network, e.g. 127.0.0.0/8) the kernel delivers
     locally: the ``host LOCAL`` entries of the FIB."""
-    text = _read(path)
-    if text is None:
-        return []
     out: List[str] = []
     last: Optional[str] = None
-    for line in text.splitlines():
+    for line in _lines(path):
         stripped = line.strip()
         if stripped.startswith("|--"):
             last = stripped[3:].strip()
@@ -51,11 +54,8 @@ def local_ipv4_networks(path: str = FIB_TRIE) -> List[str]:
 
 def local_ipv6_addresses(path: str = IF_INET6) -> List[str]:
     """Every address configured on an interface (32 hex digits per line)."""
-    text = _read(path)
-    if text is None:
-        return []
     out: List[str] = []
-    for line in text.splitlines():
+    for line in _lines(path):
         fields = line.split()
         if not fields or len(fields[0]) != 32:
             continue

@@ -51,7 +51,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from firezone_relay.adapters._twisted import cancel_call, default_reactor, format_address
+from firezone_relay.adapters._twisted import ListenerService, cancel_call, default_reactor, format_address
 from firezone_relay.adapters.sourcekey import source_key
 
 log = Logger(namespace="firezone_relay.adapters.http")
@@ -363,24 +363,16 @@ def make_site(
                       **limits)
 
 
-class SiteService(Service):
-    """A TCP listener for a ``Site``: it listens (``_listen``) before the
-    reactor runs, like the UDP listeners, so that an address in use stops
-    twistd at start-up with the reason, and again at ``startService`` when
-    used without ``privilegedStartService`` (tests)."""
+class SiteService(ListenerService):
+    """A TCP listener for a ``Site``, opened (``open_listeners``) before the
+    reactor runs, like the UDP listeners (``ListenerService``)."""
 
     listening: Any = None
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._listen()
-
-    def startService(self) -> None:
-        super().startService()
-        self._listen()
-
-    def _listen(self) -> None:
-        raise NotImplementedError
+    def __init__(self, host: str, port: int, reactor: Any = None) -> None:
+        self.host = host
+        self.port = port
+        self.reactor = default_reactor(reactor)
 
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
@@ -411,22 +403,18 @@ class HealthService(SiteService):
     ) -> None:
         """``limits``: ``request_deadline``, ``max_connections_per_source``
         (``HealthSite``'s keyword arguments)."""
-        reactor = default_reactor(reactor)
-        self.host = host
-        self.port = port
-        self.reactor = reactor
+        super().__init__(host, port, reactor)
         self.registry = registry
         self.readiness = readiness
-        self.site = make_site(registry, readiness, timeout=timeout, reactor=reactor, **limits)
+        self.site = make_site(registry, readiness, timeout=timeout, reactor=self.reactor, **limits)
         registry.register(HttpCollector(self.site))
 
-    def _listen(self) -> None:
+    def open_listeners(self) -> None:
         if self.listening is None:
             self.listening = self.reactor.listenTCP(self.port, self.site, interface=self.host)
-            address = self.listening.getHost()
             log.info(
                 "HTTP health and metrics on {address} (/healthz, /readyz, /metrics)",
-                address=format_address((address.host, address.port)),
+                address=format_address(self.address),
             )
 
 

@@ -45,6 +45,20 @@ STATS_INTERVAL = 10.0
 _FAMILY_LABEL = {4: "ipv4", 6: "ipv6"}
 
 
+def _relayed(unit: str, documentation: str, client_to_peer: int, peer_to_client: int, xdp: Any) -> CounterMetricFamily:
+    """``relay_data_relayed_<unit>_total`` by direction and datapath: the
+    userspace counts, and the XDP fast path's (``xdp``: ``XdpCounters`` or None)."""
+    family = CounterMetricFamily(
+        "relay_data_relayed_%s_total" % unit, documentation, labels=["direction", "datapath"]
+    )
+    family.add_metric(["client_to_peer", USERSPACE], client_to_peer)
+    family.add_metric(["peer_to_client", USERSPACE], peer_to_client)
+    if xdp is not None:
+        for direction in ("client_to_peer", "peer_to_client"):
+            family.add_metric([direction, XDP], xdp.total(unit, direction))
+    return family
+
+
 class RelayCollector(Collector):
     """Reads the core's counters (and the adapters' drop counters) at scrape time.
 
@@ -130,29 +144,21 @@ class RelayCollector(Collector):
             "relay_permissions_active", "Permissions currently installed.", value=relay.permission_count
         )
 
-        relayed_bytes = CounterMetricFamily(
-            "relay_data_relayed_bytes_total",
-            "Payload bytes relayed (ChannelData payload or the peer datagram), by direction and datapath.",
-            labels=["direction", "datapath"],
-        )
-        relayed_bytes.add_metric(["client_to_peer", USERSPACE], stats.client_to_peer_bytes)
-        relayed_bytes.add_metric(["peer_to_client", USERSPACE], stats.peer_to_client_bytes)
         xdp = self.fast_path.counters() if self.fast_path is not None else None
-        if xdp is not None:
-            for direction in ("client_to_peer", "peer_to_client"):
-                relayed_bytes.add_metric([direction, XDP], xdp.total("bytes", direction))
-        yield relayed_bytes
-        relayed_packets = CounterMetricFamily(
-            "relay_data_relayed_packets_total",
-            "Packets relayed, by direction and datapath.",
-            labels=["direction", "datapath"],
+        yield _relayed(
+            "bytes",
+            "Payload bytes relayed (ChannelData payload or the peer datagram), by direction and datapath.",
+            stats.client_to_peer_bytes,
+            stats.peer_to_client_bytes,
+            xdp,
         )
-        relayed_packets.add_metric(["client_to_peer", USERSPACE], stats.client_to_peer_packets)
-        relayed_packets.add_metric(["peer_to_client", USERSPACE], stats.peer_to_client_packets)
-        if xdp is not None:
-            for direction in ("client_to_peer", "peer_to_client"):
-                relayed_packets.add_metric([direction, XDP], xdp.total("packets", direction))
-        yield relayed_packets
+        yield _relayed(
+            "packets",
+            "Packets relayed, by direction and datapath.",
+            stats.client_to_peer_packets,
+            stats.peer_to_client_packets,
+            xdp,
+        )
         if xdp is not None:
             by_family = CounterMetricFamily(
                 "relay_xdp_relayed_packets_total",

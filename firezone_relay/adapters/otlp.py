@@ -56,18 +56,23 @@ reactor.  Stopping waits at most ``SHUTDOWN_WAIT`` seconds for the last push.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from firezone_relay.adapters.otlpconfig import (  # noqa: F401 (checked at parse time by tap; part of this API)
+    TEMPORALITY_ENV,
+    check_environment,
+    missing_sdk,
+    parse_endpoint,
+    temporality_preference,
+)
 
 log = Logger(namespace="firezone_relay.adapters.otlp")
 
@@ -82,120 +87,6 @@ PACKET_SIZE_BOUNDS = tuple(float(100 * (i + 1)) for i in range(15))
 SNAPSHOT_TIMEOUT = 5.0
 WARN_INTERVAL = 60.0
 SHUTDOWN_WAIT = 2.0
-TEMPORALITY_ENV = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"
-_TEMPORALITIES = ("cumulative", "delta", "lowmemory")
-_MILLISECOND_ENV = ("OTEL_METRIC_EXPORT_INTERVAL", "OTEL_METRIC_EXPORT_TIMEOUT")
-_HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
-
-
-def parse_endpoint(value: str) -> str:
-    """``http://host:port`` (or ``https://``) for an ``--otlp-grpc-endpoint``.
-
-    Upstream takes ``host:port`` and prepends ``http://``; an explicit
-    ``http://`` or ``https://`` (TLS) is accepted too.  Anything else, or a
-    value with a path, credentials, query or without a port, is a
-    ``ValueError`` with a message for the operator.
-    """
-    text = value.strip()
-
-    def bad(why: str) -> ValueError:
-        return ValueError(
-            "--otlp-grpc-endpoint: %r is not a URL (%s); expected host:port such as 127.0.0.1:4317 or "
-            "otel-collector:4317, optionally after http:// or https://" % (value, why)
-        )
-
-    if not text:
-        raise bad("empty")
-    if any(c.isspace() or not c.isprintable() for c in text):
-        raise bad("it contains spaces or control characters")
-    url = text if "://" in text else "http://" + text
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise bad(str(exc)) from None
-    if parts.scheme not in ("http", "https"):
-        raise bad("scheme %r; only http and https" % parts.scheme)
-    host = parts.hostname or ""
-    if not host:
-        raise bad("no host")
-    if parts.username is not None or parts.password is not None:
-        raise bad("credentials are not accepted here; use OTEL_EXPORTER_OTLP_HEADERS")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise bad("a path, query or fragment")
-    if port is None or port == 0:
-        raise bad("no port")
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad("bad IPv6 address") from None
-        host = "[%s]" % host
-    elif not _HOST.match(host):
-        raise bad("bad host name")
-    return "%s://%s:%d" % (parts.scheme, host, port)
-
-
-def missing_sdk() -> str:
-    """Why the OpenTelemetry SDK and OTLP exporter cannot be used, or ""."""
-    try:
-        import opentelemetry.exporter.otlp.proto.grpc.metric_exporter  # noqa: F401
-        import opentelemetry.sdk.metrics  # noqa: F401
-    except ImportError as exc:
-        return str(exc) or "import failed"
-    return ""
-
-
-def temporality_preference(environ: Mapping[str, str]) -> str:
-    """``cumulative``, ``delta`` or ``lowmemory`` (the default, upstream's)."""
-    text = environ.get(TEMPORALITY_ENV, "").strip().lower()
-    if not text:
-        return "lowmemory"
-    if text not in _TEMPORALITIES:
-        raise ValueError("%s must be cumulative, delta or lowmemory (got %r)" % (TEMPORALITY_ENV, environ[TEMPORALITY_ENV]))
-    return text
-
-
-def check_environment(environ: Mapping[str, str]) -> None:
-    """The SDK's variables we depend on, checked at start-up (the SDK itself
-    would only log a warning and use its default)."""
-    temporality_preference(environ)
-    for name in _MILLISECOND_ENV:
-        text = environ.get(name, "").strip()
-        if not text:
-            continue
-        try:
-            millis = float(text)
-        except ValueError:
-            raise ValueError("%s: %r is not a number of milliseconds" % (name, environ[name])) from None
-        if not 0 < millis < float("inf"):
-            raise ValueError("%s must be a positive number of milliseconds (got %r)" % (name, environ[name]))
-    # The exporter's own variables: the SDK raises on these deep inside the
-    # exporter (a traceback at start-up) or only fails at the first export.
-    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT"):
-        text = environ.get(name, "").strip()
-        if not text:
-            continue
-        try:
-            seconds = float(text)
-        except ValueError:
-            raise ValueError("%s: %r is not a number of seconds" % (name, environ[name])) from None
-        if not 0 < seconds < float("inf"):
-            raise ValueError("%s must be a positive number of seconds (got %r)" % (name, environ[name]))
-    for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION"):
-        text = environ.get(name, "").strip().lower()
-        if text and text not in ("gzip", "deflate", "none"):
-            raise ValueError("%s must be gzip, deflate or none (got %r)" % (name, environ[name]))
-    for kind in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
-        for name in ("OTEL_EXPORTER_OTLP_%s" % kind, "OTEL_EXPORTER_OTLP_METRICS_%s" % kind):
-            path = environ.get(name, "").strip()
-            if not path:
-                continue
-            try:
-                with open(path, "rb") as f:
-                    f.read(1)
-            except OSError as exc:
-                raise ValueError("%s: %r cannot be read: %s" % (name, path, exc.strerror or exc)) from None
 
 
 # ---------------------------------------------------------------------------

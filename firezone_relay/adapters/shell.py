@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import errno
 import time
-from typing import Any, Callable, Dict, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -136,8 +136,8 @@ class Shell(MultiService):
         #: False until ``start_serving()`` in portal mode: no listener yet.
         self.serving = serve_at_start
         self.fast_path = fast_path
-        #: Called after an allocation was created or deleted (the drain waits for 0).
-        self.on_allocations_changed: Optional[Callable[[], None]] = None
+        #: Called after an allocation was created or deleted (``watch_allocations``).
+        self._allocation_watchers: List[Callable[[], None]] = []
         # The core's entry points, looked up once: the per-packet path is
         # hot.  Public, so that a test can replace one.
         self.handle_client_input = relay.handle_client_input
@@ -291,23 +291,17 @@ class Shell(MultiService):
                 log.info(
                     "allocation created: client {client} ({transport}) user {username} port {port} "
                     "relayed {relayed} lifetime {lifetime}s",
-                    client=format_address(command.client),
-                    transport=self.transport_of(command.client),
-                    username=command.username,
-                    port=command.port,
                     relayed=[format_address(a) for a in command.relayed],
                     lifetime=command.lifetime,
+                    **self._allocation_fields(command),
                 )
                 self._usernames[command.port] = command.username
                 self._allocation_changed(command)
             case C.AllocationDeleted():
                 log.info(
                     "allocation deleted: client {client} ({transport}) user {username} port {port} ({reason})",
-                    client=format_address(command.client),
-                    transport=self.transport_of(command.client),
-                    username=command.username,
-                    port=command.port,
                     reason=command.reason,
+                    **self._allocation_fields(command),
                 )
                 self._usernames.pop(command.port, None)
                 self._allocation_changed(command)
@@ -334,11 +328,26 @@ class Shell(MultiService):
                 # are too many to log).
                 pass
 
+    def _allocation_fields(self, command: Any) -> Dict[str, Any]:
+        """The log fields an allocation's created and deleted lines share."""
+        return {
+            "client": format_address(command.client),
+            "transport": self.transport_of(command.client),
+            "username": command.username,
+            "port": command.port,
+        }
+
     def _allocation_changed(self, command: Any) -> None:
         if len(command.client) == 3 and self.stream is not None:
             self.stream.allocation_event(command)
-        if self.on_allocations_changed is not None:
-            self.on_allocations_changed()
+        for watcher in self._allocation_watchers:
+            watcher()
+
+    def watch_allocations(self, watcher: Callable[[], None]) -> None:
+        """Call ``watcher()`` after each allocation is created or deleted (the
+        drain waits for none to be left), like ``attach_udp``: the part that
+        needs the hook registers, the shell knows it by this interface only."""
+        self._allocation_watchers.append(watcher)
 
     def transport_of(self, client: Any) -> str:
         """``udp``, ``tcp`` or ``tls``: the log field ``transport``."""

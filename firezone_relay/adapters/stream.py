@@ -77,14 +77,13 @@ import signal
 import socket
 from typing import Any, Dict, Optional, Tuple
 
-from twisted.application.service import Service
 from twisted.internet import defer, tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from firezone_relay.adapters import dispatch
-from firezone_relay.adapters._twisted import Counts, LimitedLog, cancel_call, format_address
+from firezone_relay.adapters._twisted import Counts, ListenerService, LimitedLog, cancel_call, format_address
 from firezone_relay.adapters.connection import TCP, TLS, TRANSPORTS, StreamLimits, StreamProtocol
 from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.sourcekey import source_key
@@ -121,7 +120,7 @@ class _StreamFactory(Factory):
 # --- the service ------------------------------------------------------------------------
 
 
-class StreamService(Service):
+class StreamService(ListenerService):
     """TCP (and, given a ``TLSContext``, TLS) listeners feeding the core of
     ``shell``, which routes 3-tuple destinations back here (this service
     registers with ``Shell.attach_stream`` and becomes its child).
@@ -182,13 +181,8 @@ class StreamService(Service):
 
     # --- life cycle -----------------------------------------------------------
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self.open_listeners()
-
     def startService(self) -> None:
-        super().startService()
-        self.open_listeners()
+        super().startService()  # opens the listeners (ListenerService)
         if self.tls is not None and self.reload_signal is not None:
             self.reactor.callWhenRunning(self._install_reload_signal)
 

@@ -37,7 +37,6 @@ import errno
 import socket
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.error import CannotListenError
@@ -46,6 +45,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from firezone_relay.adapters import dispatch
+from firezone_relay.adapters._twisted import ListenerService
 from firezone_relay.adapters.shell import UDPIO_MISSING, Shell
 
 __all__ = ["MAX_DATAGRAM", "RelayService", "UDPIO_MISSING"]
@@ -206,7 +206,7 @@ class _Reader:
                 received(bytes(view[:n]), addr)
 
 
-class RelayService(Service):
+class RelayService(ListenerService):
     """The UDP transport: the listen sockets and the allocation ports.
 
     ``shell`` runs the core; this service registers with it
@@ -237,16 +237,6 @@ class RelayService(Service):
         shell.attach_udp(self)
 
     # --- life cycle ---------------------------------------------------------
-
-    def privilegedStartService(self) -> None:
-        # Listeners open here, before the reactor runs, so that a port that
-        # cannot be bound stops twistd at start-up with the reason.
-        super().privilegedStartService()
-        self.open_listeners()
-
-    def startService(self) -> None:
-        super().startService()
-        self.open_listeners()  # when used without privilegedStartService (tests)
 
     def open_listeners(self) -> None:
         """Open the listen port of each family served (once the shell serves)."""

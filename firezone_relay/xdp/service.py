@@ -29,7 +29,6 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
-import time
 from typing import Any, Dict, Optional
 
 from twisted.application.service import Service
@@ -41,18 +40,12 @@ from firezone_relay.xdp.loader import (
     XdpMapFull,
     XdpProgram,
     find_object,
-    interface_ip4,
-    interface_ip6,
 )
+from firezone_relay.adapters._twisted import Counts, LimitedLog
+from firezone_relay.xdp.interface import interface_ip4, interface_ip6
 
 log = Logger(namespace="firezone_relay.xdp")
 
-_ERROR_LOG_INTERVAL = 60.0
-
-
-class _Counts(dict):  # type: ignore[type-arg]
-    def __missing__(self, key: str) -> int:
-        return 0
 
 
 class XdpService(Service):
@@ -96,9 +89,9 @@ class XdpService(Service):
         self.object_origin: Optional[str] = None
         #: Why the fast path is off, once start-up has failed.
         self.failure: Optional[str] = None
-        self.errors: Dict[str, int] = _Counts()
+        self.errors: Counts[str] = Counts()
         self.channels = 0
-        self._error_logged: Dict[str, float] = {}
+        self._limited = LimitedLog(log)
         self._atexit_registered = False
 
     @property
@@ -241,10 +234,7 @@ class XdpService(Service):
 
     def _error(self, kind: str, exc: XdpError) -> None:
         self.errors[kind] += 1
-        now = time.monotonic()
-        last = self._error_logged.get(kind)
-        if last is None or now - last >= _ERROR_LOG_INTERVAL:
-            self._error_logged[kind] = now
+        if self._limited.due(kind):
             log.warn(
                 "XDP map {kind} failed (count {count}; userspace relays that channel): {reason}",
                 kind=kind,

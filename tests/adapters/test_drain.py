@@ -322,6 +322,9 @@ class _FakeService:
         self.relay = _FakeRelay()
         self.on_allocations_changed: Optional[Callable[[], None]] = None
 
+    def watch_allocations(self, watcher: Callable[[], None]) -> None:
+        self.on_allocations_changed = watcher
+
 
 class _FakeReactor:
     def __init__(self) -> None:
