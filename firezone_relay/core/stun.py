@@ -279,7 +279,9 @@ def decode(data: bytes) -> Message:
         raise StunDecodeError("malformed: %s" % (exc,)) from None
 
 
-def _decode(data: bytes) -> Message:
+def _header(data: bytes) -> tuple[bytes, int, int, bytes]:
+    """``(data as bytes, its length, message type, transaction id)`` after the
+    checks every decoder makes of the header (RFC 8489 §5, §6)."""
     if type(data) is not bytes:
         data = bytes(data)
     n = len(data)
@@ -295,6 +297,11 @@ def _decode(data: bytes) -> Message:
     if length & 3:
         raise StunDecodeError("length is not a multiple of 4")
     tid = data[8:20]
+    return data, n, mtype, tid
+
+
+def _decode(data: bytes) -> Message:
+    data, n, mtype, tid = _header(data)
     # split_message_type, inlined: this is the per-request hot path.
     method = (mtype & 0x000F) | ((mtype >> 1) & 0x0070) | ((mtype >> 2) & 0x0F80)
     msg_class = ((mtype >> 4) & 1) | ((mtype >> 7) & 2)
@@ -407,21 +414,7 @@ def decode_structure(data: bytes) -> Message:
 
 
 def _decode_structure(data: bytes) -> Message:
-    if type(data) is not bytes:
-        data = bytes(data)
-    n = len(data)
-    if n < HEADER_LENGTH:
-        raise StunDecodeError("shorter than a STUN header")
-    mtype, length, cookie = _HEADER.unpack_from(data)
-    if mtype & 0xC000:
-        raise StunDecodeError("not a STUN message (first bits)")
-    if cookie != MAGIC_COOKIE:
-        raise StunDecodeError("bad magic cookie")
-    if length + HEADER_LENGTH != n:
-        raise StunDecodeError("length field does not match the datagram")
-    if length & 3:
-        raise StunDecodeError("length is not a multiple of 4")
-    tid = data[8:20]
+    data, n, mtype, tid = _header(data)
     method, msg_class = split_message_type(mtype)
     unpack_attr = _ATTR_HEADER.unpack_from
     special = _STRUCTURE_TYPES
