@@ -56,15 +56,18 @@ def free_udp_port(families: Sequence[int] = (4, 6)) -> int:
     raise RuntimeError("no free UDP port found")
 
 
-def port_range(size: int, avoid: Iterable[int] = ()) -> Tuple[int, int]:
-    """A random window of ``size`` ports below the usual ephemeral range.
+def port_range(size: int, avoid: Iterable[int] = (), base: int = 20000) -> Tuple[int, int]:
+    """A random window of ``size`` ports in ``base``..``base`` + 10000, below
+    the usual ephemeral range.
 
     Random so that parallel test workers rarely collide; a collision is
-    harmless anyway, since the relay skips ports it cannot bind.
+    harmless anyway, since the relay skips ports it cannot bind, except for
+    a port reserved by EVEN-PORT, which the relay does not bind until it is
+    claimed: tests that need those pass another ``base``.
     """
     avoid = set(avoid)
     while True:
-        low = 20000 + int.from_bytes(os.urandom(2), "big") % 10000
+        low = base + int.from_bytes(os.urandom(2), "big") % 10000
         high = low + size - 1
         if not any(low <= p <= high for p in avoid):
             return low, high

@@ -152,12 +152,13 @@ class Relay:
         range_size: int = 40,
         extra: Sequence[str] = (),
         avoid: Sequence[int] = (),
+        port_base: int = 20000,
     ) -> None:
         self.test = test
         self.ipv6 = ipv6
         families = (4, 6) if ipv6 else (4,)
         self.listen_port = free_udp_port(families)
-        self.lowest_port, self.highest_port = port_range(range_size, avoid=[self.listen_port, *avoid])
+        self.lowest_port, self.highest_port = port_range(range_size, avoid=[self.listen_port, *avoid], base=port_base)
         self.directory = Path(test.mktemp())
         self.directory.mkdir(parents=True)
         self.log_path = self.directory / "relay.log"

@@ -169,7 +169,11 @@ class UclientTests(TestCase):
 
     def test_rtp_rtcp_pairs_with_even_port_and_reservation_token(self) -> None:
         require_tool(self, "turnutils_uclient")
-        relay = Relay(self, range_size=100)
+        # EVEN-PORT reserves port + 1 without binding it until the
+        # RESERVATION-TOKEN claims it: a window where no other test worker
+        # binds ports (10000-19999), so that the claim never finds it taken
+        # (a clean-clone CI run got 508 here, most likely that way).
+        relay = Relay(self, range_size=100, port_base=10000)
         peer = EchoPeer(self)
         stats = self.uclient(relay, peer, [])
         # -m counts sessions here: 5 RTP/RTCP pairs, 100 messages each session.
