@@ -327,15 +327,7 @@ def _decode(data: bytes) -> Message:
     remaining = MAX_ATTRIBUTES
     while pos < n:
         if not remaining:
-            raise StunDecodeError(
-                "more than %d attributes" % MAX_ATTRIBUTES,
-                error_code=400,
-                method=method,
-                msg_class=msg_class,
-                transaction_id=tid,
-                username=_first_username(attributes),
-                drop_reason="too_many_attributes",
-            )
+            raise _too_many_attributes(_first_username(attributes), method, msg_class, tid)
         remaining -= 1
         atype, alen = unpack_attr(data, pos)
         start = pos + 4
@@ -455,7 +447,7 @@ def _decode_structure(data: bytes) -> Message:
         pos += 4 + ((alen + 3) & ~3)
     else:
         if pos < n:
-            raise _too_many_attributes(data, username_at, method, msg_class, tid)
+            raise _too_many_attributes(_username_at(data, username_at, tid), method, msg_class, tid)
     if pos != n:
         raise StunDecodeError("attribute runs past the end")
     known = _DECODERS
@@ -496,20 +488,12 @@ def _count_attributes(data: bytes, n: int, method: int, msg_class: int, tid: byt
         pos += 4 + ((alen + 3) & ~3)
     if pos >= n:
         return
-    raise _too_many_attributes(data, username_at, method, msg_class, tid)
+    raise _too_many_attributes(_username_at(data, username_at, tid), method, msg_class, tid)
 
 
-def _too_many_attributes(data: bytes, username_at: int, method: int, msg_class: int, tid: bytes) -> StunDecodeError:
+def _too_many_attributes(username: Optional[str], method: int, msg_class: int, tid: bytes) -> StunDecodeError:
     """The error for a message with more than MAX_ATTRIBUTES attributes,
-    with the USERNAME at ``username_at`` (if any, and valid) for a signed 400."""
-    username: Optional[str] = None
-    if username_at >= 0:
-        ulen = _U16.unpack_from(data, username_at + 2)[0]
-        try:
-            value = _username[0](data[username_at + 4 : username_at + 4 + ulen], tid)
-            username = value if isinstance(value, str) else None
-        except _AttributeError:
-            username = None
+    with its first USERNAME (if any, and valid) for a signed 400."""
     return StunDecodeError(
         "more than %d attributes" % MAX_ATTRIBUTES,
         error_code=400,
@@ -519,6 +503,19 @@ def _too_many_attributes(data: bytes, username_at: int, method: int, msg_class: 
         username=username,
         drop_reason="too_many_attributes",
     )
+
+
+def _username_at(data: bytes, username_at: int, tid: bytes) -> Optional[str]:
+    """The USERNAME whose attribute header is at ``username_at`` (-1: none),
+    or ``None`` when there is none or its value is malformed."""
+    if username_at < 0:
+        return None
+    ulen = _U16.unpack_from(data, username_at + 2)[0]
+    try:
+        value = _username[0](data[username_at + 4 : username_at + 4 + ulen], tid)
+    except _AttributeError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 _USERNAME_AND_INTEGRITY = frozenset((USERNAME, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
