@@ -173,6 +173,11 @@ _ENCODERS: dict[int, _Encoder] = {t: c[1] for t, c in CODECS.items()}
 _INTEGRITY_TYPES = frozenset((MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
 
 
+def _fingerprint(message: bytes) -> int:
+    """The FINGERPRINT value of the message bytes before it (RFC 8489 §14.7)."""
+    return (zlib.crc32(message) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
+
+
 def is_comprehension_required(attr_type: int) -> bool:
     return attr_type < 0x8000
 
@@ -340,8 +345,7 @@ def _decode(data: bytes) -> Message:
                 raise StunDecodeError("attribute after FINGERPRINT")
             if alen != 4:
                 raise StunDecodeError("bad FINGERPRINT length")
-            expected = (zlib.crc32(data[:pos]) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
-            if int.from_bytes(data[start:end], "big") != expected:
+            if int.from_bytes(data[start:end], "big") != _fingerprint(data[:pos]):
                 raise StunDecodeError("FINGERPRINT mismatch")
             has_fingerprint = True
             break
@@ -429,8 +433,7 @@ def _decode_structure(data: bytes) -> Message:
             elif atype == FINGERPRINT:
                 if pos + 8 != n or alen != 4:
                     raise StunDecodeError("bad FINGERPRINT length" if pos + 8 == n else "attribute after FINGERPRINT")
-                expected = (zlib.crc32(data[:pos]) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
-                if int.from_bytes(data[pos + 4 : pos + 8], "big") != expected:
+                if int.from_bytes(data[pos + 4 : pos + 8], "big") != _fingerprint(data[:pos]):
                     raise StunDecodeError("FINGERPRINT mismatch")
                 has_fingerprint = True
                 pos = n
@@ -580,8 +583,7 @@ def encode(
         body += b"\x00\x1c\x00\x20" + mac
     if fingerprint:
         header = _HEADER.pack(mtype, len(body) + 8, MAGIC_COOKIE) + transaction_id
-        crc = (zlib.crc32(header + body) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
-        return header + body + b"\x80\x28\x00\x04" + _U32.pack(crc)
+        return header + body + b"\x80\x28\x00\x04" + _U32.pack(_fingerprint(header + body))
     return _HEADER.pack(mtype, len(body), MAGIC_COOKIE) + transaction_id + body
 
 
