@@ -574,17 +574,20 @@ def encode(
         raise ValueError("message too long")
     mtype = message_type(method, msg_class)
     if integrity_key is not None:
-        header = _HEADER.pack(mtype, len(body) + 24, MAGIC_COOKIE) + transaction_id
-        mac = hmac.digest(integrity_key, header + body, "sha1")
-        body += b"\x00\x08\x00\x14" + mac
+        body = _with_mac(body, mtype, transaction_id, integrity_key, MESSAGE_INTEGRITY, "sha1", 20)
     if integrity_sha256_key is not None:
-        header = _HEADER.pack(mtype, len(body) + 36, MAGIC_COOKIE) + transaction_id
-        mac = hmac.digest(integrity_sha256_key, header + body, "sha256")
-        body += b"\x00\x1c\x00\x20" + mac
+        body = _with_mac(body, mtype, transaction_id, integrity_sha256_key, MESSAGE_INTEGRITY_SHA256, "sha256", 32)
     if fingerprint:
         header = _HEADER.pack(mtype, len(body) + 8, MAGIC_COOKIE) + transaction_id
         return header + body + b"\x80\x28\x00\x04" + _U32.pack(_fingerprint(header + body))
     return _HEADER.pack(mtype, len(body), MAGIC_COOKIE) + transaction_id + body
+
+
+def _with_mac(body: bytes, mtype: int, tid: bytes, key: bytes, attr_type: int, algorithm: str, size: int) -> bytes:
+    """``body`` with a MESSAGE-INTEGRITY(-SHA256) attribute appended: the HMAC
+    of the header (its length counting the attribute) and ``body``."""
+    header = _HEADER.pack(mtype, len(body) + 4 + size, MAGIC_COOKIE) + tid
+    return body + _ATTR_HEADER.pack(attr_type, size) + hmac.digest(key, header + body, algorithm)
 
 
 def _adjusted(raw: bytes, offset: int, total_after: int) -> bytes:
