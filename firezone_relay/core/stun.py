@@ -231,10 +231,7 @@ class Message:
 
     def get(self, attr_type: int) -> object:
         """The value of the first attribute of this type, or ``None``."""
-        for t, v in self.attributes:
-            if t == attr_type:
-                return v
-        return None
+        return _first(self.attributes, attr_type)
 
     def get_all(self, attr_type: int) -> list[object]:
         return [v for t, v in self.attributes if t == attr_type]
@@ -256,10 +253,7 @@ class Message:
         return v if isinstance(v, tuple) else None
 
     def has(self, attr_type: int) -> bool:
-        for t, _ in self.attributes:
-            if t == attr_type:
-                return True
-        return False
+        return any(t == attr_type for t, _ in self.attributes)
 
     def __repr__(self) -> str:
         return "Message(method=0x%03x, class=%d, tid=%s, attributes=%r)" % (
@@ -524,12 +518,18 @@ def _username_at(data: bytes, username_at: int, tid: bytes) -> Optional[str]:
 _USERNAME_AND_INTEGRITY = frozenset((USERNAME, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
 
 
+def _first(attributes: list[Attribute], attr_type: int) -> object:
+    """The value of the first attribute of ``attr_type`` in ``attributes``, or ``None``."""
+    for t, v in attributes:
+        if t == attr_type:
+            return v
+    return None
+
+
 def _first_username(attributes: list[Attribute]) -> Optional[str]:
     """The first USERNAME decoded so far, so that a 400 can still be signed."""
-    for t, v in attributes:
-        if t == USERNAME:
-            return v if isinstance(v, str) else None
-    return None
+    v = _first(attributes, USERNAME)
+    return v if isinstance(v, str) else None
 
 
 def encode(
