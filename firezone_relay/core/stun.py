@@ -49,7 +49,7 @@ import hashlib
 import hmac
 import struct
 import zlib
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Optional, Tuple, TypeVar
 
 from . import attributes as _attr
 from .attributes import FAMILY_IPV4 as FAMILY_IPV4, FAMILY_IPV6 as FAMILY_IPV6, MAGIC_COOKIE as MAGIC_COOKIE
@@ -74,6 +74,8 @@ AttributeValue = object
 Attribute = Tuple[int, AttributeValue]
 
 _HEADER = struct.Struct(">HHI")
+
+_T = TypeVar("_T")
 
 #: Decoding bounds (SPEC §1): a message with more attributes than this is
 #: rejected after reading exactly this many attribute headers, so the cost of
@@ -237,20 +239,17 @@ class Message:
         return [v for t, v in self.attributes if t == attr_type]
 
     def get_str(self, attr_type: int) -> Optional[str]:
-        v = self.get(attr_type)
-        return v if isinstance(v, str) else None
+        return _of_type(self.get(attr_type), str)
 
     def get_int(self, attr_type: int) -> Optional[int]:
         v = self.get(attr_type)
         return v if isinstance(v, int) and not isinstance(v, bool) else None
 
     def get_bytes(self, attr_type: int) -> Optional[bytes]:
-        v = self.get(attr_type)
-        return v if isinstance(v, bytes) else None
+        return _of_type(self.get(attr_type), bytes)
 
     def get_address(self, attr_type: int) -> Optional[Address]:
-        v = self.get(attr_type)
-        return v if isinstance(v, tuple) else None
+        return _of_type(self.get(attr_type), tuple)
 
     def has(self, attr_type: int) -> bool:
         return any(t == attr_type for t, _ in self.attributes)
@@ -526,10 +525,14 @@ def _first(attributes: list[Attribute], attr_type: int) -> object:
     return None
 
 
+def _of_type(value: object, kind: type[_T]) -> Optional[_T]:
+    """``value`` if it is a ``kind``, else ``None`` (the typed getters)."""
+    return value if isinstance(value, kind) else None
+
+
 def _first_username(attributes: list[Attribute]) -> Optional[str]:
     """The first USERNAME decoded so far, so that a 400 can still be signed."""
-    v = _first(attributes, USERNAME)
-    return v if isinstance(v, str) else None
+    return _of_type(_first(attributes, USERNAME), str)
 
 
 def encode(
