@@ -49,7 +49,7 @@ import hashlib
 import hmac
 import struct
 import zlib
-from typing import Iterable, Optional, Tuple, TypeVar
+from typing import Callable, Iterable, Optional, Tuple, TypeVar
 
 from . import attributes as _attr
 from .attributes import FAMILY_IPV4 as FAMILY_IPV4, FAMILY_IPV6 as FAMILY_IPV6, MAGIC_COOKIE as MAGIC_COOKIE
@@ -269,8 +269,14 @@ def decode(data: bytes) -> Message:
     Raises :class:`StunDecodeError` (and nothing else) for malformed input.
     A FINGERPRINT, when present, must be the last attribute and correct.
     """
+    return _guarded(_decode, data)
+
+
+def _guarded(decoder: Callable[[bytes], Message], data: bytes) -> Message:
+    """``decoder(data)``, any exception but :class:`StunDecodeError` turned
+    into one (defence in depth: a decoder bug must not escape as another type)."""
     try:
-        return _decode(data)
+        return decoder(data)
     except StunDecodeError:
         raise
     except Exception as exc:  # pragma: no cover - defence in depth
@@ -394,12 +400,7 @@ def decode_structure(data: bytes) -> Message:
     attribute goes unnoticed, as the method never reads it.  The cost is one
     header read and one list append per attribute (SPEC §1).
     """
-    try:
-        return _decode_structure(data)
-    except StunDecodeError:
-        raise
-    except Exception as exc:  # pragma: no cover - defence in depth
-        raise StunDecodeError("malformed: %s" % (exc,)) from None
+    return _guarded(_decode_structure, data)
 
 
 def _decode_structure(data: bytes) -> Message:
