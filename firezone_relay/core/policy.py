@@ -87,6 +87,14 @@ _LOOPBACK = (ipaddress.IPv4Network("127.0.0.0/8"), ipaddress.IPv6Network("::1/12
 _CACHE_LIMIT = 4096
 
 
+def _remember(cache: dict[str, bool], ip: str, verdict: bool) -> None:
+    """Keep ``verdict`` for ``ip``; a full cache starts again empty, so that
+    its size stays bounded whatever addresses clients name."""
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[ip] = verdict
+
+
 def parse_networks(cidrs: Iterable[str]) -> list[IPNetwork]:
     """Parse CIDR strings; raises ValueError with the offending text."""
     out: list[IPNetwork] = []
@@ -185,9 +193,7 @@ class PeerPolicy:
                 verdict = layer != _DENY if layer else default
             else:
                 verdict = self._judge(ip)
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[ip] = verdict
+            _remember(self._cache, ip, verdict)
         return verdict
 
     def _verdicts(self) -> "_Verdicts":
@@ -429,9 +435,7 @@ class OwnAddresses:
         verdict = self._cache.get(ip)
         if verdict is None:
             verdict = self._judge(ip)
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[ip] = verdict
+            _remember(self._cache, ip, verdict)
         return verdict
 
     def _judge(self, ip: str) -> bool:
