@@ -106,6 +106,14 @@ def parse_networks(cidrs: Iterable[str]) -> list[IPNetwork]:
     return out
 
 
+def parse_address(ip: str) -> Optional[IPAddr]:
+    """``ip`` parsed by the ``ipaddress`` module, or None if it is not an address."""
+    try:
+        return ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+
+
 def _mapped_or_compatible(addr: ipaddress.IPv6Address) -> bool:
     return addr.ipv4_mapped is not None or (int(addr) >> 32 == 0 and int(addr) > 1)
 
@@ -126,9 +134,8 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address
 
 def canonical_address(ip: str) -> Optional[IPAddr]:
     """``ip`` parsed, with an embedded IPv4 address unwrapped; None if not an address."""
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
+    addr = parse_address(ip)
+    if addr is None:
         return None
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.scope_id is not None:
@@ -164,9 +171,8 @@ class PeerPolicy:
     def explicitly_allowed(self, ip: str) -> bool:
         """True when an ``--allow-peer`` range (or loopback with
         ``allow_loopback``) names ``ip`` and no ``--deny-peer`` range does."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        addr = parse_address(ip)
+        if addr is None:
             return False
         if self._in(addr, self.deny):
             return False
@@ -229,9 +235,8 @@ class PeerPolicy:
             return tables.judge4(value)
         value = _parse_ipv6(ip)
         if value < 0:
-            try:
-                addr = ipaddress.ip_address(ip)
-            except ValueError:
+            addr = parse_address(ip)
+            if addr is None:
                 return False
             if isinstance(addr, ipaddress.IPv4Address):
                 return tables.judge4(int(addr))
@@ -439,9 +444,8 @@ class OwnAddresses:
         return verdict
 
     def _judge(self, ip: str) -> bool:
-        try:
-            raw = ipaddress.ip_address(ip)
-        except ValueError:
+        raw = parse_address(ip)
+        if raw is None:
             return False
         candidates: list[Optional[IPAddr]] = [raw, canonical_address(ip)]
         if isinstance(raw, ipaddress.IPv6Address) and raw in _NAT64_LOCAL:
