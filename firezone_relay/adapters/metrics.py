@@ -14,7 +14,7 @@ throughput=1.23 MB/s``; nothing when the relay is idle.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.metrics_core import (
@@ -57,6 +57,27 @@ def _relayed(unit: str, documentation: str, client_to_peer: int, peer_to_client:
         for direction in ("client_to_peer", "peer_to_client"):
             family.add_metric([direction, XDP], xdp.total(unit, direction))
     return family
+
+
+def _counter_by(name: str, documentation: str, labels: list[str], counts: Mapping[Any, int]) -> CounterMetricFamily:
+    """A counter family with one sample per key of ``counts``, in key order:
+    a key is the label value (one label) or the tuple of them."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in sorted(counts.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], count)
+    return family
+
+
+def _size_buckets(sizes: Sequence[int]) -> list[tuple[str, float]]:
+    """``relay_packet_size_bytes`` buckets (cumulative, ``+Inf`` last) from
+    the per-bucket counts ``Relay.stats.packet_sizes`` (or XDP's) keeps."""
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, count in zip(PACKET_SIZE_BOUNDS, sizes):
+        cumulative += count
+        buckets.append((str(bound), cumulative))
+    buckets.append(("+Inf", sum(sizes)))
+    return buckets
 
 
 class RelayCollector(Collector):
@@ -174,14 +195,12 @@ class RelayCollector(Collector):
                 "Packets the XDP fast path relayed from one client of this relay straight to another.",
                 value=xdp.hairpin,
             )
-            passed = CounterMetricFamily(
+            yield _counter_by(
                 "relay_xdp_passed_packets_total",
                 "TURN-port datagrams the XDP fast path left to userspace, by reason (miss: no binding).",
-                labels=["reason"],
+                ["reason"],
+                xdp.passed,
             )
-            for reason, count in sorted(xdp.passed.items()):
-                passed.add_metric([reason], count)
-            yield passed
             errors = getattr(self.fast_path, "errors", None)
             if errors is not None:
                 failed = CounterMetricFamily(
@@ -194,54 +213,35 @@ class RelayCollector(Collector):
                     failed.add_metric([kind], errors[kind])
                 yield failed
 
-        sizes = stats.packet_sizes
-        buckets: list[tuple[str, float]] = []
-        cumulative = 0
-        for bound, count in zip(PACKET_SIZE_BOUNDS, sizes):
-            cumulative += count
-            buckets.append((str(bound), cumulative))
-        buckets.append(("+Inf", sum(sizes)))
         histogram = HistogramMetricFamily(
             "relay_packet_size_bytes",
             "Payload size of relayed packets, by datapath.",
             labels=["datapath"],
         )
-        histogram.add_metric(
-            [USERSPACE], buckets, sum_value=stats.client_to_peer_bytes + stats.peer_to_client_bytes
-        )
+        userspace_bytes = stats.client_to_peer_bytes + stats.peer_to_client_bytes
+        histogram.add_metric([USERSPACE], _size_buckets(stats.packet_sizes), sum_value=userspace_bytes)
         if xdp is not None:
-            cumulative = 0
-            xdp_buckets: list[tuple[str, float]] = []
-            for bound, count in zip(PACKET_SIZE_BOUNDS, xdp.sizes):
-                cumulative += count
-                xdp_buckets.append((str(bound), cumulative))
-            xdp_buckets.append(("+Inf", sum(xdp.sizes)))
             xdp_bytes = xdp.total("bytes", "client_to_peer") + xdp.total("bytes", "peer_to_client")
-            histogram.add_metric([XDP], xdp_buckets, sum_value=xdp_bytes)
+            histogram.add_metric([XDP], _size_buckets(xdp.sizes), sum_value=xdp_bytes)
         yield histogram
 
         drops = dict(stats.dropped)
         for source in self._drop_sources:
             for reason, count in list(source.items()):
                 drops[reason] = drops.get(reason, 0) + count
-        dropped = CounterMetricFamily(
+        yield _counter_by(
             "relay_dropped_packets_total",
             "Datagrams dropped without a reply or a relay, by reason (core decisions and socket send errors).",
-            labels=["reason"],
+            ["reason"],
+            drops,
         )
-        for reason, count in sorted(drops.items()):
-            dropped.add_metric([reason], count)
-        yield dropped
-
-        failures = CounterMetricFamily(
+        yield _counter_by(
             "relay_auth_failures_total",
             "Requests that failed authentication, by reason (missing_credentials is the normal first 401 "
             "of every client; stale_nonce the normal 438 after a nonce expires).",
-            labels=["reason"],
+            ["reason"],
+            stats.auth_failures,
         )
-        for reason, count in sorted(stats.auth_failures.items()):
-            failures.add_metric([reason], count)
-        yield failures
 
         if self.shell is not None:
             io = self.shell.io
@@ -426,24 +426,19 @@ class StreamCollector(Collector):
             accepted.add_metric([t], service.accepted[t])
         yield accepted
 
-        rejected = CounterMetricFamily(
+        yield _counter_by(
             "relay_stream_connections_rejected",
             "Connections refused at accept time, by transport and limit.",
-            labels=["transport", "reason"],
+            ["transport", "reason"],
+            service.rejected,
         )
-        for (t, reason), count in sorted(service.rejected.items()):
-            rejected.add_metric([t, reason], count)
-        yield rejected
-
-        closed = CounterMetricFamily(
+        yield _counter_by(
             "relay_stream_connections_closed",
             "Connections ended, by transport and reason (client: the client closed it; bad_frame, "
             "write_buffer, handshake_timeout, idle, auth_timeout, buffer_budget: the relay did).",
-            labels=["transport", "reason"],
+            ["transport", "reason"],
+            service.closed,
         )
-        for (t, reason), count in sorted(service.closed.items()):
-            closed.add_metric([t, reason], count)
-        yield closed
 
         yield GaugeMetricFamily(
             "relay_stream_buffered_bytes",
@@ -451,11 +446,9 @@ class StreamCollector(Collector):
             value=service.buffered,
         )
 
-        stream_bytes = CounterMetricFamily(
+        yield _counter_by(
             "relay_stream_bytes",
             "Bytes read from and written to client connections (framing and TLS records excluded), by transport.",
-            labels=["transport", "direction"],
+            ["transport", "direction"],
+            service.byte_totals(),
         )
-        for (t, direction), count in sorted(service.byte_totals().items()):
-            stream_bytes.add_metric([t, direction], count)
-        yield stream_bytes
