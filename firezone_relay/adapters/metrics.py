@@ -363,27 +363,20 @@ class StatsLogger(Service):
         if moved <= 0 or elapsed <= 0:
             return
         rate = moved / elapsed
-        if self.fast_path is None:
-            log.info(
-                "allocations={allocations} channels={channels} throughput={throughput}",
-                allocations=self.relay.allocation_count,
-                channels=self.relay.channel_count,
-                throughput=format_rate(rate),
-                bytes_per_second=round(rate, 1),
-            )
-            return
-        xdp_total = self._xdp_bytes()
-        xdp_rate = max(0, xdp_total - self._last_xdp_bytes) / elapsed
-        self._last_xdp_bytes = xdp_total
-        log.info(
-            "allocations={allocations} channels={channels} throughput={throughput} (xdp {xdp_throughput})",
+        text = "allocations={allocations} channels={channels} throughput={throughput}"
+        fields: dict[str, Any] = dict(
             allocations=self.relay.allocation_count,
             channels=self.relay.channel_count,
             throughput=format_rate(rate),
-            xdp_throughput=format_rate(xdp_rate),
             bytes_per_second=round(rate, 1),
-            xdp_bytes_per_second=round(xdp_rate, 1),
         )
+        if self.fast_path is not None:
+            xdp_total = self._xdp_bytes()
+            xdp_rate = max(0, xdp_total - self._last_xdp_bytes) / elapsed
+            self._last_xdp_bytes = xdp_total
+            text += " (xdp {xdp_throughput})"
+            fields.update(xdp_throughput=format_rate(xdp_rate), xdp_bytes_per_second=round(xdp_rate, 1))
+        log.info(text, **fields)
 
 
 class StreamCollector(Collector):
