@@ -51,7 +51,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from firezone_relay.adapters._twisted import ListenerService, cancel_call, default_reactor, format_address
+from firezone_relay.adapters._twisted import ListenerService, cancel_attributes, default_reactor, format_address
 from firezone_relay.adapters.sourcekey import source_key
 
 log = Logger(namespace="firezone_relay.adapters.http")
@@ -220,8 +220,7 @@ class _Channel(http.HTTPChannel):
             self._deadline_call = self.callLater(self.factory.request_deadline, self._deadline_passed)
 
     def _cancel_deadline(self) -> None:
-        call, self._deadline_call = self._deadline_call, None
-        cancel_call(call)
+        cancel_attributes(self, "_deadline_call")
 
     def _deadline_passed(self) -> None:
         self._deadline_call = None

@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from firezone_relay import __version__
-from firezone_relay.adapters._twisted import OneTimer, cancel_call, default_reactor
+from firezone_relay.adapters._twisted import OneTimer, cancel_attributes, default_reactor
 from firezone_relay.core.phoenix import (
     MAX_FRAME_BYTES,
     Fatal,
@@ -605,12 +605,10 @@ class PortalClient(Service):
         self._pump()
 
     def _cancel_attempt_timer(self) -> None:
-        timer, self._attempt_timer = self._attempt_timer, None
-        cancel_call(timer)
+        cancel_attributes(self, "_attempt_timer")
 
     def _cancel_retry(self) -> None:
-        call, self._retry_call = self._retry_call, None
-        cancel_call(call)
+        cancel_attributes(self, "_retry_call")
 
 
 def _type_name(failure: Any) -> str:
