@@ -350,16 +350,10 @@ class HttpCollector(Collector):
         yield family
 
 
-def make_site(
-    registry: CollectorRegistry,
-    readiness: Readiness,
-    timeout: float = HTTP_TIMEOUT,
-    max_connections: int = MAX_CONNECTIONS,
-    reactor: Any = None,
-    **limits: Any,
-) -> HealthSite:
-    return HealthSite(Root(registry, readiness), timeout=timeout, max_connections=max_connections, reactor=reactor,
-                      **limits)
+def make_site(registry: CollectorRegistry, readiness: Readiness, **site_options: Any) -> HealthSite:
+    """The health and metrics site; ``site_options`` are ``HealthSite``'s
+    keyword arguments, whose defaults are the only ones."""
+    return HealthSite(Root(registry, readiness), **site_options)
 
 
 class SiteService(ListenerService):
@@ -396,16 +390,16 @@ class HealthService(SiteService):
         port: int,
         registry: CollectorRegistry,
         readiness: Readiness,
-        timeout: float = HTTP_TIMEOUT,
         reactor: Any = None,
-        **limits: Any,
+        **site_options: Any,
     ) -> None:
-        """``limits``: ``request_deadline``, ``max_connections_per_source``
-        (``HealthSite``'s keyword arguments)."""
+        """``site_options``: ``timeout``, ``max_connections``,
+        ``request_deadline``, ``max_connections_per_source`` (``HealthSite``'s
+        keyword arguments)."""
         super().__init__(host, port, reactor)
         self.registry = registry
         self.readiness = readiness
-        self.site = make_site(registry, readiness, timeout=timeout, reactor=self.reactor, **limits)
+        self.site = make_site(registry, readiness, reactor=self.reactor, **site_options)
         registry.register(HttpCollector(self.site))
 
     def open_listeners(self) -> None:
