@@ -197,6 +197,7 @@ def _parse_host_port(flag: str, value: str) -> Tuple[str, int]:
 
 #: SPEC §3: signed error replies let anyone test guesses of the secret
 #: offline, so a given secret must not be guessable.  The generated one is 64.
+#: Shorter REST secrets are accepted (deployments have them) but warned about.
 MIN_SECRET_LENGTH = 32
 
 
@@ -288,10 +289,6 @@ def _check_realm(value: str) -> str:
     if not value or len(value) > 127 or not all(33 <= ord(c) <= 126 and c != '"' for c in value):
         raise usage.UsageError("--realm must be 1 to 127 printable ASCII characters without spaces or quotes (got %r)" % (value,))
     return value
-
-
-#: Shorter REST secrets are accepted (deployments have them) but warned about.
-MIN_SECRET_LENGTH = 32
 
 
 def warn_short_rest_secrets(secrets: Sequence[str]) -> None:
