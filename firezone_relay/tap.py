@@ -243,25 +243,13 @@ def _parse_rate(value: str) -> float:
     return rate
 
 
-def _check_caps(options: Any) -> None:
-    """Per-allocation caps (SPEC §5); a channel number is one of 0x4000-0x7FFF."""
-    for flag, high in (("max-permissions-per-allocation", 65536), ("max-channels-per-allocation", 0x4000)):
-        options[flag] = _parse_int(flag, options[flag], 1, high)
-
-
 def _check_stream_options(options: Any) -> None:
-    """TCP/TLS flags (SPEC §8); the certificate is loaded once here so that a
-    bad file stops the start with a clear message."""
-    tls_port = options["tls-port"] = _parse_int("tls-port", options["tls-port"], 1, 65535)
+    """TCP/TLS flags (SPEC §8) beyond each one's own check (``_COERCE``); the
+    certificate is loaded once here so that a bad file stops the start with a
+    clear message."""
+    tls_port = options["tls-port"]
     if tls_port == options["listen-port"]:
         raise usage.UsageError("--tls-port (%d) must differ from --listen-port, which serves TCP" % tls_port)
-    options["tls-handshake-timeout"] = _parse_seconds("tls-handshake-timeout", options["tls-handshake-timeout"])
-    options["stream-idle-timeout"] = _parse_seconds("stream-idle-timeout", options["stream-idle-timeout"])
-    options["max-connections"] = _parse_int("max-connections", options["max-connections"], 0)
-    options["max-connections-per-ip"] = _parse_int("max-connections-per-ip", options["max-connections-per-ip"], 0)
-    options["stream-write-buffer"] = _parse_int("stream-write-buffer", options["stream-write-buffer"], 1)
-    options["stream-auth-timeout"] = _parse_seconds("stream-auth-timeout", options["stream-auth-timeout"])
-    options["stream-buffer-budget"] = _parse_int("stream-buffer-budget", options["stream-buffer-budget"], 1)
     for flag in ("tls-cert", "tls-key"):
         if options[flag] is not None and not options[flag].strip():
             options[flag] = None
@@ -366,6 +354,17 @@ _COERCE: Dict[str, Callable[[str], Any]] = {
     "drain-timeout": partial(_parse_seconds, "drain-timeout", zero=True),
     "realm": _check_realm,
     "max-bps": partial(_parse_int, "max-bps", low=0),
+    # TCP/TLS (SPEC §8); the per-allocation caps (SPEC §5): a channel number is one of 0x4000-0x7FFF.
+    "tls-port": partial(_parse_int, "tls-port", low=1, high=65535),
+    "tls-handshake-timeout": partial(_parse_seconds, "tls-handshake-timeout"),
+    "stream-idle-timeout": partial(_parse_seconds, "stream-idle-timeout"),
+    "max-connections": partial(_parse_int, "max-connections", low=0),
+    "max-connections-per-ip": partial(_parse_int, "max-connections-per-ip", low=0),
+    "stream-write-buffer": partial(_parse_int, "stream-write-buffer", low=1),
+    "stream-auth-timeout": partial(_parse_seconds, "stream-auth-timeout"),
+    "stream-buffer-budget": partial(_parse_int, "stream-buffer-budget", low=1),
+    "max-permissions-per-allocation": partial(_parse_int, "max-permissions-per-allocation", low=1, high=65536),
+    "max-channels-per-allocation": partial(_parse_int, "max-channels-per-allocation", low=1, high=0x4000),
 }
 _DEFAULTS = {entry[0]: entry[2] for entry in _PARAMETERS}
 
@@ -569,7 +568,6 @@ class Options(usage.Options):
         from firezone_relay.discovery import check_options as _check_discovery_options
 
         _check_discovery_options(self, self._environ)
-        _check_caps(self)
 
         _apply_positional(self, self._positional, self._environ)
         if self["token"] is not None:
