@@ -407,12 +407,7 @@ def _parse_ipv6(ip: str) -> int:
         return -1
     value = 0
     group = _HEX_GROUP.match
-    for part in high:
-        if not group(part):
-            return -1
-        value = (value << 16) | int(part, 16)
-    value <<= 16 * (8 - len(high) - len(low))
-    for part in low:
+    for part in high + ["0"] * (8 - len(high) - len(low)) + low:  # "::" as the zero groups it stands for
         if not group(part):
             return -1
         value = (value << 16) | int(part, 16)
