@@ -274,18 +274,14 @@ class RelayCollector(Collector):
 
 
 def make_registry(
-    relay: Any,
-    readiness: Any = None,
-    process_metrics: bool = True,
-    drop_sources: Iterable[Mapping[str, int]] = (),
-    shell: Any = None,
-    fast_path: Any = None,
+    relay: Any, readiness: Any = None, process_metrics: bool = True, **collector_options: Any
 ) -> tuple[CollectorRegistry, RelayCollector]:
-    """A fresh registry with the relay's collector (``RelayCollector``'s
-    arguments) and, by default, the process and platform collectors
+    """A fresh registry with the relay's collector (``collector_options``:
+    ``RelayCollector``'s keyword arguments ``drop_sources``, ``shell``,
+    ``fast_path``) and, by default, the process and platform collectors
     (``process_*``, ``python_info``)."""
     registry = CollectorRegistry()
-    collector = RelayCollector(relay, readiness, drop_sources, shell=shell, fast_path=fast_path)
+    collector = RelayCollector(relay, readiness, **collector_options)
     registry.register(collector)
     if process_metrics:
         ProcessCollector(registry=registry)
