@@ -24,7 +24,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from firezone_relay.adapters._twisted import default_reactor
+from firezone_relay.adapters._twisted import SignalHandlers, default_reactor
 
 log = Logger(namespace="firezone_relay.reload")
 
@@ -165,20 +165,17 @@ class ReloadService(Service):
         self.reload = reload
         self.reactor = reactor
         self.signum = signum
-        self._previous: Any = None
+        self._handlers = SignalHandlers(reactor, (signum,), self._run)
 
     def startService(self) -> None:
         super().startService()
         self.reactor.callWhenRunning(self._install)
 
     def _install(self) -> None:
-        if self.running and self._previous is None:
-            self._previous = signal.signal(self.signum, self._on_signal)
+        if self.running:
+            self._handlers.install()
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._run)
-
-    def _run(self) -> None:
+    def _run(self, signum: int = signal.SIGHUP) -> None:
         try:
             self.reload()
         except Exception:  # noqa: BLE001 - a reload must never stop the relay
@@ -186,6 +183,4 @@ class ReloadService(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        self._handlers.uninstall()

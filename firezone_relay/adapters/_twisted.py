@@ -2,14 +2,15 @@
 
 ``Counts`` (a zero-default dict of counters), ``format_address`` (the log
 form of a client or peer address), ``default_reactor`` (the global reactor,
-imported only when no reactor was injected) and ``LimitedLog`` (a log line
+imported only when no reactor was injected), ``LimitedLog`` (a log line
 at most once per interval per kind, for events a remote party can cause at
-will).
+will) and ``SignalHandlers`` (signal handlers that run on the reactor thread).
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
 import time
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence, TypeVar
 
@@ -160,3 +161,35 @@ class ListenerService(Service):
 
     def open_listeners(self) -> None:
         raise NotImplementedError
+
+
+class SignalHandlers:
+    """Handlers of ``signals`` that hop to the reactor thread, as Twisted's
+    own do, and run ``handle(signum)`` there.  A service calls ``install``
+    from ``reactor.callWhenRunning`` (after twistd's own handlers, which the
+    reactor installs "during startup"); ``uninstall`` gives the previous
+    handlers back."""
+
+    def __init__(self, reactor: Any, signals: Sequence[int], handle: Callable[[int], None]) -> None:
+        self.reactor = reactor
+        self.signals = tuple(signals)
+        self.handle = handle
+        self._previous: Dict[int, Any] = {}
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
+    def install(self) -> None:
+        if self._previous:
+            return
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def uninstall(self) -> None:
+        previous, self._previous = self._previous, {}
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.handle, signum)

@@ -38,13 +38,13 @@ import atexit
 import os
 import signal
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
-from firezone_relay.adapters._twisted import cancel_attributes, default_reactor
+from firezone_relay.adapters._twisted import SignalHandlers, cancel_attributes, default_reactor
 
 log = Logger(namespace="firezone_relay.adapters.drain")
 
@@ -126,7 +126,7 @@ class DrainController(Service):
         self.signals = tuple(signals)
         self.draining = False
         self.signal_count = 0
-        self._previous: Dict[int, Any] = {}
+        self._handlers = SignalHandlers(reactor, self.signals, self.handle_signal)
         self._check_call: Any = None
         self._timeout_call: Any = None
         self._poll_call: Any = None
@@ -150,20 +150,13 @@ class DrainController(Service):
             self.uninstall()
 
     def install(self) -> None:
-        if not self.running or self._previous:
+        if not self.running or self._handlers.installed:
             return
-        for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+        self._handlers.install()
         log.debug("drain signal handlers installed")
 
     def uninstall(self) -> None:
-        previous, self._previous = self._previous, {}
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        # In the signal handler: hop to the reactor, as Twisted's own sigTerm does.
-        self.reactor.callFromThread(self.handle_signal, signum)
+        self._handlers.uninstall()
 
     # --- the drain --------------------------------------------------------------
 
