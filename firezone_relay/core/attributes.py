@@ -161,22 +161,31 @@ def as_address(addr: object) -> Address:
 # --- text, bytes, integers -----------------------------------------------
 
 
+def _from_utf8(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AttributeValueError("%s is not UTF-8" % what) from None
+
+
+def _to_utf8(text: str, limit: int, what: str) -> bytes:
+    """``text`` in UTF-8, at most ``limit`` bytes (the limits count bytes)."""
+    raw = text.encode("utf-8")
+    if len(raw) > limit:
+        raise ValueError("%s too long" % what)
+    return raw
+
+
 def text_codec(limit: int) -> Tuple[Decoder, Encoder]:
     def decode(value: bytes, tid: bytes) -> str:
         if len(value) > limit:
             raise AttributeValueError("text too long")
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise AttributeValueError("text is not UTF-8") from None
+        return _from_utf8(value, "text")
 
     def encode(text: object, tid: bytes) -> bytes:
         if not isinstance(text, str):
             raise TypeError("expected str")
-        raw = text.encode("utf-8")
-        if len(raw) > limit:
-            raise ValueError("text too long")
-        return raw
+        return _to_utf8(text, limit, "text")
 
     return decode, encode
 
@@ -251,11 +260,7 @@ def decode_error_code(value: bytes, tid: bytes) -> Tuple[int, str]:
     number = value[3]
     if not 3 <= klass <= 6 or number > 99:
         raise AttributeValueError("bad error code")
-    try:
-        reason = value[4:].decode("utf-8")
-    except UnicodeDecodeError:
-        raise AttributeValueError("reason is not UTF-8") from None
-    return (klass * 100 + number, reason)
+    return (klass * 100 + number, _from_utf8(value[4:], "reason"))
 
 
 def encode_error_code(value: object, tid: bytes) -> bytes:
@@ -264,10 +269,7 @@ def encode_error_code(value: object, tid: bytes) -> bytes:
     code, reason = value
     if not isinstance(code, int) or not 300 <= code <= 699 or not isinstance(reason, str):
         raise ValueError("bad error code")
-    raw = reason.encode("utf-8")
-    if len(raw) > MAX_TEXT:
-        raise ValueError("reason phrase too long")
-    return bytes((0, 0, code // 100, code % 100)) + raw
+    return bytes((0, 0, code // 100, code % 100)) + _to_utf8(reason, MAX_TEXT, "reason phrase")
 
 
 def decode_address_error_code(value: bytes, tid: bytes) -> Tuple[int, int, str]:
