@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from benchmarks._turnclient import wait_for_binding
 
@@ -52,9 +52,27 @@ def _on_signal(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
 
 
-atexit.register(_kill_all)
-for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(_sig, _on_signal)
+_handlers: Dict[str, bool] = {}
+
+
+def install_handlers() -> None:
+    """Kill every process started here at exit and on SIGTERM/SIGINT/SIGHUP.
+
+    Installed by the first ``Server.start`` (or ``track``), not on import, so
+    that importing this module (a test reading its CPU helpers) leaves the
+    importer's signal handling alone."""
+    if _handlers:
+        return
+    _handlers["done"] = True
+    atexit.register(_kill_all)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+
+def track(proc: "subprocess.Popen[Any]") -> None:
+    """Remember ``proc`` to kill it by PID at exit (see ``install_handlers``)."""
+    install_handlers()
+    _started[proc.pid] = proc
 
 
 def credentials(ttl: int = 86400) -> Tuple[str, str]:
@@ -327,7 +345,7 @@ class Server:
                 )
             finally:
                 log.close()
-            _started[self.proc.pid] = self.proc
+            track(self.proc)
             try:
                 wait_for_binding(self.address, 20.0)
                 return self

@@ -729,7 +729,7 @@ def uclient_run(kind: str, args: argparse.Namespace, server: Optional[Server] = 
     peer_port = free_port()
     peer = subprocess.Popen([peer_exe, "-L", "127.0.0.1", "-p", str(peer_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    _procs._started[peer.pid] = peer
+    _procs.track(peer)
     if server is None:
         server = Server(kind, 22000, 23999)
     kind = server.label

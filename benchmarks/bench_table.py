@@ -181,7 +181,14 @@ def measure_uclient(index: int, variant: Variant, args: argparse.Namespace) -> D
     ns = argparse.Namespace(uclient_clients=100, uclient_messages=args.uclient_messages, uclient_interval=5,
                             uclient_length=100, uclient_timeout=120.0)  # fmt: skip
     low = 24000 + 2000 * index
-    u = uclient_run(variant.label, ns, variant.server(low, low + 1999))
+    for attempt in range(3):
+        try:
+            u = uclient_run(variant.label, ns, variant.server(low, low + 1999))
+            break
+        except RuntimeError as exc:  # turnutils_uclient gives up now and then on a loaded machine
+            if attempt == 2:
+                raise
+            print("  %s: turnutils_uclient failed, once more: %s" % (variant.label, str(exc).splitlines()[-1]))
     if u["received"] == 0:
         raise RuntimeError("%s: turnutils_uclient relayed nothing" % variant.label)
     return {"value": u["cpu_us_per_pkt"], "lost": u["lost"], "other_cores": u["other_cores"], "argv": u["argv"]}
