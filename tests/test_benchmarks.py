@@ -20,15 +20,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import unittest
 from typing import Any, Dict
+
+from twisted.trial.unittest import TestCase
 
 from .interop.support import unavailable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class BenchmarkSmokeTests(unittest.TestCase):
+class BenchmarkSmokeTests(TestCase):
     def setUp(self) -> None:
         for tool in ("turnserver", "turnutils_uclient", "turnutils_peer"):
             if shutil.which(tool) is None:
@@ -124,7 +125,7 @@ class BenchmarkSmokeTests(unittest.TestCase):
         self.assertNotIn("Traceback", r.stderr)
 
 
-class TreeCpuTests(unittest.TestCase):
+class TreeCpuTests(TestCase):
     def test_child_process_cpu_counted(self) -> None:
         """A supervisor's workers are its child processes: their CPU is the server's CPU."""
         from benchmarks import _procs
