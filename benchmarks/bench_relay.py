@@ -521,6 +521,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
     snap: Dict[str, Any] = {}
 
     def mark_start() -> None:
+        snap["top0"] = _procs.cpu_ns(server.pid)
         snap["cpu0"] = server.cpu_ns()
         snap["g0"] = global_cpu_ticks()[0]
 
@@ -539,7 +540,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
                 raise RuntimeError("load generator failed: %r" % line)
             mark_start()
             line = proc.stdout.readline()  # type: ignore[union-attr]
-            cpu1, g1 = server.cpu_ns(), global_cpu_ticks()[0]
+            cpu1, g1, top1 = server.cpu_ns(), global_cpu_ticks()[0], _procs.cpu_ns(server.pid)
             proc.wait(10)
         finally:
             if proc.poll() is None:
@@ -560,7 +561,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
             )
         finally:
             os.sched_setaffinity(0, saved)
-        cpu1, g1 = server.cpu_ns(), global_cpu_ticks()[0]
+        cpu1, g1, top1 = server.cpu_ns(), global_cpu_ticks()[0], _procs.cpu_ns(server.pid)
         target.client.sock.setblocking(True)
         target.peer.setblocking(True)
     elapsed = result["elapsed_ns"] / 1e9
@@ -574,6 +575,8 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
         "rt_per_s": rt / elapsed,
         "cpu_us_per_pkt": server_cpu * 1e6 / (2 * rt) if rt else float("nan"),
         "cpu_us_per_rt": server_cpu * 1e6 / rt if rt else float("nan"),
+        # the process started alone (with --workers N > 1: the supervisor, which relays nothing)
+        "top_cpu_us_per_rt": (top1 - snap["top0"]) / 1e3 / rt if rt else float("nan"),
         "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"],
         "lost": result["lost"],
@@ -665,7 +668,7 @@ def measure_target(target: Target, generator: Optional[str], args: argparse.Name
 
 def median_row(label: str, size: int, rs: List[Dict[str, float]]) -> Dict[str, Any]:
     row: Dict[str, Any] = {"server": label, "size": size, "runs": len(rs)}
-    for key in ("rt_per_s", "cpu_us_per_pkt", "cpu_us_per_rt", "p50_ms", "p99_ms", "server_cores", "client_cores",
+    for key in ("rt_per_s", "cpu_us_per_pkt", "cpu_us_per_rt", "top_cpu_us_per_rt", "p50_ms", "p99_ms", "server_cores", "client_cores",
                 "other_cores"):  # fmt: skip
         row[key] = statistics.median(x[key] for x in rs)
     row["lost"] = sum(x["lost"] for x in rs)
