@@ -818,9 +818,10 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
             r["server_cores"], r["client_cores"], r["other_cores"],
             " (%d noisy)" % r["noisy"] if r["noisy"] else ""))  # fmt: skip
     out.append("")
-    out.append("`ours` reads and sends with the C extension (`--udp-io batched`: recvmmsg/sendmmsg, every datagram "
-               "still through the Python core); `ours-python` is the same relay with `--udp-io python`.")
-    out.append("")
+    if not args.variants:
+        out.append("`ours` reads and sends with the C extension (`--udp-io batched`: recvmmsg/sendmmsg, every datagram "
+                   "still through the Python core); `ours-python` is the same relay with `--udp-io python`.")
+        out.append("")
     by = {(r["server"], r["size"]): r for r in rows}
     out.extend(ratio_lines(rows, args.sizes))
     out.append("")

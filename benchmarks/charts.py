@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
 import matplotlib
@@ -74,10 +75,14 @@ def _table(data: Dict[str, Any], ax_grid: Any) -> None:
         ax.axis("off")
 
 
-def _footer(fig: Any, data: Dict[str, Any]) -> None:
-    fig.text(0.01, 0.005, "%s — %s; %s; medians of %s runs (dots: single runs)" % (
+def _footer(fig: Any, data: Dict[str, Any]) -> float:
+    """The command, date and machine under the panels; returns the height (figure fraction) it takes."""
+    text = "%s — %s; %s; medians of %s runs (dots: single runs)" % (
         data.get("command", data.get("benchmark", "")), data.get("when", ""), data.get("machine", ""),
-        data.get("runs", "?")), fontsize=6, ha="left", va="bottom")  # fmt: skip
+        data.get("runs", "?"))  # fmt: skip
+    lines = textwrap.wrap(text, int(fig.get_figwidth() * 20))
+    fig.text(0.01, 0.005, "\n".join(lines), fontsize=6, ha="left", va="bottom")
+    return (0.012 + 0.1 * len(lines)) / fig.get_figheight()
 
 
 def draw(json_path: str, out_dir: str = FIGURES) -> List[str]:
@@ -125,8 +130,8 @@ def draw(json_path: str, out_dir: str = FIGURES) -> List[str]:
         fig.suptitle("bench_scale, %d allocations: %s" % (data.get("allocations", 0), ", ".join(labels)), fontsize=11)
     else:
         raise ValueError("%s: unknown benchmark %r" % (json_path, kind))
-    _footer(fig, data)
-    fig.tight_layout(rect=(0, 0.03, 1, 0.95))
+    bottom = _footer(fig, data)
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return [path]
