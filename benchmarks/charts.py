@@ -51,7 +51,7 @@ def _panel(ax: Any, title: str, labels: Sequence[str], medians: Sequence[float],
             ax.plot([x] * len(pts), pts, "k.", markersize=4, alpha=0.6)
     base_value = medians[labels.index(base)] if base in labels else None
     for bar, label, value in zip(bars, labels, medians):
-        text = "%.1fk" % (value / 1000) if value >= 10000 else "%.3g" % value
+        text = "%.1fk" % (value / 1000) if value >= 10000 else "%.0f" % value if value >= 100 else "%.3g" % value
         if base_value and label != base:
             text += "\n%.2f×" % (value / base_value)
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
