@@ -55,7 +55,8 @@ def _panel(ax: Any, title: str, labels: Sequence[str], medians: Sequence[float],
         if base_value and label != base:
             text += "\n%.2f×" % (value / base_value)
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=8, xytext=(0, 2), textcoords="offset points")  # fmt: skip
+                    fontsize=8, xytext=(0, 2), textcoords="offset points",
+                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))  # fmt: skip
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_title(title, fontsize=9)
