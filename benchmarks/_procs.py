@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from benchmarks._turnclient import wait_for_binding
 
@@ -51,9 +52,27 @@ def _on_signal(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
 
 
-atexit.register(_kill_all)
-for _sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(_sig, _on_signal)
+_handlers: Dict[str, bool] = {}
+
+
+def install_handlers() -> None:
+    """Kill every process started here at exit and on SIGTERM/SIGINT/SIGHUP.
+
+    Installed by the first ``Server.start`` (or ``track``), not on import, so
+    that importing this module (a test reading its CPU helpers) leaves the
+    importer's signal handling alone."""
+    if _handlers:
+        return
+    _handlers["done"] = True
+    atexit.register(_kill_all)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+
+
+def track(proc: "subprocess.Popen[Any]") -> None:
+    """Remember ``proc`` to kill it by PID at exit (see ``install_handlers``)."""
+    install_handlers()
+    _started[proc.pid] = proc
 
 
 def credentials(ttl: int = 86400) -> Tuple[str, str]:
@@ -91,6 +110,36 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
+def descendants(pid: int) -> List[int]:
+    """Every live process below ``pid`` (a supervisor's workers, and theirs).
+
+    Found by the parent PID field of ``/proc/*/stat``: the
+    ``/proc/<pid>/task/<tid>/children`` files need CONFIG_PROC_CHILDREN,
+    which not every kernel has."""
+    parents: Dict[int, List[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(name))
+    out: List[int] = []
+    todo = list(parents.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(parents.get(child, ()))
+    return out
+
+
+def tree_cpu_ns(pid: int) -> int:
+    """CPU time of ``pid`` and of every live process below it (all threads)."""
+    return cpu_ns(pid) + sum(cpu_ns(c) for c in descendants(pid))
+
+
 def self_cpu_ns() -> int:
     return cpu_ns(os.getpid())
 
@@ -101,6 +150,17 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def tree_rss_kb(pid: int) -> int:
+    """VmRSS of ``pid`` plus that of every live process below it."""
+    total = 0
+    for p in [pid] + descendants(pid):
+        try:
+            total += rss_kb(p)
+        except OSError:
+            pass
+    return total
 
 
 def thread_count(pid: int) -> int:
@@ -131,18 +191,75 @@ def ensure_extension() -> None:
     _extension["done"] = "yes"
 
 
+def check_extension(root: str) -> None:
+    """Another checkout's ``_udpio`` extension must be built there already (we never write into it)."""
+    d = os.path.join(root, "firezone_relay", "adapters")
+    if not os.path.isdir(d) or not any(n.startswith("_udpio") and n.endswith(".so") for n in os.listdir(d)):
+        raise RuntimeError("%s has no built firezone_relay/adapters/_udpio*.so (run build_ext --inplace there)" % root)
+
+
+class Variant:
+    """One server configuration to measure: ``LABEL=BASE[@ROOT] [ARG ...]``.
+
+    ``BASE`` is ``ours`` or ``coturn`` (or ``ours-python``); the ARGs are
+    appended to its command line as they are (``'ours-w2=ours --workers 2'``,
+    ``'coturn-1=coturn --relay-threads 1'``).  ``@ROOT`` runs our relay from
+    another checkout (its ``firezone_relay`` on ``PYTHONPATH``, read only: its
+    ``_udpio`` extension must already be built there).  Without ``LABEL=``
+    the label is the whole spec's first word."""
+
+    def __init__(self, spec: str) -> None:
+        words = shlex.split(spec)
+        if not words:
+            raise ValueError("empty variant")
+        head, self.extra = words[0], words[1:]
+        self.label, _, base = head.partition("=")
+        if not base:
+            base = self.label
+        base, _, root = base.partition("@")
+        if base not in ("ours", "ours-python", "coturn"):
+            raise ValueError("variant %r: the base must be ours, ours-python or coturn" % spec)
+        self.kind = base
+        self.root = os.path.abspath(root) if root else None
+        self.spec = spec
+
+    @property
+    def is_coturn(self) -> bool:
+        return self.kind == "coturn"
+
+    def server(self, lowest_port: int, highest_port: int) -> "Server":
+        return Server(self.kind, lowest_port, highest_port, self.extra, label=self.label, root=self.root)
+
+    def __repr__(self) -> str:
+        return "Variant(%r)" % self.spec
+
+
+def parse_variants(specs: List[str]) -> List[Variant]:
+    """``Variant``s from the command line; labels must be distinct."""
+    out = [Variant(s) for s in specs]
+    labels = [v.label for v in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError("variant labels must be distinct: %s" % labels)
+    return out
+
+
 class Server:
     """One server process: ``kind`` is ``"ours"`` (batched UDP I/O, the C
-    extension), ``"ours-python"`` (``--udp-io python``) or ``"coturn"``."""
+    extension), ``"ours-python"`` (``--udp-io python``) or ``"coturn"``;
+    ``label`` names it in reports (default: ``kind``), ``root`` is the
+    checkout our relay runs from (default: this one)."""
 
-    def __init__(self, kind: str, lowest_port: int, highest_port: int, extra: Optional[List[str]] = None) -> None:
+    def __init__(self, kind: str, lowest_port: int, highest_port: int, extra: Optional[List[str]] = None,
+                 label: Optional[str] = None, root: Optional[str] = None) -> None:  # fmt: skip
         self.kind = kind
+        self.label = label or kind
+        self.root = root
         self.lowest_port = lowest_port
         self.highest_port = highest_port
         self.extra = list(extra or [])
         self.port = 0
         self.proc: Optional[subprocess.Popen] = None  # type: ignore[type-arg]
-        self.dir = tempfile.mkdtemp(prefix="bench-%s-" % kind)
+        self.dir = tempfile.mkdtemp(prefix="bench-%s-" % self.label)
         self.log_path = os.path.join(self.dir, "server.log")
         self.argv: List[str] = []
         username, password = credentials()
@@ -161,9 +278,12 @@ class Server:
     def _command(self) -> Tuple[List[str], Dict[str, str]]:
         env = dict(os.environ)
         if self.kind in ("ours", "ours-python", "ours-otlp"):
-            if self.kind != "ours-python":
+            root = self.root or REPO
+            if self.root is not None:
+                check_extension(self.root)
+            elif self.kind != "ours-python":
                 ensure_extension()
-            env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             argv = [
                 sys.executable,
                 "-c",
@@ -225,7 +345,7 @@ class Server:
                 )
             finally:
                 log.close()
-            _started[self.proc.pid] = self.proc
+            track(self.proc)
             try:
                 wait_for_binding(self.address, 20.0)
                 return self
@@ -257,10 +377,11 @@ class Server:
             shutil.rmtree(self.dir, ignore_errors=True)  # set BENCH_KEEP_LOGS=1 to keep the server logs
 
     def cpu_ns(self) -> int:
-        return cpu_ns(self.pid)
+        """CPU time of the server and of its child processes (a supervisor's workers)."""
+        return tree_cpu_ns(self.pid)
 
     def rss_kb(self) -> int:
-        return rss_kb(self.pid)
+        return tree_rss_kb(self.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -85,7 +85,8 @@ from pathlib import Path
 from typing import Callable, Counter, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks import _turnclient as T
-from benchmarks._procs import Server, cpu_ns, machine_facts
+from benchmarks._procs import Server, machine_facts
+from benchmarks._procs import tree_cpu_ns as _procs_tree_cpu_ns
 from benchmarks.bench_relay import README, update_readme
 
 # --- targets ----------------------------------------------------------------
@@ -130,21 +131,12 @@ def udp_socket(source: Optional[str], server: Tuple[str, int]) -> socket.socket:
 
 
 def tree_cpu_ns(pid: int) -> int:
-    """CPU time of ``pid`` and of every process below it (worker processes, if the relay has any)."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        total += cpu_ns(p)
-        try:
-            for tid in os.listdir("/proc/%d/task" % p):
-                with open("/proc/%d/task/%s/children" % (p, tid)) as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except OSError:
-            pass
-    return total
+    """CPU time of ``pid`` and of every process below it (worker processes, if the relay has any).
+
+    ``_procs.tree_cpu_ns``: children found by parent PID in ``/proc/*/stat``, since
+    ``/proc/<pid>/task/<tid>/children`` is missing on kernels without CONFIG_PROC_CHILDREN
+    (this machine's), where the old walk counted the parent alone."""
+    return _procs_tree_cpu_ns(pid)
 
 
 def udp_drops(port: int) -> int:

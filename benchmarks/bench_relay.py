@@ -36,6 +36,7 @@ import os
 import re
 import resource
 import select
+import shlex
 import shutil
 import socket
 import statistics
@@ -59,20 +60,22 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 C_SOURCE = r'''
 /* Closed-loop ChannelData load generator for benchmarks/bench_relay.py.
  *
- *   _closed_loop CLIENT_FD PEER_FD CHANNEL SIZE INFLIGHT WARMUP_S MEASURE_S TIMEOUT_MS
+ *   _closed_loop CLIENT_FDS PEER_FD CHANNEL SIZE INFLIGHT WARMUP_S MEASURE_S TIMEOUT_MS
  *
- * CLIENT_FD: a UDP socket connected to the TURN server, holding an allocation
- * with CHANNEL bound to the address of PEER_FD (set up by the Python side).
- * PEER_FD: the peer's bound UDP socket; everything it receives is echoed back
- * to the sender (the relay's allocation port).
+ * CLIENT_FDS: comma-separated UDP sockets, each connected to the TURN server
+ * and holding its own allocation with CHANNEL bound to the address of PEER_FD
+ * (set up by the Python side).  PEER_FD: the peer's bound UDP socket;
+ * everything it receives is echoed back to the sender (the relay's
+ * allocation port of that client).
  *
- * INFLIGHT slots each keep one ChannelData datagram of SIZE payload bytes in
- * flight: when it comes back (client -> relay -> peer -> relay -> client) the
- * RTT is recorded and the slot sends the next one.  A slot silent for
- * TIMEOUT_MS counts one loss and sends a new datagram.  After WARMUP_S seconds
- * the counters restart and "WARM" is printed; after MEASURE_S more seconds one
- * "DONE ..." line with the results is printed and the program exits.
- * Batched with recvmmsg/sendmmsg so that the generator costs little CPU.
+ * Each client has INFLIGHT slots, each keeping one ChannelData datagram of
+ * SIZE payload bytes in flight: when it comes back (client -> relay -> peer ->
+ * relay -> client) the RTT is recorded and the slot sends the next one.  A
+ * slot silent for TIMEOUT_MS counts one loss and sends a new datagram.  After
+ * WARMUP_S seconds the counters restart and "WARM" is printed; after
+ * MEASURE_S more seconds one "DONE ..." line with the results is printed and
+ * the program exits.  Batched with recvmmsg/sendmmsg so that the generator
+ * costs little CPU.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -90,6 +93,7 @@ C_SOURCE = r'''
 
 #define BATCH 64
 #define MAXPKT 2048
+#define MAXCLIENTS 1024
 #define MAX_SAMPLES (16u * 1024u * 1024u)
 
 static uint64_t now_ns(void) {
@@ -111,15 +115,39 @@ static int cmp_u32(const void *a, const void *b) {
 
 struct slot { uint32_t seq; uint64_t sent; };
 
-static int client_fd, peer_fd, channel, size, inflight;
+static int client_fds[MAXCLIENTS], nclients, peer_fd, channel, size, inflight, nslots;
 static struct slot *slots;
 static unsigned char out_buf[BATCH][MAXPKT];
 static struct iovec out_iov[BATCH];
 static struct mmsghdr out_msgs[BATCH];
-static int out_n;
+static int out_n, out_fd = -1;
 static uint64_t sent_total, send_errors;
 
+static void flush_sends(void) {
+    int off = 0;
+    while (off < out_n) {
+        int r = sendmmsg(out_fd, out_msgs + off, out_n - off, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                struct pollfd p = {out_fd, POLLOUT, 0};
+                poll(&p, 1, 10);
+                continue;
+            }
+            send_errors += out_n - off; /* e.g. ECONNREFUSED: counted, the slot times out */
+            break;
+        }
+        sent_total += r;
+        off += r;
+    }
+    out_n = 0;
+}
+
+/* Slot i belongs to client i / inflight; sends are batched per client socket. */
 static void queue_send(int i, uint64_t t) {
+    int fd = client_fds[i / inflight];
+    if (out_n && (out_fd != fd || out_n == BATCH)) flush_sends();
+    out_fd = fd;
     unsigned char *b = out_buf[out_n];
     slots[i].seq++;
     slots[i].sent = t;
@@ -135,49 +163,35 @@ static void queue_send(int i, uint64_t t) {
     out_n++;
 }
 
-static void flush_sends(void) {
-    int off = 0;
-    while (off < out_n) {
-        int r = sendmmsg(client_fd, out_msgs + off, out_n - off, 0);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                struct pollfd p = {client_fd, POLLOUT, 0};
-                poll(&p, 1, 10);
-                continue;
-            }
-            send_errors += out_n - off; /* e.g. ECONNREFUSED: counted, the slot times out */
-            break;
-        }
-        sent_total += r;
-        off += r;
-    }
-    out_n = 0;
-}
-
 int main(int argc, char **argv) {
     if (argc != 9) {
-        fprintf(stderr, "usage: %s CLIENT_FD PEER_FD CHANNEL SIZE INFLIGHT WARMUP_S MEASURE_S TIMEOUT_MS\n", argv[0]);
+        fprintf(stderr, "usage: %s CLIENT_FDS PEER_FD CHANNEL SIZE INFLIGHT WARMUP_S MEASURE_S TIMEOUT_MS\n", argv[0]);
         return 2;
     }
-    client_fd = atoi(argv[1]);
+    for (char *p = argv[1]; *p && nclients < MAXCLIENTS;) {
+        client_fds[nclients++] = (int)strtol(p, &p, 10);
+        if (*p == ',') p++;
+    }
     peer_fd = atoi(argv[2]);
     channel = atoi(argv[3]);
     size = atoi(argv[4]);
     inflight = atoi(argv[5]);
     double warmup_s = atof(argv[6]), measure_s = atof(argv[7]);
     uint64_t timeout_ns = (uint64_t)atoi(argv[8]) * 1000000ull;
-    if (size < 8 || size + 4 > MAXPKT || inflight < 1) {
-        fprintf(stderr, "bad size or inflight\n");
+    if (size < 8 || size + 4 > MAXPKT || inflight < 1 || nclients < 1) {
+        fprintf(stderr, "bad size, inflight or client list\n");
         return 2;
     }
-    fcntl(client_fd, F_SETFL, fcntl(client_fd, F_GETFL) | O_NONBLOCK);
+    nslots = nclients * inflight;
+    for (int c = 0; c < nclients; c++)
+        fcntl(client_fds[c], F_SETFL, fcntl(client_fds[c], F_GETFL) | O_NONBLOCK);
     fcntl(peer_fd, F_SETFL, fcntl(peer_fd, F_GETFL) | O_NONBLOCK);
     for (int i = 0; i < BATCH; i++) memset(out_buf[i], 0xab, MAXPKT);
 
-    slots = calloc(inflight, sizeof *slots);
+    slots = calloc(nslots, sizeof *slots);
     uint32_t *samples = malloc(MAX_SAMPLES * sizeof(uint32_t));
-    if (!slots || !samples) return 3;
+    struct pollfd *pfds = calloc(nclients + 1, sizeof *pfds);
+    if (!slots || !samples || !pfds) return 3;
     size_t nsamples = 0;
     uint64_t lost = 0, stale = 0, done = 0;
 
@@ -193,13 +207,11 @@ int main(int argc, char **argv) {
     uint64_t t_measure = 0, cpu_measure = 0, sent_measure = 0;
     uint64_t last_scan = start;
 
-    for (int i = 0; i < inflight; i++) {
-        queue_send(i, start);
-        if (out_n == BATCH) flush_sends();
-    }
+    for (int i = 0; i < nslots; i++) queue_send(i, start);
     flush_sends();
 
-    struct pollfd pfds[2] = {{client_fd, POLLIN, 0}, {peer_fd, POLLIN, 0}};
+    pfds[0].fd = peer_fd; pfds[0].events = POLLIN;
+    for (int c = 0; c < nclients; c++) { pfds[c + 1].fd = client_fds[c]; pfds[c + 1].events = POLLIN; }
     for (;;) {
         uint64_t t = now_ns();
         if (!warm && t >= warm_end) {
@@ -212,18 +224,17 @@ int main(int argc, char **argv) {
         if (t >= end) break;
         if (t - last_scan >= 5000000ull) { /* timeouts, every 5 ms */
             last_scan = t;
-            for (int i = 0; i < inflight; i++) {
+            for (int i = 0; i < nslots; i++) {
                 if (t - slots[i].sent >= timeout_ns) {
                     lost++;
                     queue_send(i, t);
-                    if (out_n == BATCH) flush_sends();
                 }
             }
             flush_sends();
         }
-        int pr = poll(pfds, 2, 5);
+        int pr = poll(pfds, nclients + 1, 5);
         if (pr <= 0) continue;
-        if (pfds[1].revents & POLLIN) { /* the echo peer */
+        if (pfds[0].revents & POLLIN) { /* the echo peer */
             for (;;) {
                 for (int i = 0; i < BATCH; i++) {
                     in_iov[i].iov_base = in_buf[i];
@@ -254,8 +265,10 @@ int main(int argc, char **argv) {
                 if (n < BATCH) break;
             }
         }
-        if (pfds[0].revents & (POLLIN | POLLERR)) { /* the TURN client */
-            for (;;) {
+        for (int c = 0; c < nclients; c++) {
+            if (!(pfds[c + 1].revents & (POLLIN | POLLERR))) continue;
+            int fd = client_fds[c];
+            for (;;) { /* the TURN client c */
                 for (int i = 0; i < BATCH; i++) {
                     in_iov[i].iov_base = in_buf[i];
                     in_iov[i].iov_len = MAXPKT;
@@ -263,7 +276,7 @@ int main(int argc, char **argv) {
                     in_msgs[i].msg_hdr.msg_iov = &in_iov[i];
                     in_msgs[i].msg_hdr.msg_iovlen = 1;
                 }
-                int n = recvmmsg(client_fd, in_msgs, BATCH, MSG_DONTWAIT, NULL);
+                int n = recvmmsg(fd, in_msgs, BATCH, MSG_DONTWAIT, NULL);
                 if (n <= 0) break;
                 uint64_t tr = now_ns();
                 for (int i = 0; i < n; i++) {
@@ -272,12 +285,11 @@ int main(int argc, char **argv) {
                     int slot; uint32_t seq;
                     memcpy(&slot, b + 4, 4);
                     memcpy(&seq, b + 8, 4);
-                    if (slot < 0 || slot >= inflight || seq != slots[slot].seq) { stale++; continue; }
+                    if (slot < c * inflight || slot >= (c + 1) * inflight || seq != slots[slot].seq) { stale++; continue; }
                     uint64_t rtt = tr - slots[slot].sent;
                     if (nsamples < MAX_SAMPLES) samples[nsamples++] = rtt > 0xffffffffull ? 0xffffffffu : (uint32_t)rtt;
                     done++;
                     queue_send(slot, tr);
-                    if (out_n == BATCH) flush_sends();
                 }
                 flush_sends();
                 if (n < BATCH) break;
@@ -441,25 +453,35 @@ def wait_for_quiet(limit_cores: float, max_wait: float) -> float:
 
 
 class Target:
-    """A running server with one allocation, its channel bound to our echo peer."""
+    """A running server with ``allocations`` allocations (one client socket
+    each), every one with its channel bound to our one echo peer."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, allocations: int = 1) -> None:
         self.server = server
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.peer.bind(("127.0.0.1", 0))
         for s in (self.peer,):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
-        self.client = TurnClient(server.address, server.username, server.password)
-        self.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-        self.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
-        self.relayed = self.client.allocate(lifetime=3600)
-        self.client.channel_bind(CHANNEL, self.peer.getsockname())
+        self.clients: List[TurnClient] = []
+        self.relayed_all: List[Tuple[str, int]] = []
+        for _ in range(allocations):
+            client = TurnClient(server.address, server.username, server.password)
+            self.clients.append(client)
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
+            self.relayed_all.append(client.allocate(lifetime=3600))
+            client.channel_bind(CHANNEL, self.peer.getsockname())
+        self.client = self.clients[0]
+        self.relayed = self.relayed_all[0]
+
+    def client_fds(self) -> List[int]:
+        return [c.sock.fileno() for c in self.clients]
 
     def drain(self) -> None:
         """Throw away datagrams left over from the previous run."""
         time.sleep(0.2)
-        for s in (self.client.sock, self.peer):
+        for s in [c.sock for c in self.clients] + [self.peer]:
             s.setblocking(False)
             while True:
                 try:
@@ -469,16 +491,18 @@ class Target:
             s.setblocking(True)
 
     def refresh(self) -> None:
-        """Keep the channel (and its permission) fresh between runs."""
-        self.client.sock.settimeout(1.0)
-        self.client.channel_bind(CHANNEL, self.peer.getsockname())
+        """Keep the channels (and their permissions) fresh between runs."""
+        for c in self.clients:
+            c.sock.settimeout(1.0)
+            c.channel_bind(CHANNEL, self.peer.getsockname())
 
     def close(self) -> None:
-        try:
-            self.client.refresh(0)
-        except Exception:
-            pass
-        self.client.close()
+        for c in self.clients:
+            try:
+                c.refresh(0)
+            except Exception:
+                pass
+            c.close()
         self.peer.close()
 
 
@@ -497,15 +521,16 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
     snap: Dict[str, Any] = {}
 
     def mark_start() -> None:
+        snap["top0"] = _procs.cpu_ns(server.pid)
         snap["cpu0"] = server.cpu_ns()
         snap["g0"] = global_cpu_ticks()[0]
 
     if generator is not None:
-        cfd, pfd = target.client.sock.fileno(), target.peer.fileno()
+        cfds, pfd = target.client_fds(), target.peer.fileno()
         proc = subprocess.Popen(
-            [generator, str(cfd), str(pfd), str(CHANNEL), str(size), str(args.inflight),
+            [generator, ",".join(map(str, cfds)), str(pfd), str(CHANNEL), str(size), str(args.inflight),
              str(args.warmup), str(args.measure), str(args.timeout_ms)],
-            pass_fds=(cfd, pfd), stdout=subprocess.PIPE, text=True,
+            pass_fds=tuple(cfds) + (pfd,), stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         if args.pin:
             os.sched_setaffinity(proc.pid, {0})
@@ -515,7 +540,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
                 raise RuntimeError("load generator failed: %r" % line)
             mark_start()
             line = proc.stdout.readline()  # type: ignore[union-attr]
-            cpu1, g1 = server.cpu_ns(), global_cpu_ticks()[0]
+            cpu1, g1, top1 = server.cpu_ns(), global_cpu_ticks()[0], _procs.cpu_ns(server.pid)
             proc.wait(10)
         finally:
             if proc.poll() is None:
@@ -525,6 +550,8 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
             raise RuntimeError("load generator failed: %r" % line)
         result: Dict[str, float] = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", line)}
     else:
+        if len(target.clients) > 1:
+            raise RuntimeError("the Python load generator drives one allocation only (use --client c)")
         saved = os.sched_getaffinity(0)
         if args.pin:
             os.sched_setaffinity(0, {0})
@@ -534,7 +561,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
             )
         finally:
             os.sched_setaffinity(0, saved)
-        cpu1, g1 = server.cpu_ns(), global_cpu_ticks()[0]
+        cpu1, g1, top1 = server.cpu_ns(), global_cpu_ticks()[0], _procs.cpu_ns(server.pid)
         target.client.sock.setblocking(True)
         target.peer.setblocking(True)
     elapsed = result["elapsed_ns"] / 1e9
@@ -547,6 +574,9 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
     return {
         "rt_per_s": rt / elapsed,
         "cpu_us_per_pkt": server_cpu * 1e6 / (2 * rt) if rt else float("nan"),
+        "cpu_us_per_rt": server_cpu * 1e6 / rt if rt else float("nan"),
+        # the process started alone (with --workers N > 1: the supervisor, which relays nothing)
+        "top_cpu_us_per_rt": (top1 - snap["top0"]) / 1e3 / rt if rt else float("nan"),
         "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"],
         "lost": result["lost"],
@@ -596,60 +626,84 @@ def otlp_evidence(server: Server) -> str:
         "started" if started else "NOT started", failures, counts[-1] if counts else "0")
 
 
-def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[List[Dict[str, Any]], List[str]]:
-    rows: List[Dict[str, Any]] = []
-    commands: List[str] = []
+def default_servers(args: argparse.Namespace) -> List[Server]:
+    """The servers of a run without ``--variant``: ours, ours-python, ours-otlp (as asked) and coturn."""
     servers = [Server("ours", 20000, 20999), Server("coturn", 21000, 21999)]
     if args.python_io:
         servers.insert(1, Server("ours-python", 22000, 22999))
     if args.otlp:
         servers.insert(1, otlp_server(args))
+    return servers
+
+
+def variant_servers(variants: List[_procs.Variant], low: int = 20000, span: int = 1000) -> List[Server]:
+    """One server per variant, each with its own slice of allocation ports."""
+    return [v.server(low + i * span, low + (i + 1) * span - 1) for i, v in enumerate(variants)]
+
+
+def measure_target(target: Target, generator: Optional[str], args: argparse.Namespace, size: int, run: int,
+                   wait_budget: List[float]) -> Dict[str, float]:  # fmt: skip
+    """One measured run on ``target``: waits (bounded) for a quiet machine, repeats a noisy run up to
+    ``--retries`` times and returns the attempt least disturbed by other processes."""
+    s = target.server
+    attempts: List[Dict[str, float]] = []
+    for attempt in range(args.retries + 1):
+        if wait_budget[0] > 0:
+            t0 = time.monotonic()
+            wait_for_quiet(args.noise_limit, min(wait_budget[0], 20.0))
+            wait_budget[0] -= time.monotonic() - t0
+        target.refresh()
+        r = one_run(target, generator, args, size)
+        r["noisy"] = r["other_cores"] > args.noise_limit
+        print("  %-8s %5d B run %d%s: %8.0f rt/s  %6.2f us/pkt  p50 %.3f ms  p99 %.3f ms  lost %d  "
+              "server %.2f cores, generator %.2f, other %.2f%s"
+              % (s.label, size, run + 1, " (retry %d)" % attempt if attempt else "", r["rt_per_s"],
+                 r["cpu_us_per_pkt"], r["p50_ms"], r["p99_ms"], r["lost"], r["server_cores"],
+                 r["client_cores"], r["other_cores"], "  NOISY" if r["noisy"] else ""))  # fmt: skip
+        attempts.append(r)
+        if not r["noisy"]:
+            break
+    return min(attempts, key=lambda x: x["other_cores"])
+
+
+def median_row(label: str, size: int, rs: List[Dict[str, float]]) -> Dict[str, Any]:
+    row: Dict[str, Any] = {"server": label, "size": size, "runs": len(rs)}
+    for key in ("rt_per_s", "cpu_us_per_pkt", "cpu_us_per_rt", "top_cpu_us_per_rt", "p50_ms", "p99_ms", "server_cores", "client_cores",
+                "other_cores"):  # fmt: skip
+        row[key] = statistics.median(x[key] for x in rs)
+    row["lost"] = sum(x["lost"] for x in rs)
+    row["noisy"] = sum(1 for x in rs if x["noisy"])
+    row["samples"] = {k: [x[k] for x in rs] for k in ("rt_per_s", "cpu_us_per_rt")}
+    return row
+
+
+def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[List[Dict[str, Any]], List[str]]:
+    rows: List[Dict[str, Any]] = []
+    commands: List[str] = []
+    servers = variant_servers(args.variants) if args.variants else default_servers(args)
     targets: Dict[str, Target] = {}
-    wait_budget = args.quiet_wait_total
+    wait_budget = [args.quiet_wait_total]
     try:
         for s in servers:
             s.start()
             commands.append(s.command_line())
-            targets[s.kind] = Target(s)
+            targets[s.label] = Target(s, args.allocations)
             if args.pin:
                 pin_process(s.pid, {1})
-            print("%s: pid %d, listening %s:%d, relayed %s:%d, %d threads"
-                  % (s.kind, s.pid, *s.address, *targets[s.kind].relayed, _procs.thread_count(s.pid)))  # fmt: skip
+            print("%s: pid %d (+%d child processes), listening %s:%d, %d allocation(s), relayed %s, %d threads"
+                  % (s.label, s.pid, len(_procs.descendants(s.pid)), *s.address, args.allocations,
+                     ", ".join("%s:%d" % a for a in targets[s.label].relayed_all[:4])
+                     + (" ..." if args.allocations > 4 else ""), _procs.thread_count(s.pid)))  # fmt: skip
         if args.otlp and args.otlp_idle_seconds > 0:
             args.otlp_idle = idle_cpu([s for s in servers if s.kind in ("ours", "ours-otlp")], args.otlp_idle_seconds)
             print("idle CPU (ms per s): %s" % ", ".join("%s %.2f" % kv for kv in args.otlp_idle.items()))
         for size in args.sizes:
-            runs: Dict[str, List[Dict[str, float]]] = {s.kind: [] for s in servers}
+            runs: Dict[str, List[Dict[str, float]]] = {s.label: [] for s in servers}
             for run in range(args.runs):
                 for s in servers:
-                    target = targets[s.kind]
-                    attempts: List[Dict[str, float]] = []
-                    for attempt in range(args.retries + 1):
-                        if wait_budget > 0:
-                            t0 = time.monotonic()
-                            wait_for_quiet(args.noise_limit, min(wait_budget, 20.0))
-                            wait_budget -= time.monotonic() - t0
-                        target.refresh()
-                        r = one_run(target, generator, args, size)
-                        r["noisy"] = r["other_cores"] > args.noise_limit
-                        print("  %-6s %5d B run %d%s: %8.0f rt/s  %6.2f us/pkt  p50 %.3f ms  p99 %.3f ms  lost %d  "
-                              "server %.2f cores, generator %.2f, other %.2f%s"
-                              % (s.kind, size, run + 1, " (retry %d)" % attempt if attempt else "", r["rt_per_s"],
-                                 r["cpu_us_per_pkt"], r["p50_ms"], r["p99_ms"], r["lost"], r["server_cores"],
-                                 r["client_cores"], r["other_cores"], "  NOISY" if r["noisy"] else ""))  # fmt: skip
-                        attempts.append(r)
-                        if not r["noisy"]:
-                            break
-                    # the attempt least disturbed by other processes
-                    runs[s.kind].append(min(attempts, key=lambda x: x["other_cores"]))
+                    runs[s.label].append(measure_target(targets[s.label], generator, args, size, run, wait_budget))
             for s in servers:
-                rs = runs[s.kind]
-                row: Dict[str, Any] = {"server": s.kind, "size": size, "runs": len(rs)}
-                for key in ("rt_per_s", "cpu_us_per_pkt", "p50_ms", "p99_ms", "server_cores", "client_cores", "other_cores"):
-                    row[key] = statistics.median(x[key] for x in rs)
-                row["lost"] = sum(x["lost"] for x in rs)
-                row["noisy"] = sum(1 for x in rs if x["noisy"])
-                rows.append(row)
+                rows.append(median_row(s.label, size, runs[s.label]))
         for s in servers:
             if s.kind == "ours-otlp":
                 args.otlp_evidence = otlp_evidence(s)
@@ -669,7 +723,8 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
 # turnutils_uclient, many clients, paced.
 
 
-def uclient_run(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
+def uclient_run(kind: str, args: argparse.Namespace, server: Optional[Server] = None) -> Dict[str, Any]:
+    """``turnutils_uclient -m N`` through a fresh server (``kind`` in 22000-23999, or ``server`` as given)."""
     uclient = shutil.which("turnutils_uclient")
     peer_exe = shutil.which("turnutils_peer")
     if uclient is None or peer_exe is None:
@@ -677,8 +732,10 @@ def uclient_run(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     peer_port = free_port()
     peer = subprocess.Popen([peer_exe, "-L", "127.0.0.1", "-p", str(peer_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    _procs._started[peer.pid] = peer
-    server = Server(kind, 22000, 23999)
+    _procs.track(peer)
+    if server is None:
+        server = Server(kind, 22000, 23999)
+    kind = server.label
     try:
         server.start()
         argv = [
@@ -738,13 +795,19 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
            generator: str) -> str:  # fmt: skip
     out = []
     out.append("Run: `python -m benchmarks.bench_relay%s` on %s UTC; %s." % (
-        " " + " ".join(sys.argv[1:]) if sys.argv[1:] else "",
+        " " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "",
         datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), machine_facts()))  # fmt: skip
     out.append("")
-    out.append("Closed loop: one allocation per server, channel to an echo peer on 127.0.0.1, %d datagrams in flight, "
-               "%g s warm-up + %g s measured, median of %d runs (interleaved ours/coturn); load generator: %s%s. "
-               "One round trip = 2 relayed packets; CPU = the server's CPU time (all threads) / relayed packets."
-               % (args.inflight, args.warmup, args.measure, args.runs, generator,
+    shape = ("one allocation per server, channel to an echo peer on 127.0.0.1, %d datagrams in flight" % args.inflight
+             if args.allocations == 1 else
+             "%d allocations per server (one client socket each, %d datagrams in flight on each, %d in all), each "
+             "with a channel to one echo peer on 127.0.0.1" % (args.allocations, args.inflight,
+                                                               args.allocations * args.inflight))  # fmt: skip
+    out.append("Closed loop: %s, "
+               "%g s warm-up + %g s measured, median of %d runs (interleaved between the servers); load generator: %s%s. "
+               "One round trip = 2 relayed packets; CPU = the server's CPU time (all threads, and its child "
+               "processes: a supervisor's workers) / relayed packets."
+               % (shape, args.warmup, args.measure, args.runs, generator,
                   "; server (all threads) pinned to CPU 1, generator to CPU 0" if args.pin else ""))  # fmt: skip
     out.append("")
     out.append("| server | payload | round trips/s | relay CPU µs/packet | RTT p50 ms | RTT p99 ms | lost | server cores | generator cores | other cores |")
@@ -755,18 +818,12 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
             r["server_cores"], r["client_cores"], r["other_cores"],
             " (%d noisy)" % r["noisy"] if r["noisy"] else ""))  # fmt: skip
     out.append("")
-    out.append("`ours` reads and sends with the C extension (`--udp-io batched`: recvmmsg/sendmmsg, every datagram "
-               "still through the Python core); `ours-python` is the same relay with `--udp-io python`.")
-    out.append("")
-    out.append("| server | payload | /coturn round trips/s | /coturn CPU per packet |")
-    out.append("|---|---:|---:|---:|")
+    if not args.variants:
+        out.append("`ours` reads and sends with the C extension (`--udp-io batched`: recvmmsg/sendmmsg, every datagram "
+                   "still through the Python core); `ours-python` is the same relay with `--udp-io python`.")
+        out.append("")
     by = {(r["server"], r["size"]): r for r in rows}
-    for kind in ("ours", "ours-python"):
-        for size in args.sizes:
-            o, c = by.get((kind, size)), by.get(("coturn", size))
-            if o and c:
-                out.append("| %s | %d B | **%.2f×** | %.2f× |" % (
-                    kind, size, o["rt_per_s"] / c["rt_per_s"], o["cpu_us_per_pkt"] / c["cpu_us_per_pkt"]))  # fmt: skip
+    out.extend(ratio_lines(rows, args.sizes))
     out.append("")
     if args.otlp:
         if args.otlp_endpoint == "none":
@@ -791,6 +848,9 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
                 out.append("| %d B | **%.3f×** | %.3f× |" % (
                     size, o["rt_per_s"] / b["rt_per_s"], o["cpu_us_per_pkt"] / b["cpu_us_per_pkt"]))  # fmt: skip
         out.append("")
+    if args.variants:
+        out.append("Variants: " + "; ".join("`%s`" % v.spec for v in args.variants) + ".")
+        out.append("")
     if uc:
         out.append("Many clients: `%s` (u/w: each server's credentials) against `turnutils_peer`:" % uc[0]["argv"].split(" -u ")[0])
         out.append("")
@@ -808,6 +868,64 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
     out.extend(commands)
     out.append("```")
     return "\n".join(out)
+
+
+def ratio_lines(rows: List[Dict[str, Any]], sizes: List[int]) -> List[str]:
+    """Markdown: every server against coturn, and every one against the first server listed."""
+    labels: List[str] = []
+    for r in rows:
+        if r["server"] not in labels:
+            labels.append(r["server"])
+    by = {(r["server"], r["size"]): r for r in rows}
+    bases = []
+    if "coturn" in labels:
+        bases.append("coturn")
+    if labels and labels[0] != "coturn" and len([x for x in labels if x != "coturn"]) > 1:
+        bases.append(labels[0])
+    out = []
+    for base in bases:
+        out.append("| server | payload | /%s round trips/s | /%s CPU per packet |" % (base, base))
+        out.append("|---|---:|---:|---:|")
+        for label in labels:
+            if label == base or (base != "coturn" and label == "coturn"):
+                continue
+            for size in sizes:
+                o, c = by.get((label, size)), by.get((base, size))
+                if o and c:
+                    out.append("| %s | %d B | **%.2f×** | %.2f× |" % (
+                        label, size, o["rt_per_s"] / c["rt_per_s"], o["cpu_us_per_pkt"] / c["cpu_us_per_pkt"]))  # fmt: skip
+        out.append("")
+    return out[:-1] if out else out
+
+
+def write_json(path: str, payload: Dict[str, Any]) -> None:
+    import json
+
+    payload = dict(payload, machine=machine_facts(),
+                   when=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   command="python -m " + __spec_name() + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else ""))  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    print("wrote", path)
+
+
+def __spec_name() -> str:
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return getattr(spec, "name", None) or "benchmarks.bench_relay"
+
+
+def draw_charts(json_path: str, figures_dir: Optional[str]) -> None:
+    """Draw the figures for ``json_path`` when matplotlib is installed (the ``bench`` extra)."""
+    if figures_dir is None:
+        return
+    try:
+        from benchmarks import charts
+    except ImportError as exc:  # matplotlib absent: the benchmark still ran
+        print("no charts (%s): pip install '.[bench]'" % exc)
+        return
+    for path in charts.draw(json_path, figures_dir):
+        print("drew", path)
 
 
 def update_readme(section: str, body: str) -> None:
@@ -857,12 +975,32 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "or none (an A/A control: ours-otlp without OTLP, to see the noise between two relays)")
     p.add_argument("--otlp-idle-seconds", type=float, default=20.0,
                    help="with --otlp, first measure both relays' CPU with no traffic for this long")
+    p.add_argument("--allocations", type=int, default=1,
+                   help="allocations per server, one client socket each, --inflight datagrams in flight on each "
+                        "(e.g. --allocations 16 --inflight 8; needs the C generator)")
+    p.add_argument("--variant", dest="variant_specs", action="append", default=[], metavar="SPEC",
+                   help="a server to measure, repeatable, instead of the default set: LABEL=BASE[@ROOT] [ARG ...], "
+                        "BASE ours or coturn, ARGs appended to its command line, e.g. "
+                        "--variant 'w1=ours --workers 1' --variant 'w2=ours --workers 2' --variant coturn")
+    p.add_argument("--json", help="write the results here as JSON (default with --variant or --allocations: "
+                                  "benchmarks/results/bench_relay.json)")
+    p.add_argument("--figures", default=os.path.join(os.path.dirname(README), "figures"),
+                   help="draw the charts into this directory (when matplotlib is installed); 'none' for no charts")
     args = p.parse_args(argv)
+    try:
+        args.variants = _procs.parse_variants(args.variant_specs)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.allocations < 1 or args.inflight < 1:
+        p.error("--allocations and --inflight must be at least 1")
 
     tmp = tempfile.mkdtemp(prefix="bench-relay-")
     generator = None if args.client == "python" else build_generator(tmp)
     if args.client == "c" and generator is None:
         print("no C compiler", file=sys.stderr)
+        return 1
+    if generator is None and args.allocations > 1:
+        print("--allocations > 1 needs the C load generator (no C compiler found)", file=sys.stderr)
         return 1
     gen_name = "C (recvmmsg/sendmmsg, single thread)" if generator else "Python (epoll, single thread)"
     print("machine:", machine_facts())
@@ -870,9 +1008,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows, commands = closed_loop(args, generator)
     uc: List[Dict[str, Any]] = []
     if not args.no_uclient:
-        for kind in ("ours", "coturn"):
+        for i, kind in enumerate([v.label for v in args.variants] or ["ours", "coturn"]):
             wait_for_quiet(args.noise_limit, 20.0)
-            u = uclient_run(kind, args)
+            variant = args.variants[i] if args.variants else None
+            u = uclient_run(kind, args, variant.server(22000 + 1000 * i, 22999 + 1000 * i) if variant else None)
             print("uclient %-6s sent %d received %d lost %d (%.2f%%) send dropped %d, avg RTT %.3f ms, "
                   "server CPU %.2f s (%.2f us/pkt), uclient CPU %.1f s, wall %.1f s, other processes %.2f cores"
                   % (kind, u["sent"], u["received"], u["lost"], u["lost_pct"], u["send_dropped"], u["rtt_avg_ms"],
@@ -881,10 +1020,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     body = render(rows, uc, commands, args, gen_name)
     print()
     print(body)
+    section = "bench_relay_otlp" if args.otlp else "bench_relay"
+    if args.allocations > 1:
+        section += "_many"
+    if args.variants:
+        section += "_variants"
+    section += "_pinned" if args.pin else ""
     if not args.no_readme:
-        section = "bench_relay_otlp" if args.otlp else "bench_relay"
-        update_readme(section + "_pinned" if args.pin else section, body)
+        update_readme(section, body)
         print("\nwrote", README)
+    json_path = args.json
+    if json_path is None and (args.variants or args.allocations > 1):
+        json_path = os.path.join(os.path.dirname(README), "results", section + ".json")
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        write_json(json_path, {
+            "benchmark": "bench_relay", "section": section, "allocations": args.allocations,
+            "inflight": args.inflight, "runs": args.runs, "warmup": args.warmup, "measure": args.measure,
+            "servers": [v.label for v in args.variants] or list(dict.fromkeys(r["server"] for r in rows)),
+            "variants": [v.spec for v in args.variants], "rows": rows, "uclient": uc, "commands": commands,
+        })  # fmt: skip
+        if args.figures != "none":
+            draw_charts(json_path, args.figures)
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -32,6 +32,7 @@ import os
 import random
 import resource
 import select
+import shlex
 import socket
 import struct
 import sys
@@ -39,8 +40,8 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from benchmarks import _turnclient as T
-from benchmarks._procs import Server, machine_facts, self_cpu_ns, thread_count
-from benchmarks.bench_relay import CLK_TCK, global_cpu_ticks, update_readme, wait_for_quiet
+from benchmarks._procs import Server, Variant, cpu_ns, descendants, machine_facts, parse_variants, self_cpu_ns, thread_count
+from benchmarks.bench_relay import CLK_TCK, draw_charts, global_cpu_ticks, update_readme, wait_for_quiet, write_json
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 
@@ -236,10 +237,12 @@ def one_cycle(server: Server, args: argparse.Namespace) -> Dict[str, Any]:
         if args.noise_limit > 0:
             wait_for_quiet(args.noise_limit, 20.0)
         c0, me0, g0 = server.cpu_ns(), self_cpu_ns(), global_cpu_ticks()[0]
+        top0 = cpu_ns(pid)  # the process we started alone: with --workers N > 1, the supervisor
         t_alloc0 = time.monotonic()
         alloc = swarm.run(T.ALLOCATE, list(range(args.allocations)), args.phase_timeout,
                           [(T.REQUESTED_TRANSPORT, T.REQUESTED_UDP), (T.LIFETIME, struct.pack(">I", 3600))])  # fmt: skip
         alloc_cpu, alloc_me = (server.cpu_ns() - c0) / 1e9, (self_cpu_ns() - me0) / 1e9
+        alloc_top = (cpu_ns(pid) - top0) / 1e9
         t_alloc = time.monotonic() - t_alloc0
         other = max(0.0, (global_cpu_ticks()[0] - g0) / CLK_TCK - alloc_cpu - alloc_me)
         ports = {a[1] for a in swarm.relayed if a is not None}
@@ -266,6 +269,8 @@ def one_cycle(server: Server, args: argparse.Namespace) -> Dict[str, Any]:
         "alloc_retransmits": alloc["retransmits"],
         "alloc_server_cpu_us": alloc_cpu * 1e6 / n if n else float("nan"),
         "alloc_server_cores": alloc_cpu / el if el else float("nan"),
+        "alloc_top_process_cpu_us": alloc_top * 1e6 / n if n else float("nan"),
+        "child_processes": len(descendants(pid)),
         "alloc_client_cores": alloc_me / el if el else float("nan"),
         "other_cores": other / t_alloc,
         "check_ok": check["ok"],
@@ -282,8 +287,10 @@ def one_cycle(server: Server, args: argparse.Namespace) -> Dict[str, Any]:
     }
 
 
-def bench_server(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
-    server = Server(kind, args.lowest_port, args.highest_port)
+def bench_server(variant: "Variant", args: argparse.Namespace) -> Dict[str, Any]:
+    """A fresh server of ``variant``, ``--cycles`` allocate/hold/release cycles on it."""
+    server = variant.server(args.lowest_port, args.highest_port)
+    kind = variant.label
     try:
         server.start()
         time.sleep(0.5)
@@ -300,7 +307,7 @@ def bench_server(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
                      r["fds"], r["alloc_errors"], r["release_errors"], r["alloc_retransmits"]))  # fmt: skip
         return {
             "server": kind,
-            "threads": thread_count(server.pid),
+            "threads": thread_count(server.pid) + sum(thread_count(c) for c in descendants(server.pid)),
             "requested": args.allocations,
             "cycles": cycles,
             "alive": server.alive(),
@@ -317,10 +324,32 @@ def ips_text(args: argparse.Namespace) -> str:
     return "%d source addresses in 127.1.0.0/16 (%d per address)" % (ips, args.clients_per_ip)
 
 
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def summarize(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Per server label, medians over runs of cycle 1's figures."""
+    import statistics
+
+    by: Dict[str, List[Dict[str, Any]]] = {}
+    for r in results:
+        by.setdefault(r["server"], []).append(r["cycles"][0])
+    out: Dict[str, Dict[str, Any]] = {}
+    for label, cs in by.items():
+        m: Dict[str, Any] = {"runs": len(cs)}
+        for key in ("alloc_rate", "alloc_server_cpu_us", "kb_per_alloc", "release_server_cpu_us", "release_rate",
+                    "alloc_top_process_cpu_us"):
+            m[key] = statistics.median(c[key] for c in cs)
+            m[key + "_samples"] = [c[key] for c in cs]
+        out[label] = m
+    return out
+
+
 def render(results: List[Dict[str, Any]], args: argparse.Namespace, commands: List[str]) -> str:
     out = []
     out.append("Run: `python -m benchmarks.bench_scale %s` on %s UTC; %s." % (
-        " ".join(sys.argv[1:]), datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), machine_facts()))  # fmt: skip
+        shlex.join(sys.argv[1:]), datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), machine_facts()))  # fmt: skip
     out.append("")
     out.append("%d client sockets (one 5-tuple per allocation) on %s, %d allocations in progress at a time; "
                "each Allocate is the full exchange (unsigned -> 401 + nonce -> signed -> success), LIFETIME 3600. "
@@ -329,22 +358,36 @@ def render(results: List[Dict[str, Any]], args: argparse.Namespace, commands: Li
                "(the second shows whether released memory is reused)."
                % (args.allocations, ips_text(args), args.window, args.lowest_port, args.highest_port, args.cycles))  # fmt: skip
     out.append("")
-    out.append("| server | cycle | allocated | Allocates/s | server CPU µs/Allocate | server cores | client cores | other cores | RSS before MiB | RSS holding MiB | kB/allocation | RSS after release MiB | releases/s | fds before/holding/after |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    out.append("| server | run | cycle | allocated | Allocates/s | server CPU µs/Allocate | server cores | client cores | other cores | RSS before MiB | RSS holding MiB | kB/allocation | RSS after release MiB | releases/s | server CPU µs/release | fds before/holding/after |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         for k, c in enumerate(r["cycles"]):
-            out.append("| %s | %d | %d/%d | **%.0f** | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | **%.1f** | %.1f | %.0f | %d/%d/%d |" % (
-                r["server"], k + 1, c["allocated"], r["requested"], c["alloc_rate"], c["alloc_server_cpu_us"],
+            out.append("| %s | %d | %d | %d/%d | **%.0f** | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | **%.1f** | %.1f | %.0f | %.0f | %d/%d/%d |" % (
+                r["server"], r.get("run", 0) + 1, k + 1, c["allocated"], r["requested"], c["alloc_rate"], c["alloc_server_cpu_us"],
                 c["alloc_server_cores"], c["alloc_client_cores"], c["other_cores"], c["rss_before_kb"] / 1024, c["rss_held_kb"] / 1024,
-                c["kb_per_alloc"], c["rss_released_kb"] / 1024, c["release_rate"], *c["fds"]))  # fmt: skip
+                c["kb_per_alloc"], c["rss_released_kb"] / 1024, c["release_rate"], c["release_server_cpu_us"], *c["fds"]))  # fmt: skip
     out.append("")
-    by = {r["server"]: r["cycles"][0] for r in results}
-    if "ours" in by and "coturn" in by:
-        o, c = by["ours"], by["coturn"]
-        out.append("ours/coturn (cycle 1): Allocates/s **%.2f×**, kB per allocation **%.2f×**." % (
-            o["alloc_rate"] / c["alloc_rate"] if c["alloc_rate"] else float("nan"),
-            o["kb_per_alloc"] / c["kb_per_alloc"] if c["kb_per_alloc"] else float("nan")))  # fmt: skip
-        out.append("")
+    summary = summarize(results)
+    out.append("Medians over runs (cycle 1 of each run):")
+    out.append("")
+    out.append("| server | runs | Allocates/s | server CPU µs/Allocate | of which the started process (a supervisor) | kB/allocation | server CPU µs/release (Refresh LIFETIME 0) |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    for label, m in summary.items():
+        out.append("| %s | %d | **%.0f** | %.0f | %.0f | %.1f | %.0f |" % (
+            label, m["runs"], m["alloc_rate"], m["alloc_server_cpu_us"], m["alloc_top_process_cpu_us"], m["kb_per_alloc"],
+            m["release_server_cpu_us"]))  # fmt: skip
+    out.append("")
+    labels = list(summary)
+    bases = [b for b in ("coturn", labels[0] if labels else "") if b in summary]
+    for base in dict.fromkeys(bases):
+        for label in labels:
+            if label == base or (base != "coturn" and label == "coturn"):
+                continue
+            o, c = summary[label], summary[base]
+            out.append("- %s/%s: Allocates/s **%.2f×**, CPU per Allocate %.2f×, kB per allocation %.2f×, CPU per release %.2f×." % (
+                label, base, ratio(o["alloc_rate"], c["alloc_rate"]), ratio(o["alloc_server_cpu_us"], c["alloc_server_cpu_us"]),
+                ratio(o["kb_per_alloc"], c["kb_per_alloc"]), ratio(o["release_server_cpu_us"], c["release_server_cpu_us"])))  # fmt: skip
+    out.append("")
     for r in results:
         c0, cl = r["cycles"][0], r["cycles"][-1]
         extra = []
@@ -386,7 +429,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--check-sample", type=int, default=200)
     p.add_argument("--servers", nargs="+", default=["ours", "coturn"], choices=("ours", "coturn"))
     p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--variant", dest="variant_specs", action="append", default=[], metavar="SPEC",
+                   help="a server to measure, repeatable, instead of --servers: LABEL=BASE[@ROOT] [ARG ...] "
+                        "(see bench_relay), e.g. --variant 'w1=ours --workers 1' --variant 'w2=ours --workers 2'")
+    p.add_argument("--runs", type=int, default=1,
+                   help="runs, each a fresh server per variant, interleaved between the variants; medians of cycle 1")
+    p.add_argument("--json", help="write the results here as JSON (default with --variant: "
+                                  "benchmarks/results/bench_scale_variants.json)")
+    p.add_argument("--figures", default=os.path.join(os.path.dirname(README), "figures"),
+                   help="draw the charts into this directory (when matplotlib is installed); 'none' for no charts")
     args = p.parse_args(argv)
+    try:
+        variants = parse_variants(args.variant_specs or list(args.servers))
+    except ValueError as exc:
+        p.error(str(exc))
 
     limit = raise_nofile(args.allocations + 100)
     if limit < args.allocations + 50:
@@ -398,16 +454,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("machine:", machine_facts())
     results = []
     commands = []
-    for kind in args.servers:
-        r = bench_server(kind, args)
-        results.append(r)
-        commands.append(r.pop("command", ""))
+    for run in range(args.runs):
+        for variant in variants:
+            r = bench_server(variant, args)
+            r["run"] = run
+            results.append(r)
+            command = r.pop("command", "")
+            if run == 0:
+                commands.append(command)
     body = render(results, args, commands)
     print()
     print(body)
+    section = "bench_scale_variants" if args.variant_specs else "bench_scale"
     if not args.no_readme:
-        update_readme("bench_scale", body)
+        update_readme(section, body)
         print("\nwrote", README)
+    json_path = args.json
+    if json_path is None and args.variant_specs:
+        json_path = os.path.join(os.path.dirname(README), "results", section + ".json")
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        write_json(json_path, {
+            "benchmark": "bench_scale", "section": section, "allocations": args.allocations, "window": args.window,
+            "runs": args.runs, "servers": [v.label for v in variants], "variants": [v.spec for v in variants],
+            "summary": summarize(results), "results": results, "commands": commands,
+        })  # fmt: skip
+        if args.figures != "none":
+            draw_charts(json_path, args.figures)
     return 0
 
 
