@@ -82,6 +82,15 @@ def http_get(port: int, path: str) -> Tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def has_metric(text: str, name: str, value: float, **labels: str) -> bool:
+    """True when the sample is there with ``value`` (the supervisor reads
+    the workers' counters every second)."""
+    try:
+        return metric(text, name, **labels) == value
+    except KeyError:
+        return False
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """The value of sample ``name`` with exactly ``labels`` in Prometheus text."""
     wanted = ",".join('%s="%s"' % item for item in sorted(labels.items()))
@@ -331,7 +340,7 @@ class WorkerProcessTests(WorkersFixture, unittest.TestCase):
             yield self.relays_both_ways(client, relayed, peer, peer_addr, b"%d" % i)
         # /metrics sums the workers (fetched every second).
         yield self.wait_for_async(
-            lambda: metric(relay.metrics(), "relay_allocations_total") == len(clients), what="summed allocations"
+            lambda: has_metric(relay.metrics(), "relay_allocations_total", len(clients)), what="summed allocations"
         )
         text = relay.metrics()
         self.assertEqual(metric(text, "relay_active_allocations", family="ipv4"), len(clients))
@@ -352,7 +361,7 @@ class WorkerProcessTests(WorkersFixture, unittest.TestCase):
         for client, relayed in clients:
             yield self.permit(client, peer_addr)
         yield self.wait_for_async(
-            lambda: metric(relay.metrics(), "relay_allocations_total") == len(clients), what="counters"
+            lambda: has_metric(relay.metrics(), "relay_allocations_total", len(clients)), what="counters"
         )
         before = relay.metrics()
         victim = relay.ready_pids()[0]
@@ -389,7 +398,7 @@ class WorkerProcessTests(WorkersFixture, unittest.TestCase):
         self.assertEqual(relay.slot_of(final.get_address(stun.XOR_RELAYED_ADDRESS)[1]), 0)
         # Counters never go back: the dead worker's counts are kept.
         yield self.wait_for_async(
-            lambda: metric(relay.metrics(), "relay_allocations_total") == len(clients) + 1, what="counters after restart"
+            lambda: has_metric(relay.metrics(), "relay_allocations_total", len(clients) + 1), what="counters after restart"
         )
         after = relay.metrics()
         for name, labels in (
@@ -400,3 +409,233 @@ class WorkerProcessTests(WorkersFixture, unittest.TestCase):
             self.assertGreaterEqual(metric(after, name, **labels), metric(before, name, **labels), name)
         self.assertEqual(metric(after, "relay_worker_restarts_total"), 1)
         self.assertEqual(metric(after, "relay_workers"), 2)
+
+
+class DrainTests(WorkersFixture, unittest.TestCase):
+    def wait_draining(self, relay: Relay) -> None:
+        self.wait_for(lambda: relay.log().count("draining") >= 3, what="both workers draining")
+        self.wait_for(lambda: len(re.findall(r"worker \d draining", relay.log())) == 2, what="both workers draining")
+
+    @defer.inlineCallbacks
+    def test_sigterm_drains_every_worker_then_exits_zero(self) -> Any:
+        relay = self.start_relay()
+        clients = yield self.clients_in_both_slices(relay, count=8)
+        peer, peer_addr = self.peer()
+        for client, _ in clients:
+            yield self.permit(client, peer_addr)
+        relay.proc.send_signal(signal.SIGTERM)
+        self.wait_draining(relay)
+        status, body = http_get(relay.http_port, "/readyz")
+        self.assertEqual((status, body.strip()), (503, "draining"))
+        # New allocations are refused by every worker ...
+        for i in range(6):
+            fresh = TurnClient(("127.0.0.1", relay.listen_port))
+            port = listen(fresh)
+            self.addCleanup(port.stopListening)
+            _, final = yield fresh.allocate(SECRET, self.expiry(), salt="late%d" % i)
+            self.assertEqual(error_code(final), 508)
+        # ... existing ones keep relaying, in both workers ...
+        for i, (client, relayed) in enumerate(clients):
+            yield self.relays_both_ways(client, relayed, peer, peer_addr, b"drain%d" % i)
+        self.assertIsNone(relay.proc.poll())
+        # ... and once the last one is gone, the relay exits 0 and no worker is left.
+        for client, _ in clients:
+            self.assertIsNone(relay.proc.poll(), "exited before the last allocation went")
+            response = yield client.request(stun.REFRESH, [(stun.LIFETIME, 0)])
+            self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertEqual(relay.proc.wait(timeout=15), 0, relay.log())
+        self.assertIn("drained: no allocation left, stopping", relay.log())
+        for pid in relay.started_pids():
+            self.wait_for(lambda: not alive(pid), timeout=5, what="worker %d gone" % pid)
+
+    @defer.inlineCallbacks
+    def test_a_second_sigterm_stops_at_once(self) -> Any:
+        relay = self.start_relay()
+        yield self.clients_in_both_slices(relay, count=8)
+        relay.proc.send_signal(signal.SIGTERM)
+        self.wait_draining(relay)
+        self.assertIsNone(relay.proc.poll())
+        relay.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(relay.proc.wait(timeout=15), 0, relay.log())
+        self.assertIn("SIGTERM again: stopping now with 8 allocations", relay.log())
+        for pid in relay.started_pids():
+            self.wait_for(lambda: not alive(pid), timeout=STOP_WAIT, what="worker %d gone" % pid)
+
+    def test_a_supervisor_killed_with_sigkill_leaves_no_worker(self) -> None:
+        relay = self.start_relay()
+        pids = list(relay.ready_pids().values())
+        self.assertEqual(len(pids), 2)
+        self.assertTrue(all(alive(pid) for pid in pids))
+        relay.proc.kill()
+        relay.proc.wait(timeout=10)
+        for pid in pids:
+            self.wait_for(lambda: not alive(pid), timeout=5, what="orphan worker %d gone" % pid)
+
+
+STOP_WAIT = 8.0
+
+
+class CrossWorkerTests(WorkersFixture, unittest.TestCase):
+    @defer.inlineCallbacks
+    def hairpin(self, public: str) -> Any:
+        relay = self.start_relay(public=public, loopback_peers=False)
+        clients = yield self.clients_in_both_slices(relay, count=10)
+        a, a_relayed = next((c, r) for c, r in clients if relay.slot_of(r[1]) == 0)
+        b, b_relayed = next((c, r) for c, r in clients if relay.slot_of(r[1]) == 1)
+        self.assertEqual((a_relayed[0], b_relayed[0]), (public, public))
+        yield self.permit(a, b_relayed)
+        yield self.permit(b, a_relayed)
+        self.send_indication(a, b_relayed, b"from worker 0")
+        got = yield self.data_indication(b)
+        self.assertEqual(got, (tuple(a_relayed), b"from worker 0"))
+        self.send_indication(b, a_relayed, b"from worker 1")
+        got = yield self.data_indication(a)
+        self.assertEqual(got, (tuple(b_relayed), b"from worker 1"))
+        # A channel to the other worker's allocation too.
+        response = yield a.request(stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4001), (stun.XOR_PEER_ADDRESS, b_relayed)])
+        self.assertEqual(response.msg_class, stun.SUCCESS, response.get(stun.ERROR_CODE))
+        a.send(b"\x40\x01\x00\x07channel")
+        got = yield self.data_indication(b)
+        self.assertEqual(got, (tuple(a_relayed), b"channel"))
+        # Loopback peers stay refused: only the relay's own allocations are reachable.
+        response = yield a.request(stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, ("127.0.0.2", 9))])
+        self.assertEqual(error_code(response), 403)
+
+    def test_hairpin_between_workers(self) -> Any:
+        return self.hairpin("127.0.0.1")
+
+    def test_hairpin_between_workers_behind_one_to_one_nat(self) -> Any:
+        """The public address (TEST-NET-2) is not the host's: the workers
+        reach each other's ports at the bound address."""
+        return self.hairpin("198.51.100.7")
+
+    @defer.inlineCallbacks
+    def test_user_allocation_limit_holds_across_workers(self) -> Any:
+        relay = self.start_relay(extra=["--user-allocation-limit=1"])
+        for attempt in range(16):
+            salt = "user%d" % attempt
+            first, first_relayed = yield self.client(relay, salt=salt)
+            second, second_relayed = yield self.client(relay, salt=salt)
+            if relay.slot_of(first_relayed[1]) != relay.slot_of(second_relayed[1]):
+                break
+        else:
+            self.fail("no two clients of one user in different workers")
+        # The newest replaced the oldest, in the other worker.
+        deadline = time.time() + 5
+        while True:
+            response = yield first.request(stun.REFRESH, [(stun.LIFETIME, 600)])
+            if error_code(response) == 437 or time.time() > deadline:
+                break
+            yield sleep(0.1)
+        self.assertEqual(error_code(response), 437, "the older allocation is gone")
+        response = yield second.request(stun.REFRESH, [(stun.LIFETIME, 600)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertIn("replaced by port %d" % second_relayed[1], relay.log())
+
+    @defer.inlineCallbacks
+    def test_a_nonce_from_one_worker_is_valid_in_the_other(self) -> Any:
+        relay = self.start_relay()
+        clients = yield self.clients_in_both_slices(relay, count=8)
+        a = next(c for c, r in clients if relay.slot_of(r[1]) == 0)
+        b = next(c for c, r in clients if relay.slot_of(r[1]) == 1)
+        # b's request signed with a's nonce: a nonce is bound to its
+        # client's address, so b gets 438, never 401 (wrong key) ...
+        b.nonce = a.nonce
+        t = tid()
+        response = yield b.send_raw_request(t, b.encode(stun.REFRESH, [(stun.LIFETIME, 600)], t, True))
+        self.assertEqual(error_code(response), 438)
+        # ... and a nonce issued to b's address by worker 1 checks out there.
+        b.nonce = response.get_str(stun.NONCE)
+        response = yield b.request(stun.REFRESH, [(stun.LIFETIME, 600)])
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+
+
+class StreamTests(WorkersFixture, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_tcp_and_tls_clients_spread_over_the_workers(self) -> Any:
+        from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+        from tests.adapters.test_stream import StreamTurnClient
+        from tests.certs import make_certificate
+
+        cert, key = make_certificate(Path(self.mktemp()).resolve())
+        tls_port = free_tcp_port()
+        relay = self.start_relay(extra=["--tls-cert=%s" % cert, "--tls-key=%s" % key, "--tls-port=%d" % tls_port])
+        peer, peer_addr = self.peer()
+        trust = Certificate.loadPEM(cert.read_bytes())
+        for tls in (False, True):
+            slots = set()
+            for i in range(12):
+                client = StreamTurnClient()
+                if tls:
+                    endpoint: Any = SSL4ClientEndpoint(
+                        reactor, "127.0.0.1", tls_port, optionsForClientTLS("localhost", trustRoot=trust)
+                    )
+                else:
+                    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay.listen_port)
+                yield connectProtocol(endpoint, client)
+                self.addCleanup(lambda c=client: c.transport.abortConnection() if c.connected else None)
+                _, final = yield client.allocate(SECRET, self.expiry(), salt="s%d%d" % (tls, i))
+                self.assertEqual(final.msg_class, stun.SUCCESS, final.get(stun.ERROR_CODE))
+                relayed = final.get_address(stun.XOR_RELAYED_ADDRESS)
+                slots.add(relay.slot_of(relayed[1]))
+                yield self.permit(client, peer_addr)
+                yield self.relays_both_ways(client, relayed, peer, peer_addr, b"%s%d" % (b"tls" if tls else b"tcp", i))
+            self.assertEqual(slots, {0, 1}, "both workers accept %s connections" % ("TLS" if tls else "TCP"))
+        yield self.wait_for_async(
+            lambda: has_metric(relay.metrics(), "relay_active_allocations_by_transport", 12, transport="tls"),
+            what="TLS allocations summed",
+        )
+        text = relay.metrics()
+        self.assertEqual(metric(text, "relay_active_allocations_by_transport", transport="tcp"), 12)
+        self.assertEqual(metric(text, "relay_stream_connections_accepted_total", transport="tcp"), 12)
+
+
+class FaultTests(WorkersFixture, unittest.TestCase):
+    def faulty(self, fault: str, **kwargs: Any) -> Relay:
+        return self.start_relay(
+            env={"FIREZONE_RELAY_WORKER_MODULE": "tests.workerfaults", "FAULT": fault}, wait_ready=False, **kwargs
+        )
+
+    def assert_supervisor_up_not_ready(self, relay: Relay) -> None:
+        self.assertIsNone(relay.proc.poll(), relay.log())
+        self.assertEqual(http_get(relay.http_port, "/healthz")[0], 200)
+        status, body = http_get(relay.http_port, "/readyz")
+        self.assertEqual(status, 503, body)
+
+    def test_a_worker_exiting_at_start_is_restarted_with_backoff(self) -> None:
+        relay = self.faulty("exit")
+        self.wait_for(lambda: len(re.findall(r"worker 1 \(pid \d+\) exited with status 3 before it was ready", relay.log())) >= 4,
+                      timeout=20, what="four failed starts")
+        delays = [float(d) for d in re.findall(r"worker 1 \(pid \d+\) exited with status 3 before it was ready; restarting it in (\S+) s", relay.log())]
+        self.assertEqual(delays[:4], [0.5, 1.0, 2.0, 4.0])
+        self.assertIn("(4 failure(s) in a row", relay.log())
+        self.assert_supervisor_up_not_ready(relay)
+        self.assertEqual(relay.ready_pids().keys(), {0}, "worker 0 serves meanwhile")
+        text = relay.metrics()
+        self.assertGreaterEqual(metric(text, "relay_worker_restarts_total"), 4)
+        self.assertEqual(metric(text, "relay_workers"), 1)
+        self.assertEqual(metric(text, "relay_ready"), 0)
+
+    def test_a_worker_that_never_becomes_ready_is_killed_and_restarted(self) -> None:
+        relay = self.faulty("stuck")
+        self.wait_for(lambda: relay.ready_pids().keys() == {0}, timeout=20, what="worker 0 ready")
+        self.assert_supervisor_up_not_ready(relay)
+        self.wait_for(lambda: "did not become ready within 10 s; killing it" in relay.log(), timeout=20, what="ready timeout")
+        self.wait_for(lambda: "was killed by SIGKILL before it was ready; restarting it in 0.5 s" in relay.log(),
+                      timeout=5, what="restart")
+        self.assert_supervisor_up_not_ready(relay)
+
+    def test_a_worker_flooding_the_control_channel_is_read_no_faster_than_the_budget(self) -> None:
+        relay = self.faulty("flood")
+        self.wait_for(lambda: relay.ready_pids().keys() == {0, 1}, timeout=30, what="both workers ready")
+        self.wait_for(lambda: "worker 1 floods the control channel" in relay.log(), timeout=20, what="flood noticed")
+        # The supervisor stays responsive meanwhile: health, metrics, the other worker.
+        for _ in range(5):
+            started = time.monotonic()
+            self.assertEqual(http_get(relay.http_port, "/healthz")[0], 200)
+            self.assertLess(time.monotonic() - started, 2.0)
+        self.assertGreater(metric(relay.metrics(), "relay_worker_control_throttled_total"), 0)
+        self.assertIsNone(relay.proc.poll())
+        self.assertEqual(relay.log().count("worker 1 floods the control channel"), 1, "logged at most once a minute")

@@ -21,10 +21,13 @@ Theory of operation (SPEC §9).  The supervisor relays nothing itself.  It
   over once a worker ran ``STABLE`` seconds; each loss is logged and counted
   (``relay_worker_restarts_total``); a worker that does not answer
   ``Configure`` within ``READY_TIMEOUT`` is killed and restarted the same way;
-* bounds the control channel: a worker that sends more than
-  ``CONTROL_BURST`` messages at once (refilled at ``CONTROL_RATE`` per
-  second), more bytes than ``CONTROL_BYTES`` per second, or reports more
-  allocations than its slice has ports, is killed (and restarted);
+* bounds the control channel: a worker's messages are read at most at
+  ``CONTROL_RATE`` per second and ``CONTROL_BYTES`` bytes per second (with
+  bursts of twice that); beyond, the supervisor stops reading that
+  worker's pipe until the budget refills (the worker's own writes wait), so
+  a flooding worker costs the supervisor a bounded share of its time and
+  nothing else; a worker that breaks the protocol (an allocation outside
+  its slice, a malformed message) is killed (and restarted);
 * keeps ``--user-allocation-limit`` across workers from their allocation
   notices: when a user holds more than the limit, its oldest allocation is
   evicted (``Evict``) wherever it lives;
@@ -81,9 +84,8 @@ BACKOFF_MAX = 30.0
 STABLE = 10.0
 COUNTER_INTERVAL = 1.0
 STOP_TIMEOUT = 5.0
-CONTROL_RATE = 20000.0
-CONTROL_BURST = 40000.0
-CONTROL_BYTES = 8 * 1024 * 1024
+CONTROL_RATE = 10000.0
+CONTROL_BYTES = 2 * 1024 * 1024
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _LISTEN_BACKLOG = 1024
 _LOOPBACK = {4: "127.0.0.1", 6: "::1"}
@@ -162,17 +164,12 @@ class SupervisorControl(P.QuietAMP):
         super().__init__()
         self.pool = pool
         self.slot = slot
-        self._tokens = CONTROL_BURST
-        self._refilled = time.monotonic()
+        self.budget = Budget(CONTROL_RATE)
 
     def ampBoxReceived(self, box: Any) -> None:
-        now = time.monotonic()
-        self._tokens = min(CONTROL_BURST, self._tokens + (now - self._refilled) * CONTROL_RATE)
-        self._refilled = now
-        self._tokens -= 1
-        if self._tokens < 0:
-            self.pool.misbehaving(self.slot, "floods the control channel (more than %d messages at once)" % CONTROL_BURST)
-            return
+        process = self.slot.process
+        if not self.budget.take(1.0) and process is not None:
+            process.throttle(self.budget.wait())
         super().ampBoxReceived(box)
 
     @P.AllocationCreated.responder
@@ -186,6 +183,26 @@ class SupervisorControl(P.QuietAMP):
         return {}
 
 
+class Budget:
+    """A token bucket: ``rate`` per second, bursts of twice that."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = 2 * rate
+        self.at = time.monotonic()
+
+    def take(self, amount: float) -> bool:
+        """Spend ``amount``; False once the bucket is empty (it may go below zero)."""
+        now = time.monotonic()
+        self.tokens = min(2 * self.rate, self.tokens + (now - self.at) * self.rate) - amount
+        self.at = now
+        return self.tokens >= 0
+
+    def wait(self) -> float:
+        """Seconds until the bucket is back above zero."""
+        return max(0.0, -self.tokens / self.rate)
+
+
 class WorkerProcess(ProcessProtocol):
     """One run of a worker process; ``Slot`` holds what outlives it."""
 
@@ -196,8 +213,8 @@ class WorkerProcess(ProcessProtocol):
         self.pid = 0
         self.ended = False
         self.started = time.monotonic()
-        self._second = int(self.started)
-        self._bytes = 0
+        self.budget = Budget(CONTROL_BYTES)
+        self._resume: Any = None
 
     def connectionMade(self) -> None:
         self.pid = int(getattr(self.transport, "pid", 0) or 0)
@@ -206,17 +223,28 @@ class WorkerProcess(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != 1 or self.ended:
             return
-        second = int(time.monotonic())
-        if second != self._second:
-            self._second, self._bytes = second, 0
-        self._bytes += len(data)
-        if self._bytes > CONTROL_BYTES:
-            self.pool.misbehaving(self.slot, "floods the control channel (more than %d bytes in a second)" % CONTROL_BYTES)
-            return
+        if not self.budget.take(float(len(data))):
+            self.throttle(self.budget.wait())
         try:
             self.control.dataReceived(data)
         except Exception as exc:
             self.pool.misbehaving(self.slot, "broke the control protocol (%s)" % (exc,))
+
+    def throttle(self, seconds: float) -> None:
+        """Read nothing more from this worker for ``seconds`` (its budget is spent)."""
+        if self._resume is not None or self.ended:
+            return
+        reader = getattr(self.transport, "pipes", {}).get(1)
+        if reader is None:
+            return
+        reader.stopReading()
+        self.pool.throttled(self.slot)
+        self._resume = self.pool.reactor.callLater(max(seconds, 0.01), self._read_again, reader)
+
+    def _read_again(self, reader: Any) -> None:
+        self._resume = None
+        if not self.ended:
+            reader.startReading()
 
     def kill(self) -> None:
         if self.ended or self.transport is None:
@@ -228,6 +256,8 @@ class WorkerProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
+        cancel_call(self._resume)
+        self._resume = None
         self.control.connectionLost(reason)
         self.pool.worker_ended(self.slot, self, reason)
 
@@ -256,6 +286,7 @@ class Slot:
     restart_call: Any = None
     ready_call: Any = None
     fetching: bool = False
+    throttle_logged: float = -60.0
 
 
 class WorkerPool(Service):
@@ -286,6 +317,7 @@ class WorkerPool(Service):
         )]
         self.module = os.environ.get(WORKER_MODULE_ENV, "").strip() or WORKER_MODULE
         self.restarts_total = 0
+        self.throttled_total = 0
         self._draining = False
         self._stopping = False
         self._sockets: List[socket.socket] = []
@@ -505,6 +537,7 @@ class WorkerPool(Service):
         slot.ready_since = time.monotonic()
         log.info("worker {slot} ready (pid {pid})", slot=slot.index, pid=process.pid)
         self._update_readiness()
+        self._fetch_all()  # its metric families exist from now on
         if self._draining:  # the drain began while it started
             process.control.callRemote(P.Drain).addErrback(lambda _: None)
 
@@ -533,6 +566,18 @@ class WorkerPool(Service):
             process.condemned = True  # type: ignore[attr-defined]
             log.error("worker {slot} (pid {pid}) {why}; killing it", slot=slot.index, pid=process.pid, why=why)
         process.kill()
+
+    def throttled(self, slot: Slot) -> None:
+        """A worker spent its control budget: its pipe waits (``WorkerProcess.throttle``)."""
+        self.throttled_total += 1
+        now = time.monotonic()
+        if now - slot.throttle_logged >= 60.0:
+            slot.throttle_logged = now
+            log.warn(
+                "worker {slot} floods the control channel (over {rate:g} messages or {bytes} bytes a second): "
+                "reading it no faster (logged at most once a minute)",
+                slot=slot.index, rate=CONTROL_RATE, bytes=CONTROL_BYTES,
+            )
 
     def worker_ended(self, slot: Slot, process: WorkerProcess, reason: Failure) -> None:
         waiter = self._ended.pop(slot.index, None)
@@ -731,6 +776,11 @@ class WorkersCollector(Collector):
         yield GaugeMetricFamily("relay_workers_configured", "Worker processes configured (--workers).", value=pool.count)
         yield CounterMetricFamily("relay_worker_restarts", "Worker processes restarted after they exited or died.",
                                   value=pool.restarts_total)
+        yield CounterMetricFamily(
+            "relay_worker_control_throttled",
+            "Times a worker's control messages were read slower because it sent more than the supervisor's budget.",
+            value=pool.throttled_total,
+        )
         readiness = self.readiness
         draining = bool(readiness.draining)
         yield GaugeMetricFamily("relay_portal_connected",

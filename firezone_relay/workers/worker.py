@@ -110,8 +110,10 @@ class WorkerControl(P.QuietAMP):
 
     @P.Drain.responder
     def drain(self) -> Dict[str, Any]:
-        if self.relay is not None:
+        if self.relay is not None and not self.relay.draining:
             self.relay.start_draining()
+            log.info("worker {slot} draining {allocations} allocations (new Allocates get 508)",
+                     slot=self.slot, allocations=self.relay.allocation_count)
         return {}
 
     @P.Stop.responder

@@ -1,0 +1,59 @@
+"""Faulty workers for tests/test_workers.py, run by the supervisor in place of
+``firezone_relay.workers.worker`` (``FIREZONE_RELAY_WORKER_MODULE``).
+
+``FAULT`` names what worker ``FAULT_SLOT`` (default 1) does wrong; the
+other workers are the real one:
+
+* ``exit``: exits with status 3 at once, every time it is started;
+* ``stuck``: hangs while it configures (never answers ``Configure``);
+* ``flood``: serves, then sends allocation notices as fast as it can
+  (raw AMP boxes, written as fast as the pipe takes them; a million at most).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Dict
+
+from twisted.protocols import amp
+
+from firezone_relay.workers import worker
+
+
+def main() -> int:
+    slot = int(sys.argv[1])
+    fault = os.environ.get("FAULT", "")
+    if slot != int(os.environ.get("FAULT_SLOT", "1")):
+        return worker.main()
+    if fault == "exit":
+        return 3
+    real_build = worker.build_worker
+    if fault == "stuck":
+        def stuck(control: Any, config: Dict[str, Any]) -> None:
+            while True:  # the supervisor kills it after its ready timeout (or it dies with its parent)
+                time.sleep(1)
+
+        worker.build_worker = stuck
+    elif fault == "flood":
+        def flooding(control: Any, config: Dict[str, Any]) -> None:
+            real_build(control, config)
+            sent = [0]
+
+            box = amp.AmpBox(_command=b"AllocationRemoved", port=str(config["relay"]["lowest_port"]).encode()).serialize()
+
+            def flood() -> None:
+                control.transport.write(box * 5000)
+                sent[0] += 5000
+                if sent[0] < 1_000_000:
+                    control.reactor.callLater(0, flood)
+
+            control.reactor.callLater(0.2, flood)
+
+        worker.build_worker = flooding
+    return worker.main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
