@@ -70,10 +70,16 @@ class PeerRules:
         """Where datagrams for ``peer`` are sent: ``peer``, except another
         worker's allocation on a public address that is not local (1:1
         NAT), which is reached at the local ``sibling_ip`` of its family."""
-        if self._sibling_ip and peer[0] in self._own_ips and self._range[0] <= peer[1] <= self._range[1]:
+        port = peer[1]
+        if (
+            self._sibling_ip
+            and peer[0] in self._own_ips
+            and self._range[0] <= port <= self._range[1]
+            and not self.config.lowest_port <= port <= self.config.highest_port
+        ):
             for family, public in self._public.items():
                 if public == peer[0] and family in self._sibling_ip:
-                    return (self._sibling_ip[family], peer[1])
+                    return (self._sibling_ip[family], port)
         return peer
 
     def _ip_allowed(self, ip: str) -> bool:
