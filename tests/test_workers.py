@@ -45,12 +45,15 @@ def free_tcp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def free_udp_and_tcp_port() -> int:
+def free_udp_and_tcp_port(families: Sequence[int] = (4,)) -> int:
     for _ in range(100):
-        port = free_udp_port((4,))
+        port = free_udp_port(families)
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                s.bind(("127.0.0.1", port))
+            for family in families:
+                with socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET, socket.SOCK_STREAM) as s:
+                    if family == 6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    s.bind(("::1" if family == 6 else "127.0.0.1", port))
         except OSError:
             continue
         return port
@@ -155,8 +158,10 @@ class WorkersFixture:
         size: int = 64,
         wait_ready: bool = True,
         loopback_peers: bool = True,
+        secret: bool = True,
+        ipv6: bool = False,
     ) -> Relay:
-        listen_port = free_udp_and_tcp_port()
+        listen_port = free_udp_and_tcp_port((4, 6) if ipv6 else (4,))
         low, high = port_range(size, avoid=[listen_port])
         http_port = free_tcp_port()
         cwd = self.mktemp()
@@ -174,8 +179,9 @@ class WorkersFixture:
             "--bind-ip4-addr=127.0.0.1",
             "--health-check-addr=127.0.0.1:%d" % http_port,
             "--control-endpoint=off",
-            "--auth-secret=%s" % SECRET,
-        ] + (["--allow-loopback-peers"] if loopback_peers else []) + list(extra)
+        ] + (["--auth-secret=%s" % SECRET] if secret else []) + (
+            ["--public-ip6-addr=::1", "--bind-ip6-addr=::1"] if ipv6 else []
+        ) + (["--allow-loopback-peers"] if loopback_peers else []) + list(extra)
         proc = subprocess.Popen(args, cwd=cwd, env=twistd_env(**(env or {})), stdout=out, stderr=subprocess.STDOUT)
         relay = Relay(proc, log_path, listen_port, http_port, low, high, workers)
 
@@ -206,16 +212,31 @@ class WorkersFixture:
             time.sleep(0.1)
         self.fail("the relay did not become ready:\n" + relay.log())
 
+    @defer.inlineCallbacks
+    def wait_ready_async(self: Any, relay: Relay, timeout: float = 30.0) -> Any:
+        """``wait_ready`` without blocking the reactor (a stand-in portal runs in it)."""
+        from twisted.internet.threads import deferToThread
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if relay.proc.poll() is not None:
+                self.fail("the relay exited (%s):\n%s" % (relay.proc.returncode, relay.log()))
+            status = yield deferToThread(lambda: http_get(relay.http_port, "/readyz")[0])
+            if status == 200:
+                return
+            yield sleep(0.1)
+        self.fail("the relay did not become ready:\n" + relay.log())
+
     def expiry(self: Any) -> int:
         return int(time.time()) + 3600
 
     @defer.inlineCallbacks
-    def client(self: Any, relay: Relay, salt: str = "testsalt") -> Any:
+    def client(self: Any, relay: Relay, salt: str = "testsalt", family: int = 4, secret: str = SECRET) -> Any:
         """A UDP client with an allocation: ``(client, relayed address)``."""
-        client = TurnClient(("127.0.0.1", relay.listen_port))
-        port = listen(client)
+        client = TurnClient(("::1" if family == 6 else "127.0.0.1", relay.listen_port))
+        port = listen(client, family)
         self.addCleanup(port.stopListening)
-        _, final = yield client.allocate(SECRET, self.expiry(), salt=salt)
+        _, final = yield client.allocate(secret, self.expiry(), salt=salt)
         self.assertEqual(final.msg_class, stun.SUCCESS, final.get(stun.ERROR_CODE))
         return client, final.get_address(stun.XOR_RELAYED_ADDRESS)
 
@@ -250,11 +271,13 @@ class WorkersFixture:
         self.assertEqual(got, (tuple(peer_addr), b"back " + tag))
 
     @defer.inlineCallbacks
-    def clients_in_both_slices(self: Any, relay: Relay, count: int = 12, salt: str = "testsalt") -> Any:
+    def clients_in_both_slices(
+        self: Any, relay: Relay, count: int = 12, salt: str = "testsalt", family: int = 4, secret: str = SECRET
+    ) -> Any:
         """``count`` allocations from as many source ports; at least one in each worker's slice."""
         out = []
         for i in range(count):
-            client, relayed = yield self.client(relay, salt="%s%d" % (salt, i))
+            client, relayed = yield self.client(relay, salt="%s%d" % (salt, i), family=family, secret=secret)
             out.append((client, relayed))
         used = {relay.slot_of(relayed[1]) for _, relayed in out}
         self.assertEqual(used, set(range(len(relay.slices))), "every worker gets clients (kernel SO_REUSEPORT hashing)")
@@ -409,6 +432,56 @@ class WorkerProcessTests(WorkersFixture, unittest.TestCase):
             self.assertGreaterEqual(metric(after, name, **labels), metric(before, name, **labels), name)
         self.assertEqual(metric(after, "relay_worker_restarts_total"), 1)
         self.assertEqual(metric(after, "relay_workers"), 2)
+
+
+class FamilyAndPortalTests(WorkersFixture, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_ipv6_listeners_are_shared_too(self) -> Any:
+        from tests.helpers import ipv6_available
+
+        if not ipv6_available():
+            raise unittest.SkipTest("no IPv6 loopback on this host")
+        relay = self.start_relay(ipv6=True)
+        clients = yield self.clients_in_both_slices(relay, family=6)
+        peer, peer_addr = self.peer()
+        for i, (client, relayed) in enumerate(clients):
+            yield self.permit(client, peer_addr)
+            yield self.relays_both_ways(client, relayed, peer, peer_addr, b"v6 %d" % i)
+
+    @defer.inlineCallbacks
+    def test_portal_mode_starts_the_workers_on_the_first_init(self) -> Any:
+        from tests.portal_stub import TOKEN, StubPortal
+
+        stub = StubPortal()
+        stub.push_init = False
+        stub.start()
+        self.addCleanup(stub.stop)
+        relay = self.start_relay(
+            extra=["--api-url", stub.url(), "--name", "workers-under-test"],
+            env={"FIREZONE_TOKEN": TOKEN},
+            secret=False,
+            wait_ready=False,
+        )
+        join = yield stub.wait("join", 1, timeout=30)
+        secret = join["payload"]["stamp_secret"]
+        yield sleep(1.0)
+        self.assertNotIn("worker 0 started", relay.log(), "no worker before the portal's init")
+        from twisted.internet.threads import deferToThread
+
+        status = yield deferToThread(lambda: http_get(relay.http_port, "/readyz")[0])
+        self.assertEqual(status, 503)
+        stub.push("relay", "init", {})
+        yield self.wait_ready_async(relay)
+        clients = yield self.clients_in_both_slices(relay, count=10, secret=secret)
+        for client, _ in clients:
+            response = yield client.request(stun.REFRESH, [(stun.LIFETIME, 0)])
+            self.assertEqual(response.msg_class, stun.SUCCESS)
+        self.assertNotIn(secret, relay.log())
+        relay.proc.send_signal(signal.SIGTERM)
+        closed = yield stub.wait("close", 1)
+        yield self.wait_for_async(lambda: relay.proc.poll() is not None, timeout=15, what="exit")
+        self.assertEqual(relay.proc.returncode, 0, relay.log())
+        self.assertEqual(closed[:2], (True, 1000))
 
 
 class DrainTests(WorkersFixture, unittest.TestCase):
