@@ -8,7 +8,8 @@ lives in another worker), ``Drain`` and ``Stop``.
 
 Worker -> supervisor: ``AllocationCreated`` / ``AllocationRemoved`` (port
 and username: the supervisor keeps ``--user-allocation-limit`` across the
-workers and counts allocations for the drain).
+workers and counts allocations for the drain), ``ChannelBound`` /
+``ChannelUnbound`` (UDP clients' channels, for the XDP maps).
 
 Nothing here is on the per-packet path.
 """
@@ -56,6 +57,29 @@ class AllocationCreated(amp.Command):
 
 class AllocationRemoved(amp.Command):
     arguments = [(b"port", amp.Integer())]
+    requiresAnswer = False
+
+
+_CHANNEL = [
+    (b"client_ip", amp.Unicode()),
+    (b"client_port", amp.Integer()),
+    (b"channel", amp.Integer()),
+    (b"peer_ip", amp.Unicode()),
+    (b"peer_port", amp.Integer()),
+    (b"port", amp.Integer()),
+    (b"family", amp.Integer()),
+]
+
+
+class ChannelBound(amp.Command):
+    """For the XDP maps the supervisor owns (``--ebpf-offloading``)."""
+
+    arguments = _CHANNEL
+    requiresAnswer = False
+
+
+class ChannelUnbound(amp.Command):
+    arguments = _CHANNEL
     requiresAnswer = False
 
 

@@ -182,6 +182,16 @@ class SupervisorControl(P.QuietAMP):
         self.pool.allocation_removed(self.slot, port)
         return {}
 
+    @P.ChannelBound.responder
+    def channel_bound(self, **fields: Any) -> Dict[str, Any]:
+        self.pool.channel_changed(self.slot, True, fields)
+        return {}
+
+    @P.ChannelUnbound.responder
+    def channel_unbound(self, **fields: Any) -> Dict[str, Any]:
+        self.pool.channel_changed(self.slot, False, fields)
+        return {}
+
 
 class Budget:
     """A token bucket: ``rate`` per second, bursts of twice that."""
@@ -287,6 +297,8 @@ class Slot:
     ready_call: Any = None
     fetching: bool = False
     throttle_logged: float = -60.0
+    #: the current run's channels in the XDP maps: (client, channel, peer, port, family)
+    channels: set[Tuple[Any, ...]] = dataclasses.field(default_factory=set)
 
 
 class WorkerPool(Service):
@@ -303,8 +315,11 @@ class WorkerPool(Service):
         readiness: Any,
         reactor: Any,
         serve_at_start: bool = True,
+        fast_path: Any = None,
     ) -> None:
         self.options = options
+        #: The XDP service (``--ebpf-offloading``) whose maps the workers' channels feed, or None.
+        self.fast_path = fast_path
         self.secret = secret
         self.count = count
         self.readiness = readiness
@@ -507,6 +522,7 @@ class WorkerPool(Service):
             "stream_limits": limits,
             "siblings": {str(f): list(v) for f, v in self.siblings.items()},
             "log_format": options["log-format"],
+            "xdp": self.fast_path is not None,
             "log_level": [levels.default.name, levels.relay.name if levels.relay is not None else None],
         }
 
@@ -591,6 +607,7 @@ class WorkerPool(Service):
         ran = time.monotonic() - (slot.ready_since if was_ready else process.started)
         slot.process = None
         self._keep_counters(slot)
+        self._unbind_all(slot)
         for port in list(slot.ports):
             self._forget(slot, port)
         self._update_readiness()
@@ -671,6 +688,41 @@ class WorkerPool(Service):
             if not owned:
                 del self._by_user[user]
 
+    # --- the XDP maps ------------------------------------------------------------------------
+
+    def channel_changed(self, slot: Slot, bound: bool, fields: Dict[str, Any]) -> None:
+        from firezone_relay.core import commands as C
+
+        port = fields["port"]
+        if not slot.lowest <= port <= slot.highest:
+            self.misbehaving(slot, "reported a channel on port %d, outside its slice" % port)
+            return
+        key = (
+            (fields["client_ip"], fields["client_port"]),
+            fields["channel"],
+            (fields["peer_ip"], fields["peer_port"]),
+            port,
+            fields["family"],
+        )
+        fast_path = self.fast_path
+        if bound:
+            slot.channels.add(key)
+            if fast_path is not None:
+                fast_path.channel_bound(C.ChannelBound(*key))
+        elif key in slot.channels:
+            slot.channels.discard(key)
+            if fast_path is not None:
+                fast_path.channel_unbound(C.ChannelUnbound(*key))
+
+    def _unbind_all(self, slot: Slot) -> None:
+        """A worker died: its channels leave the kernel's maps with it."""
+        from firezone_relay.core import commands as C
+
+        channels, slot.channels = slot.channels, set()
+        if self.fast_path is not None:
+            for key in channels:
+                self.fast_path.channel_unbound(C.ChannelUnbound(*key))
+
     # --- counters ------------------------------------------------------------------------------
 
     def _fetch_all(self) -> None:
@@ -731,6 +783,9 @@ def _describe_end(reason: Failure) -> str:
     return "exited with status %s" % (getattr(value, "exitCode", None),)
 
 
+_Add = Callable[[Tuple[str, str, str], Tuple[str, Tuple[Tuple[str, str], ...]], float], None]
+
+
 class WorkersCollector(Collector):
     """``/metrics`` of the supervisor: the workers' families summed (the
     dead runs' counters included), and the pool's own."""
@@ -741,6 +796,44 @@ class WorkersCollector(Collector):
     def __init__(self, pool: WorkerPool, readiness: Any) -> None:
         self.pool = pool
         self.readiness = readiness
+
+    def _add_xdp(self, add: _Add, families: Dict[str, Tuple[str, str, str]]) -> None:
+        """The XDP program's counters (the supervisor owns it), in the same
+        families as the workers' userspace ones (``datapath="xdp"``)."""
+        fast_path = self.pool.fast_path
+        xdp = fast_path.counters() if fast_path is not None else None
+        if xdp is None:
+            return
+
+        def family(name: str, type_: str, doc: str) -> Tuple[str, str, str]:
+            return families.get(name, (name, type_, doc))
+
+        def key(sample: str, **labels: str) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
+            return (sample, tuple(sorted(labels.items())))
+
+        for unit in ("bytes", "packets"):
+            name = "relay_data_relayed_%s" % unit
+            for direction in ("client_to_peer", "peer_to_client"):
+                add(family(name, "counter", "Relayed %s." % unit), key(name + "_total", direction=direction, datapath="xdp"),
+                    float(xdp.total(unit, direction)))
+        names = {4: "ipv4", 6: "ipv6"}
+        by_family = family("relay_xdp_relayed_packets", "counter",
+                           "Packets relayed by the XDP fast path, by direction and client/peer address family.")
+        for (direction, cf, pf), count in sorted(xdp.packets.items()):
+            add(by_family, key("relay_xdp_relayed_packets_total", direction=direction, client_family=names[cf],
+                               peer_family=names[pf]), float(count))
+        add(family("relay_xdp_hairpin_packets", "counter",
+                   "Packets the XDP fast path relayed from one client of this relay straight to another."),
+            key("relay_xdp_hairpin_packets_total"), float(xdp.hairpin))
+        passed = family("relay_xdp_passed_packets", "counter",
+                        "TURN-port datagrams the XDP fast path left to userspace, by reason (miss: no binding).")
+        for reason, count in sorted(xdp.passed.items()):
+            add(passed, key("relay_xdp_passed_packets_total", reason=reason), float(count))
+        errors = getattr(fast_path, "errors", None)
+        if errors is not None:
+            failed = family("relay_xdp_map_errors", "counter", "XDP map writes that failed, by kind.")
+            for kind in sorted(set(errors) | {"full"}):
+                add(failed, key("relay_xdp_map_errors_total", kind=kind), float(errors[kind]))
 
     def collect(self) -> Iterator[Metric]:
         merged: Dict[Tuple[str, str, str], Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]] = {}
@@ -763,6 +856,7 @@ class WorkersCollector(Collector):
             for family, values in slot.base.items():
                 for key, value in values.items():
                     add(family, key, value)
+        self._add_xdp(add, {family[0]: family for family in order})
         for family in order:
             name, type_, doc = family
             metric = Metric(name, doc, type_)
@@ -807,11 +901,10 @@ def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
             "firezone-relay: --workers %d needs at least %d allocation ports; --lowest-port..--highest-port has %d"
             % (count, count, size)
         )
-    if options["ebpf-offloading"]:
-        raise SystemExit("firezone-relay: --ebpf-offloading is not supported with --workers above 1 yet")
-    for flag, what in (("control-endpoint", "the control endpoint"), ("otlp-grpc-endpoint", "OTLP export")):
-        if options.get(flag):
-            log.warn("{what} (--{flag}) is off with --workers above 1", what=what, flag=flag)
+    if options.get("control-endpoint"):
+        log.info("control endpoint: off with --workers above 1 (not supported yet)")
+    if options.get("otlp-grpc-endpoint"):
+        log.warn("OTLP export (--otlp-grpc-endpoint) is off with --workers above 1 (not supported yet)")
     class PoolReadiness(Readiness):
         """Serving while every worker is ready (whatever the portal's ``init`` sets)."""
 
@@ -824,7 +917,13 @@ def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
             pass
 
     readiness = PoolReadiness(None, portal_required=bool(options["token"]))
-    pool = WorkerPool(options, secret, count, readiness, reactor, serve_at_start=not options["token"])
+    from firezone_relay.service import make_xdp_service
+
+    # The XDP program starts before the workers (and so stops after them).
+    xdp = make_xdp_service(options)
+    if xdp is not None:
+        xdp.setServiceParent(top)
+    pool = WorkerPool(options, secret, count, readiness, reactor, serve_at_start=not options["token"], fast_path=xdp)
     readiness.relay = pool
     pool.setServiceParent(top)
 

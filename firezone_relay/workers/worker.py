@@ -123,6 +123,26 @@ class WorkerControl(P.QuietAMP):
 
     # --- worker -> supervisor ------------------------------------------------------
 
+    def channel_bound(self, command: Any) -> None:
+        self._channel(P.ChannelBound, command)
+
+    def channel_unbound(self, command: Any) -> None:
+        self._channel(P.ChannelUnbound, command)
+
+    def _channel(self, kind: Any, command: Any) -> None:
+        if len(command.client) != 2:  # a stream client: not in the XDP maps
+            return
+        self.callRemote(
+            kind,
+            client_ip=command.client[0],
+            client_port=command.client[1],
+            channel=command.channel,
+            peer_ip=command.peer[0],
+            peer_port=command.peer[1],
+            port=command.port,
+            family=command.family,
+        )
+
     def allocation_event(self, command: Any) -> None:
         from firezone_relay.core import commands as C
 
@@ -166,6 +186,7 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
         reactor=control.reactor,
         batched_io={"auto": None, "batched": True, "python": False}[config["udp_io"]],
         on_allocation=control.allocation_event,
+        fast_path=control if config.get("xdp") else None,  # the supervisor's XDP maps
         siblings={int(k): (v[0], v[1]) for k, v in config["siblings"].items()},
     )
     bind = {int(k): v for k, v in config["bind"].items()}
