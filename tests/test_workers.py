@@ -534,6 +534,16 @@ class DrainTests(WorkersFixture, unittest.TestCase):
         for pid in relay.started_pids():
             self.wait_for(lambda: not alive(pid), timeout=STOP_WAIT, what="worker %d gone" % pid)
 
+    def test_sighup_is_ignored_with_a_warning(self) -> None:
+        relay = self.start_relay()
+        relay.proc.send_signal(signal.SIGHUP)
+        self.wait_for(lambda: "SIGHUP: reloading is not supported with --workers above 1 yet; ignored" in relay.log(),
+                      what="the SIGHUP warning")
+        self.assertIsNone(relay.proc.poll())
+        self.assertEqual(http_get(relay.http_port, "/readyz")[0], 200)
+        self.assertEqual(sorted(relay.ready_pids()), [0, 1])
+        self.assertEqual(len(relay.started_pids()), 2, "no worker restarted")
+
     def test_a_supervisor_killed_with_sigkill_leaves_no_worker(self) -> None:
         relay = self.start_relay()
         pids = list(relay.ready_pids().values())

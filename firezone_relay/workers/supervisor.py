@@ -84,8 +84,10 @@ BACKOFF_MAX = 30.0
 STABLE = 10.0
 COUNTER_INTERVAL = 1.0
 STOP_TIMEOUT = 5.0
-CONTROL_RATE = 10000.0
-CONTROL_BYTES = 2 * 1024 * 1024
+#: Far above a real worker's rate (two notices per allocation, two per
+#: channel with XDP; a worker allocates a few thousand a second).
+CONTROL_RATE = 20000.0
+CONTROL_BYTES = 4 * 1024 * 1024
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _LISTEN_BACKLOG = 1024
 _LOOPBACK = {4: "127.0.0.1", 6: "::1"}
@@ -591,7 +593,7 @@ class WorkerPool(Service):
             slot.throttle_logged = now
             log.warn(
                 "worker {slot} floods the control channel (over {rate:g} messages or {bytes} bytes a second): "
-                "reading it no faster (logged at most once a minute)",
+                "reading it no faster than that (logged at most once a minute)",
                 slot=slot.index, rate=CONTROL_RATE, bytes=CONTROL_BYTES,
             )
 
