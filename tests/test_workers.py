@@ -327,6 +327,21 @@ class OptionTests(unittest.SynchronousTestCase):
                 self.assertLessEqual(a_low, a_high)
                 self.assertEqual(a_high + 1, b_low)
 
+    def test_more_workers_than_ports_is_one_clear_error(self) -> None:
+        from firezone_relay.service import build
+
+        options = tap.Options(environ={})
+        options.parseOptions([
+            "--auth-secret", SECRET, "--workers", "4", "--public-ip4-addr", "127.0.0.1",
+            "--lowest-port", "40000", "--highest-port", "40002", "--control-endpoint", "off",
+        ])
+        with self.assertRaises(SystemExit) as caught:
+            build(options, reactor)
+        self.assertEqual(
+            str(caught.exception),
+            "firezone-relay: --workers 4 needs at least 4 allocation ports; --lowest-port..--highest-port has 3",
+        )
+
     def test_one_worker_is_todays_relay(self) -> None:
         from firezone_relay.service import build
 
