@@ -389,6 +389,8 @@ class WorkerProcessTests(WorkersFixture, unittest.TestCase):
         )
         self.assertEqual(metric(text, "relay_workers"), 2)
         self.assertEqual(metric(text, "relay_worker_restarts_total"), 0)
+        self.assertGreater(metric(text, "relay_worker_cpu_seconds_total"), 0)
+        self.assertGreater(metric(text, "relay_worker_resident_memory_bytes"), 2 * 10_000_000)
         self.assertEqual(metric(text, "relay_ready"), 1)
 
     @defer.inlineCallbacks
@@ -443,6 +445,7 @@ class WorkerProcessTests(WorkersFixture, unittest.TestCase):
             ("relay_allocations_total", {}),
             ("relay_data_relayed_packets_total", {"direction": "peer_to_client", "datapath": "userspace"}),
             ("relay_responses_total", {"message_type": "allocate", "response_class": "success", "error_code": ""}),
+            ("relay_worker_cpu_seconds_total", {}),
         ):
             self.assertGreaterEqual(metric(after, name, **labels), metric(before, name, **labels), name)
         self.assertEqual(metric(after, "relay_worker_restarts_total"), 1)

@@ -345,6 +345,7 @@ class WorkerPool(Service):
         self._counters.clock = reactor
         self._ended: Dict[int, defer.Deferred[None]] = {}
         self.siblings = siblings(options)
+        self._max_channels = int(options.get("max-channels-per-allocation") or 256)
         self.tcp_port = options["listen-port"]
         self.tls_port = options["tls-port"]
 
@@ -696,8 +697,8 @@ class WorkerPool(Service):
         from firezone_relay.core import commands as C
 
         port = fields["port"]
-        if not slot.lowest <= port <= slot.highest:
-            self.misbehaving(slot, "reported a channel on port %d, outside its slice" % port)
+        if port not in slot.ports:
+            # Not (or no longer: evicted a moment ago) one of its allocations.
             return
         key = (
             (fields["client_ip"], fields["client_port"]),
@@ -708,6 +709,9 @@ class WorkerPool(Service):
         )
         fast_path = self.fast_path
         if bound:
+            if key not in slot.channels and sum(1 for k in slot.channels if k[3] == port) >= self._max_channels:
+                self.misbehaving(slot, "reported more channels on port %d than an allocation may hold" % port)
+                return
             slot.channels.add(key)
             if fast_path is not None:
                 fast_path.channel_bound(C.ChannelBound(*key))

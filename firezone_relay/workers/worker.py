@@ -75,6 +75,26 @@ def _snapshot(registry: Any) -> bytes:
     return zlib.compress(json.dumps(families, separators=(",", ":")).encode("utf-8"), 1)
 
 
+class WorkerProcessCollector:
+    """This worker's CPU time and memory (the supervisor sums the workers'
+    and keeps a dead one's CPU seconds, so the total never goes back)."""
+
+    def collect(self) -> Any:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        times = os.times()
+        yield CounterMetricFamily(
+            "relay_worker_cpu_seconds", "CPU time (user and system) of the worker processes.",
+            value=times.user + times.system,
+        )
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+            return
+        yield GaugeMetricFamily("relay_worker_resident_memory_bytes", "Resident memory of the worker processes.", value=rss)
+
+
 class WorkerControl(P.QuietAMP):
     """The worker's end of the control channel."""
 
@@ -212,6 +232,7 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
     dispatch.install(control.reactor)
     registry, _ = make_registry(relay, None, process_metrics=False, drop_sources=[shell.drops, stream.drops], shell=shell)
     registry.register(StreamCollector(stream))
+    registry.register(WorkerProcessCollector())
     control.relay, control.shell, control.registry = relay, shell, registry
     shell.startService()
     log.info(
