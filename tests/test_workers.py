@@ -740,3 +740,67 @@ class FaultTests(WorkersFixture, unittest.TestCase):
         self.assertGreater(metric(relay.metrics(), "relay_worker_control_throttled_total"), 0)
         self.assertIsNone(relay.proc.poll())
         self.assertEqual(relay.log().count("worker 1 floods the control channel"), 1, "logged at most once a minute")
+
+
+class PoolBookkeepingTests(unittest.SynchronousTestCase):
+    """The supervisor's own tables, without processes: the user limit across
+    slots and the XDP bindings it writes for the workers."""
+
+    class Maps:
+        def __init__(self) -> None:
+            self.bound: List[Any] = []
+            self.unbound: List[Any] = []
+
+        def channel_bound(self, command: Any) -> None:
+            self.bound.append(command)
+
+        def channel_unbound(self, command: Any) -> None:
+            self.unbound.append(command)
+
+    def pool(self) -> Any:
+        from firezone_relay.workers.supervisor import WorkerPool
+
+        options = tap.Options(environ={})
+        options.parseOptions([
+            "--auth-secret", SECRET, "--workers", "2", "--public-ip4-addr", "127.0.0.1",
+            "--lowest-port", "40000", "--highest-port", "40099", "--control-endpoint", "off",
+            "--user-allocation-limit", "1", "--max-channels-per-allocation", "2",
+        ])
+        maps = self.Maps()
+        return WorkerPool(options, SECRET, 2, None, reactor, fast_path=maps), maps
+
+    @staticmethod
+    def channel(port: int, number: int = 0x4000) -> Dict[str, Any]:
+        return {"client_ip": "10.0.0.1", "client_port": 1000 + port, "channel": number,
+                "peer_ip": "10.0.0.2", "peer_port": 2, "port": port, "family": 4}
+
+    def test_user_limit_channels_and_a_dead_worker(self) -> None:
+        pool, maps = self.pool()
+        first, second = pool.slots
+        pool.allocation_created(first, 40001, "u")
+        pool.channel_changed(first, True, self.channel(40001))
+        pool.channel_changed(first, True, self.channel(40001, 0x4001))
+        pool.channel_changed(first, True, self.channel(40001, 0x4002))  # past the per-allocation cap
+        pool.channel_changed(first, True, self.channel(40002))  # no such allocation
+        self.assertEqual([c.channel for c in maps.bound], [0x4000, 0x4001])
+        self.assertEqual(pool.allocation_count, 1)
+        # The same user in the other worker: the older allocation is the one to go.
+        pool.allocation_created(second, 40070, "u")
+        self.assertEqual((first.ports, second.ports), ({}, {40070: "u"}))
+        self.assertEqual(pool.allocation_count, 1)
+        # Its worker deletes it (Evict): the unbind notices still reach the maps.
+        pool.channel_changed(first, False, self.channel(40001))
+        self.assertEqual([c.channel for c in maps.unbound], [0x4000])
+        pool.allocation_created(second, 40071, "v")
+        pool.channel_changed(second, True, self.channel(40071))
+        # A worker dies: what it had bound leaves the maps.
+        pool._unbind_all(first)
+        pool._unbind_all(second)
+        self.assertEqual(sorted((c.port, c.channel) for c in maps.unbound),
+                         [(40001, 0x4000), (40001, 0x4001), (40071, 0x4000)])
+        self.assertEqual((first.channels, second.channels, first.channel_counts, second.channel_counts), (set(), set(), {}, {}))
+
+    def test_an_allocation_outside_the_slice_is_refused(self) -> None:
+        pool, _ = self.pool()
+        pool.allocation_created(pool.slots[0], 40099, "u")  # slot 1's port
+        self.assertEqual(pool.allocation_count, 0)

@@ -301,6 +301,8 @@ class Slot:
     throttle_logged: float = -60.0
     #: the current run's channels in the XDP maps: (client, channel, peer, port, family)
     channels: set[Tuple[Any, ...]] = dataclasses.field(default_factory=set)
+    #: allocation port -> how many of ``channels`` it holds
+    channel_counts: Dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 class WorkerPool(Service):
@@ -697,9 +699,6 @@ class WorkerPool(Service):
         from firezone_relay.core import commands as C
 
         port = fields["port"]
-        if port not in slot.ports:
-            # Not (or no longer: evicted a moment ago) one of its allocations.
-            return
         key = (
             (fields["client_ip"], fields["client_port"]),
             fields["channel"],
@@ -709,14 +708,24 @@ class WorkerPool(Service):
         )
         fast_path = self.fast_path
         if bound:
-            if key not in slot.channels and sum(1 for k in slot.channels if k[3] == port) >= self._max_channels:
+            if port not in slot.ports:
+                return  # not (or no longer: just evicted) one of its allocations
+            if key in slot.channels:
+                return
+            if slot.channel_counts.get(port, 0) >= self._max_channels:
                 self.misbehaving(slot, "reported more channels on port %d than an allocation may hold" % port)
                 return
             slot.channels.add(key)
+            slot.channel_counts[port] = slot.channel_counts.get(port, 0) + 1
             if fast_path is not None:
                 fast_path.channel_bound(C.ChannelBound(*key))
         elif key in slot.channels:
             slot.channels.discard(key)
+            left = slot.channel_counts.get(port, 1) - 1
+            if left > 0:
+                slot.channel_counts[port] = left
+            else:
+                slot.channel_counts.pop(port, None)
             if fast_path is not None:
                 fast_path.channel_unbound(C.ChannelUnbound(*key))
 
@@ -725,6 +734,7 @@ class WorkerPool(Service):
         from firezone_relay.core import commands as C
 
         channels, slot.channels = slot.channels, set()
+        slot.channel_counts.clear()
         if self.fast_path is not None:
             for key in channels:
                 self.fast_path.channel_unbound(C.ChannelUnbound(*key))
