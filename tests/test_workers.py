@@ -552,6 +552,22 @@ class DrainTests(WorkersFixture, unittest.TestCase):
         for pid in relay.started_pids():
             self.wait_for(lambda: not alive(pid), timeout=STOP_WAIT, what="worker %d gone" % pid)
 
+    def test_a_taken_listen_port_is_one_line_and_exit_1(self) -> None:
+        """A port held by another process is refused, as without workers, not
+        silently shared through SO_REUSEPORT (which the holder may also use)."""
+        for reuseport in (False, True):
+            holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.addCleanup(holder.close)
+            if reuseport:
+                holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind(("127.0.0.1", 0))
+            port = holder.getsockname()[1]
+            relay = self.start_relay(extra=["--listen-port=%d" % port], wait_ready=False)
+            self.assertEqual(relay.proc.wait(timeout=30), 1, relay.log())
+            self.assertIn("firezone-relay: error: cannot listen on 127.0.0.1:%d: Address already in use" % port, relay.log())
+            self.assertNotIn("Traceback", relay.log())
+            self.assertEqual(relay.started_pids(), [])
+
     def test_sighup_is_ignored_with_a_warning(self) -> None:
         relay = self.start_relay()
         relay.proc.send_signal(signal.SIGHUP)

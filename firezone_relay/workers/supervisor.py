@@ -339,6 +339,7 @@ class WorkerPool(Service):
         self.throttled_total = 0
         self._draining = False
         self._stopping = False
+        self._started = False
         self._sockets: List[socket.socket] = []
         self._watchers: List[Callable[[], None]] = []
         #: username -> [(slot index, port)], oldest first
@@ -391,9 +392,10 @@ class WorkerPool(Service):
     def start_workers(self) -> None:
         """Open the listeners (if not yet) and start every worker (portal
         mode: on the portal's first ``init``)."""
-        if any(slot.process is not None for slot in self.slots):
+        if self._started:  # a later init (portal reconnect): already serving
             return
         self._make_sockets()
+        self._started = True
         log.info(
             "{count} workers: allocation ports {slices}; listeners shared with SO_REUSEPORT",
             count=self.count,
@@ -445,9 +447,30 @@ class WorkerPool(Service):
                 kinds.append(("tls", socket.SOCK_STREAM))
         for family, ip in served:
             for kind, type_ in kinds:
+                self._probe(family, ip, kind, type_)
                 for slot in self.slots:
                     sock = self._listener(family, ip, kind, type_)
                     slot.fds["%s:%d" % (kind, family)] = sock.fileno()
+
+    def _probe(self, family: int, ip: str, kind: str, type_: int) -> None:
+        """Bind the port once without ``SO_REUSEPORT`` first: a port another
+        relay (or anything) holds is an error at start-up, as without
+        workers, never a silent share of its traffic."""
+        port = {"udp": self.options["listen-port"], "tcp": self.tcp_port, "tls": self.tls_port}[kind]
+        probe = socket.socket(_AF[family], type_)
+        try:
+            if family == 6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if type_ == socket.SOCK_STREAM:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((ip, port))
+        except OSError as exc:
+            for other in self._sockets:
+                other.close()
+            self._sockets = []
+            raise CannotListenError(ip, port, exc) from exc
+        finally:
+            probe.close()
 
     def _listener(self, family: int, ip: str, kind: str, type_: int) -> socket.socket:
         port = {"udp": self.options["listen-port"], "tcp": self.tcp_port, "tls": self.tls_port}[kind]
