@@ -236,7 +236,8 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
     control.relay, control.shell, control.registry = relay, shell, registry
     shell.startService()
     log.info(
-        "worker {slot} (pid {pid}) serving: allocation ports {lowest}-{highest}",
+        "worker {slot} (pid {pid}) serving: allocation ports {lowest}-{highest}, UDP I/O {udp_io}",
+        udp_io="batched" if shell.io is not None else "python",
         slot=control.slot,
         pid=os.getpid(),
         lowest=fields["lowest_port"],
@@ -265,7 +266,10 @@ def _start_logging(config: Dict[str, Any]) -> None:
         plain = textFileLogObserver(sys.stderr)
 
         def observer(event: Dict[str, Any]) -> None:
-            event["log_system"] = "worker-%d %s" % (slot, event.get("log_namespace", "-"))
+            level = event.get("log_level")
+            event["log_system"] = "worker-%d %s#%s" % (
+                slot, event.get("log_namespace", "-"), level.name if level is not None else "-"
+            )
             plain(event)
 
     globalLogBeginner.beginLoggingTo([logs.level_filter(cast(ILogObserver, observer), levels)], redirectStandardIO=False)
