@@ -77,7 +77,8 @@ log = Logger(namespace="firezone_relay.workers.supervisor")
 #: The module a worker runs (``python -m``); tests name a faulty one.
 WORKER_MODULE_ENV = "FIREZONE_RELAY_WORKER_MODULE"
 WORKER_MODULE = "firezone_relay.workers.worker"
-READY_TIMEOUT = 10.0
+#: Generous: a loaded host can take seconds to import and start a worker.
+READY_TIMEOUT = 20.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 #: A worker that ran this long before it died starts the backoff over.
