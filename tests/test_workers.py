@@ -160,6 +160,7 @@ class WorkersFixture:
         loopback_peers: bool = True,
         secret: bool = True,
         ipv6: bool = False,
+        attempt: int = 1,
     ) -> Relay:
         listen_port = free_udp_and_tcp_port((4, 6) if ipv6 else (4,))
         low, high = port_range(size, avoid=[listen_port])
@@ -196,8 +197,28 @@ class WorkersFixture:
 
         self.addCleanup(kill)
         if wait_ready:
+            if attempt < 3 and self.exited_on_a_taken_port(relay):
+                # Another parallel test took a port between our check and
+                # the relay's bind: try other ports.
+                return self.start_relay(workers, extra, env, public, size, wait_ready, loopback_peers, secret, ipv6,
+                                        attempt + 1)
             self.wait_ready(relay)
         return relay
+
+    def exited_on_a_taken_port(self, relay: Relay, timeout: float = 30.0) -> bool:
+        """True when the relay exited at start-up because a port was taken;
+        False once it is ready (or exited otherwise: ``wait_ready`` says so)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if relay.proc.poll() is not None:
+                return "Address already in use" in relay.log()
+            try:
+                if http_get(relay.http_port, "/readyz")[0] == 200:
+                    return False
+            except OSError:
+                pass
+            time.sleep(0.1)
+        return False
 
     def wait_ready(self: Any, relay: Relay, timeout: float = 30.0) -> None:
         deadline = time.time() + timeout
@@ -687,7 +708,9 @@ class StreamTests(WorkersFixture, unittest.TestCase):
 
         cert, key = make_certificate(Path(self.mktemp()).resolve())
         tls_port = free_tcp_port()
-        relay = self.start_relay(extra=["--tls-cert=%s" % cert, "--tls-key=%s" % key, "--tls-port=%d" % tls_port])
+        relay = self.start_relay(
+            extra=["--tls-cert=%s" % cert, "--tls-key=%s" % key, "--tls-port=%d" % tls_port], size=400
+        )
         peer, peer_addr = self.peer()
         trust = Certificate.loadPEM(cert.read_bytes())
         for tls in (False, True):

@@ -22,11 +22,12 @@ Theory of operation (SPEC §9).  The supervisor relays nothing itself.  It
   (``relay_worker_restarts_total``); a worker that does not answer
   ``Configure`` within ``READY_TIMEOUT`` is killed and restarted the same way;
 * bounds the control channel: a worker's messages are read at most at
-  ``CONTROL_RATE`` per second and ``CONTROL_BYTES`` bytes per second (with
-  bursts of twice that); beyond, the supervisor stops reading that
-  worker's pipe until the budget refills (the worker's own writes wait), so
-  a flooding worker costs the supervisor a bounded share of its time and
-  nothing else; a worker that breaks the protocol (an allocation outside
+  ``CONTROL_RATE`` per second, and handling them may take at most
+  ``CONTROL_SHARE`` of the supervisor's time (both with bursts of twice
+  that); beyond, the supervisor stops reading that worker's pipe until the
+  budget refills (the worker's own writes wait), so a flooding worker costs
+  the supervisor a bounded share of its time and nothing else, however
+  fast or loaded the host; a worker that breaks the protocol (an allocation outside
   its slice, a malformed message) is killed (and restarted);
 * keeps ``--user-allocation-limit`` across workers from their allocation
   notices: when a user holds more than the limit, its oldest allocation is
@@ -88,7 +89,8 @@ STOP_TIMEOUT = 5.0
 #: Far above a real worker's rate (two notices per allocation, two per
 #: channel with XDP; a worker allocates a few thousand a second).
 CONTROL_RATE = 20000.0
-CONTROL_BYTES = 4 * 1024 * 1024
+#: Seconds per second of the supervisor's time one worker's messages may take.
+CONTROL_SHARE = 0.2
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _LISTEN_BACKLOG = 1024
 _LOOPBACK = {4: "127.0.0.1", 6: "::1"}
@@ -226,7 +228,7 @@ class WorkerProcess(ProcessProtocol):
         self.pid = 0
         self.ended = False
         self.started = time.monotonic()
-        self.budget = Budget(CONTROL_BYTES)
+        self.budget = Budget(CONTROL_SHARE)
         self._resume: Any = None
 
     def connectionMade(self) -> None:
@@ -236,12 +238,13 @@ class WorkerProcess(ProcessProtocol):
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != 1 or self.ended:
             return
-        if not self.budget.take(float(len(data))):
-            self.throttle(self.budget.wait())
+        started = time.perf_counter()
         try:
             self.control.dataReceived(data)
         except Exception as exc:
             self.pool.misbehaving(self.slot, "broke the control protocol (%s)" % (exc,))
+        if not self.budget.take(time.perf_counter() - started):
+            self.throttle(self.budget.wait())
 
     def throttle(self, seconds: float) -> None:
         """Read nothing more from this worker for ``seconds`` (its budget is spent)."""
@@ -619,9 +622,9 @@ class WorkerPool(Service):
         if now - slot.throttle_logged >= 60.0:
             slot.throttle_logged = now
             log.warn(
-                "worker {slot} floods the control channel (over {rate:g} messages or {bytes} bytes a second): "
-                "reading it no faster than that (logged at most once a minute)",
-                slot=slot.index, rate=CONTROL_RATE, bytes=CONTROL_BYTES,
+                "worker {slot} floods the control channel (over {rate:g} messages a second, or {share:.0%} "
+                "of the supervisor's time): reading it no faster than that (logged at most once a minute)",
+                slot=slot.index, rate=CONTROL_RATE, share=CONTROL_SHARE,
             )
 
     def worker_ended(self, slot: Slot, process: WorkerProcess, reason: Failure) -> None:
