@@ -756,7 +756,7 @@ class FaultTests(WorkersFixture, unittest.TestCase):
     def test_a_worker_exiting_at_start_is_restarted_with_backoff(self) -> None:
         relay = self.faulty("exit")
         self.wait_for(lambda: len(re.findall(r"worker 1 \(pid \d+\) exited with status 3 before it was ready", relay.log())) >= 4,
-                      timeout=20, what="four failed starts")
+                      timeout=40, what="four failed starts")
         delays = [float(d) for d in re.findall(r"worker 1 \(pid \d+\) exited with status 3 before it was ready; restarting it in (\S+) s", relay.log())]
         self.assertEqual(delays[:4], [0.5, 1.0, 2.0, 4.0])
         self.assertIn("(4 failure(s) in a row", relay.log())

@@ -17,18 +17,20 @@ import sys
 import time
 from typing import Any, Dict
 
-from twisted.protocols import amp
-
-from firezone_relay.workers import worker
 
 
 def main() -> int:
     slot = int(sys.argv[1])
     fault = os.environ.get("FAULT", "")
-    if slot != int(os.environ.get("FAULT_SLOT", "1")):
+    faulty = slot == int(os.environ.get("FAULT_SLOT", "1"))
+    if faulty and fault == "exit":
+        return 3  # before any import: as fast as a worker can fail
+    from twisted.protocols import amp
+
+    from firezone_relay.workers import worker
+
+    if not faulty:
         return worker.main()
-    if fault == "exit":
-        return 3
     real_build = worker.build_worker
     if fault == "stuck":
         def stuck(control: Any, config: Dict[str, Any]) -> None:
