@@ -163,7 +163,9 @@ class WorkersFixture:
         attempt: int = 1,
     ) -> Relay:
         listen_port = free_udp_and_tcp_port((4, 6) if ipv6 else (4,))
-        low, high = port_range(size, avoid=[listen_port])
+        # Above the 20000-29999 most other tests' relays use (some of them
+        # assert that no allocation port was taken): fewer collisions.
+        low, high = port_range(size, avoid=[listen_port], base=40000)
         http_port = free_tcp_port()
         cwd = self.mktemp()
         os.makedirs(cwd)
