@@ -778,6 +778,17 @@ class FaultTests(WorkersFixture, unittest.TestCase):
                       timeout=5, what="restart")
         self.assert_supervisor_up_not_ready(relay)
 
+    def test_a_stuck_worker_is_killed_and_restarted(self) -> None:
+        relay = self.faulty("hang")
+        self.wait_for(lambda: relay.ready_pids().keys() == {0, 1}, timeout=40, what="both workers ready")
+        stuck = relay.ready_pids()[1]
+        self.wait_for(lambda: "worker 1 (pid %d) has not answered the supervisor for 30 s; killing it" % stuck in relay.log(),
+                      timeout=50, what="the stuck worker noticed")
+        self.wait_for(lambda: "worker 1 (pid %d) was killed by SIGKILL; restarting it in 0.5 s" % stuck in relay.log(),
+                      timeout=10, what="its restart")
+        self.assertIsNone(relay.proc.poll())
+        self.assertFalse(alive(stuck))
+
     def test_a_worker_flooding_the_control_channel_is_read_no_faster_than_the_budget(self) -> None:
         relay = self.faulty("flood")
         self.wait_for(lambda: relay.ready_pids().keys() == {0, 1}, timeout=30, what="both workers ready")

@@ -6,6 +6,7 @@ other workers are the real one:
 
 * ``exit``: exits with status 3 at once, every time it is started;
 * ``stuck``: hangs while it configures (never answers ``Configure``);
+* ``hang``: serves, then blocks its reactor for ever (a stuck worker);
 * ``flood``: serves, then sends allocation notices as fast as it can
   (raw AMP boxes, written as fast as the pipe takes them; a million at most).
 """
@@ -38,6 +39,17 @@ def main() -> int:
                 time.sleep(1)
 
         worker.build_worker = stuck
+    elif fault == "hang":
+        def hanging(control: Any, config: Dict[str, Any]) -> None:
+            real_build(control, config)
+
+            def hang() -> None:
+                while True:  # killed by the supervisor (or with its parent)
+                    time.sleep(1)
+
+            control.reactor.callLater(0.5, hang)
+
+        worker.build_worker = hanging
     elif fault == "flood":
         def flooding(control: Any, config: Dict[str, Any]) -> None:
             real_build(control, config)

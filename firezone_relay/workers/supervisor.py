@@ -20,7 +20,9 @@ Theory of operation (SPEC §9).  The supervisor relays nothing itself.  It
   (``BACKOFF_FIRST`` .. ``BACKOFF_MAX``) while it keeps failing and starts
   over once a worker ran ``STABLE`` seconds; each loss is logged and counted
   (``relay_worker_restarts_total``); a worker that does not answer
-  ``Configure`` within ``READY_TIMEOUT`` is killed and restarted the same way;
+  ``Configure`` within ``READY_TIMEOUT`` is killed and restarted the same way,
+  and so is a ready one that leaves a counters request unanswered for
+  ``UNRESPONSIVE`` seconds (its reactor is stuck);
 * bounds the control channel: a worker's messages are read at most at
   ``CONTROL_RATE`` per second, and handling them may take at most
   ``CONTROL_SHARE`` of the supervisor's time (both with bursts of twice
@@ -80,6 +82,8 @@ WORKER_MODULE_ENV = "FIREZONE_RELAY_WORKER_MODULE"
 WORKER_MODULE = "firezone_relay.workers.worker"
 #: Generous: a loaded host can take seconds to import and start a worker.
 READY_TIMEOUT = 20.0
+#: A ready worker that leaves a counters request unanswered this long is stuck: killed, restarted.
+UNRESPONSIVE = 30.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 #: A worker that ran this long before it died starts the backoff over.
@@ -302,6 +306,7 @@ class Slot:
     restart_call: Any = None
     ready_call: Any = None
     fetching: bool = False
+    fetch_started: float = 0.0
     throttle_logged: float = -60.0
     #: the current run's channels in the XDP maps: (client, channel, peer, port, family)
     channels: set[Tuple[Any, ...]] = dataclasses.field(default_factory=set)
@@ -769,11 +774,18 @@ class WorkerPool(Service):
     # --- counters ------------------------------------------------------------------------------
 
     def _fetch_all(self) -> None:
+        now = time.monotonic()
         for slot in self.slots:
             control = self._control(slot)
-            if control is not None and slot.ready and not slot.fetching:
+            if control is None or not slot.ready:
+                continue
+            if not slot.fetching:
                 slot.fetching = True
+                slot.fetch_started = now
                 self._fetch(slot, control).addBoth(self._fetched, slot)
+            elif now - slot.fetch_started > UNRESPONSIVE:
+                # Its reactor is stuck: its clients get nothing either.
+                self.misbehaving(slot, "has not answered the supervisor for %g s" % UNRESPONSIVE)
 
     @defer.inlineCallbacks
     def _fetch(self, slot: Slot, control: SupervisorControl) -> Any:
