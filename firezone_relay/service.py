@@ -268,6 +268,10 @@ def build(options: "Options", reactor: Any) -> "MultiService":
     if overlap is not None:
         log.warn("{message}", message=overlap)
     top = _RelayServices()
+    if options.get("workers", 1) > 1:  # SPEC §9: this process supervises, workers relay
+        from firezone_relay.workers.supervisor import build_supervisor
+
+        return build_supervisor(options, reactor, secret, top)  # type: ignore[no-any-return]
     # The XDP fast path starts before the UDP service (and so stops after
     # it): it must be attached before the first ChannelBound is mirrored.
     xdp = make_xdp_service(options)

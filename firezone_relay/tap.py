@@ -99,6 +99,7 @@ _PARAMETERS: list[list[Any]] = [
     ["log-level", None, "info", "Log level: trace, debug, info, warn, error or off, or RUST_LOG-style directives "
      "such as warn,relay=debug (RUST_LOG is read when LOG_LEVEL is not set)"],
     ["otlp-grpc-endpoint", None, None, "OTLP/gRPC collector (host:port) to push metrics to, as upstream (pip install 'firezone-relay[otlp]')"],
+    ["workers", None, "1", "Relay processes: a number, or auto (the CPUs this process may use); above 1 this process supervises them"],
 ]
 _FLAGS: list[list[Any]] = [
     ["allow-loopback-peers", None, "Allow loopback peers (local testing)"],
@@ -327,6 +328,12 @@ def _check_otlp(options: Any) -> None:
         )
 
 
+def _parse_workers(value: str) -> int:
+    from firezone_relay.workers.options import parse_workers
+
+    return parse_workers(value)
+
+
 #: usage.Options' coerce column: each flag's own check, run as its value is
 #: parsed (flag, environment or file; a default in postOptions).  It raises
 #: UsageError, not ValueError (which Twisted prefixes with "Parameter type
@@ -365,6 +372,7 @@ _COERCE: Dict[str, Callable[[str], Any]] = {
     "stream-buffer-budget": partial(_parse_int, "stream-buffer-budget", low=1),
     "max-permissions-per-allocation": partial(_parse_int, "max-permissions-per-allocation", low=1, high=65536),
     "max-channels-per-allocation": partial(_parse_int, "max-channels-per-allocation", low=1, high=0x4000),
+    "workers": _parse_workers,
 }
 _DEFAULTS = {entry[0]: entry[2] for entry in _PARAMETERS}
 

@@ -76,6 +76,19 @@ class RelayConfig:
     #: Own addresses beside the public ones (bind and interface addresses,
     #: CIDR networks allowed), recognised under every spelling (SPEC §5).
     own_addresses: Sequence[str] = ()
+    #: With ``--workers`` > 1, ``lowest_port``..``highest_port`` is this
+    #: worker's slice and these bound the whole relay's range (0: the
+    #: slice is the whole range).  A peer on a public address with a port
+    #: in the range but outside the slice is another worker's allocation.
+    relay_lowest_port: int = 0
+    relay_highest_port: int = 0
+    #: Where another worker's allocation port is reached, by family, when
+    #: the public address is not one of the host's (1:1 NAT): a local
+    #: address.  ``None``: at the public address itself.
+    sibling_ip4: Optional[str] = None
+    sibling_ip6: Optional[str] = None
+    #: The stateless nonces' HMAC key; empty: a random one (one process).
+    nonce_key: bytes = b""
 
     def __post_init__(self) -> None:
         if self.public_ip4 is None and self.public_ip6 is None:

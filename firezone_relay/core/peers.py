@@ -29,6 +29,19 @@ class PeerRules:
         self._own_ips = frozenset(self._public.values())
         self._own = OwnAddresses(list(self._public.values()) + list(config.own_addresses))
         self._service_ports = frozenset((config.listen_port, *config.service_ports))
+        #: The whole relay's allocation range: this core's own slice unless
+        #: it is one worker of several (``relay_lowest_port``).
+        self._range = (
+            config.relay_lowest_port or config.lowest_port,
+            config.relay_highest_port or config.highest_port,
+        )
+        #: family -> the local address another worker's port is reached at
+        #: (only when the public address is not local).
+        self._sibling_ip: dict[int, str] = {}
+        if config.sibling_ip4:
+            self._sibling_ip[4] = config.sibling_ip4
+        if config.sibling_ip6:
+            self._sibling_ip[6] = config.sibling_ip6
 
     def _peer_allowed(self, peer: Address) -> tuple[bool, bool]:
         """``(allowed, hairpin)`` for a peer transport address (SPEC §5).
@@ -44,12 +57,30 @@ class PeerRules:
         if ip in self._own:
             if port in self._service_ports:
                 return False, False
-            if self.config.lowest_port <= port <= self.config.highest_port:
+            if self._range[0] <= port <= self._range[1]:
                 if ip in self._own_ips:
-                    return True, True
+                    # Our own slice: delivered internally.  Another
+                    # worker's: over the host (``_peer_destination``).
+                    return True, self.config.lowest_port <= port <= self.config.highest_port
                 return self._policy.is_allowed(ip), False
             return self._policy.explicitly_allowed(ip), False
         return self._policy.is_allowed(ip), False
+
+    def _peer_destination(self, peer: Address) -> Address:
+        """Where datagrams for ``peer`` are sent: ``peer``, except another
+        worker's allocation on a public address that is not local (1:1
+        NAT), which is reached at the local ``sibling_ip`` of its family."""
+        port = peer[1]
+        if (
+            self._sibling_ip
+            and peer[0] in self._own_ips
+            and self._range[0] <= port <= self._range[1]
+            and not self.config.lowest_port <= port <= self.config.highest_port
+        ):
+            for family, public in self._public.items():
+                if public == peer[0] and family in self._sibling_ip:
+                    return (self._sibling_ip[family], port)
+        return peer
 
     def _ip_allowed(self, ip: str) -> bool:
         return ip in self._own_ips or self._policy.is_allowed(ip)

@@ -95,7 +95,9 @@ class Relay(AllocationTable, PeerRules, Replies):
         self.stats = RelayStats()
         self._rng = rng
         self._commands: deque[Command] = deque()
-        self._nonces = NonceFactory(rng.getrandbits(256).to_bytes(32, "big"), config.nonce_lifetime)
+        nonce_key = rng.getrandbits(256).to_bytes(32, "big")
+        # Workers share one key: a nonce one issued is valid in every other.
+        self._nonces = NonceFactory(config.nonce_key or nonce_key, config.nonce_lifetime)
         self._init_peers(config)
         self._software = config.software
         self._draining = False
@@ -630,7 +632,7 @@ class Relay(AllocationTable, PeerRules, Replies):
             if out is not None:
                 self._commands.append(SendDatagram(*out))
             return
-        self._commands.append(SendDatagram(alloc.port, family, peer, data))
+        self._commands.append(SendDatagram(alloc.port, family, self._peer_destination(peer), data))
 
     # --- bandwidth -------------------------------------------------------------------------------
 

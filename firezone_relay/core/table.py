@@ -12,7 +12,7 @@ the request handlers in ``relay.py`` decide *whether* to do it.
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .allocation import (
     CHANNEL_LIFETIME,
@@ -53,6 +53,7 @@ class AllocationTable:
     _rng: RandomSource
     _commands: deque[Command]
     _public: dict[int, str]
+    _peer_destination: Callable[[Address], Address]  # PeerRules
 
     def _init_table(self) -> None:
         self._allocations: dict[Client, Allocation] = {}
@@ -269,7 +270,9 @@ class AllocationTable:
         if not channel.bound:
             channel.bound = True
             self.channel_count += 1
-            self._chan_out.setdefault(alloc.client, {})[number] = (alloc.port, family, peer, hairpin, alloc.meter)
+            self._chan_out.setdefault(alloc.client, {})[number] = (
+                alloc.port, family, self._peer_destination(peer), hairpin, alloc.meter
+            )
             alloc.chan_in[peer] = (alloc.client, number.to_bytes(2, "big"), family_of(alloc.client[0]), len(alloc.client) == 3)
             self._commands.append(ChannelBound(alloc.client, number, peer, alloc.port, family))
         self._schedule(channel)
@@ -338,6 +341,15 @@ class AllocationTable:
         for alloc in doomed:
             self._delete_allocation(alloc, "disconnected by the operator")
         return len(doomed)
+
+    def evict(self, port: int, reason: str) -> bool:
+        """Delete at once the allocation on ``port`` (its user's newer
+        allocation lives in another worker); False if there is none."""
+        alloc = self._by_port.get(port)
+        if alloc is None:
+            return False
+        self._delete_allocation(alloc, reason)
+        return True
 
     def memory_footprint(self) -> dict[str, int]:
         """Sizes of every internal table (tests check they all return to 0)."""

@@ -996,3 +996,70 @@ class RelayProcessTests(_Namespaced):
 
 def _family(ip: str) -> int:
     return V6 if ":" in ip else V4
+
+
+class WorkersProcessTests(_Namespaced):
+    """``--workers 2 --ebpf-offloading eth0``: every worker's channels reach
+    the maps of the one program the supervisor owns (SPEC §9).  A worker's
+    ChannelBound reaches the supervisor over the control channel, so the
+    map entry follows the ChannelBind response by a moment (until then the
+    worker relays in userspace)."""
+
+    timeout = 120
+    start = RelayProcessTests.start
+    client = RelayProcessTests.client
+    relayed = RelayProcessTests.relayed
+
+    def workers(self, relay: RelayProcess) -> Dict[int, int]:
+        """worker slot -> pid, from the supervisor's children."""
+        out: Dict[int, int] = {}
+        with open("/proc/%d/task/%d/children" % (relay.proc.pid, relay.proc.pid)) as f:
+            children = [int(pid) for pid in f.read().split()]
+        for pid in children:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                argv = f.read().split(b"\0")
+            if b"firezone_relay.workers.worker" in argv:
+                out[int(argv[argv.index(b"firezone_relay.workers.worker") + 1])] = pid
+        return out
+
+    def test_every_worker_feeds_the_maps_and_a_dead_workers_channels_leave_them(self) -> None:
+        from firezone_relay.workers.options import slices
+
+        topology = self.make_topology()
+        relay = self.start(topology, extra=("--workers=2",))
+        deadline = time.monotonic() + 30
+        while relay.metrics().get("relay_workers") != 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(relay.metrics().get("relay_workers"), 2)
+        parts = slices(LOWEST, HIGHEST, 2)
+        clients = [self.client(topology, V4) for _ in range(10)]
+        slot_of = {c: next(i for i, (low, high) in enumerate(parts) if low <= c.relayed[0][1] <= high) for c in clients}
+        self.assertEqual(set(slot_of.values()), {0, 1}, "both workers hold allocations")
+        peer = self.sock(topology, "peer", V4)
+        for c in clients:
+            self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+        time.sleep(1.0)  # the workers' ChannelBound notices reach the supervisor's maps
+        for i, c in enumerate(clients):
+            payload = b"worker %d client %d" % (slot_of[c], i)
+            c.send_channel(CHAN, payload)
+            data, source = peer.recvfrom(2048)
+            self.assertEqual((data, source[:2]), (payload, c.relayed[0]))
+            peer.sendto(payload, c.relayed[0])
+            self.assertEqual(c.recv(), struct.pack("!HH", CHAN, len(payload)) + payload)
+        counts = self.relayed(relay)
+        self.assertEqual(counts[("xdp", "client_to_peer")], len(clients))
+        self.assertEqual(counts[("xdp", "peer_to_client")], len(clients))
+        self.assertEqual(counts[("userspace", "client_to_peer")], 0)
+        # Worker 0 dies: its channels leave the maps, so the kernel relays
+        # nothing more for its (gone) allocations; worker 1's go on in XDP.
+        os.kill(self.workers(relay)[0], 9)
+        deadline = time.monotonic() + 10
+        while relay.metrics().get("relay_worker_restarts_total") != 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dead = next(c for c in clients if slot_of[c] == 0)
+        alive = next(c for c in clients if slot_of[c] == 1)
+        peer.sendto(b"to a dead allocation", dead.relayed[0])
+        self.assertIsNone(dead.recv(timeout=1.0), "the dead worker's channel is out of the maps")
+        alive.send_channel(CHAN, b"still fast")
+        self.assertEqual(peer.recvfrom(2048)[0], b"still fast")
+        self.assertEqual(self.relayed(relay)[("xdp", "client_to_peer")], len(clients) + 1)

@@ -1,0 +1,9 @@
+"""``--workers N``: a supervisor and N worker processes (SPEC §9).
+
+``supervisor`` runs in the twistd process: it creates the listening
+sockets once, spawns the workers (``python -m firezone_relay.workers.worker``)
+with those sockets and a Twisted AMP control channel on their stdin/stdout
+(``protocol``), and owns everything that is one per relay: the secret and
+the portal session, HTTP health and metrics, the signals and the drain.
+``worker`` runs one relay core with its own slice of the allocation ports.
+"""

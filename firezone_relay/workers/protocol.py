@@ -1,0 +1,97 @@
+"""The supervisor <-> worker control channel: Twisted AMP commands.
+
+Supervisor -> worker: ``Configure`` (the worker's whole configuration, the
+secret included, as JSON; the answer means the worker serves), ``Counters``
+(its metric samples, zlib-compressed JSON, in pages of at most ``PAGE``
+bytes), ``Evict`` (delete the allocation on a port: its user's newer one
+lives in another worker), ``Drain`` and ``Stop``.
+
+Worker -> supervisor: ``AllocationCreated`` / ``AllocationRemoved`` (port
+and username: the supervisor keeps ``--user-allocation-limit`` across the
+workers and counts allocations for the drain), ``ChannelBound`` /
+``ChannelUnbound`` (UDP clients' channels, for the XDP maps).
+
+Nothing here is on the per-packet path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import connectionDone
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+#: Bytes of one ``Counters`` page (AMP values hold at most 65535 bytes).
+PAGE = 60000
+
+
+class Configure(amp.Command):
+    arguments = [(b"config", amp.Unicode())]
+    response = [(b"pid", amp.Integer())]
+
+
+class Counters(amp.Command):
+    #: ``offset`` 0 takes a new snapshot; later pages continue it.
+    arguments = [(b"offset", amp.Integer())]
+    response = [(b"data", amp.String()), (b"total", amp.Integer())]
+
+
+class Evict(amp.Command):
+    arguments = [(b"port", amp.Integer())]
+    response = [(b"evicted", amp.Boolean())]
+
+
+class Drain(amp.Command):
+    pass
+
+
+class Stop(amp.Command):
+    requiresAnswer = False
+
+
+class AllocationCreated(amp.Command):
+    arguments = [(b"port", amp.Integer()), (b"user", amp.Unicode())]
+    requiresAnswer = False
+
+
+class AllocationRemoved(amp.Command):
+    arguments = [(b"port", amp.Integer())]
+    requiresAnswer = False
+
+
+_CHANNEL = [
+    (b"client_ip", amp.Unicode()),
+    (b"client_port", amp.Integer()),
+    (b"channel", amp.Integer()),
+    (b"peer_ip", amp.Unicode()),
+    (b"peer_port", amp.Integer()),
+    (b"port", amp.Integer()),
+    (b"family", amp.Integer()),
+]
+
+
+class ChannelBound(amp.Command):
+    """For the XDP maps the supervisor owns (``--ebpf-offloading``)."""
+
+    arguments = _CHANNEL
+    requiresAnswer = False
+
+
+class ChannelUnbound(amp.Command):
+    arguments = _CHANNEL
+    requiresAnswer = False
+
+
+class QuietAMP(amp.AMP):
+    """AMP without its "connection established/lost" log lines: the
+    supervisor says when a worker starts and ends, with its pid."""
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
