@@ -8,12 +8,12 @@
  *
  *   - reading: one recvmmsg() fills up to BATCH datagrams per system call,
  *     each in its own slot of one static buffer, and the sender's address
- *     comes from a small cache of (sockaddr -> Python tuple), so a steady
+ *     comes from a hashed cache of (sockaddr -> Python tuple), so a steady
  *     flow allocates no address objects and formats no address strings;
  *   - sending: the Transmit tuples (source_port, family, destination,
  *     payload) the core returns are queued and leave in one sendmmsg() per
  *     run of datagrams on the same socket, with destination tuples turned
- *     into sockaddrs through a cache keyed by object identity.
+ *     into sockaddrs through a hashed cache keyed by object identity.
  *
  * Contract with the Python shell (firezone_relay/adapters/shell.py, which
  * owns ``io``; udp.py calls ``read`` per readiness event):
@@ -61,14 +61,13 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 
 #define BATCH 64
 #define SLOT (65536)
 #define ROUNDS 4           /* batches per read() before going back to the reactor */
-#define RECV_CACHE 16
-#define SEND_CACHE 16
 
 /* --- static buffers ------------------------------------------------------ */
 
@@ -92,51 +91,97 @@ static int busy = 0;
 
 /* --- address caches ------------------------------------------------------- */
 
+/* Both caches are hash tables of CACHE_SIZE slots, an address looked up in
+   the PROBE slots from its hash on: a flow's address is found in a probe or
+   two however many flows there are (a relay with 100 paced clients and their
+   allocation ports sees more than 100 addresses in turn; a 16-entry table
+   scanned in order missed on every datagram then and paid inet_ntop or
+   inet_pton and a new tuple each time).  A new address takes an empty slot
+   of its PROBE, else replaces one of them in turn. */
+#define CACHE_SIZE 1024 /* a power of two */
+#define PROBE 8
+static unsigned int victim = 0;
+
 typedef struct {
-    struct sockaddr_storage key; /* only family, port and address are compared */
-    PyObject *value;             /* (ip, port) */
+    /* The key: family, port (network order) and the 4 or 16 address bytes. */
+    sa_family_t family;
+    uint16_t port;
+    unsigned char addr[16];
+    PyObject *value; /* (ip, port), or NULL for an empty slot */
 } recv_entry_t;
 
-static recv_entry_t recv_cache[RECV_CACHE];
-static int recv_next = 0;
+static recv_entry_t recv_cache[CACHE_SIZE];
 
 typedef struct {
     PyObject *key; /* the destination tuple itself (strong reference) */
     int family;
-    struct sockaddr_storage addr;
     socklen_t addrlen;
+    union {
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } addr; /* addrlen bytes of it */
 } send_entry_t;
 
-static send_entry_t send_cache[SEND_CACHE];
-static int send_next = 0;
+static send_entry_t send_cache[CACHE_SIZE];
 
-static int
-same_sockaddr(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+static inline uint32_t
+mix32(uint32_t h)
 {
-    if (a->ss_family != b->ss_family)
-        return 0;
-    if (a->ss_family == AF_INET) {
-        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
-        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    h ^= h >> 16;
+    h *= 0x7feb352dU;
+    h ^= h >> 15;
+    h *= 0x846ca68bU;
+    h ^= h >> 16;
+    return h;
+}
+
+/* The first cache slot of a received sockaddr (IPv4 or IPv6), filling its
+   key fields into *key.  Returns -1 for another family. */
+static int
+recv_slot(const struct sockaddr_storage *sa, recv_entry_t *key)
+{
+    uint32_t h;
+    memset(key, 0, sizeof(*key));
+    key->family = sa->ss_family;
+    if (sa->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const void *)sa;
+        key->port = a->sin_port;
+        memcpy(key->addr, &a->sin_addr, 4);
+        h = a->sin_addr.s_addr ^ ((uint32_t)a->sin_port << 16 | a->sin_port);
+    } else if (sa->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const void *)sa;
+        uint32_t w[4];
+        key->port = a->sin6_port;
+        memcpy(key->addr, &a->sin6_addr, 16);
+        memcpy(w, &a->sin6_addr, 16);
+        h = w[0] ^ w[1] ^ w[2] ^ w[3] ^ ((uint32_t)a->sin6_port << 16 | a->sin6_port) ^ 0x9e3779b9U;
+    } else {
+        return -1;
     }
-    if (a->ss_family == AF_INET6) {
-        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
-        return x->sin6_port == y->sin6_port &&
-               memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
-    }
-    return 0;
+    return (int)(mix32(h) & (CACHE_SIZE - 1));
 }
 
 /* A new reference to (ip, port) for a received sockaddr. */
 static PyObject *
 address_of(const struct sockaddr_storage *sa)
 {
-    for (int i = 0; i < RECV_CACHE; i++) {
-        if (recv_cache[i].value != NULL && same_sockaddr(&recv_cache[i].key, sa)) {
-            Py_INCREF(recv_cache[i].value);
-            return recv_cache[i].value;
+    recv_entry_t key;
+    int home = recv_slot(sa, &key);
+    recv_entry_t *e = NULL; /* the slot a miss fills */
+    for (int i = 0; home >= 0 && i < PROBE; i++) {
+        recv_entry_t *c = &recv_cache[(home + i) & (CACHE_SIZE - 1)];
+        if (c->value == NULL) {
+            if (e == NULL)
+                e = c;
+            continue;
+        }
+        if (c->family == key.family && c->port == key.port && memcmp(c->addr, key.addr, sizeof(key.addr)) == 0) {
+            Py_INCREF(c->value);
+            return c->value;
         }
     }
+    if (e == NULL && home >= 0)
+        e = &recv_cache[(home + (victim++ % PROBE)) & (CACHE_SIZE - 1)];
     char text[INET6_ADDRSTRLEN];
     int port;
     if (sa->ss_family == AF_INET) {
@@ -156,12 +201,35 @@ address_of(const struct sockaddr_storage *sa)
     PyObject *value = Py_BuildValue("(si)", text, port);
     if (value == NULL)
         return NULL;
-    recv_entry_t *e = &recv_cache[recv_next];
-    recv_next = (recv_next + 1) % RECV_CACHE;
-    Py_XSETREF(e->value, value);
-    Py_INCREF(value);
-    memcpy(&e->key, sa, sizeof(*sa));
+    if (e != NULL) {
+        key.value = value;
+        Py_INCREF(value);
+        PyObject *old = e->value;
+        *e = key;
+        Py_XDECREF(old);
+    }
     return value;
+}
+
+/* The slot of ``dest`` (and ``family``) in the send cache, or the slot to
+   fill for it; *hit says which. */
+static send_entry_t *
+send_slot(PyObject *dest, int family, int *hit)
+{
+    uintptr_t p = (uintptr_t)dest >> 4;
+    unsigned int home = mix32((uint32_t)p ^ (uint32_t)((uint64_t)p >> 32) ^ (uint32_t)family) & (CACHE_SIZE - 1);
+    send_entry_t *empty = NULL;
+    for (unsigned int i = 0; i < PROBE; i++) {
+        send_entry_t *c = &send_cache[(home + i) & (CACHE_SIZE - 1)];
+        if (c->key == dest && c->family == family) {
+            *hit = 1;
+            return c;
+        }
+        if (c->key == NULL && empty == NULL)
+            empty = c;
+    }
+    *hit = 0;
+    return empty != NULL ? empty : &send_cache[(home + (victim++ % PROBE)) & (CACHE_SIZE - 1)];
 }
 
 /* Fill q->addr from an (ip, port) tuple for a socket of ``family``.
@@ -169,12 +237,12 @@ address_of(const struct sockaddr_storage *sa)
 static int
 sockaddr_of(PyObject *dest, int family, queued_t *q)
 {
-    for (int i = 0; i < SEND_CACHE; i++) {
-        if (send_cache[i].key == dest && send_cache[i].family == family) {
-            memcpy(&q->addr, &send_cache[i].addr, send_cache[i].addrlen);
-            q->addrlen = send_cache[i].addrlen;
-            return 1;
-        }
+    int hit;
+    send_entry_t *e = send_slot(dest, family, &hit);
+    if (hit) {
+        memcpy(&q->addr, &e->addr, e->addrlen);
+        q->addrlen = e->addrlen;
+        return 1;
     }
     PyObject *ip = PyTuple_GET_ITEM(dest, 0), *port_obj = PyTuple_GET_ITEM(dest, 1);
     if (!PyUnicode_Check(ip) || !PyLong_Check(port_obj))
@@ -201,8 +269,6 @@ sockaddr_of(PyObject *dest, int family, queued_t *q)
             return 0;
         q->addrlen = sizeof(*a);
     }
-    send_entry_t *e = &send_cache[send_next];
-    send_next = (send_next + 1) % SEND_CACHE;
     Py_INCREF(dest);
     Py_XSETREF(e->key, dest);
     e->family = family;

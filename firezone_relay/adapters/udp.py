@@ -147,6 +147,11 @@ class _Reader:
         self.batched: Optional[Callable[[], int]] = None
         self._fileno = sock.fileno()
         self._v6 = sock.family == socket.AF_INET6
+        #: What ``dispatch`` calls on a read event instead of ``doRead``
+        #: (the same read without Twisted's ``_doReadOrWrite`` around it);
+        #: None once closed, so that a stale event goes through Twisted's
+        #: checks.
+        self.direct_read: Optional[Callable[[], Any]] = None
 
     def fileno(self) -> int:
         return self._fileno
@@ -160,6 +165,7 @@ class _Reader:
 
     def close(self) -> None:
         self._fileno = -1
+        self.direct_read = None
         self.socket.close()
 
     def stop_reading(self, reactor: Any) -> "defer.Deferred[None]":
@@ -286,6 +292,7 @@ class RelayService(ListenerService):
         reader = _Reader(sock, protocol, always_view=isinstance(protocol, _PeerProtocol))
         if self.shell.io is not None:
             reader.batched = self._batched_reader(reader, protocol)
+        reader.direct_read = reader.batched or reader.doRead
         self.reactor.addReader(reader)
         return reader
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any, List, Tuple
 
 from twisted.internet import selectreactor
@@ -134,6 +135,111 @@ class DispatchTests(unittest.TestCase):
     def test_the_relays_selectables_are_registered(self) -> None:
         self.assertIn(udp._Reader, dispatch._FAST_TYPES)
         self.assertIn(stream._StreamServer, dispatch._FAST_TYPES)
+
+    def test_direct_read_replaces_doread_on_read_events(self) -> None:
+        dispatch.install(self.reactor)
+        seen: List[Tuple[str, Any]] = []
+        fast = self.readable(_Fast, seen)
+        direct: List[str] = []
+        fast.direct_read = lambda: (fast.sock.recv(100), direct.append("direct"))
+        self.reactor.doIteration(0)
+        self.assertEqual(direct, ["direct"])
+        self.assertEqual(seen, [])  # doRead was not called
+
+    def test_a_failing_direct_read_is_logged_and_closes_its_selectable(self) -> None:
+        dispatch.install(self.reactor)
+        seen: List[Tuple[str, Any]] = []
+        failing = self.readable(_Fast, seen)
+
+        def boom() -> None:
+            failing.sock.recv(100)
+            raise ZeroDivisionError("a direct read bug")
+
+        failing.direct_read = boom
+        other = self.readable(_Readable, seen)
+        self.reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(failing.lost), 1)
+        self.assertIsInstance(failing.lost[0].value, ZeroDivisionError)
+        self.assertNotIn(failing, self.reactor.getReaders())
+        self.assertEqual(seen, [("_Readable", other.logPrefix())])  # the other event still ran
+
+    def _chain(self, then: Any) -> Tuple[List[str], Any, Any]:
+        """Two fast readables: reading the first makes the second readable
+        (a new event for the next poll); reading the second calls ``then``."""
+        order: List[str] = []
+        a_ours, a_theirs = socket.socketpair()
+        b_ours, b_theirs = socket.socketpair()
+        for s in (a_ours, a_theirs, b_ours, b_theirs):
+            self.addCleanup(s.close)
+        a, b = _Fast(a_ours, []), _Fast(b_ours, [])
+
+        def read_a() -> None:
+            a_ours.recv(100)
+            order.append("a")
+            b_theirs.send(b"y")
+
+        def read_b() -> None:
+            b_ours.recv(100)
+            order.append("b")
+            then()
+
+        a.direct_read, b.direct_read = read_a, read_b
+        for r in (a, b):
+            self.reactor.addReader(r)
+            self.addCleanup(self.reactor.removeReader, r)
+        a_theirs.send(b"x")
+        return order, a, b
+
+    def test_only_fast_events_are_polled_again_without_returning(self) -> None:
+        """An event that a fast read causes is handled in the same
+        ``doIteration``, and a ``callLater`` made by a read ends it."""
+        dispatch.install(self.reactor)
+        called: List[int] = []
+        order, _, _ = self._chain(lambda: self.reactor.callLater(0, called.append, 1))
+        started = time.monotonic()
+        self.reactor.doIteration(5.0)
+        self.assertLess(time.monotonic() - started, 4.0)  # returned at the callLater, not at the timeout
+        self.assertEqual(order, ["a", "b"])  # both reads in one doIteration
+        self.assertEqual(called, [])  # the timed call is mainLoop's: not run here
+        self.reactor.runUntilCurrent()
+        self.assertEqual(called, [1])
+
+    def test_polling_again_keeps_the_callers_timeout(self) -> None:
+        dispatch.install(self.reactor)
+        order, _, _ = self._chain(lambda: None)
+        started = time.monotonic()
+        self.reactor.doIteration(0.2)
+        elapsed = time.monotonic() - started
+        self.assertEqual(order, ["a", "b"])
+        self.assertGreaterEqual(elapsed, 0.15)  # waited on for more events, as asked
+        self.assertLess(elapsed, 3.0)  # and returned once the timeout passed
+
+    def test_polling_again_stops_for_a_due_timed_call(self) -> None:
+        dispatch.install(self.reactor)
+        self.reactor.callLater(0.1, lambda: None)
+        self.reactor.runUntilCurrent()  # now pending, not new
+        order, _, _ = self._chain(lambda: None)
+        started = time.monotonic()
+        self.reactor.doIteration(5.0)
+        self.assertEqual(order, ["a", "b"])
+        self.assertLess(time.monotonic() - started, 3.0)  # back for the timed call at ~0.1 s
+
+    def test_another_selectables_event_ends_the_iteration(self) -> None:
+        dispatch.install(self.reactor)
+        seen: List[Tuple[str, Any]] = []
+        plain_ours, plain_theirs = socket.socketpair()
+        self.addCleanup(plain_ours.close)
+        self.addCleanup(plain_theirs.close)
+        plain = _Readable(plain_ours, seen)
+        self.reactor.addReader(plain)
+        self.addCleanup(self.reactor.removeReader, plain)
+        order, _, _ = self._chain(lambda: plain_theirs.send(b"z"))
+        started = time.monotonic()
+        self.reactor.doIteration(5.0)
+        self.assertLess(time.monotonic() - started, 4.0)
+        self.assertEqual(order, ["a", "b"])
+        self.assertEqual(seen, [("_Readable", plain.logPrefix())])
 
     def test_an_idle_poll_and_a_timeout(self) -> None:
         dispatch.install(self.reactor)

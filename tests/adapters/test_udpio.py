@@ -303,6 +303,39 @@ class ReadTests(_IOCase):
             got = _recv_all(p, 3)
             self.assertEqual([g[0] for g in got], [b"%d:%d" % (rnd, i) for rnd in range(3)])
 
+    def test_many_flows_stay_in_the_caches(self) -> None:
+        """100 senders in turn (a paced many-client load), each relayed to its
+        own destination tuple: every sender keeps one address object across
+        reads, and each destination is still reached.  (A 16-entry cache
+        scanned in order missed on every datagram here, building a new
+        address tuple per datagram.)"""
+        senders = [_socket() for _ in range(100)]
+        peer = _socket()
+        for s in senders + [peer]:
+            self.addCleanup(s.close)
+        relay_out, out_port = self.relay_socket()
+        # one destination tuple per sender, as the core's channel entries hold
+        dests = {s.getsockname(): peer.getsockname()[:1] + peer.getsockname()[1:] for s in senders}
+        seen: Dict[Any, List[Any]] = {}
+
+        def handler(data: Any, addr: Any, now: float) -> Any:
+            seen.setdefault(addr, []).append(addr)
+            return (out_port, 4, dests[addr], bytes(data))
+
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        for rnd in range(3):
+            for i, s in enumerate(senders):
+                s.sendto(b"%d:%d" % (rnd, i), self.dest)
+            _settle()
+            self.h.read(self.listener, handler)
+        self.assertEqual(len(seen), 100)
+        for addrs in seen.values():
+            self.assertEqual(len(addrs), 3)
+            self.assertIs(addrs[0], addrs[1])
+            self.assertIs(addrs[1], addrs[2])
+        got = _recv_all(peer, 300)
+        self.assertEqual(sorted(g[0] for g in got), sorted(b"%d:%d" % (r, i) for r in range(3) for i in range(100)))
+
     def test_repeated_sender_gets_one_address_object(self) -> None:
         addrs: List[Any] = []
         for _ in range(3):
