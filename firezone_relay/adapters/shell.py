@@ -104,6 +104,14 @@ class FastPath(Protocol):
     def channel_unbound(self, command: C.ChannelUnbound) -> None: ...
 
 
+def _sends_from(sends: List[Tuple[int, int, Any, bytes]], port: int, family: int) -> bool:
+    """Whether one of ``sends`` leaves from UDP port ``port`` of ``family``."""
+    for send in sends:
+        if send[0] == port and send[1] == family:
+            return True
+    return False
+
+
 class Shell(MultiService):
     """Owns a ``Relay`` core, its timer, its pump and the routing of what it sends.
 
@@ -252,9 +260,29 @@ class Shell(MultiService):
         """Carry out every queued command, then re-arm the timer if the
         core's deadline moved."""
         command = self._next_command()
-        while command is not None:
-            self.execute(command)
-            command = self._next_command()
+        io = self.io
+        if io is None:
+            while command is not None:
+                self.execute(command)
+                command = self._next_command()
+        else:
+            # The replies of one pump (e.g. the Allocate successes of a
+            # batched read) leave together, in sendmmsg calls, at the end;
+            # before a port closes, what is queued for it leaves first.
+            sends: List[Tuple[int, int, Any, bytes]] = []
+            try:
+                while command is not None:
+                    if type(command) is C.SendDatagram:
+                        sends.append((command.source_port, command.family, command.destination, command.payload))
+                    else:
+                        if sends and type(command) is C.ClosePort and _sends_from(sends, command.port, command.family):
+                            io.send(sends)
+                            sends = []
+                        self.execute(command)
+                    command = self._next_command()
+            finally:
+                if sends:
+                    io.send(sends)
         deadline = self._poll_timeout()
         if deadline != self.timer.deadline:
             self.timer.arm(deadline)
