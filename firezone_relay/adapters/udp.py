@@ -233,6 +233,10 @@ class RelayService(ListenerService):
         self.reactor = shell.reactor
         self._ports: Dict[Tuple[int, int], Any] = {}
         self._closing: set[defer.Deferred[None]] = set()
+        #: Readers taken off the reactor in this turn, closed at the next
+        #: (``_close``), and the Deferred that fires then.
+        self._to_close: list[_Reader] = []
+        self._to_close_done: Optional[defer.Deferred[None]] = None
         self.listening: Dict[int, Any] = {}
         shell.attach_udp(self)
 
@@ -252,7 +256,7 @@ class RelayService(ListenerService):
         for key, port in list(self._ports.items()):
             waits.append(self._close(key[0], key[1]))
         self.listening.clear()
-        return defer.gatherResults([d for d in waits if d is not None], consumeErrors=True)
+        return defer.gatherResults(list(dict.fromkeys(d for d in waits if d is not None)), consumeErrors=True)
 
     # --- sockets ------------------------------------------------------------
 
@@ -357,14 +361,32 @@ class RelayService(ListenerService):
         self._close(port, family)
 
     def _close(self, port: int, family: int) -> Optional["defer.Deferred[None]"]:
+        """No more reads from the socket of ``port``; it closes at the start
+        of the next reactor turn, as ``_Reader.stop_reading`` explains,
+        together with every other socket closed in this turn: one timed
+        call and one Deferred for all of them (a deallocation storm closes
+        thousands), fired when they are closed."""
         listening = self._ports.pop((port, family), None)
         self.shell.remove_socket(port, family)
         if listening is None:
             return None
-        d: defer.Deferred[None] = listening.stop_reading(self.reactor)
-        self._closing.add(d)
-        d.addBoth(self._closed, d)
+        self.reactor.removeReader(listening)
+        self._to_close.append(listening)
+        d = self._to_close_done
+        if d is None:
+            d = self._to_close_done = defer.Deferred()
+            self._closing.add(d)
+            d.addBoth(self._closed, d)
+            self.reactor.callLater(0, self._close_pending)
         return d
+
+    def _close_pending(self) -> None:
+        readers, self._to_close = self._to_close, []
+        d, self._to_close_done = self._to_close_done, None
+        for reader in readers:
+            reader.close()
+        if d is not None:
+            d.callback(None)
 
     def _closed(self, result: Any, d: "defer.Deferred[None]") -> Any:
         self._closing.discard(d)
