@@ -326,6 +326,9 @@ def build(options: "Options", reactor: Any) -> "MultiService":
     _add_portal_and_drain(options, top, shell, secret, readiness, reactor)
     _add_control(options, top, relay, shell)
     _add_reload(given, options, top, relay, shell, stream.tls, secret)
+    from firezone_relay.adapters.gcfreeze import StartupFreeze
+
+    StartupFreeze(reactor).setServiceParent(top)  # last: once everything else has started
     return top
 
 

@@ -201,6 +201,8 @@ class TwistdLogFileTests(unittest.TestCase):
         self.assertIn("generated auth secret", before)
         self.assertIn("[-] HealthSite starting on", before)  # a legacy (twisted.python.log) line
         self.assertIn("Main loop terminated.", after)
+        # The relay's start-up objects were frozen for the garbage collector (adapters/gcfreeze.py).
+        self.assertRegex(before, r"\[firezone_relay.adapters.gcfreeze#info\] garbage collector: \d+ start-up objects frozen")
         for line in (before + after).splitlines():
             if not line.startswith("\t"):  # a continuation of a multi-line message
                 self.assertRegex(line, LINE)
