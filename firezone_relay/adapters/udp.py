@@ -55,6 +55,7 @@ log = Logger(namespace="firezone_relay.adapters.udp")
 MAX_DATAGRAM = 65535
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_DGRAM_NONBLOCK = socket.SOCK_DGRAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 # Linux values where the socket module lacks the names.
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
@@ -138,7 +139,7 @@ class _Reader:
     per batch.  See firezone_relay/adapters/_udpio.c.
     """
 
-    def __init__(self, sock: socket.socket, protocol: DatagramProtocol, always_view: bool) -> None:
+    def __init__(self, sock: socket.socket, protocol: DatagramProtocol, always_view: bool, v6: Optional[bool] = None) -> None:
         self.socket = sock
         self.protocol = protocol
         #: True for allocation ports: every datagram is peer data.
@@ -146,7 +147,7 @@ class _Reader:
         #: ``() -> int``: the batched read, or None for the Python loop below.
         self.batched: Optional[Callable[[], int]] = None
         self._fileno = sock.fileno()
-        self._v6 = sock.family == socket.AF_INET6
+        self._v6 = sock.family == socket.AF_INET6 if v6 is None else v6
 
     def fileno(self) -> int:
         return self._fileno
@@ -264,9 +265,11 @@ class RelayService(ListenerService):
         ip = self.bind[family]
         if ip is None:
             raise OSError(errno.EAFNOSUPPORT, "family IPv%d is not served" % family)
-        sock = socket.socket(_AF[family], socket.SOCK_DGRAM)
+        # Non-blocking from the start (SOCK_NONBLOCK): no separate system call.
+        sock = socket.socket(_AF[family], _DGRAM_NONBLOCK)
         try:
-            sock.setblocking(False)
+            if _DGRAM_NONBLOCK == socket.SOCK_DGRAM:  # no SOCK_NONBLOCK on this platform
+                sock.setblocking(False)
             if family == 6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if self.socket_buffer:
@@ -287,7 +290,7 @@ class RelayService(ListenerService):
         return sock
 
     def _adopt(self, sock: socket.socket, family: int, protocol: DatagramProtocol) -> _Reader:
-        reader = _Reader(sock, protocol, always_view=isinstance(protocol, _PeerProtocol))
+        reader = _Reader(sock, protocol, always_view=isinstance(protocol, _PeerProtocol), v6=family == 6)
         if self.shell.io is not None:
             reader.batched = self._batched_reader(reader, protocol)
         self.reactor.addReader(reader)

@@ -62,6 +62,13 @@ class PortCloseTests(unittest.TestCase):
         for port in self.ports[:7]:
             self.assertTrue(service.open_port(port, 4, False))
 
+    def test_allocation_sockets_are_non_blocking(self) -> None:
+        for port in self.ports:
+            reader = self.service._ports[(port, 4)]
+            self.assertFalse(reader.socket.getblocking())
+            self.assertEqual(reader.socket.gettimeout(), 0.0)
+            self.assertFalse(reader._v6)
+
     @defer.inlineCallbacks
     def test_stop_waits_for_pending_closes(self) -> Any:
         service = self.service
