@@ -207,3 +207,48 @@ class TwistdLogFileTests(unittest.TestCase):
             if not line.startswith("\t"):  # a continuation of a multi-line message
                 self.assertRegex(line, LINE)
 
+
+
+class RelayLoggerTests(unittest.SynchronousTestCase):
+    """``logs.RelayLogger`` (the shell's per-allocation lines) makes the
+    events Twisted's ``Logger`` makes."""
+
+    def test_same_events_as_twisted(self) -> None:
+        ours: List[Dict[str, Any]] = []
+        theirs: List[Dict[str, Any]] = []
+        fast = logs.RelayLogger(namespace="firezone_relay.adapters.udp", source=self, observer=ours.append)
+        slow = Logger(namespace="firezone_relay.adapters.udp", source=self, observer=theirs.append)
+        for logger in (fast, slow):
+            logger.info("allocation deleted: port {port} ({reason})", port=5, reason="refresh")
+            logger.warn("w")
+            logger.emit(LogLevel.error, "e {x}", x=1)
+        self.assertEqual(len(ours), len(theirs))
+        for a, b in zip(ours, theirs):
+            self.assertEqual(set(a), set(b))
+            self.assertIs(a["log_logger"], fast)
+            for key in a:
+                if key not in ("log_logger", "log_time"):
+                    self.assertEqual(a[key], b[key], key)
+            self.assertLess(abs(a["log_time"] - b["log_time"]), 5)
+            self.assertEqual(logs.format_classic(dict(a, log_time=1.0)), logs.format_classic(dict(b, log_time=1.0)))
+
+    def test_a_bad_level_is_reported_as_twisted_does(self) -> None:
+        seen: List[Dict[str, Any]] = []
+        logger = logs.RelayLogger(namespace="x", observer=seen.append)
+        logger.emit("loud", "hello")  # type: ignore[arg-type]
+        self.assertEqual(len(seen), 1)
+        self.assertEqual(seen[0]["log_level"], LogLevel.critical)
+        self.assertIn("invalid log level", seen[0]["log_format"])
+
+    def test_trace(self) -> None:
+        seen: List[Dict[str, Any]] = []
+        observer = logs.level_filter(seen.append, logs.parse_log_level("info"))
+        self.addCleanup(logs._predicates.clear)
+        publisher = LogPublisher(observer)
+        logger = logs.RelayLogger(namespace="firezone_relay.x", observer=publisher)
+        trace: List[Any] = []
+        logger.info("traced", log_trace=trace)
+        self.assertEqual(len(seen), 1)
+        self.assertEqual([t[0] for t in trace], [logger, publisher, observer])
+        logger.debug("dropped", log_trace=[])
+        self.assertEqual(len(seen), 1)

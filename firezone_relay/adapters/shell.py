@@ -39,11 +39,11 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from firezone_relay.adapters._twisted import Counts, LimitedLog, OneTimer, default_reactor, format_address
 from firezone_relay.core import commands as C
+from firezone_relay.logs import RelayLogger
 
 try:  # the optional C extension (setup.py); the pure-Python reader otherwise
     from firezone_relay.adapters import _udpio as _udpio_module
@@ -54,7 +54,7 @@ except ImportError as exc:  # not built: no compiler or headers at install time,
     _udpio = None
     UDPIO_MISSING = str(exc)
 
-log = Logger(namespace="firezone_relay.adapters.udp")
+log = RelayLogger(namespace="firezone_relay.adapters.udp")
 
 _SEND_ERRORS = {
     errno.EAGAIN: "send_eagain",
