@@ -292,12 +292,12 @@ def bench_server(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
             r = one_cycle(server, args)
             cycles.append(r)
             print("%-6s cycle %d: allocated %d/%d at %.0f/s (%.1f s; server %.0f us CPU per Allocate, %.2f cores; "
-                  "client %.2f cores, other processes %.2f cores), RSS %d -> %d kB (%.1f kB/allocation), released %d at %.0f/s -> RSS %d kB, "
-                  "fds %s, errors %s %s, %d retransmits"
+                  "client %.2f cores, other processes %.2f cores), RSS %d -> %d kB (%.1f kB/allocation), released %d at %.0f/s "
+                  "(server %.0f us CPU per Refresh LIFETIME 0) -> RSS %d kB, fds %s, errors %s %s, %d retransmits"
                   % (kind, c + 1, r["allocated"], args.allocations, r["alloc_rate"], r["alloc_elapsed"],
                      r["alloc_server_cpu_us"], r["alloc_server_cores"], r["alloc_client_cores"], r["other_cores"], r["rss_before_kb"],
-                     r["rss_held_kb"], r["kb_per_alloc"], r["released"], r["release_rate"], r["rss_released_kb"],
-                     r["fds"], r["alloc_errors"], r["release_errors"], r["alloc_retransmits"]))  # fmt: skip
+                     r["rss_held_kb"], r["kb_per_alloc"], r["released"], r["release_rate"], r["release_server_cpu_us"],
+                     r["rss_released_kb"], r["fds"], r["alloc_errors"], r["release_errors"], r["alloc_retransmits"]))  # fmt: skip
         return {
             "server": kind,
             "threads": thread_count(server.pid),
@@ -308,6 +308,12 @@ def bench_server(kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         }
     finally:
         server.stop()
+
+
+def cpu_ratio(ours: Dict[str, Any], coturn: Dict[str, Any], key: str) -> float:
+    """ours / coturn of a per-operation CPU figure of one cycle (NaN if either is missing)."""
+    a, b = ours.get(key, float("nan")), coturn.get(key, float("nan"))
+    return a / b if b and b == b and a == a else float("nan")
 
 
 def ips_text(args: argparse.Namespace) -> str:
@@ -329,21 +335,23 @@ def render(results: List[Dict[str, Any]], args: argparse.Namespace, commands: Li
                "(the second shows whether released memory is reused)."
                % (args.allocations, ips_text(args), args.window, args.lowest_port, args.highest_port, args.cycles))  # fmt: skip
     out.append("")
-    out.append("| server | cycle | allocated | Allocates/s | server CPU µs/Allocate | server cores | client cores | other cores | RSS before MiB | RSS holding MiB | kB/allocation | RSS after release MiB | releases/s | fds before/holding/after |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    out.append("| server | cycle | allocated | Allocates/s | server CPU µs/Allocate | server cores | client cores | other cores | RSS before MiB | RSS holding MiB | kB/allocation | RSS after release MiB | releases/s | fds before/holding/after | server CPU µs/Refresh LIFETIME 0 |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in results:
         for k, c in enumerate(r["cycles"]):
-            out.append("| %s | %d | %d/%d | **%.0f** | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | **%.1f** | %.1f | %.0f | %d/%d/%d |" % (
+            out.append("| %s | %d | %d/%d | **%.0f** | %.0f | %.2f | %.2f | %.2f | %.1f | %.1f | **%.1f** | %.1f | %.0f | %d/%d/%d | %.0f |" % (
                 r["server"], k + 1, c["allocated"], r["requested"], c["alloc_rate"], c["alloc_server_cpu_us"],
                 c["alloc_server_cores"], c["alloc_client_cores"], c["other_cores"], c["rss_before_kb"] / 1024, c["rss_held_kb"] / 1024,
-                c["kb_per_alloc"], c["rss_released_kb"] / 1024, c["release_rate"], *c["fds"]))  # fmt: skip
+                c["kb_per_alloc"], c["rss_released_kb"] / 1024, c["release_rate"], *c["fds"], c["release_server_cpu_us"]))  # fmt: skip
     out.append("")
     by = {r["server"]: r["cycles"][0] for r in results}
     if "ours" in by and "coturn" in by:
         o, c = by["ours"], by["coturn"]
-        out.append("ours/coturn (cycle 1): Allocates/s **%.2f×**, kB per allocation **%.2f×**." % (
+        out.append("ours/coturn (cycle 1): Allocates/s **%.2f×**, kB per allocation **%.2f×**, "
+                   "server CPU per Allocate **%.2f×**, per Refresh LIFETIME 0 **%.2f×**." % (
             o["alloc_rate"] / c["alloc_rate"] if c["alloc_rate"] else float("nan"),
-            o["kb_per_alloc"] / c["kb_per_alloc"] if c["kb_per_alloc"] else float("nan")))  # fmt: skip
+            o["kb_per_alloc"] / c["kb_per_alloc"] if c["kb_per_alloc"] else float("nan"),
+            cpu_ratio(o, c, "alloc_server_cpu_us"), cpu_ratio(o, c, "release_server_cpu_us")))  # fmt: skip
         out.append("")
     for r in results:
         c0, cl = r["cycles"][0], r["cycles"][-1]
