@@ -119,7 +119,7 @@ class NonceFactory:
 
     def _mac(self, full: bool, issued: int, client: Tuple[str, int]) -> bytes:
         text = ("%s|%d|%s|%d" % ("f" if full else "p", issued, client[0], client[1])).encode("utf-8", "replace")
-        return hmac.digest(self._key, text, "sha256")[:_NONCE_MAC_BYTES]
+        return stun.keyed_hmac(self._key, text, "sha256")[:_NONCE_MAC_BYTES]
 
     def issue(self, client: Tuple[str, int], now: float, full: bool = True) -> str:
         """A nonce for ``client``: with the RFC 8489 cookie and feature set
