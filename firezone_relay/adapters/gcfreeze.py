@@ -21,10 +21,22 @@ from twisted.logger import Logger
 log = Logger(namespace="firezone_relay.adapters.gcfreeze")
 
 
+#: Collection thresholds once frozen (CPython's default: 700, 10, 10).  A
+#: young collection every 7,000 new container objects instead of 700 (the
+#: short-lived ones of a request die before being scanned), and a full one
+#: considered after 100 middle-generation collections instead of 10 (and,
+#: as always, only once the old generation grew by a quarter).  With 12,500
+#: allocations being made the collector took 0.25 s of 2.2 s of CPU with the
+#: defaults and 0.025 s with these (``gc.callbacks``, loaded machine).
+THRESHOLDS = (7000, 10, 100)
+
+
 def freeze_startup_objects() -> int:
-    """Collect, then freeze everything alive; how many objects are frozen."""
+    """Collect, freeze everything alive, set ``THRESHOLDS``; how many
+    objects are frozen."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*THRESHOLDS)
     return gc.get_freeze_count()
 
 
@@ -46,4 +58,8 @@ class StartupFreeze(Service):
         if not self.running:
             return
         self.frozen = freeze_startup_objects()
-        log.info("garbage collector: {count} start-up objects frozen (full collections skip them)", count=self.frozen)
+        log.info(
+            "garbage collector: {count} start-up objects frozen (full collections skip them), thresholds {thresholds}",
+            count=self.frozen,
+            thresholds=gc.get_threshold(),
+        )

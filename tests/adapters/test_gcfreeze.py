@@ -22,6 +22,7 @@ class FakeReactor:
 class StartupFreezeTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
         self.addCleanup(gc.unfreeze)  # the test process must not keep its objects frozen
+        self.addCleanup(gc.set_threshold, *gc.get_threshold())
 
     def test_freezes_once_the_reactor_runs(self) -> None:
         gc.unfreeze()
@@ -37,6 +38,7 @@ class StartupFreezeTests(unittest.SynchronousTestCase):
         reactor.calls[0]()
         self.assertGreater(gc.get_freeze_count(), 1000)
         self.assertEqual(service.frozen, gc.get_freeze_count())
+        self.assertEqual(gc.get_threshold(), (7000, 10, 100))
         self.assertFalse(gc.is_tracked(marker))  # untracked object: stays as it was
         self.assertNotIn(holder, gc.get_objects())  # frozen objects are out of every generation
 
@@ -46,5 +48,7 @@ class StartupFreezeTests(unittest.SynchronousTestCase):
         service = StartupFreeze(reactor)
         service.startService()
         service.stopService()
+        thresholds = gc.get_threshold()
         reactor.calls[0]()
         self.assertEqual(gc.get_freeze_count(), 0)
+        self.assertEqual(gc.get_threshold(), thresholds)
