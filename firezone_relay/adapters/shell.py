@@ -266,13 +266,15 @@ class Shell(MultiService):
                 self.execute(command)
                 command = self._next_command()
         else:
-            # The replies of one pump (e.g. the Allocate successes of a
+            # The UDP replies of one pump (e.g. the Allocate successes of a
             # batched read) leave together, in sendmmsg calls, at the end;
             # before a port closes, what is queued for it leaves first.
             sends: List[Tuple[int, int, Any, bytes]] = []
             try:
                 while command is not None:
-                    if type(command) is C.SendDatagram:
+                    if type(command) is C.SendDatagram and len(command.destination) == 2:
+                        # (A stream client's reply still goes at once, in
+                        # its place among the allocation events.)
                         sends.append((command.source_port, command.family, command.destination, command.payload))
                     else:
                         if sends and type(command) is C.ClosePort and _sends_from(sends, command.port, command.family):

@@ -13,6 +13,7 @@ import os
 import socket
 from typing import Any, List, Tuple
 
+from twisted.application.service import Service
 from twisted.internet import task
 from twisted.trial import unittest
 
@@ -128,6 +129,41 @@ class PumpSendTests(unittest.TestCase):
         self.assertEqual(self.received(2), (b"fine", listen))
         self.assertEqual(self.shell.drops["send_too_big"], 1)
         self.assertEqual(self.shell.drops["no_socket"], 1)
+
+
+    def test_a_stream_clients_reply_keeps_its_place(self) -> None:
+        events: List[Any] = []
+
+        class Stream(Service):
+            def send(self, destination: Any, payload: bytes) -> None:
+                events.append(("send", destination, payload))
+
+            def allocation_event(self, command: Any) -> None:
+                events.append(("event", type(command).__name__))
+
+            def transport_of(self, client: Any) -> str:
+                return "tcp"
+
+            def begin_read(self) -> None:
+                pass
+
+            def end_read(self) -> None:
+                pass
+
+            def open_listeners(self) -> None:
+                pass
+
+        self.shell.attach_stream(Stream())
+        listen = self.service.listen_port
+        client = ("127.0.0.1", 40000, 7)
+        self.fake.commands = [
+            C.SendDatagram(listen, 4, self.dest(0), b"udp"),
+            C.SendDatagram(listen, 4, client, b"reply"),
+            C.AllocationDeleted(client, "user", 1, "refresh"),
+        ]
+        self.shell.pump()
+        self.assertEqual(events, [("send", client, b"reply"), ("event", "AllocationDeleted")])
+        self.assertEqual(self.received(0), (b"udp", listen))
 
 
 class PythonIOPumpSendTests(PumpSendTests):
