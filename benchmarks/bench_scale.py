@@ -299,12 +299,12 @@ def bench_server(variant: "Variant", args: argparse.Namespace) -> Dict[str, Any]
             r = one_cycle(server, args)
             cycles.append(r)
             print("%-6s cycle %d: allocated %d/%d at %.0f/s (%.1f s; server %.0f us CPU per Allocate, %.2f cores; "
-                  "client %.2f cores, other processes %.2f cores), RSS %d -> %d kB (%.1f kB/allocation), released %d at %.0f/s -> RSS %d kB, "
-                  "fds %s, errors %s %s, %d retransmits"
+                  "client %.2f cores, other processes %.2f cores), RSS %d -> %d kB (%.1f kB/allocation), released %d at %.0f/s "
+                  "(server %.0f us CPU per Refresh LIFETIME 0) -> RSS %d kB, fds %s, errors %s %s, %d retransmits"
                   % (kind, c + 1, r["allocated"], args.allocations, r["alloc_rate"], r["alloc_elapsed"],
                      r["alloc_server_cpu_us"], r["alloc_server_cores"], r["alloc_client_cores"], r["other_cores"], r["rss_before_kb"],
-                     r["rss_held_kb"], r["kb_per_alloc"], r["released"], r["release_rate"], r["rss_released_kb"],
-                     r["fds"], r["alloc_errors"], r["release_errors"], r["alloc_retransmits"]))  # fmt: skip
+                     r["rss_held_kb"], r["kb_per_alloc"], r["released"], r["release_rate"], r["release_server_cpu_us"],
+                     r["rss_released_kb"], r["fds"], r["alloc_errors"], r["release_errors"], r["alloc_retransmits"]))  # fmt: skip
         return {
             "server": kind,
             "threads": thread_count(server.pid) + sum(thread_count(c) for c in descendants(server.pid)),
@@ -315,6 +315,12 @@ def bench_server(variant: "Variant", args: argparse.Namespace) -> Dict[str, Any]
         }
     finally:
         server.stop()
+
+
+def cpu_ratio(ours: Dict[str, Any], coturn: Dict[str, Any], key: str) -> float:
+    """ours / coturn of a per-operation CPU figure of one cycle (NaN if either is missing)."""
+    a, b = ours.get(key, float("nan")), coturn.get(key, float("nan"))
+    return a / b if b and b == b and a == a else float("nan")
 
 
 def ips_text(args: argparse.Namespace) -> str:

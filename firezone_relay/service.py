@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from firezone_relay import __version__
+from firezone_relay.randomness import BufferedSystemRandom
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.application.service import MultiService
@@ -229,7 +230,7 @@ def build(options: "Options", reactor: Any) -> "MultiService":
         raise SystemExit("firezone-relay: %s" % exc) from None
 
     secret, generated = make_secret(options["auth-secret"], options["rng-seed"])
-    rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else random.SystemRandom()
+    rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else BufferedSystemRandom()
     relay = Relay(relay_config(options, secret), rng)
     if options["rest-auth-secret"]:
         log.info("TURN REST credentials: {count} shared secret(s), realm {realm}",
@@ -329,6 +330,9 @@ def build(options: "Options", reactor: Any) -> "MultiService":
     _add_portal_and_drain(options, top, shell, secret, readiness, reactor)
     _add_control(options, top, relay, shell)
     _add_reload(given, options, top, relay, shell, stream.tls, secret)
+    from firezone_relay.adapters.gcfreeze import StartupFreeze
+
+    StartupFreeze(reactor).setServiceParent(top)  # last: once everything else has started
     return top
 
 

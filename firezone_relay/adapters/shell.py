@@ -39,11 +39,11 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from firezone_relay.adapters._twisted import Counts, LimitedLog, OneTimer, default_reactor, format_address
 from firezone_relay.core import commands as C
+from firezone_relay.logs import RelayLogger
 
 try:  # the optional C extension (setup.py); the pure-Python reader otherwise
     from firezone_relay.adapters import _udpio as _udpio_module
@@ -54,7 +54,7 @@ except ImportError as exc:  # not built: no compiler or headers at install time,
     _udpio = None
     UDPIO_MISSING = str(exc)
 
-log = Logger(namespace="firezone_relay.adapters.udp")
+log = RelayLogger(namespace="firezone_relay.adapters.udp")
 
 _SEND_ERRORS = {
     errno.EAGAIN: "send_eagain",
@@ -102,6 +102,14 @@ class FastPath(Protocol):
     def channel_bound(self, command: C.ChannelBound) -> None: ...
 
     def channel_unbound(self, command: C.ChannelUnbound) -> None: ...
+
+
+def _sends_from(sends: List[Tuple[int, int, Any, bytes]], port: int, family: int) -> bool:
+    """Whether one of ``sends`` leaves from UDP port ``port`` of ``family``."""
+    for send in sends:
+        if send[0] == port and send[1] == family:
+            return True
+    return False
 
 
 class Shell(MultiService):
@@ -252,9 +260,31 @@ class Shell(MultiService):
         """Carry out every queued command, then re-arm the timer if the
         core's deadline moved."""
         command = self._next_command()
-        while command is not None:
-            self.execute(command)
-            command = self._next_command()
+        io = self.io
+        if io is None:
+            while command is not None:
+                self.execute(command)
+                command = self._next_command()
+        else:
+            # The UDP replies of one pump (e.g. the Allocate successes of a
+            # batched read) leave together, in sendmmsg calls, at the end;
+            # before a port closes, what is queued for it leaves first.
+            sends: List[Tuple[int, int, Any, bytes]] = []
+            try:
+                while command is not None:
+                    if type(command) is C.SendDatagram and len(command.destination) == 2:
+                        # (A stream client's reply still goes at once, in
+                        # its place among the allocation events.)
+                        sends.append((command.source_port, command.family, command.destination, command.payload))
+                    else:
+                        if sends and type(command) is C.ClosePort and _sends_from(sends, command.port, command.family):
+                            io.send(sends)
+                            sends = []
+                        self.execute(command)
+                    command = self._next_command()
+            finally:
+                if sends:
+                    io.send(sends)
         deadline = self._poll_timeout()
         if deadline != self.timer.deadline:
             self.timer.arm(deadline)

@@ -55,6 +55,7 @@ log = Logger(namespace="firezone_relay.adapters.udp")
 MAX_DATAGRAM = 65535
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_DGRAM_NONBLOCK = socket.SOCK_DGRAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 # Linux values where the socket module lacks the names.
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
@@ -138,7 +139,7 @@ class _Reader:
     per batch.  See firezone_relay/adapters/_udpio.c.
     """
 
-    def __init__(self, sock: socket.socket, protocol: DatagramProtocol, always_view: bool) -> None:
+    def __init__(self, sock: socket.socket, protocol: DatagramProtocol, always_view: bool, v6: Optional[bool] = None) -> None:
         self.socket = sock
         self.protocol = protocol
         #: True for allocation ports: every datagram is peer data.
@@ -146,7 +147,7 @@ class _Reader:
         #: ``() -> int``: the batched read, or None for the Python loop below.
         self.batched: Optional[Callable[[], int]] = None
         self._fileno = sock.fileno()
-        self._v6 = sock.family == socket.AF_INET6
+        self._v6 = sock.family == socket.AF_INET6 if v6 is None else v6
         #: What ``dispatch`` calls on a read event instead of ``doRead``
         #: (the same read without Twisted's ``_doReadOrWrite`` around it);
         #: None once closed, so that a stale event goes through Twisted's
@@ -239,6 +240,10 @@ class RelayService(ListenerService):
         self.reactor = shell.reactor
         self._ports: Dict[Tuple[int, int], Any] = {}
         self._closing: set[defer.Deferred[None]] = set()
+        #: Readers taken off the reactor in this turn, closed at the next
+        #: (``_close``), and the Deferred that fires then.
+        self._to_close: list[_Reader] = []
+        self._to_close_done: Optional[defer.Deferred[None]] = None
         self.listening: Dict[int, Any] = {}
         shell.attach_udp(self)
 
@@ -258,7 +263,7 @@ class RelayService(ListenerService):
         for key, port in list(self._ports.items()):
             waits.append(self._close(key[0], key[1]))
         self.listening.clear()
-        return defer.gatherResults([d for d in waits if d is not None], consumeErrors=True)
+        return defer.gatherResults(list(dict.fromkeys(d for d in waits if d is not None)), consumeErrors=True)
 
     # --- sockets ------------------------------------------------------------
 
@@ -266,9 +271,11 @@ class RelayService(ListenerService):
         ip = self.bind[family]
         if ip is None:
             raise OSError(errno.EAFNOSUPPORT, "family IPv%d is not served" % family)
-        sock = socket.socket(_AF[family], socket.SOCK_DGRAM)
+        # Non-blocking from the start (SOCK_NONBLOCK): no separate system call.
+        sock = socket.socket(_AF[family], _DGRAM_NONBLOCK)
         try:
-            sock.setblocking(False)
+            if _DGRAM_NONBLOCK == socket.SOCK_DGRAM:  # no SOCK_NONBLOCK on this platform
+                sock.setblocking(False)
             if family == 6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if self.socket_buffer:
@@ -289,7 +296,7 @@ class RelayService(ListenerService):
         return sock
 
     def _adopt(self, sock: socket.socket, family: int, protocol: DatagramProtocol) -> _Reader:
-        reader = _Reader(sock, protocol, always_view=isinstance(protocol, _PeerProtocol))
+        reader = _Reader(sock, protocol, always_view=isinstance(protocol, _PeerProtocol), v6=family == 6)
         if self.shell.io is not None:
             reader.batched = self._batched_reader(reader, protocol)
         reader.direct_read = reader.batched or reader.doRead
@@ -364,14 +371,32 @@ class RelayService(ListenerService):
         self._close(port, family)
 
     def _close(self, port: int, family: int) -> Optional["defer.Deferred[None]"]:
+        """No more reads from the socket of ``port``; it closes at the start
+        of the next reactor turn, as ``_Reader.stop_reading`` explains,
+        together with every other socket closed in this turn: one timed
+        call and one Deferred for all of them (a deallocation storm closes
+        thousands), fired when they are closed."""
         listening = self._ports.pop((port, family), None)
         self.shell.remove_socket(port, family)
         if listening is None:
             return None
-        d: defer.Deferred[None] = listening.stop_reading(self.reactor)
-        self._closing.add(d)
-        d.addBoth(self._closed, d)
+        self.reactor.removeReader(listening)
+        self._to_close.append(listening)
+        d = self._to_close_done
+        if d is None:
+            d = self._to_close_done = defer.Deferred()
+            self._closing.add(d)
+            d.addBoth(self._closed, d)
+            self.reactor.callLater(0, self._close_pending)
         return d
+
+    def _close_pending(self) -> None:
+        readers, self._to_close = self._to_close, []
+        d, self._to_close_done = self._to_close_done, None
+        for reader in readers:
+            reader.close()
+        if d is not None:
+            d.callback(None)
 
     def _closed(self, result: Any, d: "defer.Deferred[None]") -> Any:
         self._closing.discard(d)

@@ -25,6 +25,7 @@ reply and the counters.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 from typing import Optional, Sequence, Tuple
@@ -118,7 +119,7 @@ class NonceFactory:
 
     def _mac(self, full: bool, issued: int, client: Tuple[str, int]) -> bytes:
         text = ("%s|%d|%s|%d" % ("f" if full else "p", issued, client[0], client[1])).encode("utf-8", "replace")
-        return hmac.digest(self._key, text, "sha256")[:_NONCE_MAC_BYTES]
+        return stun.keyed_hmac(self._key, text, "sha256")[:_NONCE_MAC_BYTES]
 
     def issue(self, client: Tuple[str, int], now: float, full: bool = True) -> str:
         """A nonce for ``client``: with the RFC 8489 cookie and feature set
@@ -201,9 +202,16 @@ def derive_key(message: stun.Message, request: Request, secret: str, realm: str)
     request.sha256 = message.integrity_sha256_offset >= 0
     if username is not None and parsed is not None:
         request.username = username
-        password = generate_password(secret, parsed[0], parsed[1])
-        request.key = stun.long_term_key(username, realm, password, algorithm)
+        request.key = _firezone_long_term_key(secret, username, realm, algorithm, parsed[0], parsed[1])
     return parsed, algorithms_ok
+
+
+@functools.lru_cache(maxsize=1024)
+def _firezone_long_term_key(secret: str, username: str, realm: str, algorithm: int, expiry: int, salt: str) -> bytes:
+    """``firezone_key`` of a parsed username, kept for the last 1024
+    (secret, username, realm, algorithm): a client signs every request with
+    the same credentials, and deriving the key is two hashes."""
+    return stun.long_term_key(username, realm, generate_password(secret, expiry, salt), algorithm)
 
 
 def authenticate(

@@ -455,10 +455,10 @@ class Relay(AllocationTable, PeerRules, Replies):
             if need > limit:
                 self._error(request, 508, now)
                 return
-            owned = self._by_username.get(request.username, [])
+            owned = self._by_username.get(request.username, {})
             while owned and self._user_units(owned) + need > limit:
-                self._delete_allocation(owned[0], "replaced")
-                owned = self._by_username.get(request.username, [])
+                self._delete_allocation(next(iter(owned)), "replaced")
+                owned = self._by_username.get(request.username, {})
         claimed = 1 if reservation is not None else 0
         if self.config.max_allocations and self._quota_units() - claimed + need > self.config.max_allocations:
             self._error(request, 508, now)

@@ -12,7 +12,7 @@ the request handlers in ``relay.py`` decide *whether* to do it.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 from .allocation import (
     CHANNEL_LIFETIME,
@@ -58,7 +58,9 @@ class AllocationTable:
     def _init_table(self) -> None:
         self._allocations: dict[Client, Allocation] = {}
         self._by_port: dict[int, Allocation] = {}
-        self._by_username: dict[str, list[Allocation]] = {}
+        #: username -> its active allocations, oldest first (a dict as an
+        #: ordered set: deleting one of many is O(1)).
+        self._by_username: dict[str, dict[Allocation, None]] = {}
         #: (port, family) -> the allocation waiting for that OpenPort's result
         self._pending: dict[tuple[int, int], Allocation] = {}
         #: client -> channel -> (port, family, peer, hairpin, meter): the fast path
@@ -156,7 +158,7 @@ class AllocationTable:
         alloc.deadline = now + alloc.lifetime
         alloc.tried_ports = set()
         self._by_port[alloc.port] = alloc
-        self._by_username.setdefault(alloc.username, []).append(alloc)
+        self._by_username.setdefault(alloc.username, {})[alloc] = None
         self._schedule(alloc)
         self.stats.allocations_total += 1
 
@@ -168,7 +170,7 @@ class AllocationTable:
         del self._allocations[alloc.client]
         del self._by_port[alloc.port]
         owned = self._by_username[alloc.username]
-        owned.remove(alloc)
+        del owned[alloc]
         if not owned:
             del self._by_username[alloc.username]
         channels = self._chan_out.get(alloc.client)
@@ -225,7 +227,7 @@ class AllocationTable:
             self._used_ports.discard(reservation.port)
 
     @staticmethod
-    def _user_units(owned: list[Allocation]) -> int:
+    def _user_units(owned: Collection[Allocation]) -> int:
         """A username's share of its quota: allocations and their reservations."""
         return len(owned) + sum(1 for alloc in owned if alloc.reserved is not None)
 
@@ -302,7 +304,7 @@ class AllocationTable:
     def allocations(self, now: float, username: Optional[str] = None) -> list[AllocationInfo]:
         """Every active allocation (of ``username`` if given), oldest first."""
         if username is not None:
-            chosen: Sequence[Allocation] = self._by_username.get(username, ())
+            chosen: Collection[Allocation] = self._by_username.get(username, ())
         else:
             chosen = list(self._by_port.values())
         out = []
