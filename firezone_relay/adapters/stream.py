@@ -75,9 +75,10 @@ from __future__ import annotations
 
 import signal
 import socket
+from errno import EWOULDBLOCK
 from typing import Any, Dict, Optional, Tuple
 
-from twisted.internet import defer, tcp
+from twisted.internet import defer, main, tcp
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -102,6 +103,20 @@ _LISTEN_BACKLOG = 1024
 class _StreamServer(tcp.Server):
     """Twisted's accepted TCP connection, as its own type so that
     ``dispatch`` hands its events to it without the per-event log context."""
+
+    def doRead(self) -> Any:
+        # tcp.Connection.doRead and _dataReceived in one call (one Python
+        # frame less per read), with the same results.
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as exc:
+            if exc.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
 
 
 class _StreamFactory(Factory):
@@ -362,8 +377,10 @@ class StreamService(ListenerService):
             self._flush()
 
     def _flush(self) -> None:
-        call, self._flush_call = self._flush_call, None
-        cancel_call(call)
+        call = self._flush_call
+        if call is not None:
+            self._flush_call = None
+            cancel_call(call)
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             try:
