@@ -141,3 +141,83 @@ class DispatchTests(unittest.TestCase):
         self.reactor.doIteration(0.001)
         self.assertEqual(self.flushLoggedErrors(), [])
 
+
+
+class MainLoopTests(unittest.TestCase):
+    """``install`` also replaces ``mainLoop``: timed calls, calls from
+    threads, errors and stopping behave as in Twisted's, and an iteration
+    with no timed call due does not call ``runUntilCurrent``."""
+
+    def setUp(self) -> None:
+        if EPollReactor is None:
+            raise unittest.SkipTest("epoll is Linux only")
+        self.reactor = EPollReactor()
+        self.addCleanup(DispatchTests._close, self.reactor)
+
+    def test_timed_calls_thread_calls_errors_and_stop(self) -> None:
+        import threading
+        import time
+
+        reactor = self.reactor
+        self.assertTrue(dispatch.install(reactor))
+        events: List[Any] = []
+        started = time.monotonic()
+
+        def later(name: str) -> None:
+            events.append((name, time.monotonic() - started))
+
+        def chained() -> None:
+            later("chained")
+            reactor.callLater(0.02, later, "from a call")
+
+        def failing() -> None:
+            raise ZeroDivisionError("a timed call bug")
+
+        reactor.callLater(0.05, later, "at 0.05")
+        reactor.callLater(0, chained)
+        reactor.callLater(0.01, failing)
+        reactor.callWhenRunning(lambda: threading.Thread(target=reactor.callFromThread, args=(later, "thread")).start())
+        reactor.callLater(0.2, reactor.stop)
+        reactor.run(installSignalHandlers=False)
+        names = [name for name, _ in events]
+        self.assertEqual(sorted(names), ["at 0.05", "chained", "from a call", "thread"])
+        self.assertLess(names.index("chained"), names.index("from a call"))
+        self.assertLess(names.index("from a call"), names.index("at 0.05"))
+        at = dict(events)
+        self.assertGreaterEqual(at["at 0.05"], 0.05)
+        self.assertGreaterEqual(at["from a call"] - at["chained"], 0.02)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_an_iteration_without_a_due_call_skips_run_until_current(self) -> None:
+        reactor = self.reactor
+        calls: List[int] = []
+        run_until_current = reactor.runUntilCurrent
+
+        def counting() -> None:
+            calls.append(1)
+            run_until_current()
+
+        reactor.runUntilCurrent = counting  # before install, which looks it up once
+        self.assertTrue(dispatch.install(reactor))
+        seen: List[Tuple[str, Any]] = []
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        fast = _Fast(ours, seen)
+        reactor.addReader(fast)
+        self.addCleanup(reactor.removeReader, fast)
+
+        def poke(left: int) -> None:
+            theirs.send(b"x")  # a read event: one more iteration, nothing due
+            if left:
+                reactor.callLater(0.01, poke, left - 1)
+            else:
+                reactor.callLater(0.05, reactor.stop)
+
+        reactor.callWhenRunning(poke, 4)
+        reactor.run(installSignalHandlers=False)
+        self.assertEqual(len(seen), 5)
+        # Due: callWhenRunning's startup, 4 pokes, stop and its shutdown
+        # calls; the 5 read iterations in between do not call it.
+        self.assertLessEqual(len(calls), 9)
+        self.assertGreaterEqual(len(calls), 5)
