@@ -161,3 +161,45 @@ class IssuedNonceTests(SynchronousTestCase):
         self.nonces.issue(CLIENT, NOW + 1)
         self.assertEqual(len(self.nonces._issued), 1)
 
+
+class KeyCacheTests(SynchronousTestCase):
+    """A Firezone username's key is derived once (``_firezone_key``), per
+    secret, realm and algorithm, and the store is bounded."""
+
+    def setUp(self) -> None:
+        saved = dict(auth._keys)
+        auth._keys.clear()
+        self.addCleanup(lambda: (auth._keys.clear(), auth._keys.update(saved)))
+        self.derived: list[str] = []
+        generate = auth.generate_password
+
+        def counting(secret: str, expiry: int, salt: str) -> str:
+            self.derived.append(salt)
+            return generate(secret, expiry, salt)
+
+        self.patch(auth, "generate_password", counting)
+
+    def test_derived_once_and_the_same_key(self) -> None:
+        username, password = credentials()
+        nonce = auth.NonceFactory(KEY).issue(CLIENT, NOW)
+        expected = stun.long_term_key(username, auth.REALM, password)
+        del self.derived[:]  # credentials() derived the password itself
+        for _ in range(3):
+            self.assertEqual(auth.firezone_key(SECRET, username, auth.REALM), expected)
+            message, req = signed(username, password, nonce)
+            auth.derive_key(message, req, SECRET, auth.REALM)
+            self.assertEqual(req.key, expected)
+        self.assertEqual(len(self.derived), 1)
+        sha256 = auth.firezone_key(SECRET, username, auth.REALM, stun.ALGORITHM_SHA256)
+        self.assertEqual(sha256, stun.long_term_key(username, auth.REALM, password, stun.ALGORITHM_SHA256))
+        other_secret = "ab" * 32
+        _, other_password = credentials(secret=other_secret)
+        self.assertEqual(len(self.derived), 3)
+        self.assertEqual(auth.firezone_key(other_secret, username, auth.REALM), stun.long_term_key(username, auth.REALM, other_password))
+        self.assertEqual(len(self.derived), 4)
+
+    def test_bounded(self) -> None:
+        for i in range(auth._KEYS_MAX + 10):
+            auth.firezone_key(SECRET, "%d:user%d" % (NOW + 3600, i), auth.REALM)
+        self.assertLessEqual(len(auth._keys), auth._KEYS_MAX)
+        self.assertEqual(len(self.derived), auth._KEYS_MAX + 10)
