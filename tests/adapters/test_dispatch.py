@@ -179,14 +179,14 @@ class MainLoopTests(unittest.TestCase):
         reactor.callWhenRunning(lambda: threading.Thread(target=reactor.callFromThread, args=(later, "thread")).start())
         reactor.callLater(0.2, reactor.stop)
         reactor.run(installSignalHandlers=False)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)  # logged; the loop went on
         names = [name for name, _ in events]
         self.assertEqual(sorted(names), ["at 0.05", "chained", "from a call", "thread"])
         self.assertLess(names.index("chained"), names.index("from a call"))
-        self.assertLess(names.index("from a call"), names.index("at 0.05"))
+        # Never early (the poll timeout); how late depends on the machine's load.
         at = dict(events)
         self.assertGreaterEqual(at["at 0.05"], 0.05)
         self.assertGreaterEqual(at["from a call"] - at["chained"], 0.02)
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_an_iteration_without_a_due_call_skips_run_until_current(self) -> None:
         reactor = self.reactor
