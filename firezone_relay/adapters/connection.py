@@ -243,7 +243,11 @@ class StreamProtocol(Protocol):
             return
         self._pending = [payload]
         self._pending_bytes = len(payload)
-        self.service.flush_soon(self)
+        service = self.service
+        if service.reading:  # flush_soon's common case, inline: end_read flushes
+            service._dirty.append(self)
+        else:
+            service.flush_soon(self)
 
     def flush(self) -> None:
         """Write what this reactor turn produced, in one send (one TLS record)."""

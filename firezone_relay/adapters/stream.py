@@ -374,7 +374,15 @@ class StreamService(ListenerService):
         """A read (``reading``) has been handled: write what it produced."""
         self.reading = False
         if self._dirty:
-            self._flush()
+            if self._flush_call is None:  # _flush without a call: nothing scheduled to cancel
+                dirty, self._dirty = self._dirty, []
+                for conn in dirty:
+                    try:
+                        conn.flush()
+                    except Exception as exc:
+                        self.internal_error(exc)
+            else:
+                self._flush()
 
     def _flush(self) -> None:
         call = self._flush_call
