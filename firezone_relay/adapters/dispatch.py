@@ -22,12 +22,6 @@ listening ports) keeps Twisted's dispatch.  Any other reactor is left as it
 is, and so is an ``EPollReactor`` whose ``doPoll`` is not Twisted's own or
 that lacks the private attributes the loop uses (another Twisted version).
 
-``install`` also replaces the reactor's ``mainLoop`` (``_make_main_loop``)
-with one that calls ``runUntilCurrent`` only when a timed call is due or a
-thread queued one, and computes the poll timeout inline: Twisted's loop
-makes about eight Python calls per wake-up before it polls, which a relay
-woken once per packet pays per packet.
-
 The stream connections' direct write (``direct_socket``, ``unsent``) is the
 other use of Twisted's private parts, kept here beside it, guarded the same way.
 """
@@ -35,8 +29,6 @@ other use of Twisted's private parts, kept here beside it, guarded the same way.
 from __future__ import annotations
 
 import errno
-import select
-import sys
 from typing import Any, Callable, Optional, Set
 
 from twisted.python import log
@@ -95,73 +87,15 @@ def install(reactor: Any) -> bool:
     if not all(hasattr(reactor, name) for name in ("_poller", "_selectables", "_doReadOrWrite")):
         return False
     reactor.doIteration = _make_do_poll(reactor)
-    if all(hasattr(reactor, name) for name in _MAIN_LOOP_PARTS) and None not in _base_logging():
-        reactor.mainLoop = _make_main_loop(reactor)
     reactor._firezone_fast_dispatch = True
     return True
-
-
-#: The private parts of Twisted's ``ReactorBase`` the main loop below uses.
-_MAIN_LOOP_PARTS = ("_started", "_newTimedCalls", "_pendingTimedCalls", "_insertNewDelayedCalls", "threadCallQueue")
-
-#: The longest poll timeout, as ``ReactorBase.timeout`` has it (epoll's int milliseconds).
-_LONGEST = 2147483
-
-
-def _base_logging() -> Any:
-    """Twisted's handler of what escapes a main loop iteration and the
-    logger of ``twisted.internet.base`` (None for either one missing)."""
-    from twisted.internet import base
-
-    return getattr(base, "_topHandler", None), getattr(base, "_log", None)
-
-
-def _make_main_loop(reactor: Any) -> Callable[[], None]:
-    """``ReactorBase.mainLoop``, without two calls per iteration that have
-    nothing to do when no timed call is due (the common case for a relay
-    woken by a packet): ``runUntilCurrent`` runs only when a timed call is
-    due or a thread queued one, and ``timeout`` is computed inline.  Each
-    wake-up saves about six Python calls (``runUntilCurrent``, ``timeout``,
-    two ``_insertNewDelayedCalls``, the handler's ``__enter__`` and
-    ``__exit__``).  What an iteration raises is logged by Twisted's own
-    handler, as in ``mainLoop``, and the loop carries on."""
-    top_handler, base_log = _base_logging()
-    seconds = reactor.seconds
-    run_until_current = reactor.runUntilCurrent
-    insert_new = reactor._insertNewDelayedCalls
-
-    def mainLoop() -> None:
-        while reactor._started:
-            with top_handler:
-                while reactor._started:
-                    if reactor._newTimedCalls:
-                        insert_new()
-                    pending = reactor._pendingTimedCalls
-                    now = seconds()
-                    if reactor.threadCallQueue or (pending and pending[0].time <= now):
-                        run_until_current()
-                        if reactor._newTimedCalls:
-                            insert_new()
-                        pending = reactor._pendingTimedCalls
-                        now = seconds()
-                    if pending:
-                        delay = pending[0].time - now
-                        timeout: Optional[float] = 0 if delay < 0 else delay if delay < _LONGEST else _LONGEST
-                    else:
-                        timeout = None
-                    reactor.doIteration(reactor.running and timeout)
-        base_log.info("Main loop terminated.")
-
-    return mainLoop
 
 
 def _make_do_poll(reactor: Any) -> Callable[[Optional[float]], None]:
     selectables = reactor._selectables
     do_read_or_write = reactor._doReadOrWrite
-    disconnect = reactor._disconnectSelectable
     fast = _FAST_TYPES  # the set itself: a type registered later counts too
     call_with_logger = log.callWithLogger
-    readable = select.EPOLLIN
 
     def doPoll(timeout: Optional[float]) -> None:
         # Twisted's EPollReactor.doPoll, but for the registered types.
@@ -179,17 +113,7 @@ def _make_do_poll(reactor: Any) -> Callable[[Optional[float]], None]:
                 continue
             if type(selectable) in fast:
                 try:
-                    if event == readable and selectable.fileno() != -1:
-                        # _doReadOrWrite's read case, inline: one call less per event.
-                        try:
-                            why = selectable.doRead()
-                        except BaseException:
-                            why = sys.exc_info()[1]
-                            log.err()
-                        if why:
-                            disconnect(selectable, why, True)
-                    else:
-                        do_read_or_write(selectable, fd, event)
+                    do_read_or_write(selectable, fd, event)
                 except KeyboardInterrupt:
                     raise
                 except BaseException:
