@@ -118,6 +118,16 @@ class _StreamServer(tcp.Server):
         self.protocol.dataReceived(data)
         return None
 
+    def direct_read(self) -> None:
+        # For a dispatch that calls a selectable's ``direct_read`` on a plain
+        # read event instead of Twisted's _doReadOrWrite (perf-udp's
+        # dispatch.py; unused by a dispatch without it): doRead, and on end
+        # of file or a failed read the disconnect _doReadOrWrite makes.
+        why = self.doRead()
+        if why:
+            reactor: Any = self.reactor
+            reactor._disconnectSelectable(self, why, True)
+
 
 class _StreamFactory(Factory):
     """Admits a connection within the limits and gives it an id."""
