@@ -193,31 +193,7 @@ def firezone_key(secret: str, username: str, realm: str, algorithm: int = stun.A
     parsed = parse_username(username)
     if parsed is None:
         return None
-    return _firezone_key(secret, username, parsed, realm, algorithm)
-
-
-#: Keys ``_firezone_key`` derived lately, by (secret, username, realm,
-#: algorithm); cleared whenever it reaches ``_KEYS_MAX`` entries.
-_KEYS_MAX = 1024
-_keys: dict[Tuple[str, str, str, int], bytes] = {}
-
-
-def _firezone_key(secret: str, username: str, parsed: Tuple[int, str], realm: str, algorithm: int) -> bytes:
-    """The key of a Firezone ``username`` already parsed (``parsed``).
-
-    A client signs every request with the same key (the signed Allocate
-    after its 401, Refresh, CreatePermission, ChannelBind), and a flood
-    repeats one forged username, so the last ``_KEYS_MAX`` keys are kept:
-    a SHA-256, a base64 and an MD5 less per request.  The secret is part
-    of the cache key, so a new secret never meets an old key."""
-    cache_key = (secret, username, realm, algorithm)
-    key = _keys.get(cache_key)
-    if key is None:
-        key = stun.long_term_key(username, realm, generate_password(secret, parsed[0], parsed[1]), algorithm)
-        if len(_keys) >= _KEYS_MAX:
-            _keys.clear()
-        _keys[cache_key] = key
-    return key
+    return stun.long_term_key(username, realm, generate_password(secret, parsed[0], parsed[1]), algorithm)
 
 
 def derive_key(message: stun.Message, request: Request, secret: str, realm: str) -> tuple[Optional[tuple[int, str]], bool]:
@@ -242,7 +218,8 @@ def derive_key(message: stun.Message, request: Request, secret: str, realm: str)
     request.sha256 = message.integrity_sha256_offset >= 0
     if username is not None and parsed is not None:
         request.username = username
-        request.key = _firezone_key(secret, username, parsed, realm, algorithm)
+        password = generate_password(secret, parsed[0], parsed[1])
+        request.key = stun.long_term_key(username, realm, password, algorithm)
     return parsed, algorithms_ok
 
 
