@@ -185,6 +185,26 @@ _ENCODED_CONSTANTS_MAX = 64
 _encoded_constants: dict[Tuple[int, object], bytes] = {}
 
 
+def _encoded_constant(atype: int, value: object, transaction_id: bytes) -> Optional[bytes]:
+    """The whole encoded attribute (header, value, padding) of one of the
+    ``_CONSTANT_TYPES``, from ``_encoded_constants`` when it is there;
+    ``None`` for a value that cannot be a key (``encode`` then encodes it
+    as any other).  An invalid value raises as its encoder does."""
+    try:
+        return _encoded_constants[(atype, value)]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable
+        return None
+    raw = _ENCODERS[atype](value, transaction_id)
+    if len(raw) > 0xFFFF:
+        raise ValueError("attribute too long")
+    chunk = _ATTR_HEADER.pack(atype, len(raw)) + raw + b"\x00" * (-len(raw) % 4)
+    if len(_encoded_constants) < _ENCODED_CONSTANTS_MAX:
+        _encoded_constants[(atype, value)] = chunk
+    return chunk
+
+
 def is_comprehension_required(attr_type: int) -> bool:
     return attr_type < 0x8000
 
@@ -603,26 +623,6 @@ def encode(
         crc = (zlib.crc32(header + body) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
         return header + body + b"\x80\x28\x00\x04" + _U32.pack(crc)
     return _HEADER.pack(mtype, len(body), MAGIC_COOKIE) + transaction_id + body
-
-
-def _encoded_constant(atype: int, value: object, transaction_id: bytes) -> Optional[bytes]:
-    """The whole encoded attribute (header, value, padding) of one of the
-    ``_CONSTANT_TYPES``, from ``_encoded_constants`` when it is there;
-    ``None`` for a value that cannot be a key (``encode`` then encodes it
-    as any other).  An invalid value raises as its encoder does."""
-    try:
-        return _encoded_constants[(atype, value)]
-    except KeyError:
-        pass
-    except TypeError:  # unhashable
-        return None
-    raw = _ENCODERS[atype](value, transaction_id)
-    if len(raw) > 0xFFFF:
-        raise ValueError("attribute too long")
-    chunk = _ATTR_HEADER.pack(atype, len(raw)) + raw + b"\x00" * (-len(raw) % 4)
-    if len(_encoded_constants) < _ENCODED_CONSTANTS_MAX:
-        _encoded_constants[(atype, value)] = chunk
-    return chunk
 
 
 def _adjusted(raw: bytes, offset: int, total_after: int) -> bytes:
