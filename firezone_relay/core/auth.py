@@ -44,6 +44,8 @@ _NONCE_PREFIX = NONCE_COOKIE + NONCE_FEATURES
 _NONCE_MAC_BYTES = 8
 #: base64 of 4 bytes of issue time and the MAC: 16 characters, no padding.
 _NONCE_BODY = 4 * (4 + _NONCE_MAC_BYTES) // 3
+#: Nonces ``NonceFactory.issue`` remembers within one second.
+_ISSUED_MAX = 1024
 
 #: The PASSWORD-ALGORITHMS the relay offers and accepts (RFC 8489 §14.11).
 PASSWORD_ALGORITHMS = ((stun.ALGORITHM_SHA256, b""), (stun.ALGORITHM_MD5, b""))
@@ -116,6 +118,13 @@ class NonceFactory:
     def __init__(self, key: bytes, lifetime: int = NONCE_LIFETIME) -> None:
         self._key = key
         self._lifetime = lifetime
+        # The nonces issued during the current second, by (full, client):
+        # a nonce is a function of those and the second, so a client
+        # challenged again within the second (a retransmission, a flood)
+        # gets the same string without another HMAC.  Cleared when the
+        # second changes; at most _ISSUED_MAX entries.
+        self._issued: dict[Tuple[bool, Tuple[str, int]], str] = {}
+        self._issued_second = -1
 
     def _mac(self, full: bool, issued: int, client: Tuple[str, int]) -> bytes:
         text = ("%s|%d|%s|%d" % ("f" if full else "p", issued, client[0], client[1])).encode("utf-8", "replace")
@@ -125,8 +134,16 @@ class NonceFactory:
         """A nonce for ``client``: with the RFC 8489 cookie and feature set
         when ``full`` (29 characters), without (16 characters) otherwise."""
         issued = int(now) & 0xFFFFFFFF
-        body = base64.b64encode(issued.to_bytes(4, "big") + self._mac(full, issued, client)).decode("ascii")
-        return _NONCE_PREFIX + body if full else body
+        if issued != self._issued_second:
+            self._issued.clear()
+            self._issued_second = issued
+        nonce = self._issued.get((full, client))
+        if nonce is None:
+            body = base64.b64encode(issued.to_bytes(4, "big") + self._mac(full, issued, client)).decode("ascii")
+            nonce = _NONCE_PREFIX + body if full else body
+            if len(self._issued) < _ISSUED_MAX:
+                self._issued[(full, client)] = nonce
+        return nonce
 
     def is_valid(self, nonce: str, client: Tuple[str, int], now: float) -> bool:
         """True when ``nonce`` was issued by us to ``client`` less than the lifetime ago."""

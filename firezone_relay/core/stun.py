@@ -174,6 +174,38 @@ _ENCODERS: dict[int, _Encoder] = {t: c[1] for t, c in CODECS.items()}
 
 _INTEGRITY_TYPES = frozenset((MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
 
+#: Attribute types whose encoding depends on the value alone (not on the
+#: transaction id) and whose values in replies come from a small fixed set:
+#: the reason phrases, the realm, the software name, the algorithm list.
+#: ``encode`` keeps their encoded form (header, value, padding) in
+#: ``_encoded_constants``: a challenge or error reply then encodes only its
+#: NONCE and addresses (a 401 is most of what a flood of unauthenticated
+#: requests costs).  At most ``_ENCODED_CONSTANTS_MAX`` entries, so a
+#: caller passing many different values only misses.
+_CONSTANT_TYPES = frozenset((ERROR_CODE, REALM, SOFTWARE, PASSWORD_ALGORITHMS))
+_ENCODED_CONSTANTS_MAX = 64
+_encoded_constants: dict[Tuple[int, object], bytes] = {}
+
+
+def _encoded_constant(atype: int, value: object, transaction_id: bytes) -> Optional[bytes]:
+    """The whole encoded attribute (header, value, padding) of one of the
+    ``_CONSTANT_TYPES``, from ``_encoded_constants`` when it is there;
+    ``None`` for a value that cannot be a key (``encode`` then encodes it
+    as any other).  An invalid value raises as its encoder does."""
+    try:
+        return _encoded_constants[(atype, value)]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable
+        return None
+    raw = _ENCODERS[atype](value, transaction_id)
+    if len(raw) > 0xFFFF:
+        raise ValueError("attribute too long")
+    chunk = _ATTR_HEADER.pack(atype, len(raw)) + raw + b"\x00" * (-len(raw) % 4)
+    if len(_encoded_constants) < _ENCODED_CONSTANTS_MAX:
+        _encoded_constants[(atype, value)] = chunk
+    return chunk
+
 
 def _fingerprint(message: bytes) -> int:
     """The FINGERPRINT value of the message bytes before it (RFC 8489 §14.7)."""
@@ -559,6 +591,11 @@ def encode(
         raise ValueError("method is 12 bits, class 2 bits")
     parts = []
     for atype, value in attributes:
+        if atype in _CONSTANT_TYPES:
+            chunk = _encoded_constant(atype, value, transaction_id)
+            if chunk is not None:
+                parts.append(chunk)
+                continue
         encoder = _ENCODERS.get(atype)
         raw = encoder(value, transaction_id) if encoder is not None else _attr.encode_any_bytes(value, transaction_id)
         if len(raw) > 0xFFFF:

@@ -209,6 +209,28 @@ class TcpTests(StreamFixture, unittest.TestCase):
     timeout = 15
 
     @defer.inlineCallbacks
+    def test_direct_read_reads_and_closes_at_end_of_file(self) -> Any:
+        """``_StreamServer.direct_read`` (what a dispatch that skips
+        Twisted's _doReadOrWrite calls on a read event): the data reaches
+        the connection, and end of file closes it as Twisted would."""
+        self.start()
+        client = yield self.connect()
+        yield self.wait_until(lambda: len(self.stream.connections) == 1)
+        (conn,) = self.stream.connections.values()
+        server = conn.transport
+        server.stopReading()  # from here only direct_read reads it
+        answered = client.request(stun.BINDING, signed=False)
+        yield sleep(0.1)
+        server.direct_read()
+        response = yield answered
+        self.assertEqual(response.msg_class, stun.SUCCESS)
+        client.transport.loseConnection()
+        yield sleep(0.1)
+        server.direct_read()
+        yield self.wait_until(lambda: not self.stream.connections)
+        self.assertEqual(self.stream.closed[("tcp", "client")], 1)
+
+    @defer.inlineCallbacks
     def test_binding_reports_the_tcp_address(self) -> Any:
         self.start()
         self.assertEqual(self.stream.tcp_port, self.udp.listen_port)

@@ -117,3 +117,47 @@ class ChallengeTests(SynchronousTestCase):
         self.assertTrue(nonces.is_valid(nonce, CLIENT, NOW))
         reply = stun.encode(stun.ALLOCATE, stun.ERROR, b"T" * 12, list(attributes.items()))
         self.assertLessEqual(len(reply), auth.MAX_AMPLIFICATION * req.size)
+
+
+class IssuedNonceTests(SynchronousTestCase):
+    """``NonceFactory.issue`` computes a client's nonce once per second and
+    form (the same string as a fresh computation), for at most
+    ``_ISSUED_MAX`` clients a second."""
+
+    def setUp(self) -> None:
+        self.nonces = auth.NonceFactory(KEY)
+        self.macs: list[tuple[bool, int, tuple[str, int]]] = []
+        mac = self.nonces._mac
+
+        def counting(full: bool, issued: int, client: tuple[str, int]) -> bytes:
+            self.macs.append((full, issued, client))
+            return mac(full, issued, client)
+
+        self.nonces._mac = counting  # type: ignore[method-assign]
+
+    def test_one_mac_per_client_form_and_second(self) -> None:
+        fresh = auth.NonceFactory(KEY)
+        first = [self.nonces.issue(CLIENT, NOW + i / 10) for i in range(5)]
+        self.assertEqual(first, [fresh.issue(CLIENT, NOW)] * 5)
+        self.assertEqual(len(self.macs), 1)
+        plain = self.nonces.issue(CLIENT, NOW, full=False)
+        self.assertEqual(plain, fresh.issue(CLIENT, NOW, full=False))
+        other = self.nonces.issue(("198.51.100.8", 40000), NOW)
+        later = self.nonces.issue(CLIENT, NOW + 1)
+        self.assertEqual(len({first[0], plain, other, later}), 4)
+        self.assertEqual(len(self.macs), 4)
+        for nonce, client in ((first[0], CLIENT), (plain, CLIENT), (other, ("198.51.100.8", 40000)), (later, CLIENT)):
+            self.assertTrue(fresh.is_valid(nonce, client, NOW + 1))
+        self.assertFalse(fresh.is_valid(other, CLIENT, NOW + 1))
+
+    def test_bounded_within_a_second_and_cleared_after_it(self) -> None:
+        clients = [("198.51.100.%d" % (i % 250), 1000 + i) for i in range(auth._ISSUED_MAX + 20)]
+        checker = auth.NonceFactory(KEY)
+        for client in clients:
+            self.assertTrue(checker.is_valid(self.nonces.issue(client, NOW), client, NOW))
+        self.assertEqual(len(self.nonces._issued), auth._ISSUED_MAX)
+        self.nonces.issue(clients[-1], NOW)  # not kept: computed again
+        self.assertEqual(len(self.macs), len(clients) + 1)
+        self.nonces.issue(CLIENT, NOW + 1)
+        self.assertEqual(len(self.nonces._issued), 1)
+

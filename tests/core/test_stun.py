@@ -968,3 +968,59 @@ class MalformedTests(DecodeErrorAssertions):
         self.assertTrue(message.has(stun.DATA))
         self.assertFalse(message.has(stun.REALM))
         self.assertIn("0x003", repr(message))
+
+
+class EncodedConstantTests(SynchronousTestCase):
+    """``encode`` keeps the encoded ERROR-CODE, REALM, SOFTWARE and
+    PASSWORD-ALGORITHMS it has seen (``_encoded_constants``): the bytes are
+    those of the plain encoder, a value is encoded once, the store is
+    bounded, and an invalid value still raises."""
+
+    def setUp(self) -> None:
+        saved = dict(stun._encoded_constants)
+        stun._encoded_constants.clear()
+        self.addCleanup(lambda: (stun._encoded_constants.clear(), stun._encoded_constants.update(saved)))
+
+    @staticmethod
+    def plain(attributes: List[Tuple[int, object]]) -> bytes:
+        body = b""
+        for atype, value in attributes:
+            raw = stun.CODECS[atype][1](value, b"T" * 12)
+            body += struct.pack("!HH", atype, len(raw)) + raw + b"\0" * (-len(raw) % 4)
+        return struct.pack("!HHI", 0x0113, len(body), 0x2112A442) + b"T" * 12 + body
+
+    def test_the_bytes_are_the_encoders_and_each_value_is_encoded_once(self) -> None:
+        calls: List[object] = []
+        encoder = stun._ENCODERS[stun.ERROR_CODE]
+
+        def counting(value: object, tid: bytes) -> bytes:
+            calls.append(value)
+            return encoder(value, tid)
+
+        self.patch(stun, "_ENCODERS", dict(stun._ENCODERS))
+        stun._ENCODERS[stun.ERROR_CODE] = counting
+        attributes: List[Tuple[int, object]] = [
+            (stun.ERROR_CODE, (401, "Unauthorized")),
+            (stun.REALM, "firezone"),
+            (stun.SOFTWARE, "relay 1"),
+            (stun.PASSWORD_ALGORITHMS, auth.PASSWORD_ALGORITHMS),
+            (stun.NONCE, "abc"),
+        ]
+        for _ in range(3):
+            data = stun.encode(stun.ALLOCATE, stun.ERROR, b"T" * 12, attributes)
+            self.assertEqual(data, self.plain(attributes))
+        self.assertEqual(calls, [(401, "Unauthorized")])
+        other = stun.encode(stun.ALLOCATE, stun.ERROR, b"T" * 12, [(stun.ERROR_CODE, (438, "Stale Nonce"))])
+        self.assertEqual(stun.decode(other).get(stun.ERROR_CODE), (438, "Stale Nonce"))
+
+    def test_bounded_and_invalid_values_still_raise(self) -> None:
+        for i in range(stun._ENCODED_CONSTANTS_MAX + 50):
+            data = stun.encode(stun.BINDING, stun.SUCCESS, b"T" * 12, [(stun.SOFTWARE, "s%d" % i)])
+            self.assertEqual(stun.decode(data).get_str(stun.SOFTWARE), "s%d" % i)
+        self.assertEqual(len(stun._encoded_constants), stun._ENCODED_CONSTANTS_MAX)
+        with self.assertRaises(ValueError):
+            stun.encode(stun.ALLOCATE, stun.ERROR, b"T" * 12, [(stun.ERROR_CODE, (200, "OK"))])
+        with self.assertRaises(TypeError):
+            stun.encode(stun.ALLOCATE, stun.ERROR, b"T" * 12, [(stun.ERROR_CODE, [401, "Unauthorized"])])
+        with self.assertRaises(ValueError):
+            stun.encode(stun.BINDING, stun.SUCCESS, b"T" * 12, [(stun.SOFTWARE, "x" * 70000)])
