@@ -456,7 +456,7 @@ class Bench:
                     # A pass-everything program (ours, disabled) on the router's end.
                     with self.topology.entered("router"):
                         program = loader.XdpProgram(loader.build_object(self.tmp), "to-%s" % role)
-                        program.configure(LISTEN_PORT, LOWEST, HIGHEST, enabled=False)
+                        program.configure(loader.Settings(LISTEN_PORT, LOWEST, HIGHEST), enabled=False)
                         program.attach("driver")
                     self.router_programs.append(program)
         if a.router_gro == "all":
