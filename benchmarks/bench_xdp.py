@@ -13,6 +13,10 @@ echo in the peer namespace returns each one; every answer sends the next
 datagram.  Configurations, each measured at 100 B and 1200 B payloads:
 
 (a) no relay: client -> router -> peer echo and back (the ceiling);
+(e) no relay, but routed through a namespace like a relay's: client ->
+    router -> "fwd" (plain kernel IP forwarding, back out of its one
+    interface) -> router -> peer echo, and the same way back: the hops every
+    relayed datagram takes in this topology, without any TURN work;
 (b) our relay with the XDP fast path, once per ``--xdp-modes`` entry
     (``--ebpf-attach-mode``; ``generic`` in namespace "relay", ``auto`` in
     namespace "xdpauto", where the router's end of the veth gets GRO on so
@@ -28,7 +32,9 @@ Reported per configuration and size, medians over ``--runs`` runs of
 ``--seconds`` each: round trips/s; machine CPU per round trip (busy time of
 all CPUs from ``/proc/stat``, load generator and echo included); and the
 relay's own CPU per relayed datagram: the relay process's CPU time for (c)
-and (d), the XDP program's run time (``kernel.bpf_stats_enabled``) for (b).
+and (d), the XDP program's run time (``kernel.bpf_stats_enabled``) for (b),
+taken in a separate 1 s run after the timed ones: run-time statistics cost
+two clock reads per program run, which the timed runs must not pay.
 
 Every namespace is deleted and every process started here is killed at the
 end, also on error or Ctrl-C.
@@ -165,8 +171,13 @@ class Bench:
         self.loop = os.path.join(self.tmp, "loop")
         self.procs: List[subprocess.Popen] = []  # type: ignore[type-arg]
         self.topology = Topology("fzb")
+        #: (e)'s own namespaces: its router needs policy rules, which would
+        #: slow every route lookup of the main router.
+        self.forwarding: Optional[Topology] = None
         self.relays: List[RelayProcess] = []
         self.router_programs: List[object] = []
+        #: kernel.bpf_stats_enabled as found, restored at the end
+        self.bpf_stats_before: Optional[str] = None
         with open("/proc/loadavg") as f:
             self.load_before = " ".join(f.read().split()[:3])
 
@@ -193,6 +204,9 @@ class Bench:
                     program.close()  # type: ignore[attr-defined]
             self.router_programs = []
         self.topology.destroy()
+        if self.forwarding is not None:
+            self.forwarding.destroy()
+        self.set_bpf_stats(None)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def spawn(self, argv: Sequence[str], fds: Sequence[int] = (), **kw: object) -> subprocess.Popen:  # type: ignore[type-arg]
@@ -232,6 +246,21 @@ class Bench:
         total += (int(parts[11]) + int(parts[12])) / tick
         return total
 
+    def set_bpf_stats(self, on: Optional[bool]) -> None:
+        """kernel.bpf_stats_enabled on or off; None: back to the value found."""
+        path = "/proc/sys/kernel/bpf_stats_enabled"
+        try:
+            if self.bpf_stats_before is None:
+                if on is None:
+                    return
+                with open(path) as f:
+                    self.bpf_stats_before = f.read().strip()
+            value = self.bpf_stats_before if on is None else ("1" if on else "0")
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError:
+            pass
+
     def bpf_stats(self, role: str) -> Tuple[int, int]:
         """(run_time_ns, run_cnt) of the XDP program on the eth0 of ``role``."""
         out = self.topology.ip(role, "-d", "link", "show", "dev", "eth0").stdout
@@ -248,9 +277,14 @@ class Bench:
         info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", prog_id], capture_output=True, text=True).stdout or "{}")
         return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
 
-    def run_client(self, sock: socket.socket, prefix: bytes, size: int, pid: Optional[int], xdp: Optional[str]) -> Dict[str, float]:
-        """``xdp``: the namespace role whose XDP program to account, or None."""
-        seconds = self.args.seconds
+    def run_client(
+        self, sock: socket.socket, prefix: bytes, size: int, pid: Optional[int], xdp: Optional[str], seconds: Optional[float] = None
+    ) -> Dict[str, float]:
+        """``xdp``: the namespace role whose XDP program to account (run-time
+        statistics on for this run), or None."""
+        seconds = self.args.seconds if seconds is None else seconds
+        if xdp:
+            self.set_bpf_stats(True)
         cpu0 = self.process_cpu(pid) if pid else 0.0
         bpf0 = self.bpf_stats(xdp) if xdp else (0, 0)
         busy0, all0 = self.busy_jiffies()
@@ -264,6 +298,8 @@ class Bench:
         busy1, all1 = self.busy_jiffies()
         cpu1 = self.process_cpu(pid) if pid else 0.0
         bpf1 = self.bpf_stats(xdp) if xdp else (0, 0)
+        if xdp:
+            self.set_bpf_stats(False)
         count, lost = (int(x) for x in done.stdout.split())
         rts = count / seconds
         tick = os.sysconf("SC_CLK_TCK")
@@ -325,6 +361,49 @@ class Bench:
                 print("  XDP %s: native mode not used: %s" % (mode, fallback.group(1)), flush=True)
         return self.turn_socket(role, LISTEN_PORT + index), relay.proc.pid, attached
 
+    def start_forwarding(self) -> socket.socket:
+        """(e): a topology of its own whose "relay" namespace only forwards
+        (kernel IP forwarding, out of the interface it came in on, as XDP_TX
+        sends): client -> router -> relay -> router -> peer and back.  The
+        router sends what the client sends to the peer, and what the peer
+        answers, through the relay namespace (policy rules), and what comes
+        back from there straight on."""
+        t = self.forwarding = Topology("fzf")
+        t.create()
+        t.exec("relay", "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        for conf in ("all", "eth0"):
+            t.exec("relay", "sysctl", "-q", "-w", "net.ipv4.conf.%s.send_redirects=0" % conf)
+        relay = ADDR["relay"][0]
+        t.ip("router", "route", "add", "default", "via", relay, "table", "101")
+        t.ip("router", "route", "add", "10.0.1.0/24", "dev", "to-client", "table", "100")
+        t.ip("router", "route", "add", "10.0.2.0/24", "dev", "to-peer", "table", "100")
+        t.ip("router", "rule", "add", "iif", "to-relay", "lookup", "100", "pref", "100")
+        t.ip("router", "rule", "add", "iif", "to-client", "to", ADDR["peer"][0], "lookup", "101", "pref", "101")
+        t.ip("router", "rule", "add", "iif", "to-peer", "to", ADDR["client"][0], "lookup", "101", "pref", "102")
+        for conf in ("all", "to-relay", "to-client", "to-peer"):
+            t.exec("router", "sysctl", "-q", "-w", "net.ipv4.conf.%s.rp_filter=0" % conf)
+        echo = t.socket("peer", 4)
+        echo.bind((ADDR["peer"][0], PEER_PORT))
+        echo.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.spawn([self.loop, "echo", str(echo.fileno())], fds=[echo.fileno()])
+        sock = t.socket("client", 4)
+        sock.bind((ADDR["client"][0], 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.connect((ADDR["peer"][0], PEER_PORT))
+        forwarded0 = self.forwarded()
+        sock.send(b"probe")
+        sock.settimeout(5)
+        sock.recv(64)
+        if self.forwarded() - forwarded0 < 2:
+            raise RuntimeError("(e): the probe did not go through the forwarding namespace")
+        return sock
+
+    def forwarded(self) -> int:
+        """IP datagrams forwarded by (e)'s relay namespace (ForwDatagrams)."""
+        assert self.forwarding is not None
+        lines = [line.split() for line in self.forwarding.exec("relay", "cat", "/proc/net/snmp").stdout.splitlines() if line.startswith("Ip:")]
+        return int(lines[1][lines[0].index("ForwDatagrams")])
+
     def start_coturn(self, role: str) -> Optional[Tuple[socket.socket, int]]:
         turnserver = shutil.which("turnserver")
         if turnserver is None:
@@ -352,9 +431,9 @@ class Bench:
                 time.sleep(0.3)
 
     def main(self) -> int:
+        self.set_bpf_stats(False)
         self.build()
         self.topology.create()
-        subprocess.run(["sysctl", "-q", "-w", "kernel.bpf_stats_enabled=1"], check=False)
         a = self.args
         configs = a.configs
         modes = a.xdp_modes if "b" in configs else []
@@ -377,7 +456,7 @@ class Bench:
                     # A pass-everything program (ours, disabled) on the router's end.
                     with self.topology.entered("router"):
                         program = loader.XdpProgram(loader.build_object(self.tmp), "to-%s" % role)
-                        program.configure(LISTEN_PORT, LOWEST, HIGHEST, enabled=False)
+                        program.configure(loader.Settings(LISTEN_PORT, LOWEST, HIGHEST), enabled=False)
                         program.attach("driver")
                     self.router_programs.append(program)
         if a.router_gro == "all":
@@ -391,6 +470,8 @@ class Bench:
         setups: Dict[str, Tuple[socket.socket, Optional[int], bool, Optional[str]]] = {
             "(a) no relay": (direct, None, False, None)
         }
+        if "e" in configs:
+            setups["(e) no relay, forwarded by a namespace like the relay's"] = (self.start_forwarding(), None, False, None)
         for index, (mode, role) in enumerate(roles.items()):
             sock, pid, attached = self.start_ours(role, index, mode)
             setups["(b) XDP %s (%s)" % (mode, attached)] = (sock, pid, True, role)
@@ -410,7 +491,14 @@ class Bench:
             for _ in range(self.args.runs):
                 for name, (sock, pid, framed, xdp) in setups.items():
                     prefix = struct.pack("!HH", CHAN, size) if framed else b""
-                    results[name][size].append(self.run_client(sock, prefix, size, pid, xdp))
+                    # (b): no process CPU (the relay process is idle), no run-time statistics (see below)
+                    results[name][size].append(self.run_client(sock, prefix, size, None if xdp else pid, None))
+            for name, (sock, pid, framed, xdp) in setups.items():
+                if xdp:
+                    prefix = struct.pack("!HH", CHAN, size)
+                    probe = self.run_client(sock, prefix, size, None, xdp, seconds=1.0)
+                    for r in results[name][size]:
+                        r["relay_us_per_pkt"] = probe["relay_us_per_pkt"]
             for name in setups:
                 runs = results[name][size]
                 print(
@@ -440,22 +528,30 @@ class Bench:
             )
         )
         print()
-        print("| configuration | payload | round trips/s | vs no relay | vs coturn | machine CPU µs / round trip | relay CPU µs / relayed packet |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        print(
+            "| configuration | payload | round trips/s | vs no relay | vs (e) forwarded | vs coturn "
+            "| machine CPU µs / round trip | relay CPU µs / relayed packet |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         base = results["(a) no relay"]
+        forwarded = next((v for k, v in results.items() if k.startswith("(e)")), None)
         coturn = next((v for k, v in results.items() if k.startswith("(d)")), None)
+
+        def vs(runs: List[Dict[str, float]], other: Optional[Dict[int, List[Dict[str, float]]]], size: int) -> str:
+            if other is None or other[size] is runs:
+                return "–"
+            return "%.2f×" % (statistics.median(r["rts"] for r in runs) / statistics.median(r["rts"] for r in other[size]))
+
         for name, by_size in results.items():
             for size, runs in by_size.items():
                 rts = statistics.median(r["rts"] for r in runs)
                 machine = statistics.median(r["machine_us_per_rt"] for r in runs)
                 relay = [r["relay_us_per_pkt"] for r in runs if "relay_us_per_pkt" in r]
-                vs_base = rts / statistics.median(r["rts"] for r in base[size])
-                vs_coturn = rts / statistics.median(r["rts"] for r in coturn[size]) if coturn else float("nan")
                 print(
-                    "| %s | %d B | %.0f | %.2f× | %s | %.1f | %s |"
+                    "| %s | %d B | %.0f | %s | %s | %s | %.1f | %s |"
                     % (
-                        name, size, rts, vs_base,
-                        ("%.2f×" % vs_coturn) if coturn and not name.startswith("(a)") else "–",
+                        name, size, rts, vs(runs, base, size) if runs is not base[size] else "1.00×",
+                        vs(runs, forwarded, size), vs(runs, coturn, size) if not name.startswith(("(a)", "(e)")) else "–",
                         machine,
                         ("%.2f" % statistics.median(relay)) if relay else "–",
                     )
@@ -476,7 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1200])
-    parser.add_argument("--configs", nargs="+", default=["a", "b", "c", "d"], help="subset of a b c d ((a) always runs)")
+    parser.add_argument("--configs", nargs="+", default=["a", "b", "c", "d", "e"], help="subset of a b c d e ((a) always runs)")
     parser.add_argument(
         "--xdp-modes", nargs="+", default=["generic", "auto"], choices=["generic", "auto", "driver"],
         help="one (b) relay per --ebpf-attach-mode, each in its own namespace",

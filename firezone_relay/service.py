@@ -133,11 +133,10 @@ def make_xdp_service(options: "Options") -> Any:
     """The XDP fast path service for ``--ebpf-offloading``, or None."""
     if not options["ebpf-offloading"]:
         return None
+    from firezone_relay.xdp.loader import Settings
     from firezone_relay.xdp.service import XdpService
 
-    service = XdpService(
-        options["ebpf-offloading"],
-        options["ebpf-attach-mode"],
+    settings = Settings(
         listen_port=options["listen-port"],
         lowest_port=options["lowest-port"],
         highest_port=options["highest-port"],
@@ -146,6 +145,7 @@ def make_xdp_service(options: "Options") -> Any:
         int4=options["ebpf-int4-addr"],
         int6=options["ebpf-int6-addr"],
     )
+    service = XdpService(options["ebpf-offloading"], options["ebpf-attach-mode"], settings)
     service.setName("xdp")
     return service
 

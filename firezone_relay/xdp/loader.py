@@ -42,7 +42,7 @@ import struct
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "relay_xdp.c")
@@ -256,6 +256,21 @@ def _family(ip: str) -> int:
 # --- the loaded program --------------------------------------------------------------------
 
 
+class Settings(NamedTuple):
+    """What the program relays: ChannelData to ``listen_port``, peer datagrams
+    to ``lowest_port``-``highest_port``; ``public4``/``public6`` the relay's
+    public addresses (hairpin); ``int4``/``int6`` the source addresses when a
+    datagram changes family (None: unset, such datagrams go to userspace)."""
+
+    listen_port: int
+    lowest_port: int
+    highest_port: int
+    public4: Optional[str] = None
+    public6: Optional[str] = None
+    int4: Optional[str] = None
+    int6: Optional[str] = None
+
+
 @dataclass
 class XdpCounters:
     """What the program counted, summed over CPUs."""
@@ -278,9 +293,8 @@ class XdpCounters:
 class XdpProgram:
     """One loaded and (after ``attach``) attached XDP program with its maps.
 
-    ``config`` fields: ``listen_port``, ``lowest_port``, ``highest_port``,
-    ``public4``/``public6`` (hairpin), ``int4``/``int6`` (source addresses
-    when the family changes), ``mtu`` (default: the interface's).
+    ``configure`` writes its ``Settings`` and the longest IP packet it may
+    send (``mtu``, default: the interface's).
     """
 
     def __init__(self, object_path: str, interface: str, map_entries: Optional[int] = None) -> None:
@@ -462,37 +476,26 @@ class XdpProgram:
             raise XdpError("map %s lookup: %s" % (name, _errno_text(-err)))
         return buf.raw
 
-    def configure(
-        self,
-        listen_port: int,
-        lowest_port: int,
-        highest_port: int,
-        public4: Optional[str] = None,
-        public6: Optional[str] = None,
-        int4: Optional[str] = None,
-        int6: Optional[str] = None,
-        mtu: Optional[int] = None,
-        enabled: bool = True,
-    ) -> None:
+    def configure(self, settings: Settings, mtu: Optional[int] = None, enabled: bool = True) -> None:
         if mtu is None:
             from firezone_relay.xdp.interface import interface_mtu  # not at the top: setup.py loads this file alone
 
             mtu = interface_mtu(self.interface)
         flags = (
             (CFG_ENABLED if enabled else 0)
-            | (CFG_PUBLIC4 if public4 else 0)
-            | (CFG_PUBLIC6 if public6 else 0)
-            | (CFG_INT4 if int4 else 0)
-            | (CFG_INT6 if int6 else 0)
+            | (CFG_PUBLIC4 if settings.public4 else 0)
+            | (CFG_PUBLIC6 if settings.public6 else 0)
+            | (CFG_INT4 if settings.int4 else 0)
+            | (CFG_INT6 if settings.int6 else 0)
         )
         self._config = [
-            _packed(public4, 4),
-            _packed(public6, 6),
-            _packed(int4, 4),
-            _packed(int6, 6),
-            listen_port,
-            lowest_port,
-            highest_port,
+            _packed(settings.public4, 4),
+            _packed(settings.public6, 6),
+            _packed(settings.int4, 4),
+            _packed(settings.int6, 6),
+            settings.listen_port,
+            settings.lowest_port,
+            settings.highest_port,
             min(mtu, 0xFFFF),
             flags,
         ]

@@ -360,54 +360,58 @@ struct out_pkt {
 	__u8 peer_fam;
 };
 
+/* A map key (or value) as the loader packs it: an address of family fam
+ * (4 or 16 bytes) followed by two big-endian 16-bit fields; the two layouts
+ * are the client_chan_* and port_peer_* structs (the same shapes). */
+struct key_any {
+	__u8 b[20];
+};
+
+static __always_inline void make_key(struct key_any *k, const __u8 *ip, int n, __u16 first, __u16 second)
+{
+	__builtin_memcpy(k->b, ip, n);
+	put16(k->b + n, first);
+	put16(k->b + n + 2, second);
+}
+
+/* The far end of a binding from a value of family fam: its address into
+ * o->dst, the first field into *first, the second into *second. */
+static __always_inline int take_value(struct out_pkt *o, const __u8 *v, int fam, __u16 *first, __u16 *second)
+{
+	const int n = fam == 4 ? 4 : 16;
+	__builtin_memcpy(o->dst, v, n);
+	*first = get16(v + n);
+	*second = get16(v + n + 2);
+	o->fam = fam;
+	return 1;
+}
+
+/* A key into the pair of maps of its family whose values are v4 (to4) and
+ * v6 (to6): the value found, copied into o; 0 on a miss.  Always inline so
+ * that the verifier sees constant map pointers. */
+static __always_inline int lookup_pair(void *to4, void *to6, const struct key_any *k, struct out_pkt *o,
+				       __u16 *first, __u16 *second)
+{
+	const __u8 *v = bpf_map_lookup_elem(to4, k);
+	if (v)
+		return take_value(o, v, 4, first, second);
+	v = bpf_map_lookup_elem(to6, k);
+	if (v)
+		return take_value(o, v, 6, first, second);
+	return 0;
+}
+
 /* Look up a client->peer binding; fills o->dst/dport/sport(allocation port)
  * and o->fam.  Returns 0 on a miss. */
 static __noinline int lookup_chan(const struct in_pkt *p, __u16 chan, struct out_pkt *o)
 {
+	struct key_any k;
 	if (p->fam == 4) {
-		struct client_chan_v4 k;
-		__builtin_memcpy(k.ip, p->src, 4);
-		put16(k.port, p->sport);
-		put16(k.chan, chan);
-		struct port_peer_v4 *v4 = bpf_map_lookup_elem(&chan_to_udp_44, &k);
-		if (v4) {
-			__builtin_memcpy(o->dst, v4->ip, 4);
-			o->sport = get16(v4->alloc_port);
-			o->dport = get16(v4->peer_port);
-			o->fam = 4;
-			return 1;
-		}
-		struct port_peer_v6 *v6 = bpf_map_lookup_elem(&chan_to_udp_46, &k);
-		if (v6) {
-			__builtin_memcpy(o->dst, v6->ip, 16);
-			o->sport = get16(v6->alloc_port);
-			o->dport = get16(v6->peer_port);
-			o->fam = 6;
-			return 1;
-		}
-		return 0;
+		make_key(&k, p->src, 4, p->sport, chan);
+		return lookup_pair(&chan_to_udp_44, &chan_to_udp_46, &k, o, &o->sport, &o->dport);
 	}
-	struct client_chan_v6 k;
-	__builtin_memcpy(k.ip, p->src, 16);
-	put16(k.port, p->sport);
-	put16(k.chan, chan);
-	struct port_peer_v4 *v4 = bpf_map_lookup_elem(&chan_to_udp_64, &k);
-	if (v4) {
-		__builtin_memcpy(o->dst, v4->ip, 4);
-		o->sport = get16(v4->alloc_port);
-		o->dport = get16(v4->peer_port);
-		o->fam = 4;
-		return 1;
-	}
-	struct port_peer_v6 *v6 = bpf_map_lookup_elem(&chan_to_udp_66, &k);
-	if (v6) {
-		__builtin_memcpy(o->dst, v6->ip, 16);
-		o->sport = get16(v6->alloc_port);
-		o->dport = get16(v6->peer_port);
-		o->fam = 6;
-		return 1;
-	}
-	return 0;
+	make_key(&k, p->src, 16, p->sport, chan);
+	return lookup_pair(&chan_to_udp_64, &chan_to_udp_66, &k, o, &o->sport, &o->dport);
 }
 
 /* Look up a peer->client binding for a datagram from {ip, peer_port} (of
@@ -415,50 +419,13 @@ static __noinline int lookup_chan(const struct in_pkt *p, __u16 chan, struct out
 static __noinline int lookup_udp(const __u8 *ip, int fam, __u16 alloc_port, __u16 peer_port,
 				      struct out_pkt *o)
 {
+	struct key_any k;
 	if (fam == 4) {
-		struct port_peer_v4 k;
-		__builtin_memcpy(k.ip, ip, 4);
-		put16(k.alloc_port, alloc_port);
-		put16(k.peer_port, peer_port);
-		struct client_chan_v4 *c4 = bpf_map_lookup_elem(&udp_to_chan_44, &k);
-		if (c4) {
-			__builtin_memcpy(o->dst, c4->ip, 4);
-			o->dport = get16(c4->port);
-			o->chan = get16(c4->chan);
-			o->fam = 4;
-			return 1;
-		}
-		struct client_chan_v6 *c6 = bpf_map_lookup_elem(&udp_to_chan_46, &k);
-		if (c6) {
-			__builtin_memcpy(o->dst, c6->ip, 16);
-			o->dport = get16(c6->port);
-			o->chan = get16(c6->chan);
-			o->fam = 6;
-			return 1;
-		}
-		return 0;
+		make_key(&k, ip, 4, alloc_port, peer_port);
+		return lookup_pair(&udp_to_chan_44, &udp_to_chan_46, &k, o, &o->dport, &o->chan);
 	}
-	struct port_peer_v6 k;
-	__builtin_memcpy(k.ip, ip, 16);
-	put16(k.alloc_port, alloc_port);
-	put16(k.peer_port, peer_port);
-	struct client_chan_v4 *c4 = bpf_map_lookup_elem(&udp_to_chan_64, &k);
-	if (c4) {
-		__builtin_memcpy(o->dst, c4->ip, 4);
-		o->dport = get16(c4->port);
-		o->chan = get16(c4->chan);
-		o->fam = 4;
-		return 1;
-	}
-	struct client_chan_v6 *c6 = bpf_map_lookup_elem(&udp_to_chan_66, &k);
-	if (c6) {
-		__builtin_memcpy(o->dst, c6->ip, 16);
-		o->dport = get16(c6->port);
-		o->chan = get16(c6->chan);
-		o->fam = 6;
-		return 1;
-	}
-	return 0;
+	make_key(&k, ip, 16, alloc_port, peer_port);
+	return lookup_pair(&udp_to_chan_64, &udp_to_chan_66, &k, o, &o->dport, &o->chan);
 }
 
 /* Source address for a datagram of family o->fam: the address the incoming
@@ -500,10 +467,11 @@ int relay_xdp(struct xdp_md *ctx)
 	struct in_pkt p = {};
 	__builtin_memcpy(p.smac, eth->src, 6);
 	__builtin_memcpy(p.dmac, eth->dst, 6);
-	__u8 *payload;
 	__u32 ip_len;       /* IP header + UDP datagram, from the headers */
+	__u32 ip_hdr_len;
 	__u32 frame_ip_len = (__u32)(data_end - (void *)(eth + 1));
-	int ours;           /* 1 client->peer, 2 peer->client */
+	struct ip4_hdr *ip4 = 0; /* IPv4 only: its header checksum is checked below */
+	struct udp_hdr *udp;
 
 	if (eth->proto == hton16(ETH_P_IPV4)) {
 		struct ip4_hdr *ip = (void *)(eth + 1);
@@ -516,9 +484,6 @@ int relay_xdp(struct xdp_md *ctx)
 		__u16 frag = ntoh16(ip->frag_off);
 		if (frag & 0x3fff) /* MF or an offset: reassembly is the stack's job */
 			return pass(ST_PASS_FRAGMENT);
-		struct udp_hdr *udp = (void *)(ip + 1);
-		if ((void *)(udp + 1) > data_end)
-			return XDP_PASS;
 		p.fam = 4;
 		__builtin_memcpy(p.src, ip->saddr, 4);
 		__builtin_memcpy(p.dst, ip->daddr, 4);
@@ -526,61 +491,57 @@ int relay_xdp(struct xdp_md *ctx)
 		p.ttl = ip->ttl;
 		p.ip_id = ntoh16(ip->id);
 		p.df = frag & 0x4000;
-		p.sport = ntoh16(udp->source);
-		p.dport = ntoh16(udp->dest);
-		p.udp_len = ntoh16(udp->len);
-		p.csum = ntoh16(udp->check);
 		ip_len = ntoh16(ip->tot_len);
-		payload = (void *)(udp + 1);
-		if (p.dport == cfg->listen_port)
-			ours = 1;
-		else if (p.dport >= cfg->lowest_port && p.dport <= cfg->highest_port)
-			ours = 2;
-		else
-			return XDP_PASS;
-		if (ip_len > frame_ip_len || p.udp_len < 8 || (__u32)p.udp_len + 20 != ip_len)
-			return pass(ST_PASS_MALFORMED);
-		/* The header checksum is recomputed on the way out, so a
-		 * corrupted header must be caught here (the stack drops it). */
-		__u16 *w = (void *)ip;
-		__u32 hsum = 0;
-#pragma unroll
-		for (int i = 0; i < 10; i++)
-			hsum += w[i];
-		if (fold(hsum) != 0xffff)
-			return pass(ST_PASS_BAD_HEADER_CHECKSUM);
+		ip_hdr_len = 20;
+		ip4 = ip;
+		udp = (void *)(ip + 1);
 	} else if (eth->proto == hton16(ETH_P_IPV6)) {
 		struct ip6_hdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > data_end)
 			return XDP_PASS;
 		if ((ip->vtc_flow[0] >> 4) != 6 || ip->nexthdr != IPPROTO_UDP)
 			return XDP_PASS; /* extension headers included */
-		struct udp_hdr *udp = (void *)(ip + 1);
-		if ((void *)(udp + 1) > data_end)
-			return XDP_PASS;
 		p.fam = 6;
 		__builtin_memcpy(p.src, ip->saddr, 16);
 		__builtin_memcpy(p.dst, ip->daddr, 16);
 		p.tos = (__u8)((ip->vtc_flow[0] << 4) | (ip->vtc_flow[1] >> 4));
 		p.flow = ((__u32)(ip->vtc_flow[1] & 0x0f) << 16) | ((__u32)ip->vtc_flow[2] << 8) | ip->vtc_flow[3];
 		p.ttl = ip->hop_limit;
-		p.sport = ntoh16(udp->source);
-		p.dport = ntoh16(udp->dest);
-		p.udp_len = ntoh16(udp->len);
-		p.csum = ntoh16(udp->check);
 		ip_len = 40 + (__u32)ntoh16(ip->payload_len);
-		payload = (void *)(udp + 1);
-		if (p.dport == cfg->listen_port)
-			ours = 1;
-		else if (p.dport >= cfg->lowest_port && p.dport <= cfg->highest_port)
-			ours = 2;
-		else
-			return XDP_PASS;
-		/* A zero checksum is invalid in IPv6 (RFC 8200): the stack drops it. */
-		if (ip_len > frame_ip_len || p.udp_len < 8 || (__u32)p.udp_len + 40 != ip_len || p.csum == 0)
-			return pass(ST_PASS_MALFORMED);
+		ip_hdr_len = 40;
+		udp = (void *)(ip + 1);
 	} else {
 		return XDP_PASS;
+	}
+
+	if ((void *)(udp + 1) > data_end)
+		return XDP_PASS;
+	p.sport = ntoh16(udp->source);
+	p.dport = ntoh16(udp->dest);
+	p.udp_len = ntoh16(udp->len);
+	p.csum = ntoh16(udp->check);
+	__u8 *payload = (void *)(udp + 1);
+	int ours;           /* 1 client->peer, 2 peer->client */
+	if (p.dport == cfg->listen_port)
+		ours = 1;
+	else if (p.dport >= cfg->lowest_port && p.dport <= cfg->highest_port)
+		ours = 2;
+	else
+		return XDP_PASS;
+	/* A zero UDP checksum is invalid in IPv6 (RFC 8200): the stack drops it. */
+	if (ip_len > frame_ip_len || p.udp_len < 8 || (__u32)p.udp_len + ip_hdr_len != ip_len ||
+	    (p.fam == 6 && p.csum == 0))
+		return pass(ST_PASS_MALFORMED);
+	if (ip4) {
+		/* The header checksum is recomputed on the way out, so a
+		 * corrupted header must be caught here (the stack drops it). */
+		__u16 *w = (void *)ip4;
+		__u32 hsum = 0;
+#pragma unroll
+		for (int i = 0; i < 10; i++)
+			hsum += w[i];
+		if (fold(hsum) != 0xffff)
+			return pass(ST_PASS_BAD_HEADER_CHECKSUM);
 	}
 
 	if (!is_local(p.dst, p.fam, cfg))
@@ -669,7 +630,7 @@ int relay_xdp(struct xdp_md *ctx)
 			out_csum = 0xffff;
 	}
 
-	int old_hdr = 14 + (p.fam == 4 ? 20 : 40) + 8 + (ours == 1 ? 4 : 0);
+	int old_hdr = 14 + ip_hdr_len + 8 + (ours == 1 ? 4 : 0);
 	int new_hdr = 14 + (o.fam == 4 ? 20 : 40) + 8 + (o.chan ? 4 : 0);
 	if (bpf_xdp_adjust_head(ctx, old_hdr - new_hdr))
 		return pass(ST_PASS_ADJUST_FAILED); /* the packet is unchanged then */
@@ -677,7 +638,6 @@ int relay_xdp(struct xdp_md *ctx)
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	eth = data;
-	struct udp_hdr *udp;
 	if (o.fam == 4) {
 		struct ip4_hdr *ip = (void *)(eth + 1);
 		udp = (void *)(ip + 1);

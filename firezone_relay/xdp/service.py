@@ -39,6 +39,7 @@ from firezone_relay.xdp.loader import (
     XdpError,
     XdpMapFull,
     XdpProgram,
+    Settings,
     find_object,
 )
 from firezone_relay.adapters._twisted import Counts, LimitedLog
@@ -54,33 +55,14 @@ class XdpService(Service):
     ``mode``: ``"generic"`` (SKB mode: veth, bridges, any driver),
     ``"driver"`` (native) or ``"auto"`` (native, generic if the driver
     refuses); ``attached_mode`` is the one in use once attached.
-    ``int4``/``int6``: the source addresses used when
-    a datagram changes family (default: the interface's own addresses).
-    ``public4``/``public6``: the relay's public addresses (hairpin).
+    ``settings``: what to relay (``loader.Settings``); ``int4``/``int6``
+    unset there default to the interface's own addresses.
     """
 
-    def __init__(
-        self,
-        interface: str,
-        mode: str,
-        listen_port: int,
-        lowest_port: int,
-        highest_port: int,
-        public4: Optional[str] = None,
-        public6: Optional[str] = None,
-        int4: Optional[str] = None,
-        int6: Optional[str] = None,
-        map_entries: Optional[int] = None,
-    ) -> None:
+    def __init__(self, interface: str, mode: str, settings: Settings, map_entries: Optional[int] = None) -> None:
         self.interface = interface
         self.mode = mode
-        self.listen_port = listen_port
-        self.lowest_port = lowest_port
-        self.highest_port = highest_port
-        self.public4 = public4
-        self.public6 = public6
-        self.int4 = int4
-        self.int6 = int6
+        self.settings = settings
         #: Entries per channel map (None: the object's 65,536); tests make it small.
         self.map_entries = map_entries
         self.program: Optional[XdpProgram] = None
@@ -120,17 +102,11 @@ class XdpService(Service):
             path, self.object_origin = find_object(workdir)
             log.info("XDP program: {origin}", origin=self.object_origin, interface=self.interface)
             program = XdpProgram(path, self.interface, map_entries=self.map_entries)
-            int4 = self.int4 or interface_ip4(self.interface)
-            int6 = self.int6 or interface_ip6(self.interface)
-            program.configure(
-                listen_port=self.listen_port,
-                lowest_port=self.lowest_port,
-                highest_port=self.highest_port,
-                public4=self.public4,
-                public6=self.public6,
-                int4=int4,
-                int6=int6,
+            settings = self.settings._replace(
+                int4=self.settings.int4 or interface_ip4(self.interface),
+                int6=self.settings.int6 or interface_ip6(self.interface),
             )
+            program.configure(settings)
             self.attached_mode = program.attach(self.mode)
         except XdpError as exc:
             if program is not None:
@@ -171,13 +147,7 @@ class XdpService(Service):
             requested=self.mode,
             send="XDP_REDIRECT" if program.redirect else "XDP_TX",
             prog_id=program.attached_id(),
-            listen_port=self.listen_port,
-            lowest_port=self.lowest_port,
-            highest_port=self.highest_port,
-            int4=int4,
-            int6=int6,
-            public4=self.public4,
-            public6=self.public6,
+            **settings._asdict(),
         )
 
     def close(self) -> None:

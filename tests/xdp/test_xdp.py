@@ -189,7 +189,7 @@ class OptionsTests(unittest.SynchronousTestCase):
         from firezone_relay import tap
 
         service = tap.make_xdp_service(o)
-        self.assertEqual((service.interface, service.mode, service.int4), ("eth1", "driver", "192.0.2.9"))
+        self.assertEqual((service.interface, service.mode, service.settings.int4), ("eth1", "driver", "192.0.2.9"))
 
     def test_bad_values_are_refused(self) -> None:
         from twisted.python import usage
@@ -303,7 +303,7 @@ def _raise_full(*args: Any) -> None:
 
 class ServiceTests(unittest.SynchronousTestCase):
     def service(self, program: Any = None) -> XdpService:
-        s = XdpService("eth0", "generic", 3478, 49152, 65535)
+        s = XdpService("eth0", "generic", loader.Settings(3478, 49152, 65535))
         s.program = program
         return s
 
@@ -355,7 +355,7 @@ class ServiceTests(unittest.SynchronousTestCase):
         self.assertFalse(s.active)
 
     def test_load_failure_is_logged_and_leaves_the_fast_path_off(self) -> None:
-        s = XdpService("no-such-if0", "generic", 3478, 49152, 65535)
+        s = XdpService("no-such-if0", "generic", loader.Settings(3478, 49152, 65535))
         s.startService()
         self.addCleanup(s.stopService)
         self.assertFalse(s.active)
@@ -396,8 +396,9 @@ class VerifierTests(unittest.SynchronousTestCase):
             raise unittest.SkipTest("setpriv (util-linux) is not installed")
         script = (
             "import sys; sys.path.insert(0, %r)\n"
+            "from firezone_relay.xdp.loader import Settings\n"
             "from firezone_relay.xdp.service import XdpService\n"
-            "s = XdpService('lo', 'generic', 3478, 49152, 65535)\n"
+            "s = XdpService('lo', 'generic', Settings(3478, 49152, 65535))\n"
             "s.startService()\n"
             "print(s.active, s.failure)\n" % netns.ROOT
         )
@@ -439,9 +440,11 @@ class ProgramTests(_Namespaced):
             program = loader.XdpProgram(path, "eth0")  # the verifier accepts it on the first load
             self.addCleanup(program.close)
             program.configure(
-                LISTEN_PORT, LOWEST, HIGHEST,
-                public4=ADDR["relay"][0], public6=ADDR["relay"][1],
-                int4=ADDR["relay"][0], int6=ADDR["relay"][1], mtu=mtu,
+                loader.Settings(
+                    LISTEN_PORT, LOWEST, HIGHEST,
+                    public4=ADDR["relay"][0], public6=ADDR["relay"][1], int4=ADDR["relay"][0], int6=ADDR["relay"][1],
+                ),
+                mtu=mtu,
             )
             program.attach("generic")
         return program
@@ -635,13 +638,13 @@ class ProgramTests(_Namespaced):
         with topology.entered("router"):
             other_end = loader.XdpProgram(path, "to-relay")
             self.addCleanup(other_end.close)
-            other_end.configure(LISTEN_PORT, LOWEST, HIGHEST, enabled=False)
+            other_end.configure(loader.Settings(LISTEN_PORT, LOWEST, HIGHEST), enabled=False)
             self.assertEqual(other_end.attach("driver"), "driver")  # strict: attached although ...
             self.assertIn("neither GRO nor an XDP program", other_end.warning or "")  # ... said to be unable to send
         with topology.entered("relay"):
             program = loader.XdpProgram(path, "eth0")
             self.addCleanup(program.close)
-            program.configure(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0])
+            program.configure(loader.Settings(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0]))
             program.attach("driver")
             self.assertIsNone(program.warning)  # the other end has an XDP program now
             self.assertTrue(program.redirect)
@@ -661,8 +664,9 @@ class ProgramTests(_Namespaced):
         """Issue 14 item 10: the XDP service on maps of 3 entries, fed a fourth binding."""
         topology = self.make_topology()
         service = XdpService(
-            "eth0", "generic", LISTEN_PORT, LOWEST, HIGHEST,
-            public4=ADDR["relay"][0], int4=ADDR["relay"][0], int6=ADDR["relay"][1], map_entries=3,
+            "eth0", "generic",
+            loader.Settings(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0], int6=ADDR["relay"][1]),
+            map_entries=3,
         )
         with topology.entered("relay"):
             service.startService()
@@ -702,7 +706,7 @@ class ProgramTests(_Namespaced):
         with topology.entered("relay"):
             program = loader.XdpProgram(path, "eth0")
             self.addCleanup(program.close)
-            program.configure(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0])
+            program.configure(loader.Settings(LISTEN_PORT, LOWEST, HIGHEST, public4=ADDR["relay"][0], int4=ADDR["relay"][0]))
             mode = program.attach("auto")
         return program, mode
 
