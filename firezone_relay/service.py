@@ -209,7 +209,7 @@ def build(options: "Options", reactor: Any) -> "MultiService":
     from firezone_relay.tap import _udpio_missing, warn_short_rest_secrets
 
     from firezone_relay.adapters.host import ephemeral_overlap
-    from firezone_relay.adapters.http import HealthService, Readiness, ServingFlag
+    from firezone_relay.adapters.http import Readiness, ServingFlag
     from firezone_relay.adapters.metrics import StatsLogger, StreamCollector, make_registry
     from firezone_relay.adapters.shell import Shell
     from firezone_relay.adapters.udp import RelayService
@@ -323,10 +323,7 @@ def build(options: "Options", reactor: Any) -> "MultiService":
         from firezone_relay.adapters.otlp import make_service as make_otlp_service
 
         make_otlp_service(options["otlp-grpc-endpoint"], relay, fast_path=xdp).setServiceParent(top)
-    host, port = options["health-check-addr"]
-    health = HealthService(host, port, registry, readiness)
-    health.setName("http")
-    health.setServiceParent(top)
+    add_health(options, top, registry, readiness)
     _add_portal_and_drain(options, top, shell, secret, readiness, reactor)
     _add_control(options, top, relay, shell)
     _add_reload(given, options, top, relay, shell, stream.tls, secret)
@@ -334,6 +331,17 @@ def build(options: "Options", reactor: Any) -> "MultiService":
 
     StartupFreeze(reactor).setServiceParent(top)  # last: once everything else has started
     return top
+
+
+def add_health(options: "Options", top: "MultiService", registry: Any, readiness: Any) -> None:
+    """The /healthz /readyz /metrics server on ``--health-check-addr``, named
+    ``http`` (the single process and the workers' supervisor alike)."""
+    from firezone_relay.adapters.http import HealthService
+
+    host, port = options["health-check-addr"]
+    health = HealthService(host, port, registry, readiness)
+    health.setName("http")
+    health.setServiceParent(top)
 
 
 def _add_reload(

@@ -945,9 +945,9 @@ def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
     """The services of a supervisor into ``top``: the pool, HTTP, portal and drain."""
     from twisted.application.service import Service as _Service
 
-    from firezone_relay.adapters.http import HealthService, Readiness
+    from firezone_relay.adapters.http import Readiness
     from firezone_relay.adapters.metrics import make_registry  # noqa: F401 (process collectors below)
-    from firezone_relay.service import _add_portal_and_drain
+    from firezone_relay.service import _add_portal_and_drain, add_health
 
     count = options["workers"]
     size = options["highest-port"] - options["lowest-port"] + 1
@@ -988,10 +988,7 @@ def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
     registry.register(WorkersCollector(pool, readiness))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    host, port = options["health-check-addr"]
-    health = HealthService(host, port, registry, readiness)
-    health.setName("http")
-    health.setServiceParent(top)
+    add_health(options, top, registry, readiness)
 
     class _Shell:  # what _add_portal_and_drain needs of a shell: the drain's view and start_serving
         relay = pool
