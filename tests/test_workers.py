@@ -865,3 +865,62 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         pool, _ = self.pool()
         pool.allocation_created(pool.slots[0], 40099, "u")  # slot 1's port
         self.assertEqual(pool.allocation_count, 0)
+
+
+class NoticeBatchTests(unittest.SynchronousTestCase):
+    """A worker's allocation notices of one reactor turn leave in one
+    ``AllocationNotices`` box, in order; a channel notice sends them first."""
+
+    def _control(self) -> Tuple[Any, Any, Any]:
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from firezone_relay.workers.worker import WorkerControl
+
+        clock = Clock()
+        control = WorkerControl(0, clock)
+        transport = StringTransport()
+        control.makeConnection(transport)
+        return control, clock, transport
+
+    @staticmethod
+    def _boxes(raw: bytes) -> List[Dict[bytes, bytes]]:
+        from twisted.protocols import amp
+
+        boxes: List[Dict[bytes, bytes]] = []
+        parser = amp.BinaryBoxProtocol(None)  # type: ignore[arg-type]
+        parser.boxReceiver = type("R", (), {"ampBoxReceived": lambda self, box: boxes.append(dict(box)),
+                                            "startReceivingBoxes": lambda self, sender: None,
+                                            "stopReceivingBoxes": lambda self, reason: None})()
+        parser._locked = False
+        parser.dataReceived(raw)
+        return boxes
+
+    def test_one_box_per_turn_in_order(self) -> None:
+        from firezone_relay.core import commands as C
+        from firezone_relay.workers import protocol as P
+
+        control, clock, transport = self._control()
+        client = ("192.0.2.1", 5000)
+        control.allocation_event(C.AllocationCreated(client, "alice", 40001, (), 600))
+        control.allocation_event(C.AllocationCreated(client, "bob", 40002, (), 600))
+        control.allocation_event(C.AllocationDeleted(client, "alice", 40001, "refresh"))
+        self.assertEqual(transport.value(), b"")  # nothing before the turn ends
+        clock.advance(0)
+        boxes = self._boxes(transport.value())
+        self.assertEqual([b[b"_command"] for b in boxes], [b"AllocationNotices"])
+        notices = P.AllocationNotices.parseArguments(boxes[0], None)["notices"]
+        self.assertEqual(notices, [{"port": 40001, "user": "alice"}, {"port": 40002, "user": "bob"}, {"port": 40001, "user": None}])
+        clock.advance(0)
+        self.assertEqual(len(self._boxes(transport.value())), 1)  # nothing more was sent
+
+    def test_a_channel_notice_sends_the_pending_allocations_first(self) -> None:
+        from firezone_relay.core import commands as C
+
+        control, clock, transport = self._control()
+        client = ("192.0.2.1", 5000)
+        control.allocation_event(C.AllocationCreated(client, "alice", 40001, (), 600))
+        control.channel_bound(C.ChannelBound(client, 0x4000, ("198.51.100.1", 9), 40001, 4))
+        self.assertEqual([b[b"_command"] for b in self._boxes(transport.value())], [b"AllocationNotices", b"ChannelBound"])
+        clock.advance(0)
+        self.assertEqual(len(self._boxes(transport.value())), 2)

@@ -6,7 +6,8 @@ secret included, as JSON; the answer means the worker serves), ``Counters``
 bytes), ``Evict`` (delete the allocation on a port: its user's newer one
 lives in another worker), ``Drain`` and ``Stop``.
 
-Worker -> supervisor: ``AllocationCreated`` / ``AllocationRemoved`` (port
+Worker -> supervisor: ``AllocationNotices`` (a reactor turn's
+``AllocationCreated`` / ``AllocationRemoved``, also accepted one by one: port
 and username: the supervisor keeps ``--user-allocation-limit`` across the
 workers and counts allocations for the drain), ``ChannelBound`` /
 ``ChannelUnbound`` (UDP clients' channels, for the XDP maps).
@@ -57,6 +58,16 @@ class AllocationCreated(amp.Command):
 
 class AllocationRemoved(amp.Command):
     arguments = [(b"port", amp.Integer())]
+    requiresAnswer = False
+
+
+class AllocationNotices(amp.Command):
+    """The ``AllocationCreated`` (with its user) and ``AllocationRemoved``
+    (``user`` absent) notices of one reactor turn of a worker, in order: one
+    box instead of one per allocation (with thousands of Allocates a second,
+    a box each was a sixth of an Allocate's CPU in worker and supervisor)."""
+
+    arguments = [(b"notices", amp.AmpList([(b"port", amp.Integer()), (b"user", amp.Unicode(optional=True))]))]
     requiresAnswer = False
 
 

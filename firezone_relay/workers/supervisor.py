@@ -191,6 +191,17 @@ class SupervisorControl(P.QuietAMP):
         self.pool.allocation_removed(self.slot, port)
         return {}
 
+    @P.AllocationNotices.responder
+    def allocation_notices(self, notices: List[Dict[str, Any]]) -> Dict[str, Any]:
+        pool, slot = self.pool, self.slot
+        for notice in notices:
+            user = notice.get("user")
+            if user is None:
+                pool.allocation_removed(slot, notice["port"])
+            else:
+                pool.allocation_created(slot, notice["port"], user)
+        return {}
+
     @P.ChannelBound.responder
     def channel_bound(self, **fields: Any) -> Dict[str, Any]:
         self.pool.channel_changed(self.slot, True, fields)
