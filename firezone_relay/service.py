@@ -463,9 +463,26 @@ def _add_portal_and_drain(
     drain.setServiceParent(top)
 
 
+def stream_limits(options: Mapping[str, Any], workers: int = 1) -> Any:
+    """The stream clients' bounds (``StreamLimits``) from the options; with
+    ``workers`` processes each gets its share of the two host-wide budgets
+    (connections and buffered bytes, rounded up), the rest as given."""
+    from firezone_relay.adapters.connection import StreamLimits
+
+    return StreamLimits(
+        max_connections=-(-options["max-connections"] // workers),
+        max_connections_per_ip=options["max-connections-per-ip"],
+        write_buffer=options["stream-write-buffer"],
+        handshake_timeout=options["tls-handshake-timeout"],
+        idle_timeout=options["stream-idle-timeout"],
+        auth_timeout=options["stream-auth-timeout"],
+        max_buffered=-(-options["stream-buffer-budget"] // workers),
+    )
+
+
 def _add_stream(options: "Options", shell: Any, bind: Any) -> Any:
     """TURN over TCP on the listen port and, with a certificate, over TLS (SPEC §8)."""
-    from firezone_relay.adapters.stream import StreamLimits, StreamService
+    from firezone_relay.adapters.stream import StreamService
     from firezone_relay.adapters.tls import TLSContext
 
     tls = TLSContext(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
@@ -476,15 +493,7 @@ def _add_stream(options: "Options", shell: Any, bind: Any) -> Any:
         bind_ip6=bind[6],
         tls=tls,
         tls_port=options["tls-port"],
-        limits=StreamLimits(
-            max_connections=options["max-connections"],
-            max_connections_per_ip=options["max-connections-per-ip"],
-            write_buffer=options["stream-write-buffer"],
-            handshake_timeout=options["tls-handshake-timeout"],
-            idle_timeout=options["stream-idle-timeout"],
-            auth_timeout=options["stream-auth-timeout"],
-            max_buffered=options["stream-buffer-budget"],
-        ),
+        limits=stream_limits(options),
         reload_signal=None,  # SIGHUP belongs to the ReloadService, which reloads TLS too
     )
     if tls is None:

@@ -530,7 +530,7 @@ class WorkerPool(Service):
     # --- workers -------------------------------------------------------------------------
 
     def worker_config(self, slot: Slot) -> Dict[str, Any]:
-        from firezone_relay.service import relay_config
+        from firezone_relay.service import relay_config, stream_limits
 
         options = self.options
         config = relay_config(options, self.secret)
@@ -545,15 +545,7 @@ class WorkerPool(Service):
         )
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "nonce_key"}
         levels = options["log-level"]
-        limits = {
-            "max_connections": -(-options["max-connections"] // self.count),
-            "max_connections_per_ip": options["max-connections-per-ip"],
-            "write_buffer": options["stream-write-buffer"],
-            "handshake_timeout": options["tls-handshake-timeout"],
-            "idle_timeout": options["stream-idle-timeout"],
-            "auth_timeout": options["stream-auth-timeout"],
-            "max_buffered": -(-options["stream-buffer-budget"] // self.count),
-        }
+        limits = dataclasses.asdict(stream_limits(options, self.count))
         return {
             "slot": slot.index,
             "relay": fields,
