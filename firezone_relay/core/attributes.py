@@ -380,18 +380,8 @@ def decode_password_algorithms(value: bytes, tid: bytes) -> Tuple[Tuple[int, byt
 def encode_password_algorithms(value: object, tid: bytes) -> bytes:
     if not isinstance(value, tuple):
         raise TypeError("expected a tuple of (algorithm, parameters)")
-    # The relay sends one list in every full challenge: kept once encoded.
-    try:
-        return _ENCODED_ALGORITHMS[value]
-    except (KeyError, TypeError):
-        pass
-    encoded = b"".join(_encode_one_algorithm(v) for v in value)
-    if len(_ENCODED_ALGORITHMS) < 8:
-        _ENCODED_ALGORITHMS[value] = encoded
-    return encoded
-
-
-_ENCODED_ALGORITHMS: dict[object, bytes] = {}
+    # The relay's one list is kept encoded by ``stun.encode`` (its constants cache).
+    return b"".join(_encode_one_algorithm(v) for v in value)
 
 
 def decode_mi_sha256(value: bytes, tid: bytes) -> bytes:
