@@ -816,6 +816,16 @@ class RelayProcessTests(_Namespaced):
                 out[(datapath, direction)] = metrics.get(key, -1.0)
         return out
 
+    def assert_one_relayed(self, topology: Any, relay: RelayProcess, payload: bytes, datapath: str) -> None:
+        """A new client's ChannelData ``payload`` reaches a peer, counted
+        once on ``datapath`` (xdp or userspace)."""
+        c = self.client(topology, V4)
+        peer = self.sock(topology, "peer", V4)
+        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
+        c.send_channel(CHAN, payload)
+        self.assertEqual(peer.recvfrom(100)[0], payload)
+        self.assertEqual(self.relayed(relay)[(datapath, "client_to_peer")], 1)
+
     def test_v4_v6_and_cross_family_go_through_xdp_only(self) -> None:
         topology = self.make_topology()
         relay = self.start(topology)
@@ -943,12 +953,7 @@ class RelayProcessTests(_Namespaced):
         )
         self.assertIn("XDP fast path attached to eth0 (generic mode, sending with XDP_TX, program id", output)
         self.assertIn("--ebpf-attach-mode auto)", output)
-        c = self.client(topology, V4)
-        peer = self.sock(topology, "peer", V4)
-        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
-        c.send_channel(CHAN, b"generic")
-        self.assertEqual(peer.recvfrom(100)[0], b"generic")
-        self.assertEqual(self.relayed(relay)[("xdp", "client_to_peer")], 1)
+        self.assert_one_relayed(topology, relay, b"generic", "xdp")
 
     def test_auto_attaches_native_where_the_veth_allows_it(self) -> None:
         topology = self.make_topology()
@@ -978,23 +983,13 @@ class RelayProcessTests(_Namespaced):
         output = relay.output()
         self.assertIn("XDP fast path off, relaying in userspace only: could not attach XDP to eth0 in driver mode", output)
         self.assertFalse(topology.xdp_attached())
-        c = self.client(topology, V4)
-        peer = self.sock(topology, "peer", V4)
-        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
-        c.send_channel(CHAN, b"userspace")
-        self.assertEqual(peer.recvfrom(100)[0], b"userspace")
-        self.assertEqual(self.relayed(relay)[("userspace", "client_to_peer")], 1)
+        self.assert_one_relayed(topology, relay, b"userspace", "userspace")
 
     def test_a_load_failure_leaves_the_relay_in_userspace(self) -> None:
         topology = self.make_topology()
         relay = self.start(topology, xdp=False, extra=("--ebpf-offloading=nosuch0",))
         self.assertIn("XDP fast path off, relaying in userspace only", relay.output())
-        c = self.client(topology, V4)
-        peer = self.sock(topology, "peer", V4)
-        self.assertIsNone(c.channel_bind(CHAN, peer.getsockname()[:2]))
-        c.send_channel(CHAN, b"userspace")
-        self.assertEqual(peer.recvfrom(100)[0], b"userspace")
-        self.assertEqual(self.relayed(relay)[("userspace", "client_to_peer")], 1)
+        self.assert_one_relayed(topology, relay, b"userspace", "userspace")
         self.assertFalse(topology.xdp_attached())
 
 
