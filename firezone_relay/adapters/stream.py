@@ -119,10 +119,9 @@ class _StreamServer(tcp.Server):
         return None
 
     def direct_read(self) -> None:
-        # For a dispatch that calls a selectable's ``direct_read`` on a plain
-        # read event instead of Twisted's _doReadOrWrite (perf-udp's
-        # dispatch.py; unused by a dispatch without it): doRead, and on end
-        # of file or a failed read the disconnect _doReadOrWrite makes.
+        # What ``dispatch`` calls on a plain read event instead of Twisted's
+        # _doReadOrWrite: doRead, and on end of file or a failed read the
+        # disconnect _doReadOrWrite makes.
         why = self.doRead()
         if why:
             reactor: Any = self.reactor
