@@ -393,7 +393,7 @@ class VerifierTests(unittest.SynchronousTestCase):
         _clang_or_skip()
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            raise unittest.SkipTest("setpriv (util-linux) is not installed")
+            _missing_tool("setpriv (util-linux) is not installed")
         script = (
             "import sys; sys.path.insert(0, %r)\n"
             "from firezone_relay.xdp.loader import Settings\n"
