@@ -226,6 +226,8 @@ class _LevelPredicate:
 #: Twisted's levels in their order (debug lowest).
 _LEVEL_RANK: dict[NamedConstant, int] = {level: rank for rank, level in enumerate(LogLevel.iterconstants())}
 
+_INFO = LogLevel.info
+
 #: Every level filter made (one under twistd), so that a change at run time
 #: (the control endpoint's /log_filter, a SIGHUP reload) reaches each.
 _predicates: list[_LevelPredicate] = []
@@ -278,15 +280,23 @@ class RelayLogger(Logger):
         if not known:
             Logger.emit(self, level, format, **kwargs)  # Twisted's own complaint about the level
             return
-        event = kwargs
-        event.update(
-            log_logger=self,
-            log_level=level,
-            log_namespace=self.namespace,
-            log_source=self.source,
-            log_format=format,
-            log_time=time.time(),
-        )
+        self._emit(level, format, kwargs)
+
+    def info(self, format: Optional[str] = None, **kwargs: object) -> None:
+        """``Logger.info``, without its second call (to ``emit``, which
+        packs the keyword arguments again): the shell's allocation lines
+        are info lines."""
+        self._emit(_INFO, format, kwargs)
+
+    def _emit(self, level: NamedConstant, format: Optional[str], event: dict[str, Any]) -> None:
+        # Twisted's Logger.emit builds the same keys with event.update(...)
+        # (a dict of keyword arguments more per event); the same order.
+        event["log_logger"] = self
+        event["log_level"] = level
+        event["log_namespace"] = self.namespace
+        event["log_source"] = self.source
+        event["log_format"] = format
+        event["log_time"] = time.time()
         if "log_trace" in event:
             event["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
         self.observer(event)

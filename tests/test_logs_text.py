@@ -225,6 +225,7 @@ class RelayLoggerTests(unittest.SynchronousTestCase):
         self.assertEqual(len(ours), len(theirs))
         for a, b in zip(ours, theirs):
             self.assertEqual(set(a), set(b))
+            self.assertEqual(list(a), list(b))  # the same order (a JSON line's)
             self.assertIs(a["log_logger"], fast)
             for key in a:
                 if key not in ("log_logger", "log_time"):
