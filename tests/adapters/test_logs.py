@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from firezone_relay import logs
 from firezone_relay.core import stun
-from tests.adapters.test_udp import SECRET, RelayFixture
+from tests.adapters.test_udp import PUBLIC, SECRET, RelayFixture
 
 UDP = "firezone_relay.adapters.udp"
 
@@ -63,6 +63,17 @@ class LifecycleLogTests(RelayFixture, unittest.TestCase):
             )
         self.assertIn("channel 0x4001", formatEvent(bound))
         self.assertEqual((deleted["client"], deleted["username"], deleted["port"], deleted["reason"]), (client_text, user, port, "refresh"))
+        # Every field, in order (a JSON line's keys follow it): the shell
+        # writes them out per line.
+        # (Trial's legacy log observer adds the keys of twisted.python.log.)
+        def fields(event: Dict[str, Any]) -> List[str]:
+            legacy = ("message", "time", "system", "format", "isError")
+            return [key for key in event if not key.startswith("log_") and key not in legacy]
+
+        self.assertEqual(fields(created), ["relayed", "lifetime", "client", "transport", "username", "port"])
+        self.assertEqual(fields(deleted), ["reason", "client", "transport", "username", "port"])
+        self.assertEqual((created["transport"], deleted["transport"]), ("udp", "udp"))
+        self.assertEqual(created["relayed"], ["%s:%d" % (PUBLIC[4], port)])
         # As JSON: the structured fields are there, as fields.
         record = json.loads(logs.format_json(bound))
         self.assertEqual((record["username"], record["channel"], record["peer"]), (user, 0x4001, peer_text))
