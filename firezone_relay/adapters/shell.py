@@ -270,16 +270,26 @@ class Shell(MultiService):
             # batched read) leave together, in sendmmsg calls, at the end;
             # before a port closes, what is queued for it leaves first.
             sends: List[Tuple[int, int, Any, bytes]] = []
+            # The source ports in ``sends``: a ClosePort (one per Refresh 0
+            # of a deallocation storm) looks through ``sends`` only when its
+            # port is among them, not through every queued reply.
+            ports: set[int] = set()
             try:
                 while command is not None:
                     if type(command) is C.SendDatagram and len(command.destination) == 2:
                         # (A stream client's reply still goes at once, in
                         # its place among the allocation events.)
                         sends.append((command.source_port, command.family, command.destination, command.payload))
+                        ports.add(command.source_port)
                     else:
-                        if sends and type(command) is C.ClosePort and _sends_from(sends, command.port, command.family):
+                        if (
+                            type(command) is C.ClosePort
+                            and command.port in ports
+                            and _sends_from(sends, command.port, command.family)
+                        ):
                             io.send(sends)
                             sends = []
+                            ports.clear()
                         self.execute(command)
                     command = self._next_command()
             finally:
