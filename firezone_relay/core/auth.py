@@ -46,6 +46,9 @@ _NONCE_MAC_BYTES = 8
 _NONCE_BODY = 4 * (4 + _NONCE_MAC_BYTES) // 3
 #: Nonces ``NonceFactory.issue`` remembers within one second.
 _ISSUED_MAX = 1024
+#: (nonce, client) pairs of authenticated requests ``NonceFactory`` keeps,
+#: so that a client's next requests with the same nonce skip its MAC.
+_VERIFIED_MAX = 4096
 
 #: The PASSWORD-ALGORITHMS the relay offers and accepts (RFC 8489 §14.11).
 PASSWORD_ALGORITHMS = ((stun.ALGORITHM_SHA256, b""), (stun.ALGORITHM_MD5, b""))
@@ -125,6 +128,16 @@ class NonceFactory:
         # second changes; at most _ISSUED_MAX entries.
         self._issued: dict[Tuple[bool, Tuple[str, int]], str] = {}
         self._issued_second = -1
+        # The nonces of requests that authenticated, by (nonce, client):
+        # their issue time.  A client signs request after request with the
+        # same nonce (a Refresh, a ChannelBind, the Refresh 0 that deletes
+        # its allocation), and its MAC was checked once already.  Only
+        # ``authenticated`` adds to it (no state before authentication);
+        # at most _VERIFIED_MAX entries, cleared when full.
+        self._verified: dict[Tuple[str, Tuple[str, int]], int] = {}
+        #: (nonce, client, issue time) of the last ``is_valid`` that said
+        #: yes, for ``authenticated``.
+        self._checked: Optional[Tuple[str, Tuple[str, int], int]] = None
 
     def _mac(self, full: bool, issued: int, client: Tuple[str, int]) -> bytes:
         text = ("%s|%d|%s|%d" % ("f" if full else "p", issued, client[0], client[1])).encode("utf-8", "replace")
@@ -147,6 +160,18 @@ class NonceFactory:
 
     def is_valid(self, nonce: str, client: Tuple[str, int], now: float) -> bool:
         """True when ``nonce`` was issued by us to ``client`` less than the lifetime ago."""
+        self._checked = None
+        issued = self._verified.get((nonce, client))
+        if issued is None:
+            second = int(now) & 0xFFFFFFFF
+            if second == self._issued_second and self._issued.get((nonce.startswith(_NONCE_PREFIX), client)) == nonce:
+                issued = second  # ``issue`` made it for this client this second
+        if issued is not None:
+            # Its form and MAC are known good; the age is checked as below.
+            if not (int(now) - issued) & 0xFFFFFFFF < self._lifetime:
+                return False
+            self._checked = (nonce, client, issued)
+            return True
         full = nonce.startswith(_NONCE_PREFIX)
         body = nonce[len(_NONCE_PREFIX) :] if full else nonce
         if len(body) != _NONCE_BODY or not body.isascii():
@@ -159,7 +184,24 @@ class NonceFactory:
         age = (int(now) - issued) & 0xFFFFFFFF
         if not age < self._lifetime:
             return False
-        return hmac.compare_digest(raw[4:], self._mac(full, issued, client))
+        if not hmac.compare_digest(raw[4:], self._mac(full, issued, client)):
+            return False
+        self._checked = (nonce, client, issued)
+        return True
+
+    def authenticated(self, nonce: str, client: Tuple[str, int]) -> None:
+        """The request whose ``nonce`` from ``client`` the last ``is_valid``
+        accepted has authenticated: keep the pair, so that the client's next
+        requests with this nonce skip the MAC."""
+        checked = self._checked
+        self._checked = None
+        if checked is None or checked[0] != nonce or checked[1] != client:
+            return
+        verified = self._verified
+        if (nonce, client) not in verified:
+            if len(verified) >= _VERIFIED_MAX:
+                verified.clear()
+            verified[(nonce, client)] = checked[2]
 
 
 def _attribute_size(value_length: int) -> int:
@@ -254,7 +296,8 @@ def authenticate(
     nonce = message.get_str(stun.NONCE)
     if not has_integrity or username is None or nonce is None:
         return "missing_credentials", 401
-    if not nonces.is_valid(nonce, (request.sender[0], request.sender[1]), now):
+    client = (request.sender[0], request.sender[1])
+    if not nonces.is_valid(nonce, client, now):
         return "stale_nonce", 438
     if not algorithms_ok:
         return "bad_password_algorithm", 400
@@ -281,6 +324,7 @@ def authenticate(
     if expiry < now:
         return "expired", 401
     request.authenticated = True
+    nonces.authenticated(nonce, client)
     return None
 
 

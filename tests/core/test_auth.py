@@ -87,6 +87,16 @@ class AuthenticateTests(SynchronousTestCase):
         message, req = signed(far, auth.rest_password(REST, far), self.nonce)
         self.assertEqual(self.check(message, req, rest=(REST,)), ("rest_expiry_too_far", 401))
 
+    def test_only_an_authenticated_request_keeps_its_nonce(self) -> None:
+        username, password = credentials()
+        nonce = auth.NonceFactory(KEY).issue(CLIENT, NOW - 10)  # not from this second
+        message, req = signed(username, "wrong", nonce)
+        self.assertEqual(self.check(message, req), ("bad_integrity", 401))
+        self.assertEqual(self.nonces._verified, {})
+        message, req = signed(username, password, nonce)
+        self.assertIsNone(self.check(message, req))
+        self.assertEqual(self.nonces._verified, {(nonce, CLIENT): int(NOW - 10)})
+
     def test_firezone_key_needs_the_firezone_form(self) -> None:
         self.assertIsNone(auth.firezone_key(SECRET, "alice", auth.REALM))
         username, password = credentials()
@@ -161,3 +171,72 @@ class IssuedNonceTests(SynchronousTestCase):
         self.nonces.issue(CLIENT, NOW + 1)
         self.assertEqual(len(self.nonces._issued), 1)
 
+
+class VerifiedNonceTests(SynchronousTestCase):
+    """``NonceFactory.is_valid`` skips the MAC of a nonce it issued to the
+    same client this second, and of one that an authenticated request from
+    the same client carried (``authenticated``; at most ``_VERIFIED_MAX``
+    pairs): the answers stay those of a fresh factory, the age is checked
+    every time, and nothing is kept before authentication."""
+
+    OTHER = ("198.51.100.8", 40000)
+
+    def setUp(self) -> None:
+        self.nonces = auth.NonceFactory(KEY)
+        self.macs: list[tuple[bool, int, tuple[str, int]]] = []
+        mac = self.nonces._mac
+
+        def counting(full: bool, issued: int, client: tuple[str, int]) -> bytes:
+            self.macs.append((full, issued, client))
+            return mac(full, issued, client)
+
+        self.nonces._mac = counting  # type: ignore[method-assign]
+
+    def test_issued_this_second_needs_no_mac(self) -> None:
+        for full in (True, False):
+            del self.macs[:]
+            nonce = self.nonces.issue(CLIENT, NOW, full=full)
+            self.assertTrue(self.nonces.is_valid(nonce, CLIENT, NOW + 0.5))
+            self.assertEqual(len(self.macs), 1)  # the one of issue
+            self.assertFalse(self.nonces.is_valid(nonce, self.OTHER, NOW + 0.5))  # another client's: computed
+            self.assertEqual(len(self.macs), 2)
+            self.assertTrue(self.nonces.is_valid(nonce, CLIENT, NOW + 1))  # the next second: computed
+            self.assertEqual(len(self.macs), 3)
+        self.assertEqual(self.nonces._verified, {})
+
+    def test_an_authenticated_nonce_needs_no_mac_and_still_ages(self) -> None:
+        fresh = auth.NonceFactory(KEY)
+        nonce = fresh.issue(CLIENT, NOW)
+        self.assertTrue(self.nonces.is_valid(nonce, CLIENT, NOW + 5))
+        self.assertTrue(self.nonces.is_valid(nonce, CLIENT, NOW + 5))  # not authenticated: computed again
+        self.assertEqual(len(self.macs), 2)
+        self.assertEqual(self.nonces._verified, {})
+        self.nonces.authenticated(nonce, CLIENT)
+        for dt in (6, 300, auth.NONCE_LIFETIME - 1, auth.NONCE_LIFETIME, 10**6, -5):
+            self.assertEqual(self.nonces.is_valid(nonce, CLIENT, NOW + dt), fresh.is_valid(nonce, CLIENT, NOW + dt), dt)
+        self.assertFalse(self.nonces.is_valid(nonce, CLIENT, NOW + auth.NONCE_LIFETIME))
+        self.assertEqual(len(self.macs), 2)
+        self.assertFalse(self.nonces.is_valid(nonce, self.OTHER, NOW + 6))  # another client: computed, refused
+        self.assertEqual(len(self.macs), 3)
+
+    def test_only_the_pair_the_last_check_accepted_is_kept(self) -> None:
+        nonce = auth.NonceFactory(KEY).issue(CLIENT, NOW)
+        self.nonces.authenticated(nonce, CLIENT)  # no check before it
+        self.assertFalse(self.nonces.is_valid("A" * 16, CLIENT, NOW))
+        self.nonces.authenticated("A" * 16, CLIENT)  # refused
+        self.assertTrue(self.nonces.is_valid(nonce, CLIENT, NOW + 1))
+        self.nonces.authenticated(nonce, self.OTHER)  # not the pair checked
+        self.nonces.authenticated(nonce, CLIENT)  # the check was used up
+        self.assertEqual(self.nonces._verified, {})
+
+    def test_bounded(self) -> None:
+        checker = auth.NonceFactory(KEY)
+        clients = [("198.51.%d.%d" % (i // 250, i % 250 + 1), 1000) for i in range(auth._VERIFIED_MAX + 10)]
+        for client in clients:
+            nonce = checker.issue(client, NOW)
+            self.assertTrue(self.nonces.is_valid(nonce, client, NOW + 1))
+            self.nonces.authenticated(nonce, client)
+            self.assertLessEqual(len(self.nonces._verified), auth._VERIFIED_MAX)
+        self.assertEqual(len(self.nonces._verified), 10)  # cleared once full, then filled again
+        self.assertTrue(self.nonces.is_valid(checker.issue(clients[-1], NOW), clients[-1], NOW + 2))
+        self.assertEqual(len(self.macs), len(clients))  # the last one was kept: no MAC
