@@ -819,7 +819,7 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
             self.unbound.append(command)
 
     def pool(self) -> Any:
-        from firezone_relay.workers.supervisor import WorkerPool
+        from firezone_relay.workers.pool import WorkerPool
 
         options = tap.Options(environ={})
         options.parseOptions([
