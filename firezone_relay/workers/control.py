@@ -15,7 +15,7 @@ however fast or loaded the host.  What the messages mean is the pool's
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -83,16 +83,6 @@ class SupervisorControl(P.QuietAMP):
             process.throttle(self.budget.wait())
         super().ampBoxReceived(box)
 
-    @P.AllocationCreated.responder
-    def allocation_created(self, port: int, user: str) -> Dict[str, Any]:
-        self.pool.allocation_created(self.slot, port, user)
-        return {}
-
-    @P.AllocationRemoved.responder
-    def allocation_removed(self, port: int) -> Dict[str, Any]:
-        self.pool.allocation_removed(self.slot, port)
-        return {}
-
     @P.AllocationNotices.responder
     def allocation_notices(self, notices: List[Dict[str, Any]]) -> Dict[str, Any]:
         pool, slot = self.pool, self.slot
@@ -103,6 +93,12 @@ class SupervisorControl(P.QuietAMP):
             else:
                 pool.allocation_created(slot, notice["port"], user)
         return {}
+
+    @P.AllocationCreated.responder
+    @P.AllocationRemoved.responder
+    def allocation_notice(self, port: int, user: Optional[str] = None) -> Dict[str, Any]:
+        """One notice alone (``AllocationRemoved`` has no ``user``)."""
+        return self.allocation_notices([{"port": port, "user": user}])
 
     @P.ChannelBound.responder
     def channel_bound(self, **fields: Any) -> Dict[str, Any]:

@@ -54,6 +54,21 @@ def siblings(options: Any) -> Dict[int, Tuple[str, str]]:
     return out
 
 
+def _socket(family: int, type_: int) -> socket.socket:
+    """A socket of ``family`` (4, or 6: IPv6 only) and ``type_``; a stream
+    socket may bind a port that has connections in TIME_WAIT."""
+    sock = socket.socket(_AF[family], type_)
+    try:
+        if family == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if type_ == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Listeners:
     """Every listening socket of the pool, each worker's in its ``Slot.fds``."""
 
@@ -81,17 +96,17 @@ class Listeners:
                     sock = self._listener(family, ip, kind, type_)
                     slot.fds["%s:%d" % (kind, family)] = sock.fileno()
 
+    def _port(self, kind: str) -> int:
+        ports: Dict[str, int] = {"udp": self.options["listen-port"], "tcp": self.tcp_port, "tls": self.tls_port}
+        return ports[kind]
+
     def _probe(self, family: int, ip: str, kind: str, type_: int) -> None:
         """Bind the port once without ``SO_REUSEPORT`` first: a port another
         relay (or anything) holds is an error at start-up, as without
         workers, never a silent share of its traffic."""
-        port = {"udp": self.options["listen-port"], "tcp": self.tcp_port, "tls": self.tls_port}[kind]
-        probe = socket.socket(_AF[family], type_)
+        port = self._port(kind)
+        probe = _socket(family, type_)
         try:
-            if family == 6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if type_ == socket.SOCK_STREAM:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((ip, port))
         except OSError as exc:
             self.close()
@@ -100,15 +115,11 @@ class Listeners:
             probe.close()
 
     def _listener(self, family: int, ip: str, kind: str, type_: int) -> socket.socket:
-        port = {"udp": self.options["listen-port"], "tcp": self.tcp_port, "tls": self.tls_port}[kind]
-        sock = socket.socket(_AF[family], type_)
+        port = self._port(kind)
+        sock = _socket(family, type_)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == 6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if type_ == socket.SOCK_STREAM:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            elif self.options["socket-buffer"]:
+            if type_ == socket.SOCK_DGRAM and self.options["socket-buffer"]:
                 for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                     try:
                         sock.setsockopt(socket.SOL_SOCKET, opt, self.options["socket-buffer"])

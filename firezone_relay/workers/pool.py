@@ -82,33 +82,26 @@ class WorkerPool(Service):
 
     name = "workers"
 
-    def __init__(
-        self,
-        options: Any,
-        secret: str,
-        count: int,
-        readiness: Any,
-        reactor: Any,
-        serve_at_start: bool = True,
-        fast_path: Any = None,
-    ) -> None:
+    def __init__(self, options: Any, secret: str, readiness: Any, reactor: Any, fast_path: Any = None) -> None:
         self.options = options
-        #: The XDP service (``--ebpf-offloading``) whose maps the workers' channels feed, or None.
-        self.fast_path = fast_path
+        self.count: int = options["workers"]
+        #: In portal mode the workers start on the portal's first ``init`` (``start_workers``).
+        self.serve_at_start = not options["token"]
         self.secret = secret
-        self.count = count
         self.readiness = readiness
         self.reactor = reactor
-        self.serve_at_start = serve_at_start
+        #: The XDP service (``--ebpf-offloading``) whose maps the workers' channels feed, or None.
+        self.fast_path = fast_path
         self.relay = self
         self.nonce_key = os.urandom(32)
         self.slots = [Slot(i, low, high) for i, (low, high) in enumerate(
-            slices(options["lowest-port"], options["highest-port"], count)
+            slices(options["lowest-port"], options["highest-port"], self.count)
         )]
         self.module = os.environ.get(WORKER_MODULE_ENV, "").strip() or WORKER_MODULE
         self.restarts_total = 0
         self.throttled_total = 0
-        self._draining = False
+        #: Read by the drain and ``/readyz`` (as ``Relay.draining``).
+        self.draining = False
         self._stopping = False
         self._started = False
         self._watchers: List[Callable[[], None]] = []
@@ -127,12 +120,8 @@ class WorkerPool(Service):
     def allocation_count(self) -> int:
         return sum(len(slot.ports) for slot in self.slots)
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     def start_draining(self) -> None:
-        self._draining = True
+        self.draining = True
         for slot in self.slots:
             control = self._control(slot)
             if control is not None:
@@ -223,7 +212,7 @@ class WorkerPool(Service):
             "slot": slot.index,
             "relay": fields,
             "nonce_key": self.nonce_key.hex(),
-            "draining": self._draining,
+            "draining": self.draining,
             "udp_io": options["udp-io"],
             "listen_port": options["listen-port"],
             "tls_port": self.listeners.tls_port,
@@ -267,7 +256,7 @@ class WorkerPool(Service):
         log.info("worker {slot} ready (pid {pid})", slot=slot.index, pid=process.pid)
         self._update_readiness()
         self._fetch_all()  # its metric families exist from now on
-        if self._draining:  # the drain began while it started
+        if self.draining:  # the drain began while it started
             process.control.callRemote(P.Drain).addErrback(lambda _: None)
 
     def _configure_failed(self, failure: Failure, slot: Slot, process: WorkerProcess) -> None:
@@ -429,11 +418,9 @@ class WorkerPool(Service):
                 fast_path.channel_bound(C.ChannelBound(*key))
         elif key in slot.channels:
             slot.channels.discard(key)
-            left = slot.channel_counts.get(port, 1) - 1
-            if left > 0:
-                slot.channel_counts[port] = left
-            else:
-                slot.channel_counts.pop(port, None)
+            slot.channel_counts[port] -= 1  # counted when bound
+            if not slot.channel_counts[port]:
+                del slot.channel_counts[port]
             if fast_path is not None:
                 fast_path.channel_unbound(C.ChannelUnbound(*key))
 

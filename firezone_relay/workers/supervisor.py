@@ -88,7 +88,7 @@ def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
     xdp = make_xdp_service(options)
     if xdp is not None:
         xdp.setServiceParent(top)
-    pool = WorkerPool(options, secret, count, readiness, reactor, serve_at_start=not options["token"], fast_path=xdp)
+    pool = WorkerPool(options, secret, readiness, reactor, fast_path=xdp)
     readiness.relay = pool
     pool.setServiceParent(top)
 
