@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Tuple, TypeVar
 
 from . import attributes as _attr
@@ -159,6 +160,7 @@ def is_comprehension_required(attr_type: int) -> bool:
 # --- messages ------------------------------------------------------------
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Message:
     """A decoded STUN message.
 
@@ -169,39 +171,15 @@ class Message:
     RFC 8489 §14.5–14.6 says to ignore them.
     """
 
-    __slots__ = (
-        "method",
-        "msg_class",
-        "transaction_id",
-        "attributes",
-        "raw",
-        "integrity_offset",
-        "integrity_sha256_offset",
-        "has_fingerprint",
-        "unknown_required",
-    )
-
-    def __init__(
-        self,
-        method: int,
-        msg_class: int,
-        transaction_id: bytes,
-        attributes: list[Attribute],
-        raw: bytes = b"",
-        integrity_offset: int = -1,
-        integrity_sha256_offset: int = -1,
-        has_fingerprint: bool = False,
-        unknown_required: Tuple[int, ...] = (),
-    ) -> None:
-        self.method = method
-        self.msg_class = msg_class
-        self.transaction_id = transaction_id
-        self.attributes = attributes
-        self.raw = raw
-        self.integrity_offset = integrity_offset
-        self.integrity_sha256_offset = integrity_sha256_offset
-        self.has_fingerprint = has_fingerprint
-        self.unknown_required = unknown_required
+    method: int
+    msg_class: int
+    transaction_id: bytes
+    attributes: list[Attribute]
+    raw: bytes = b""
+    integrity_offset: int = -1
+    integrity_sha256_offset: int = -1
+    has_fingerprint: bool = False
+    unknown_required: Tuple[int, ...] = ()
 
     def get(self, attr_type: int) -> object:
         """The value of the first attribute of this type, or ``None``."""
