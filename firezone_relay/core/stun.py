@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Tuple, TypeVar
 
 from . import attributes as _attr
 from .attributes import FAMILY_IPV4 as FAMILY_IPV4, FAMILY_IPV6 as FAMILY_IPV6, MAGIC_COOKIE as MAGIC_COOKIE
-from .attributes import Address as Address, ip_family as ip_family
+from .attributes import Address as Address
 from .attributes import ATTR_HEADER as _ATTR_HEADER, U16 as _U16, U32 as _U32, AttributeValueError as _AttributeError
 from .attributes import CODECS, Decoder as _Decoder, Encoder as _Encoder, HEADER_LENGTH as HEADER_LENGTH
 from .integrity import keyed_hmac
@@ -37,11 +37,6 @@ from .integrity import long_term_key as long_term_key
 # The registry values (methods, classes, attribute types, password
 # algorithms, reason phrases) live in ``iana``; stun.BINDING etc. stay here.
 from .iana import *  # noqa: F401,F403
-
-#: Kept under their old names for the codec tests (test_hostile_codec
-#: compares the IPv6 formatter with ``ipaddress`` and counts address decodes).
-_unpack_ip6 = _attr.unpack_ip6
-_decode_xor_address = _attr.decode_xor_address
 
 FINGERPRINT_XOR = 0x5354554E
 
