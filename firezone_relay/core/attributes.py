@@ -85,11 +85,6 @@ class AttributeValueError(Exception):
 # --- addresses -----------------------------------------------------------
 
 
-def ip_family(ip: str) -> int:
-    """4 or 6."""
-    return 6 if ":" in ip else 4
-
-
 _OCTETS = {text: i for i, text in enumerate(str(i) for i in range(256))}
 
 

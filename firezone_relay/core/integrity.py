@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from .attributes import HEADER_LENGTH
 from .iana import ALGORITHM_MD5, ALGORITHM_SHA256
@@ -49,30 +49,28 @@ def keyed_hmac(key: bytes, data: bytes, name: str) -> bytes:
     return outer.digest()
 
 
-def _adjusted(raw: bytes, offset: int, total_after: int) -> bytes:
-    """``raw[:offset]`` with the header length set to ``offset - 20 + total_after``."""
-    return raw[:2] + (offset - HEADER_LENGTH + total_after).to_bytes(2, "big") + raw[4:offset]
-
-
 def check_integrity(message: Message, key: bytes) -> bool:
     """Verify MESSAGE-INTEGRITY (HMAC-SHA1) in constant time."""
-    offset = message.integrity_offset
-    if offset < 0:
-        return False
-    raw = message.raw
-    mac = keyed_hmac(key, _adjusted(raw, offset, 24), "sha1")
-    return hmac.compare_digest(mac, raw[offset + 4 : offset + 24])
+    return _check(message.raw, message.integrity_offset, key, "sha1", 20)
 
 
 def check_integrity_sha256(message: Message, key: bytes) -> bool:
     """Verify MESSAGE-INTEGRITY-SHA256 (HMAC-SHA256, possibly truncated) in constant time."""
-    offset = message.integrity_sha256_offset
+    return _check(message.raw, message.integrity_sha256_offset, key, "sha256", None)
+
+
+def _check(raw: bytes, offset: int, key: bytes, algorithm: str, size: Optional[int]) -> bool:
+    """The MAC attribute at ``offset`` (-1: none) against the HMAC of
+    ``raw`` up to it, the header length set to end with it (RFC 8489
+    §14.5, §14.6), cut to the attribute's length (``size``, or for -SHA256
+    whatever 16 to 32 bytes the decoder let through), in constant time."""
     if offset < 0:
         return False
-    raw = message.raw
     length = (raw[offset + 2] << 8) | raw[offset + 3]
-    mac = keyed_hmac(key, _adjusted(raw, offset, 4 + length), "sha256")[:length]
-    return hmac.compare_digest(mac, raw[offset + 4 : offset + 4 + length])
+    if size is not None and length != size:
+        return False
+    signed = raw[:2] + (offset - HEADER_LENGTH + 4 + length).to_bytes(2, "big") + raw[4:offset]
+    return hmac.compare_digest(keyed_hmac(key, signed, algorithm)[:length], raw[offset + 4 : offset + 4 + length])
 
 
 def long_term_key(username: str, realm: str, password: str, algorithm: int = ALGORITHM_MD5) -> bytes:

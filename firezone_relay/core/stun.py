@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Tuple, TypeVar
 
 from . import attributes as _attr
 from .attributes import FAMILY_IPV4 as FAMILY_IPV4, FAMILY_IPV6 as FAMILY_IPV6, MAGIC_COOKIE as MAGIC_COOKIE
-from .attributes import Address as Address, ip_family as ip_family
+from .attributes import Address as Address
 from .attributes import ATTR_HEADER as _ATTR_HEADER, U16 as _U16, U32 as _U32, AttributeValueError as _AttributeError
 from .attributes import CODECS, Decoder as _Decoder, Encoder as _Encoder, HEADER_LENGTH as HEADER_LENGTH
 from .integrity import keyed_hmac
@@ -36,11 +37,6 @@ from .integrity import long_term_key as long_term_key
 # The registry values (methods, classes, attribute types, password
 # algorithms, reason phrases) live in ``iana``; stun.BINDING etc. stay here.
 from .iana import *  # noqa: F401,F403
-
-#: Kept under their old names for the codec tests (test_hostile_codec
-#: compares the IPv6 formatter with ``ipaddress`` and counts address decodes).
-_unpack_ip6 = _attr.unpack_ip6
-_decode_xor_address = _attr.decode_xor_address
 
 FINGERPRINT_XOR = 0x5354554E
 
@@ -159,6 +155,7 @@ def is_comprehension_required(attr_type: int) -> bool:
 # --- messages ------------------------------------------------------------
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Message:
     """A decoded STUN message.
 
@@ -169,39 +166,15 @@ class Message:
     RFC 8489 §14.5–14.6 says to ignore them.
     """
 
-    __slots__ = (
-        "method",
-        "msg_class",
-        "transaction_id",
-        "attributes",
-        "raw",
-        "integrity_offset",
-        "integrity_sha256_offset",
-        "has_fingerprint",
-        "unknown_required",
-    )
-
-    def __init__(
-        self,
-        method: int,
-        msg_class: int,
-        transaction_id: bytes,
-        attributes: list[Attribute],
-        raw: bytes = b"",
-        integrity_offset: int = -1,
-        integrity_sha256_offset: int = -1,
-        has_fingerprint: bool = False,
-        unknown_required: Tuple[int, ...] = (),
-    ) -> None:
-        self.method = method
-        self.msg_class = msg_class
-        self.transaction_id = transaction_id
-        self.attributes = attributes
-        self.raw = raw
-        self.integrity_offset = integrity_offset
-        self.integrity_sha256_offset = integrity_sha256_offset
-        self.has_fingerprint = has_fingerprint
-        self.unknown_required = unknown_required
+    method: int
+    msg_class: int
+    transaction_id: bytes
+    attributes: list[Attribute]
+    raw: bytes = b""
+    integrity_offset: int = -1
+    integrity_sha256_offset: int = -1
+    has_fingerprint: bool = False
+    unknown_required: Tuple[int, ...] = ()
 
     def get(self, attr_type: int) -> object:
         """The value of the first attribute of this type, or ``None``."""

@@ -72,3 +72,16 @@ class StunNamesTests(SynchronousTestCase):
         message = stun.decode(stun.encode(stun.BINDING, stun.REQUEST, b"T" * 12, []))
         self.assertFalse(integrity.check_integrity(message, b"key"))
         self.assertFalse(integrity.check_integrity_sha256(message, b"key"))
+
+    def test_message_integrity_of_another_length_never_verifies(self) -> None:
+        """``decode_structure`` (Binding) does not check attribute values, so a
+        MESSAGE-INTEGRITY of 4 bytes can reach the check: it is refused even
+        when those bytes are the start of the right HMAC (no truncated SHA-1)."""
+        key = b"key"
+        tid = b"T" * 12
+        header = stun.message_type(stun.BINDING, stun.REQUEST).to_bytes(2, "big") + (8).to_bytes(2, "big")
+        header += stun.MAGIC_COOKIE.to_bytes(4, "big") + tid
+        mac = hmac.digest(key, header, "sha1")[:4]
+        message = stun.decode_structure(header + b"\x00\x08\x00\x04" + mac)
+        self.assertEqual(message.integrity_offset, 20)
+        self.assertFalse(integrity.check_integrity(message, key))
