@@ -54,21 +54,6 @@ def siblings(options: Any) -> Dict[int, Tuple[str, str]]:
     return out
 
 
-def _socket(family: int, type_: int) -> socket.socket:
-    """A socket of ``family`` (4, or 6: IPv6 only) and ``type_``; a stream
-    socket may bind a port that has connections in TIME_WAIT."""
-    sock = socket.socket(_AF[family], type_)
-    try:
-        if family == 6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if type_ == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class Listeners:
     """Every listening socket of the pool, each worker's in its ``Slot.fds``."""
 
@@ -104,43 +89,48 @@ class Listeners:
         """Bind the port once without ``SO_REUSEPORT`` first: a port another
         relay (or anything) holds is an error at start-up, as without
         workers, never a silent share of its traffic."""
-        port = self._port(kind)
-        probe = _socket(family, type_)
-        try:
-            probe.bind((ip, port))
-        except OSError as exc:
-            self.close()
-            raise CannotListenError(ip, port, exc) from exc
-        finally:
-            probe.close()
+        self._bind(family, ip, kind, type_, shared=False).close()
 
     def _listener(self, family: int, ip: str, kind: str, type_: int) -> socket.socket:
-        port = self._port(kind)
-        sock = _socket(family, type_)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if type_ == socket.SOCK_DGRAM and self.options["socket-buffer"]:
-                for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, opt, self.options["socket-buffer"])
-                    except OSError:
-                        pass  # best effort, as the single process
-            sock.bind((ip, port))
-            if type_ == socket.SOCK_STREAM:
-                sock.listen(_LISTEN_BACKLOG)
-            sock.setblocking(False)
-            os.set_inheritable(sock.fileno(), False)
-        except OSError as exc:
-            sock.close()
-            self.close()
-            raise CannotListenError(ip, port, exc) from exc
-        if port == 0:  # tests: the kernel's choice, shared by the other workers
+        sock = self._bind(family, ip, kind, type_, shared=True)
+        if self._port(kind) == 0:  # tests: the kernel's choice, shared by the other workers
             chosen = sock.getsockname()[1]
             if kind == "tls":
                 self.tls_port = chosen
             else:
                 self.tcp_port = chosen
         self.sockets.append(sock)
+        return sock
+
+    def _bind(self, family: int, ip: str, kind: str, type_: int, shared: bool) -> socket.socket:
+        """A socket bound to the port of ``kind``; ``shared``: with
+        ``SO_REUSEPORT``, listening and non-blocking, for a worker.  A failure
+        closes every listener: it is an error at start-up."""
+        port = self._port(kind)
+        sock = socket.socket(_AF[family], type_)
+        try:
+            if family == 6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if type_ == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if shared:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if type_ == socket.SOCK_DGRAM and self.options["socket-buffer"]:
+                    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                        try:
+                            sock.setsockopt(socket.SOL_SOCKET, opt, self.options["socket-buffer"])
+                        except OSError:
+                            pass  # best effort, as the single process
+            sock.bind((ip, port))
+            if shared:
+                if type_ == socket.SOCK_STREAM:
+                    sock.listen(_LISTEN_BACKLOG)
+                sock.setblocking(False)
+                os.set_inheritable(sock.fileno(), False)
+        except OSError as exc:
+            sock.close()
+            self.close()
+            raise CannotListenError(ip, port, exc) from exc
         return sock
 
     def close(self) -> None:
