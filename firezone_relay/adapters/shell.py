@@ -328,8 +328,8 @@ class Shell(MultiService):
                 if self.udp is not None:
                     self.udp.close_port(command.port, command.family)
             case C.AllocationCreated():
-                # The fields of ``_allocation_fields`` written out (one dict
-                # and one merge less per line), in the same order.
+                # The fields both lines share written out in each (no dict
+                # merged in with ** per line); their order is the JSON's.
                 client = command.client
                 log.info(
                     "allocation created: client {client} ({transport}) user {username} port {port} "
