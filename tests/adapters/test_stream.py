@@ -7,7 +7,9 @@ wall-clock time except the I/O itself.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import ssl
 import time
@@ -104,6 +106,7 @@ class StreamFixture:
         limits: StreamLimits = StreamLimits(max_connections_per_ip=64),
         fake_clock: bool = True,
         size: int = 64,
+        reload_signal: Optional[int] = None,
         **overrides: Any,
     ) -> StreamService:
         families = tuple(families or self.families)
@@ -143,7 +146,7 @@ class StreamFixture:
             tls=self.tls_context,
             tls_port=0,
             limits=limits,
-            reload_signal=None,
+            reload_signal=reload_signal,
         )
         self.shell.startService()
         self.addCleanup(self.shell.stopService)
@@ -810,6 +813,26 @@ class TlsTests(StreamFixture, unittest.TestCase):
         yield again.request(stun.BINDING, signed=False)
         self.assertEqual(peer_common_name(again), "relay two")
         self.flushLoggedErrors()
+
+
+    @defer.inlineCallbacks
+    def test_the_reload_signal_reloads_the_certificate_until_stopped(self) -> Any:
+        previous = signal.getsignal(signal.SIGUSR2)
+        self.start(tls=True, reload_signal=signal.SIGUSR2)
+        yield sleep(0)  # installed from callWhenRunning: at once, the reactor runs
+        self.assertNotEqual(signal.getsignal(signal.SIGUSR2), previous)
+        make_certificate(self.cert_path.parent, "relay two")  # same paths, new files
+        os.kill(os.getpid(), signal.SIGUSR2)
+        for _ in range(100):  # the handler hops to the reactor thread
+            if self.tls_context.reloads:
+                break
+            yield sleep(0.05)
+        self.assertEqual(self.tls_context.reloads, 1)
+        client = yield self.connect(tls=True)
+        yield client.request(stun.BINDING, signed=False)  # the handshake is done
+        self.assertEqual(peer_common_name(client), "relay two")
+        yield self.stream.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGUSR2), previous)
 
 
 class HostileStreamTests(StreamFixture, unittest.TestCase):
