@@ -159,10 +159,6 @@ class StreamProtocol(Protocol):
         service.buffered = total
         self._held = held
 
-    def _input(self, data: bytes) -> None:
-        """What a read brought: frames here; TLS records in ``TLSStreamProtocol``."""
-        self._frames(data)
-
     def _frames(self, data: bytes) -> None:
         """Cut ``data`` (plaintext) into frames and hand each to the core."""
         service = self.service
@@ -219,6 +215,10 @@ class StreamProtocol(Protocol):
                     io.send(out)
                 except Exception as exc:
                     service.internal_error(exc)
+
+    #: What a read brought: frames here (no frame in between); TLS records
+    #: in ``TLSStreamProtocol``.
+    _input = _frames
 
     # --- output -------------------------------------------------------------------
 

@@ -104,28 +104,26 @@ class _StreamServer(tcp.Server):
     """Twisted's accepted TCP connection, as its own type so that
     ``dispatch`` hands its events to it without the per-event log context."""
 
-    def doRead(self) -> Any:
-        # tcp.Connection.doRead and _dataReceived in one call (one Python
-        # frame less per read), with the same results.
+    def direct_read(self) -> None:
+        # What ``dispatch`` calls on a plain read event instead of Twisted's
+        # _doReadOrWrite: tcp.Connection.doRead and _dataReceived written out
+        # (two Python frames less per read), and on end of file or a failed
+        # read the disconnect _doReadOrWrite makes.  Other events, and other
+        # reactors, take Twisted's own doRead.
         try:
             data = self.socket.recv(self.bufferSize)
         except OSError as exc:
-            if exc.args[0] == EWOULDBLOCK:
-                return None
-            return main.CONNECTION_LOST
-        if not data:
-            return main.CONNECTION_DONE
-        self.protocol.dataReceived(data)
-        return None
+            if exc.args[0] != EWOULDBLOCK:
+                self._read_ended(main.CONNECTION_LOST)
+            return
+        if data:
+            self.protocol.dataReceived(data)
+        else:
+            self._read_ended(main.CONNECTION_DONE)
 
-    def direct_read(self) -> None:
-        # What ``dispatch`` calls on a plain read event instead of Twisted's
-        # _doReadOrWrite: doRead, and on end of file or a failed read the
-        # disconnect _doReadOrWrite makes.
-        why = self.doRead()
-        if why:
-            reactor: Any = self.reactor
-            reactor._disconnectSelectable(self, why, True)
+    def _read_ended(self, why: Any) -> None:
+        reactor: Any = self.reactor
+        reactor._disconnectSelectable(self, why, True)
 
 
 class _StreamFactory(Factory):
