@@ -88,7 +88,7 @@ from firezone_relay.adapters._twisted import Counts, ListenerService, LimitedLog
 from firezone_relay.adapters.connection import TCP, TLS, TRANSPORTS, StreamLimits, StreamProtocol
 from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.sourcekey import source_key
-from firezone_relay.adapters.tls import TLSContext, TLSStreamProtocol, describe_tls_error, make_tls_context
+from firezone_relay.adapters.tls import TLSContext, TLSStreamProtocol
 from firezone_relay.core import commands as C
 
 log = Logger(namespace="firezone_relay.adapters.stream")
@@ -457,6 +457,4 @@ __all__ = [
     "StreamService",
     "TLSContext",
     "TLSStreamProtocol",
-    "describe_tls_error",
-    "make_tls_context",
 ]
