@@ -159,10 +159,6 @@ class StreamProtocol(Protocol):
         service.buffered = total
         self._held = held
 
-    def _input(self, data: bytes) -> None:
-        """What a read brought: frames here; TLS records in ``TLSStreamProtocol``."""
-        self._frames(data)
-
     def _frames(self, data: bytes) -> None:
         """Cut ``data`` (plaintext) into frames and hand each to the core."""
         service = self.service
@@ -220,34 +216,43 @@ class StreamProtocol(Protocol):
                 except Exception as exc:
                     service.internal_error(exc)
 
+    #: What a read brought: frames here (no frame in between); TLS records
+    #: in ``TLSStreamProtocol``.
+    _input = _frames
+
     # --- output -------------------------------------------------------------------
 
     def send(self, payload: bytes) -> None:
         if self.closed:
             self.service.drops["stream_closed"] += 1
             return
+        size = len(payload)
         if self._paused:
-            self._backlog += len(payload)
+            self._backlog += size
             if self._backlog > self.service.limits.write_buffer:
-                self.service.drops["stream_write_buffer"] += 1
-                self.abort("write_buffer")
+                self._write_buffer_exceeded()
                 return
-        self.bytes_out += len(payload)
+        self.bytes_out += size
         pending = self._pending
         if pending is not None:
             pending.append(payload)
-            self._pending_bytes += len(payload)
+            self._pending_bytes += size
             if self._pending_bytes > self.service.limits.write_buffer:
-                self.service.drops["stream_write_buffer"] += 1
-                self.abort("write_buffer")
+                self._write_buffer_exceeded()
             return
         self._pending = [payload]
-        self._pending_bytes = len(payload)
+        self._pending_bytes = size
         service = self.service
         if service.reading:  # flush_soon's common case, inline: end_read flushes
             service._dirty.append(self)
         else:
             service.flush_soon(self)
+
+    def _write_buffer_exceeded(self) -> None:
+        """More than ``write_buffer`` bytes asked of a connection that does
+        not take them: it goes (``StreamLimits.write_buffer``)."""
+        self.service.drops["stream_write_buffer"] += 1
+        self.abort("write_buffer")
 
     def flush(self) -> None:
         """Write what this reactor turn produced, in one send (one TLS record)."""
@@ -283,8 +288,9 @@ class StreamProtocol(Protocol):
         self._paused = False
         self._backlog = 0
 
-    def stopProducing(self) -> None:
-        self._paused = True
+    #: The transport is going: what is asked of it from now on counts as
+    #: paused (never more than ``write_buffer``).
+    stopProducing = pauseProducing
 
     # --- timers -------------------------------------------------------------------------
 

@@ -84,11 +84,11 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from firezone_relay.adapters import dispatch
-from firezone_relay.adapters._twisted import Counts, ListenerService, LimitedLog, cancel_call, format_address
+from firezone_relay.adapters._twisted import Counts, ListenerService, LimitedLog, SignalHandlers, cancel_attributes, format_address
 from firezone_relay.adapters.connection import TCP, TLS, TRANSPORTS, StreamLimits, StreamProtocol
 from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.sourcekey import source_key
-from firezone_relay.adapters.tls import TLSContext, TLSStreamProtocol, describe_tls_error, make_tls_context
+from firezone_relay.adapters.tls import TLSContext, TLSStreamProtocol
 from firezone_relay.core import commands as C
 
 log = Logger(namespace="firezone_relay.adapters.stream")
@@ -104,27 +104,25 @@ class _StreamServer(tcp.Server):
     """Twisted's accepted TCP connection, as its own type so that
     ``dispatch`` hands its events to it without the per-event log context."""
 
-    def doRead(self) -> Any:
-        # tcp.Connection.doRead and _dataReceived in one call (one Python
-        # frame less per read), with the same results.
+    def direct_read(self) -> None:
+        # What ``dispatch`` calls on a plain read event instead of Twisted's
+        # _doReadOrWrite: tcp.Connection.doRead and _dataReceived written out
+        # (two Python frames less per read), and on end of file or a failed
+        # read the disconnect _doReadOrWrite makes.  Other events, and other
+        # reactors, take Twisted's own doRead.
         try:
             data = self.socket.recv(self.bufferSize)
         except OSError as exc:
-            if exc.args[0] == EWOULDBLOCK:
-                return None
-            return main.CONNECTION_LOST
-        if not data:
-            return main.CONNECTION_DONE
-        self.protocol.dataReceived(data)
-        return None
+            if exc.args[0] != EWOULDBLOCK:
+                self._read_ended(main.CONNECTION_LOST)
+            return
+        if data:
+            self.protocol.dataReceived(data)
+        else:
+            self._read_ended(main.CONNECTION_DONE)
 
-    def direct_read(self) -> None:
-        # What ``dispatch`` calls on a plain read event instead of Twisted's
-        # _doReadOrWrite: doRead, and on end of file or a failed read the
-        # disconnect _doReadOrWrite makes.
-        why = self.doRead()
-        if why:
-            dispatch.disconnect(self.reactor, self, why)
+    def _read_ended(self, why: Any) -> None:
+        dispatch.disconnect(self.reactor, self, why)
 
 
 class _StreamFactory(Factory):
@@ -176,7 +174,13 @@ class StreamService(ListenerService):
         self.reactor = shell.reactor
         self.clock = shell.clock
         self.now = shell.now
-        self.reload_signal = reload_signal
+        #: SIGHUP reloads the certificate (``reload_tls``) while running;
+        #: None when another service owns the signal (twistd: ``reload.py``).
+        self._reload_handlers = (
+            SignalHandlers(shell.reactor, (reload_signal,), self._reload_on_signal)
+            if tls is not None and reload_signal is not None
+            else None
+        )
         self.handle_client_input = shell.handle_client_input
         self.pump = shell.pump
         self.connections: Dict[int, StreamProtocol] = {}
@@ -198,7 +202,6 @@ class StreamService(ListenerService):
         #: read: see ``Shell.read_listener``); its end flushes,
         #: so ``flush_soon`` schedules nothing.
         self.reading = False
-        self._previous_handler: Any = None
         self._limited = LimitedLog(log)
         shell.attach_stream(self)
 
@@ -206,22 +209,21 @@ class StreamService(ListenerService):
 
     def startService(self) -> None:
         super().startService()  # opens the listeners (ListenerService)
-        if self.tls is not None and self.reload_signal is not None:
+        if self._reload_handlers is not None:
+            # After twistd's own handlers, which the reactor installs "during startup".
             self.reactor.callWhenRunning(self._install_reload_signal)
 
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
-        if self._previous_handler is not None:
-            signal.signal(self.reload_signal or signal.SIGHUP, self._previous_handler)
-            self._previous_handler = None
+        if self._reload_handlers is not None:
+            self._reload_handlers.uninstall()
         waits = []
         for port in self.listening.values():
             d = port.stopListening()
             if d is not None:
                 waits.append(d)
         self.listening.clear()
-        call, self._flush_call = self._flush_call, None
-        cancel_call(call)
+        cancel_attributes(self, "_flush_call")
         for conn in list(self.connections.values()):
             conn.abort("shutdown")
         if self.connections:  # aborted connections go in the next reactor turn
@@ -281,12 +283,11 @@ class StreamService(ListenerService):
         )
 
     def _install_reload_signal(self) -> None:
-        if not self.running or self._previous_handler is not None or self.reload_signal is None:
-            return
-        self._previous_handler = signal.signal(self.reload_signal, self._on_reload_signal)
+        if self.running and self._reload_handlers is not None:
+            self._reload_handlers.install()
 
-    def _on_reload_signal(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload_tls)
+    def _reload_on_signal(self, signum: int) -> None:
+        self.reload_tls()
 
     def reload_tls(self) -> bool:
         """Reload the certificate and key (SIGHUP); connections stay up."""
@@ -335,12 +336,9 @@ class StreamService(ListenerService):
         except Exception as exc:
             self.internal_error(exc)
         del self.connections[conn.connection_id]
-        key = conn.source
-        left = self.per_ip.get(key, 1) - 1
+        left = self.per_ip.pop(conn.source, 1) - 1
         if left > 0:
-            self.per_ip[key] = left
-        else:
-            self.per_ip.pop(key, None)
+            self.per_ip[conn.source] = left
         if conn.has_allocation:
             conn.has_allocation = False
             self.allocations[conn.transport_name] -= 1
@@ -371,7 +369,7 @@ class StreamService(ListenerService):
         messages of one burst leave in one send and none waits."""
         self._dirty.append(conn)
         if self._flush_call is None and not self.reading:
-            self._flush_call = self.reactor.callLater(0, self._flush)
+            self._flush_call = self.reactor.callLater(0, self.end_read)
 
     def begin_read(self) -> None:
         """A read begins (a batched UDP read, or a stream's): hold what it
@@ -379,30 +377,19 @@ class StreamService(ListenerService):
         self.reading = True
 
     def end_read(self) -> None:
-        """A read (``reading``) has been handled: write what it produced."""
+        """A read (``reading``) has been handled, or the turn after a write
+        outside a read has begun (``flush_soon``'s call): write what it
+        produced, and drop the call if it is still to come."""
         self.reading = False
+        if self._flush_call is not None:
+            cancel_attributes(self, "_flush_call")
         if self._dirty:
-            if self._flush_call is None:  # _flush without a call: nothing scheduled to cancel
-                dirty, self._dirty = self._dirty, []
-                for conn in dirty:
-                    try:
-                        conn.flush()
-                    except Exception as exc:
-                        self.internal_error(exc)
-            else:
-                self._flush()
-
-    def _flush(self) -> None:
-        call = self._flush_call
-        if call is not None:
-            self._flush_call = None
-            cancel_call(call)
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            try:
-                conn.flush()
-            except Exception as exc:
-                self.internal_error(exc)
+            dirty, self._dirty = self._dirty, []
+            for conn in dirty:
+                try:
+                    conn.flush()
+                except Exception as exc:
+                    self.internal_error(exc)
 
     def transport_of(self, client: Any) -> str:
         """``tcp`` or ``tls`` for a 3-tuple client still connected, else ``udp``."""
@@ -469,6 +456,4 @@ __all__ = [
     "StreamService",
     "TLSContext",
     "TLSStreamProtocol",
-    "describe_tls_error",
-    "make_tls_context",
 ]

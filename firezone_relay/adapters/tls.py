@@ -194,8 +194,8 @@ class TLSStreamProtocol(StreamProtocol):
     def _input(self, data: bytes) -> None:
         """Decrypt ``data`` and hand each record's plaintext to ``_frames``."""
         tls = self._tls_c
-        incoming = self._tls_in
-        assert tls is not None and incoming is not None
+        incoming, outgoing = self._tls_in, self._tls_out
+        assert tls is not None and incoming is not None and outgoing is not None
         incoming.write(data)
         n = len(data)
         if (
@@ -243,9 +243,9 @@ class TLSStreamProtocol(StreamProtocol):
             self._frames(plain)
             if self.closed:
                 return
-        # What OpenSSL wrote while reading (the answer to a key update, say).
-        outgoing = self._tls_out
-        if outgoing is not None and outgoing.pending:
+        # What OpenSSL wrote while reading (the answer to a key update, say);
+        # not closed, so not lost (connectionLost drops the BIOs).
+        if outgoing.pending:
             StreamProtocol._write(self, outgoing.read())
 
     def _tls_ended(self) -> None:
@@ -274,8 +274,8 @@ class TLSStreamProtocol(StreamProtocol):
         except ssl.SSLError:
             self._tls_ended()
             return
-        outgoing = self._tls_out
-        if outgoing is not None and outgoing.pending:
+        outgoing: Any = self._tls_out  # not None while _tls_c is not
+        if outgoing.pending:
             StreamProtocol._write(self, outgoing.read())
 
     def _write(self, data: bytes) -> None:

@@ -7,7 +7,9 @@ wall-clock time except the I/O itself.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import ssl
 import time
@@ -104,6 +106,8 @@ class StreamFixture:
         limits: StreamLimits = StreamLimits(max_connections_per_ip=64),
         fake_clock: bool = True,
         size: int = 64,
+        reload_signal: Optional[int] = None,
+        batched_io: Optional[bool] = None,
         **overrides: Any,
     ) -> StreamService:
         families = tuple(families or self.families)
@@ -129,7 +133,7 @@ class StreamFixture:
         self.relay = Relay(RelayConfig(**settings), random.Random(11))
         bind4 = "127.0.0.1" if 4 in families else None
         bind6 = "::1" if 6 in families else None
-        self.shell = Shell(self.relay, clock=self.clock)
+        self.shell = Shell(self.relay, clock=self.clock, batched_io=batched_io)
         self.udp = RelayService(self.shell, listen_port, bind_ip4=bind4, bind_ip6=bind6)
         self.tls_context: Optional[TLSContext] = None
         if tls:
@@ -143,7 +147,7 @@ class StreamFixture:
             tls=self.tls_context,
             tls_port=0,
             limits=limits,
-            reload_signal=None,
+            reload_signal=reload_signal,
         )
         self.shell.startService()
         self.addCleanup(self.shell.stopService)
@@ -810,6 +814,45 @@ class TlsTests(StreamFixture, unittest.TestCase):
         yield again.request(stun.BINDING, signed=False)
         self.assertEqual(peer_common_name(again), "relay two")
         self.flushLoggedErrors()
+
+
+    @defer.inlineCallbacks
+    def test_the_reload_signal_reloads_the_certificate_until_stopped(self) -> Any:
+        previous = signal.getsignal(signal.SIGUSR2)
+        self.start(tls=True, reload_signal=signal.SIGUSR2)
+        yield sleep(0)  # installed from callWhenRunning: at once, the reactor runs
+        self.assertNotEqual(signal.getsignal(signal.SIGUSR2), previous)
+        make_certificate(self.cert_path.parent, "relay two")  # same paths, new files
+        os.kill(os.getpid(), signal.SIGUSR2)
+        for _ in range(100):  # the handler hops to the reactor thread
+            if self.tls_context.reloads:
+                break
+            yield sleep(0.05)
+        self.assertEqual(self.tls_context.reloads, 1)
+        client = yield self.connect(tls=True)
+        yield client.request(stun.BINDING, signed=False)  # the handshake is done
+        self.assertEqual(peer_common_name(client), "relay two")
+        yield self.stream.stopService()
+        self.assertEqual(signal.getsignal(signal.SIGUSR2), previous)
+
+
+    @defer.inlineCallbacks
+    def test_without_batched_udp_io_peer_data_leaves_at_the_next_turn(self) -> Any:
+        """Python's UDP path writes to the connection outside a stream read:
+        ``flush_soon``'s call (at 0 s) encrypts and sends it, in order."""
+        self.start(tls=True, batched_io=False)
+        self.assertIsNone(self.shell.io)
+        client = yield self.connect(tls=True)
+        relayed = yield self.allocate(client)
+        peer, peer_addr = self.peer()
+        yield self.bind_channel(client, 0x4002, peer_addr)
+        for i in range(3):
+            peer.send(b"back %d" % i, ("127.0.0.1", relayed[1]))
+        for i in range(3):
+            frame = yield client.next_other()
+            self.assertEqual(frame, b"\x40\x02\x00\x06back %d\x00\x00" % i)
+        self.assertIsNone(self.stream._flush_call)
+        self.assertEqual(self.stream._dirty, [])
 
 
 class HostileStreamTests(StreamFixture, unittest.TestCase):
