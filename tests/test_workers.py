@@ -924,3 +924,39 @@ class NoticeBatchTests(unittest.SynchronousTestCase):
         self.assertEqual([b[b"_command"] for b in self._boxes(transport.value())], [b"AllocationNotices", b"ChannelBound"])
         clock.advance(0)
         self.assertEqual(len(self._boxes(transport.value())), 2)
+
+    def test_a_turn_too_large_for_one_box_is_several_in_order(self) -> None:
+        # Thousands of allocations ending in one turn (a common expiry) do not
+        # fit in one AMP value (65535 bytes): several boxes, none refused.
+        from firezone_relay.core import commands as C
+        from firezone_relay.workers import protocol as P
+
+        control, clock, transport = self._control()
+        client = ("192.0.2.1", 5000)
+        expected: List[Dict[str, Any]] = []
+        for port in range(20000, 26000):
+            user = "user-%d-\u00e9\"\n" % port + "x" * 40
+            control.allocation_event(C.AllocationCreated(client, user, port, (), 600))
+            expected.append({"port": port, "user": user})
+        for port in range(20000, 26000):
+            control.allocation_event(C.AllocationDeleted(client, "u", port, "expired"))
+            expected.append({"port": port, "user": None})
+        clock.advance(0)
+        boxes = self._boxes(transport.value())
+        self.assertGreater(len(boxes), 1)
+        self.assertEqual({b[b"_command"] for b in boxes}, {b"AllocationNotices"})
+        self.assertTrue(all(len(b[b"notices"]) <= P.PAGE for b in boxes))
+        got = [n for b in boxes for n in P.AllocationNotices.parseArguments(b, None)["notices"]]
+        self.assertEqual(got, expected)
+
+    def test_notices_round_trip_any_username_and_refuse_bad_values(self) -> None:
+        from firezone_relay.workers import protocol as P
+
+        arg = P.Notices()
+        users = ["alice", "\u00e9t\u00e9", "a\"b\\c\n\t", "\udcff lone surrogate", "\U0001f600", ""]
+        notices = [{"port": 1000 + i, "user": u} for i, u in enumerate(users)] + [{"port": 7, "user": None}]
+        self.assertEqual(arg.fromString(arg.toString(notices)), notices)
+        self.assertEqual(arg.fromString(P.encode_notices([[1000, "alice"], [7]])[0]), [notices[0], notices[-1]])
+        for bad in (b'{"port": 1}', b"[1]", b"[[]]", b'[["1"]]', b"[[true]]", b"[[1, 2]]", b'[[1, "u", 3]]', b"[[1.5]]", b"nope"):
+            with self.assertRaises(ValueError, msg=bad):
+                arg.fromString(bad)
