@@ -478,6 +478,30 @@ class Target:
     def client_fds(self) -> List[int]:
         return [c.sock.fileno() for c in self.clients]
 
+    def workers(self) -> Dict[int, int]:
+        """Slot -> pid of a ``--workers N`` relay's workers (from its log); {} otherwise."""
+        if workers_of(self.server) < 2:
+            return {}
+        try:
+            with open(self.server.log_path, errors="replace") as f:
+                started = re.findall(r"worker (\d+) started \(pid (\d+)\)", f.read())
+        except OSError:
+            return {}
+        return {int(slot): int(pid) for slot, pid in started}  # the last start of each slot
+
+    def clients_per_worker(self) -> List[int]:
+        """How many of the client sockets (5-tuples) ``SO_REUSEPORT`` gave each
+        worker: the worker that holds an allocation owns the slice of its port."""
+        count = workers_of(self.server)
+        if count < 2:
+            return []
+        from firezone_relay.workers.options import slices
+
+        spread = [0] * count
+        for i, (low, high) in enumerate(slices(self.server.lowest_port, self.server.highest_port, count)):
+            spread[i] = sum(1 for _host, port in self.relayed_all if low <= port <= high)
+        return spread
+
     def drain(self) -> None:
         """Throw away datagrams left over from the previous run."""
         time.sleep(0.2)
@@ -506,6 +530,19 @@ class Target:
         self.peer.close()
 
 
+def workers_of(server: Server) -> int:
+    """N of our relay's ``--workers N`` (1 without it, 0 for coturn)."""
+    if not server.kind.startswith("ours"):
+        return 0
+    count = 1
+    for i, word in enumerate(server.extra):
+        value = server.extra[i + 1] if word == "--workers" and i + 1 < len(server.extra) else (
+            word.split("=", 1)[1] if word.startswith("--workers=") else None)
+        if value is not None:
+            count = int(value) if value.isdigit() else len(os.sched_getaffinity(0))
+    return count
+
+
 def pin_process(pid: int, cpus: set) -> None:  # type: ignore[type-arg]
     """Pin every thread of ``pid`` to ``cpus``."""
     for tid in os.listdir("/proc/%d/task" % pid):
@@ -515,12 +552,15 @@ def pin_process(pid: int, cpus: set) -> None:  # type: ignore[type-arg]
             pass
 
 
-def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, size: int) -> Dict[str, float]:
+def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, size: int) -> Dict[str, Any]:
     server = target.server
     target.drain()
     snap: Dict[str, Any] = {}
 
+    workers = target.workers()
+
     def mark_start() -> None:
+        snap["w0"] = {slot: _procs.cpu_ns(pid) for slot, pid in workers.items()}
         snap["top0"] = _procs.cpu_ns(server.pid)
         snap["cpu0"] = server.cpu_ns()
         snap["g0"] = global_cpu_ticks()[0]
@@ -541,6 +581,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
             mark_start()
             line = proc.stdout.readline()  # type: ignore[union-attr]
             cpu1, g1, top1 = server.cpu_ns(), global_cpu_ticks()[0], _procs.cpu_ns(server.pid)
+            w1 = {slot: _procs.cpu_ns(pid) for slot, pid in workers.items()}
             proc.wait(10)
         finally:
             if proc.poll() is None:
@@ -562,6 +603,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
         finally:
             os.sched_setaffinity(0, saved)
         cpu1, g1, top1 = server.cpu_ns(), global_cpu_ticks()[0], _procs.cpu_ns(server.pid)
+        w1 = {slot: _procs.cpu_ns(pid) for slot, pid in workers.items()}
         target.client.sock.setblocking(True)
         target.peer.setblocking(True)
     elapsed = result["elapsed_ns"] / 1e9
@@ -577,6 +619,8 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
         "cpu_us_per_rt": server_cpu * 1e6 / rt if rt else float("nan"),
         # the process started alone (with --workers N > 1: the supervisor, which relays nothing)
         "top_cpu_us_per_rt": (top1 - snap["top0"]) / 1e3 / rt if rt else float("nan"),
+        # with --workers N > 1: each worker's CPU (worker 0 first) per round trip of the whole relay
+        "worker_cpu_us_per_rt": [(w1[k] - snap["w0"][k]) / 1e3 / rt if rt else float("nan") for k in sorted(w1)],
         "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"],
         "lost": result["lost"],
@@ -660,13 +704,17 @@ def measure_target(target: Target, generator: Optional[str], args: argparse.Name
               % (s.label, size, run + 1, " (retry %d)" % attempt if attempt else "", r["rt_per_s"],
                  r["cpu_us_per_pkt"], r["p50_ms"], r["p99_ms"], r["lost"], r["server_cores"],
                  r["client_cores"], r["other_cores"], "  NOISY" if r["noisy"] else ""))  # fmt: skip
+        if r["worker_cpu_us_per_rt"]:
+            print("           per process, us CPU per round trip: supervisor %.3f, workers %s (clients %s)"
+                  % (r["top_cpu_us_per_rt"], " / ".join("%.2f" % x for x in r["worker_cpu_us_per_rt"]),
+                     "/".join(map(str, target.clients_per_worker()))))  # fmt: skip
         attempts.append(r)
         if not r["noisy"]:
             break
     return min(attempts, key=lambda x: x["other_cores"])
 
 
-def median_row(label: str, size: int, rs: List[Dict[str, float]]) -> Dict[str, Any]:
+def median_row(label: str, size: int, rs: List[Dict[str, Any]]) -> Dict[str, Any]:
     row: Dict[str, Any] = {"server": label, "size": size, "runs": len(rs)}
     for key in ("rt_per_s", "cpu_us_per_pkt", "cpu_us_per_rt", "top_cpu_us_per_rt", "p50_ms", "p99_ms", "server_cores", "client_cores",
                 "other_cores"):  # fmt: skip
@@ -674,6 +722,9 @@ def median_row(label: str, size: int, rs: List[Dict[str, float]]) -> Dict[str, A
     row["lost"] = sum(x["lost"] for x in rs)
     row["noisy"] = sum(1 for x in rs if x["noisy"])
     row["samples"] = {k: [x[k] for x in rs] for k in ("rt_per_s", "cpu_us_per_rt")}
+    if rs and rs[0].get("worker_cpu_us_per_rt"):
+        row["worker_cpu_us_per_rt"] = [statistics.median(x["worker_cpu_us_per_rt"][i] for x in rs)
+                                       for i in range(len(rs[0]["worker_cpu_us_per_rt"]))]  # fmt: skip
     return row
 
 
@@ -694,6 +745,9 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
                   % (s.label, s.pid, len(_procs.descendants(s.pid)), *s.address, args.allocations,
                      ", ".join("%s:%d" % a for a in targets[s.label].relayed_all[:4])
                      + (" ..." if args.allocations > 4 else ""), _procs.thread_count(s.pid)))  # fmt: skip
+            if targets[s.label].clients_per_worker():
+                print("%s: clients per worker (SO_REUSEPORT): %s"
+                      % (s.label, "/".join(map(str, targets[s.label].clients_per_worker()))))  # fmt: skip
         if args.otlp and args.otlp_idle_seconds > 0:
             args.otlp_idle = idle_cpu([s for s in servers if s.kind in ("ours", "ours-otlp")], args.otlp_idle_seconds)
             print("idle CPU (ms per s): %s" % ", ".join("%s %.2f" % kv for kv in args.otlp_idle.items()))
@@ -704,6 +758,9 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
                     runs[s.label].append(measure_target(targets[s.label], generator, args, size, run, wait_budget))
             for s in servers:
                 rows.append(median_row(s.label, size, runs[s.label]))
+                spread = targets[s.label].clients_per_worker()
+                if spread:
+                    rows[-1]["clients_per_worker"] = spread
         for s in servers:
             if s.kind == "ours-otlp":
                 args.otlp_evidence = otlp_evidence(s)
@@ -818,6 +875,15 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
             r["server_cores"], r["client_cores"], r["other_cores"],
             " (%d noisy)" % r["noisy"] if r["noisy"] else ""))  # fmt: skip
     out.append("")
+    for r in rows:
+        if r.get("worker_cpu_us_per_rt"):
+            out.append("- %s, %d B, per process (CPU µs per round trip of the whole relay, medians): supervisor %.3f; %s. "
+                       "`SO_REUSEPORT` gave the workers %s of the %d client 5-tuples." % (
+                r["server"], r["size"], r["top_cpu_us_per_rt"],
+                ", ".join("worker %d %.2f" % (i, x) for i, x in enumerate(r["worker_cpu_us_per_rt"])),
+                "/".join(map(str, r.get("clients_per_worker", []))) or "?", args.allocations))  # fmt: skip
+    if any(r.get("worker_cpu_us_per_rt") for r in rows):
+        out.append("")
     if not args.variants:
         out.append("`ours` reads and sends with the C extension (`--udp-io batched`: recvmmsg/sendmmsg, every datagram "
                    "still through the Python core); `ours-python` is the same relay with `--udp-io python`.")
