@@ -818,14 +818,14 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         def channel_unbound(self, command: Any) -> None:
             self.unbound.append(command)
 
-    def pool(self) -> Any:
+    def pool(self, limit: int = 1) -> Any:
         from firezone_relay.workers.pool import WorkerPool
 
         options = tap.Options(environ={})
         options.parseOptions([
             "--auth-secret", SECRET, "--workers", "2", "--public-ip4-addr", "127.0.0.1",
             "--lowest-port", "40000", "--highest-port", "40099", "--control-endpoint", "off",
-            "--user-allocation-limit", "1", "--max-channels-per-allocation", "2",
+            "--user-allocation-limit", str(limit), "--max-channels-per-allocation", "2",
         ])
         maps = self.Maps()
         return WorkerPool(options, SECRET, None, reactor, fast_path=maps), maps
@@ -860,6 +860,27 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         self.assertEqual(sorted((c.port, c.channel) for c in maps.unbound),
                          [(40001, 0x4000), (40001, 0x4001), (40071, 0x4000)])
         self.assertEqual((first.channels, second.channels, first.channel_counts, second.channel_counts), (set(), set(), {}, {}))
+
+    def test_the_user_limit_evicts_the_oldest_left_after_removals_anywhere(self) -> None:
+        # Oldest first across both slots, whatever was removed in between
+        # (also from the middle of a user's allocations).
+        pool, _ = self.pool(limit=3)
+        first, second = pool.slots
+        pool.allocation_created(first, 40001, "u")
+        pool.allocation_created(second, 40051, "u")
+        pool.allocation_created(first, 40002, "u")
+        pool.allocation_created(first, 40003, "other")
+        pool.allocation_removed(second, 40051)
+        pool.allocation_created(second, 40052, "u")
+        self.assertEqual((first.ports, second.ports), ({40001: "u", 40002: "u", 40003: "other"}, {40052: "u"}))
+        pool.allocation_created(second, 40053, "u")  # the fourth: 40001 goes
+        pool.allocation_created(first, 40004, "u")  # then 40002
+        self.assertEqual((first.ports, second.ports), ({40003: "other", 40004: "u"}, {40052: "u", 40053: "u"}))
+        for slot, port in ((second, 40052), (second, 40053), (first, 40004), (first, 40003)):
+            pool.allocation_removed(slot, port)
+        self.assertEqual((pool.allocation_count, pool._by_user), (0, {}))
+        pool.allocation_removed(first, 40004)  # twice (an Evict's own notice): nothing happens
+        self.assertEqual(pool.allocation_count, 0)
 
     def test_an_allocation_outside_the_slice_is_refused(self) -> None:
         pool, _ = self.pool()
