@@ -981,3 +981,59 @@ class NoticeBatchTests(unittest.SynchronousTestCase):
         for bad in (b'{"port": 1}', b"[1]", b"[[]]", b'[["1"]]', b"[[true]]", b"[[1, 2]]", b'[[1, "u", 3]]', b"[[1.5]]", b"nope"):
             with self.assertRaises(ValueError, msg=bad):
                 arg.fromString(bad)
+
+def socket_of(pid: int, port: int) -> socket.socket:
+    """A duplicate of the UDP socket process ``pid`` has bound to ``port``
+    (``pidfd_getfd``, Linux 5.6; the process is our descendant)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if not os.readlink("/proc/%d/fd/%s" % (pid, name)).startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "pidfd_getfd: %s" % os.strerror(ctypes.get_errno()))
+            sock = socket.socket(fileno=fd)
+            if sock.type == socket.SOCK_DGRAM and sock.getsockname()[1] == port:
+                return sock
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError("process %d has no UDP socket on port %d" % (pid, port))
+
+
+class SocketBufferTests(WorkersFixture, unittest.TestCase):
+    """``--socket-buffer`` sizes every worker's allocation sockets, as the
+    single process's (they had the OS default)."""
+
+    @defer.inlineCallbacks
+    def test_every_workers_allocation_sockets_get_the_socket_buffer(self) -> Any:
+        asked = 65536
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            default = (probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                probe.setsockopt(socket.SOL_SOCKET, opt, asked)
+            # What the kernel makes of it (it doubles the value): not its default.
+            expected = (probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        self.assertNotEqual(expected, default)
+        relay = self.start_relay(extra=["--socket-buffer=%d" % asked])
+        clients = yield self.clients_in_both_slices(relay, count=6)
+        pids = relay.ready_pids()
+        for _client, relayed in clients:
+            try:
+                sock = socket_of(pids[relay.slot_of(relayed[1])], relayed[1])
+            except OSError as exc:
+                if os.environ.get("CI") == "true":
+                    raise
+                raise unittest.SkipTest("cannot read another process's socket here (%s)" % exc)
+            with sock:
+                self.assertEqual(
+                    (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)),
+                    expected, "allocation port %d" % relayed[1],
+                )

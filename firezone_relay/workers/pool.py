@@ -215,6 +215,7 @@ class WorkerPool(Service):
             "nonce_key": self.nonce_key.hex(),
             "draining": self.draining,
             "udp_io": options["udp-io"],
+            "socket_buffer": options["socket-buffer"],  # for its allocation sockets
             "listen_port": options["listen-port"],
             "tls_port": self.listeners.tls_port,
             "tls_cert": options["tls-cert"],

@@ -229,6 +229,7 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
         bind_ip4=bind.get(4),
         bind_ip6=bind.get(6),
         fds={int(k): v for k, v in config["udp_fds"].items()},
+        socket_buffer=config.get("socket_buffer", 0),  # its allocation sockets', as the single process's
     )
     tls = TLSContext(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
     stream = AdoptedStreamService(
