@@ -60,7 +60,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 C_SOURCE = r'''
 /* Closed-loop ChannelData load generator for benchmarks/bench_relay.py.
  *
- *   _closed_loop CLIENT_FDS PEER_FD CHANNEL SIZE INFLIGHT WARMUP_S MEASURE_S TIMEOUT_MS
+ *   _closed_loop CLIENT_FDS PEER_FD CHANNEL SIZE INFLIGHT WARMUP_S MEASURE_S TIMEOUT_MS [GSO]
  *
  * CLIENT_FDS: comma-separated UDP sockets, each connected to the TURN server
  * and holding its own allocation with CHANNEL bound to the address of PEER_FD
@@ -76,6 +76,13 @@ C_SOURCE = r'''
  * MEASURE_S more seconds one "DONE ..." line with the results is printed and
  * the program exits.  Batched with recvmmsg/sendmmsg so that the generator
  * costs little CPU.
+ *
+ * GSO=1 (``--generator-gso``): what one batch sends to one destination (a
+ * client's datagrams to the server, the echoes to one allocation port) leaves
+ * in one UDP_SEGMENT send, which the kernel cuts into the same datagrams
+ * before they reach the destination socket; loopback's transmit and IP
+ * receive path, which the sender pays, then runs once per batch rather than
+ * once per datagram.  A kernel that refuses UDP_SEGMENT turns it off.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -88,6 +95,7 @@ C_SOURCE = r'''
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -95,6 +103,10 @@ C_SOURCE = r'''
 #define MAXPKT 2048
 #define MAXCLIENTS 1024
 #define MAX_SAMPLES (16u * 1024u * 1024u)
+#define GSO_BYTES 60000 /* payload bytes at most in one UDP_SEGMENT send */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -122,8 +134,65 @@ static struct iovec out_iov[BATCH];
 static struct mmsghdr out_msgs[BATCH];
 static int out_n, out_fd = -1;
 static uint64_t sent_total, send_errors;
+static int gso;
+
+/* msgs[0..n): one destination (``name``, NULL when connected), every datagram
+ * ``len`` bytes but perhaps the last.  With GSO, as UDP_SEGMENT sends of up to
+ * GSO_BYTES; returns how many datagrams went out, or -1 when the kernel
+ * refused UDP_SEGMENT (GSO is then off and nothing was sent). */
+static int send_segmented(int fd, struct mmsghdr *msgs, int n, int len, void *name, socklen_t namelen) {
+    static struct iovec iov[BATCH];
+    union { char buf[CMSG_SPACE(sizeof(uint16_t))]; struct cmsghdr align; } u;
+    int per = GSO_BYTES / len, off = 0;
+    if (!gso) return -1;
+    if (per > BATCH) per = BATCH;
+    while (off < n) {
+        int k = n - off < per ? n - off : per;
+        struct msghdr h;
+        memset(&h, 0, sizeof h);
+        for (int i = 0; i < k; i++) iov[i] = *msgs[off + i].msg_hdr.msg_iov;
+        h.msg_name = name;
+        h.msg_namelen = namelen;
+        h.msg_iov = iov;
+        h.msg_iovlen = k;
+        if (k > 1) {
+            memset(&u, 0, sizeof u);
+            h.msg_control = u.buf;
+            h.msg_controllen = sizeof u.buf;
+            struct cmsghdr *cm = CMSG_FIRSTHDR(&h);
+            cm->cmsg_level = SOL_UDP;
+            cm->cmsg_type = UDP_SEGMENT;
+            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t seg = (uint16_t)len;
+            memcpy(CMSG_DATA(cm), &seg, sizeof seg);
+        }
+        if (sendmsg(fd, &h, 0) >= 0) { off += k; continue; }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            struct pollfd p = {fd, POLLOUT, 0};
+            poll(&p, 1, 10);
+            continue;
+        }
+        if (off == 0 && k > 1 && (errno == EINVAL || errno == EIO || errno == ENOPROTOOPT || errno == EOPNOTSUPP)) {
+            gso = 0;
+            fprintf(stderr, "UDP_SEGMENT refused (%s): GSO off\n", strerror(errno));
+            return -1;
+        }
+        break; /* e.g. ECONNREFUSED: the rest is counted, the slots time out */
+    }
+    return off;
+}
 
 static void flush_sends(void) {
+    if (gso && out_n > 1) {
+        int r = send_segmented(out_fd, out_msgs, out_n, 4 + size, NULL, 0);
+        if (r >= 0) {
+            sent_total += r;
+            send_errors += out_n - r;
+            out_n = 0;
+            return;
+        }
+    }
     int off = 0;
     while (off < out_n) {
         int r = sendmmsg(out_fd, out_msgs + off, out_n - off, 0);
@@ -163,9 +232,35 @@ static void queue_send(int i, uint64_t t) {
     out_n++;
 }
 
+/* Echoes in_msgs[0..n) (with their senders in msg_name) as GSO sends: each
+ * sender's datagrams of one length, in their order, in one send. */
+static void echo_segmented(struct mmsghdr *in, struct iovec *iov, int n) {
+    static struct mmsghdr grp[BATCH];
+    static char done[BATCH];
+    memset(done, 0, n);
+    for (int i = 0; i < n; i++) {
+        if (done[i]) continue;
+        int k = 0;
+        unsigned len = in[i].msg_len;
+        struct msghdr *a = &in[i].msg_hdr;
+        for (int j = i; j < n; j++) {
+            struct msghdr *b = &in[j].msg_hdr;
+            if (done[j] || in[j].msg_len != len || b->msg_namelen != a->msg_namelen
+                || memcmp(b->msg_name, a->msg_name, a->msg_namelen) != 0) continue;
+            done[j] = 1;
+            iov[j].iov_len = len;
+            grp[k++] = in[j];
+        }
+        if (send_segmented(peer_fd, grp, k, (int)len, a->msg_name, a->msg_namelen) < 0) {
+            /* GSO refused: this group one datagram a message */
+            for (int g = 0; g < k; g++) sendmsg(peer_fd, &grp[g].msg_hdr, 0);
+        }
+    }
+}
+
 int main(int argc, char **argv) {
-    if (argc != 9) {
-        fprintf(stderr, "usage: %s CLIENT_FDS PEER_FD CHANNEL SIZE INFLIGHT WARMUP_S MEASURE_S TIMEOUT_MS\n", argv[0]);
+    if (argc != 9 && argc != 10) {
+        fprintf(stderr, "usage: %s CLIENT_FDS PEER_FD CHANNEL SIZE INFLIGHT WARMUP_S MEASURE_S TIMEOUT_MS [GSO]\n", argv[0]);
         return 2;
     }
     for (char *p = argv[1]; *p && nclients < MAXCLIENTS;) {
@@ -178,6 +273,7 @@ int main(int argc, char **argv) {
     inflight = atoi(argv[5]);
     double warmup_s = atof(argv[6]), measure_s = atof(argv[7]);
     uint64_t timeout_ns = (uint64_t)atoi(argv[8]) * 1000000ull;
+    gso = argc == 10 && atoi(argv[9]) != 0;
     if (size < 8 || size + 4 > MAXPKT || inflight < 1 || nclients < 1) {
         fprintf(stderr, "bad size, inflight or client list\n");
         return 2;
@@ -247,6 +343,11 @@ int main(int argc, char **argv) {
                 }
                 int n = recvmmsg(peer_fd, in_msgs, BATCH, MSG_DONTWAIT, NULL);
                 if (n <= 0) break;
+                if (gso) {
+                    echo_segmented(in_msgs, in_iov, n);
+                    if (n < BATCH) break;
+                    continue;
+                }
                 for (int i = 0; i < n; i++) in_iov[i].iov_len = in_msgs[i].msg_len;
                 int off = 0;
                 while (off < n) {
@@ -478,6 +579,30 @@ class Target:
     def client_fds(self) -> List[int]:
         return [c.sock.fileno() for c in self.clients]
 
+    def workers(self) -> Dict[int, int]:
+        """Slot -> pid of a ``--workers N`` relay's workers (from its log); {} otherwise."""
+        if workers_of(self.server) < 2:
+            return {}
+        try:
+            with open(self.server.log_path, errors="replace") as f:
+                started = re.findall(r"worker (\d+) started \(pid (\d+)\)", f.read())
+        except OSError:
+            return {}
+        return {int(slot): int(pid) for slot, pid in started}  # the last start of each slot
+
+    def clients_per_worker(self) -> List[int]:
+        """How many of the client sockets (5-tuples) ``SO_REUSEPORT`` gave each
+        worker: the worker that holds an allocation owns the slice of its port."""
+        count = workers_of(self.server)
+        if count < 2:
+            return []
+        from firezone_relay.workers.options import slices
+
+        spread = [0] * count
+        for i, (low, high) in enumerate(slices(self.server.lowest_port, self.server.highest_port, count)):
+            spread[i] = sum(1 for _host, port in self.relayed_all if low <= port <= high)
+        return spread
+
     def drain(self) -> None:
         """Throw away datagrams left over from the previous run."""
         time.sleep(0.2)
@@ -506,6 +631,19 @@ class Target:
         self.peer.close()
 
 
+def workers_of(server: Server) -> int:
+    """N of our relay's ``--workers N`` (1 without it, 0 for coturn)."""
+    if not server.kind.startswith("ours"):
+        return 0
+    count = 1
+    for i, word in enumerate(server.extra):
+        value = server.extra[i + 1] if word == "--workers" and i + 1 < len(server.extra) else (
+            word.split("=", 1)[1] if word.startswith("--workers=") else None)
+        if value is not None:
+            count = int(value) if value.isdigit() else len(os.sched_getaffinity(0))
+    return count
+
+
 def pin_process(pid: int, cpus: set) -> None:  # type: ignore[type-arg]
     """Pin every thread of ``pid`` to ``cpus``."""
     for tid in os.listdir("/proc/%d/task" % pid):
@@ -515,12 +653,15 @@ def pin_process(pid: int, cpus: set) -> None:  # type: ignore[type-arg]
             pass
 
 
-def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, size: int) -> Dict[str, float]:
+def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, size: int) -> Dict[str, Any]:
     server = target.server
     target.drain()
     snap: Dict[str, Any] = {}
 
+    workers = target.workers()
+
     def mark_start() -> None:
+        snap["w0"] = {slot: _procs.cpu_ns(pid) for slot, pid in workers.items()}
         snap["top0"] = _procs.cpu_ns(server.pid)
         snap["cpu0"] = server.cpu_ns()
         snap["g0"] = global_cpu_ticks()[0]
@@ -529,7 +670,8 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
         cfds, pfd = target.client_fds(), target.peer.fileno()
         proc = subprocess.Popen(
             [generator, ",".join(map(str, cfds)), str(pfd), str(CHANNEL), str(size), str(args.inflight),
-             str(args.warmup), str(args.measure), str(args.timeout_ms)],
+             str(args.warmup), str(args.measure), str(args.timeout_ms)]
+            + (["1"] if getattr(args, "generator_gso", False) else []),
             pass_fds=tuple(cfds) + (pfd,), stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         if args.pin:
@@ -541,6 +683,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
             mark_start()
             line = proc.stdout.readline()  # type: ignore[union-attr]
             cpu1, g1, top1 = server.cpu_ns(), global_cpu_ticks()[0], _procs.cpu_ns(server.pid)
+            w1 = {slot: _procs.cpu_ns(pid) for slot, pid in workers.items()}
             proc.wait(10)
         finally:
             if proc.poll() is None:
@@ -562,6 +705,7 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
         finally:
             os.sched_setaffinity(0, saved)
         cpu1, g1, top1 = server.cpu_ns(), global_cpu_ticks()[0], _procs.cpu_ns(server.pid)
+        w1 = {slot: _procs.cpu_ns(pid) for slot, pid in workers.items()}
         target.client.sock.setblocking(True)
         target.peer.setblocking(True)
     elapsed = result["elapsed_ns"] / 1e9
@@ -577,6 +721,8 @@ def one_run(target: Target, generator: Optional[str], args: argparse.Namespace, 
         "cpu_us_per_rt": server_cpu * 1e6 / rt if rt else float("nan"),
         # the process started alone (with --workers N > 1: the supervisor, which relays nothing)
         "top_cpu_us_per_rt": (top1 - snap["top0"]) / 1e3 / rt if rt else float("nan"),
+        # with --workers N > 1: each worker's CPU (worker 0 first) per round trip of the whole relay
+        "worker_cpu_us_per_rt": [(w1[k] - snap["w0"][k]) / 1e3 / rt if rt else float("nan") for k in sorted(w1)],
         "p50_ms": result["p50_ms"],
         "p99_ms": result["p99_ms"],
         "lost": result["lost"],
@@ -660,13 +806,17 @@ def measure_target(target: Target, generator: Optional[str], args: argparse.Name
               % (s.label, size, run + 1, " (retry %d)" % attempt if attempt else "", r["rt_per_s"],
                  r["cpu_us_per_pkt"], r["p50_ms"], r["p99_ms"], r["lost"], r["server_cores"],
                  r["client_cores"], r["other_cores"], "  NOISY" if r["noisy"] else ""))  # fmt: skip
+        if r["worker_cpu_us_per_rt"]:
+            print("           per process, us CPU per round trip: supervisor %.3f, workers %s (clients %s)"
+                  % (r["top_cpu_us_per_rt"], " / ".join("%.2f" % x for x in r["worker_cpu_us_per_rt"]),
+                     "/".join(map(str, target.clients_per_worker()))))  # fmt: skip
         attempts.append(r)
         if not r["noisy"]:
             break
     return min(attempts, key=lambda x: x["other_cores"])
 
 
-def median_row(label: str, size: int, rs: List[Dict[str, float]]) -> Dict[str, Any]:
+def median_row(label: str, size: int, rs: List[Dict[str, Any]]) -> Dict[str, Any]:
     row: Dict[str, Any] = {"server": label, "size": size, "runs": len(rs)}
     for key in ("rt_per_s", "cpu_us_per_pkt", "cpu_us_per_rt", "top_cpu_us_per_rt", "p50_ms", "p99_ms", "server_cores", "client_cores",
                 "other_cores"):  # fmt: skip
@@ -674,6 +824,9 @@ def median_row(label: str, size: int, rs: List[Dict[str, float]]) -> Dict[str, A
     row["lost"] = sum(x["lost"] for x in rs)
     row["noisy"] = sum(1 for x in rs if x["noisy"])
     row["samples"] = {k: [x[k] for x in rs] for k in ("rt_per_s", "cpu_us_per_rt")}
+    if rs and rs[0].get("worker_cpu_us_per_rt"):
+        row["worker_cpu_us_per_rt"] = [statistics.median(x["worker_cpu_us_per_rt"][i] for x in rs)
+                                       for i in range(len(rs[0]["worker_cpu_us_per_rt"]))]  # fmt: skip
     return row
 
 
@@ -694,6 +847,9 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
                   % (s.label, s.pid, len(_procs.descendants(s.pid)), *s.address, args.allocations,
                      ", ".join("%s:%d" % a for a in targets[s.label].relayed_all[:4])
                      + (" ..." if args.allocations > 4 else ""), _procs.thread_count(s.pid)))  # fmt: skip
+            if targets[s.label].clients_per_worker():
+                print("%s: clients per worker (SO_REUSEPORT): %s"
+                      % (s.label, "/".join(map(str, targets[s.label].clients_per_worker()))))  # fmt: skip
         if args.otlp and args.otlp_idle_seconds > 0:
             args.otlp_idle = idle_cpu([s for s in servers if s.kind in ("ours", "ours-otlp")], args.otlp_idle_seconds)
             print("idle CPU (ms per s): %s" % ", ".join("%s %.2f" % kv for kv in args.otlp_idle.items()))
@@ -704,6 +860,9 @@ def closed_loop(args: argparse.Namespace, generator: Optional[str]) -> Tuple[Lis
                     runs[s.label].append(measure_target(targets[s.label], generator, args, size, run, wait_budget))
             for s in servers:
                 rows.append(median_row(s.label, size, runs[s.label]))
+                spread = targets[s.label].clients_per_worker()
+                if spread:
+                    rows[-1]["clients_per_worker"] = spread
         for s in servers:
             if s.kind == "ours-otlp":
                 args.otlp_evidence = otlp_evidence(s)
@@ -818,6 +977,15 @@ def render(rows: List[Dict[str, Any]], uc: List[Dict[str, Any]], commands: List[
             r["server_cores"], r["client_cores"], r["other_cores"],
             " (%d noisy)" % r["noisy"] if r["noisy"] else ""))  # fmt: skip
     out.append("")
+    for r in rows:
+        if r.get("worker_cpu_us_per_rt"):
+            out.append("- %s, %d B, per process (CPU µs per round trip of the whole relay, medians): supervisor %.3f; %s. "
+                       "`SO_REUSEPORT` gave the workers %s of the %d client 5-tuples." % (
+                r["server"], r["size"], r["top_cpu_us_per_rt"],
+                ", ".join("worker %d %.2f" % (i, x) for i, x in enumerate(r["worker_cpu_us_per_rt"])),
+                "/".join(map(str, r.get("clients_per_worker", []))) or "?", args.allocations))  # fmt: skip
+    if any(r.get("worker_cpu_us_per_rt") for r in rows):
+        out.append("")
     if not args.variants:
         out.append("`ours` reads and sends with the C extension (`--udp-io batched`: recvmmsg/sendmmsg, every datagram "
                    "still through the Python core); `ours-python` is the same relay with `--udp-io python`.")
@@ -952,6 +1120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--measure", type=float, default=3.0)
     p.add_argument("--timeout-ms", type=int, default=200, help="a datagram not back after this is counted lost")
+    p.add_argument("--generator-gso", action="store_true",
+                   help="the C generator sends each batch for one destination as one UDP GSO send (UDP_SEGMENT): "
+                        "the same datagrams reach every server, the generator's kernel work per datagram is smaller")
     p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=False,
                    help="pin the server (all threads) to CPU 1 and the load generator to CPU 0")
     p.add_argument("--client", choices=("auto", "c", "python"), default="auto")
@@ -1003,6 +1174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("--allocations > 1 needs the C load generator (no C compiler found)", file=sys.stderr)
         return 1
     gen_name = "C (recvmmsg/sendmmsg, single thread)" if generator else "Python (epoll, single thread)"
+    if generator and args.generator_gso:
+        gen_name = "C (recvmmsg, UDP GSO sends per destination, single thread)"
     print("machine:", machine_facts())
     print("load generator:", gen_name)
     rows, commands = closed_loop(args, generator)

@@ -83,6 +83,26 @@ class BenchmarkSmokeTests(TestCase):
         self.assertIn("| b | 100 B | **", self.output)
         self.assert_chart("bench_relay_many_variants")
 
+    def test_relay_workers_per_process_and_gso_generator(self) -> None:
+        """With --workers 2: each worker's CPU and how SO_REUSEPORT spread the 16 clients; the GSO generator relays."""
+        data = self.ok(
+            "benchmarks.bench_relay", "--allocations", "16", "--inflight", "2", "--runs", "1", "--sizes", "100",
+            "--warmup", "0.2", "--measure", "0.4", "--no-uclient", "--no-readme", "--quiet-wait-total", "0",
+            "--retries", "0", "--generator-gso", "--variant", "w1=ours", "--variant", "w2=ours --workers 2",
+        )  # fmt: skip
+        rows = {r["server"]: r for r in data["rows"]}
+        self.assertNotIn("worker_cpu_us_per_rt", rows["w1"])
+        self.assertNotIn("clients_per_worker", rows["w1"])
+        self.assertEqual(len(rows["w2"]["worker_cpu_us_per_rt"]), 2)
+        self.assertTrue(all(x > 0 for x in rows["w2"]["worker_cpu_us_per_rt"]), rows["w2"])
+        self.assertEqual(len(rows["w2"]["clients_per_worker"]), 2)
+        self.assertEqual(sum(rows["w2"]["clients_per_worker"]), 16)
+        for label in ("w1", "w2"):
+            self.assertGreater(rows[label]["rt_per_s"], 0, label)
+        self.assertIn("UDP GSO sends", self.output)
+        self.assertIn("per process, us CPU per round trip: supervisor", self.output)
+        self.assertRegex(self.output, r"- w2, 100 B, per process .* `SO_REUSEPORT` gave the workers \d+/\d+ of the 16")
+
     def test_scale_variants_interleaved(self) -> None:
         data = self.ok(
             "benchmarks.bench_scale", "--allocations", "40", "--window", "16", "--cycles", "1", "--settle", "0.1",

@@ -818,14 +818,14 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         def channel_unbound(self, command: Any) -> None:
             self.unbound.append(command)
 
-    def pool(self) -> Any:
+    def pool(self, limit: int = 1) -> Any:
         from firezone_relay.workers.pool import WorkerPool
 
         options = tap.Options(environ={})
         options.parseOptions([
             "--auth-secret", SECRET, "--workers", "2", "--public-ip4-addr", "127.0.0.1",
             "--lowest-port", "40000", "--highest-port", "40099", "--control-endpoint", "off",
-            "--user-allocation-limit", "1", "--max-channels-per-allocation", "2",
+            "--user-allocation-limit", str(limit), "--max-channels-per-allocation", "2",
         ])
         maps = self.Maps()
         return WorkerPool(options, SECRET, None, reactor, fast_path=maps), maps
@@ -860,6 +860,27 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         self.assertEqual(sorted((c.port, c.channel) for c in maps.unbound),
                          [(40001, 0x4000), (40001, 0x4001), (40071, 0x4000)])
         self.assertEqual((first.channels, second.channels, first.channel_counts, second.channel_counts), (set(), set(), {}, {}))
+
+    def test_the_user_limit_evicts_the_oldest_left_after_removals_anywhere(self) -> None:
+        # Oldest first across both slots, whatever was removed in between
+        # (also from the middle of a user's allocations).
+        pool, _ = self.pool(limit=3)
+        first, second = pool.slots
+        pool.allocation_created(first, 40001, "u")
+        pool.allocation_created(second, 40051, "u")
+        pool.allocation_created(first, 40002, "u")
+        pool.allocation_created(first, 40003, "other")
+        pool.allocation_removed(second, 40051)
+        pool.allocation_created(second, 40052, "u")
+        self.assertEqual((first.ports, second.ports), ({40001: "u", 40002: "u", 40003: "other"}, {40052: "u"}))
+        pool.allocation_created(second, 40053, "u")  # the fourth: 40001 goes
+        pool.allocation_created(first, 40004, "u")  # then 40002
+        self.assertEqual((first.ports, second.ports), ({40003: "other", 40004: "u"}, {40052: "u", 40053: "u"}))
+        for slot, port in ((second, 40052), (second, 40053), (first, 40004), (first, 40003)):
+            pool.allocation_removed(slot, port)
+        self.assertEqual((pool.allocation_count, pool._by_user), (0, {}))
+        pool.allocation_removed(first, 40004)  # twice (an Evict's own notice): nothing happens
+        self.assertEqual(pool.allocation_count, 0)
 
     def test_an_allocation_outside_the_slice_is_refused(self) -> None:
         pool, _ = self.pool()
@@ -924,3 +945,95 @@ class NoticeBatchTests(unittest.SynchronousTestCase):
         self.assertEqual([b[b"_command"] for b in self._boxes(transport.value())], [b"AllocationNotices", b"ChannelBound"])
         clock.advance(0)
         self.assertEqual(len(self._boxes(transport.value())), 2)
+
+    def test_a_turn_too_large_for_one_box_is_several_in_order(self) -> None:
+        # Thousands of allocations ending in one turn (a common expiry) do not
+        # fit in one AMP value (65535 bytes): several boxes, none refused.
+        from firezone_relay.core import commands as C
+        from firezone_relay.workers import protocol as P
+
+        control, clock, transport = self._control()
+        client = ("192.0.2.1", 5000)
+        expected: List[Dict[str, Any]] = []
+        for port in range(20000, 26000):
+            user = "user-%d-\u00e9\"\n" % port + "x" * 40
+            control.allocation_event(C.AllocationCreated(client, user, port, (), 600))
+            expected.append({"port": port, "user": user})
+        for port in range(20000, 26000):
+            control.allocation_event(C.AllocationDeleted(client, "u", port, "expired"))
+            expected.append({"port": port, "user": None})
+        clock.advance(0)
+        boxes = self._boxes(transport.value())
+        self.assertGreater(len(boxes), 1)
+        self.assertEqual({b[b"_command"] for b in boxes}, {b"AllocationNotices"})
+        self.assertTrue(all(len(b[b"notices"]) <= P.PAGE for b in boxes))
+        got = [n for b in boxes for n in P.AllocationNotices.parseArguments(b, None)["notices"]]
+        self.assertEqual(got, expected)
+
+    def test_notices_round_trip_any_username_and_refuse_bad_values(self) -> None:
+        from firezone_relay.workers import protocol as P
+
+        arg = P.Notices()
+        users = ["alice", "\u00e9t\u00e9", "a\"b\\c\n\t", "\udcff lone surrogate", "\U0001f600", ""]
+        notices = [{"port": 1000 + i, "user": u} for i, u in enumerate(users)] + [{"port": 7, "user": None}]
+        self.assertEqual(arg.fromString(arg.toString(notices)), notices)
+        self.assertEqual(arg.fromString(P.encode_notices([[1000, "alice"], [7]])[0]), [notices[0], notices[-1]])
+        for bad in (b'{"port": 1}', b"[1]", b"[[]]", b'[["1"]]', b"[[true]]", b"[[1, 2]]", b'[[1, "u", 3]]', b"[[1.5]]", b"nope"):
+            with self.assertRaises(ValueError, msg=bad):
+                arg.fromString(bad)
+
+def socket_of(pid: int, port: int) -> socket.socket:
+    """A duplicate of the UDP socket process ``pid`` has bound to ``port``
+    (``pidfd_getfd``, Linux 5.6; the process is our descendant)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if not os.readlink("/proc/%d/fd/%s" % (pid, name)).startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(438, pidfd, int(name), 0)  # SYS_pidfd_getfd
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "pidfd_getfd: %s" % os.strerror(ctypes.get_errno()))
+            sock = socket.socket(fileno=fd)
+            if sock.type == socket.SOCK_DGRAM and sock.getsockname()[1] == port:
+                return sock
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError("process %d has no UDP socket on port %d" % (pid, port))
+
+
+class SocketBufferTests(WorkersFixture, unittest.TestCase):
+    """``--socket-buffer`` sizes every worker's allocation sockets, as the
+    single process's (they had the OS default)."""
+
+    @defer.inlineCallbacks
+    def test_every_workers_allocation_sockets_get_the_socket_buffer(self) -> Any:
+        asked = 65536
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            default = (probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                probe.setsockopt(socket.SOL_SOCKET, opt, asked)
+            # What the kernel makes of it (it doubles the value): not its default.
+            expected = (probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+        self.assertNotEqual(expected, default)
+        relay = self.start_relay(extra=["--socket-buffer=%d" % asked])
+        clients = yield self.clients_in_both_slices(relay, count=6)
+        pids = relay.ready_pids()
+        for _client, relayed in clients:
+            try:
+                sock = socket_of(pids[relay.slot_of(relayed[1])], relayed[1])
+            except OSError as exc:
+                if os.environ.get("CI") == "true":
+                    raise
+                raise unittest.SkipTest("cannot read another process's socket here (%s)" % exc)
+            with sock:
+                self.assertEqual(
+                    (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)),
+                    expected, "allocation port %d" % relayed[1],
+                )

@@ -105,8 +105,9 @@ class WorkerPool(Service):
         self._stopping = False
         self._started = False
         self._watchers: List[Callable[[], None]] = []
-        #: username -> [(slot index, port)], oldest first
-        self._by_user: Dict[str, List[Tuple[int, int]]] = {}
+        #: username -> {(slot index, port): None}, oldest first (a dict: removing
+        #: one of a user's thousands of allocations is O(1), not a list's O(n))
+        self._by_user: Dict[str, Dict[Tuple[int, int], None]] = {}
         self._counters = LoopingCall(self._fetch_all)
         self._counters.clock = reactor
         self._ended: Dict[int, defer.Deferred[None]] = {}
@@ -214,6 +215,7 @@ class WorkerPool(Service):
             "nonce_key": self.nonce_key.hex(),
             "draining": self.draining,
             "udp_io": options["udp-io"],
+            "socket_buffer": options["socket-buffer"],  # for its allocation sockets
             "listen_port": options["listen-port"],
             "tls_port": self.listeners.tls_port,
             "tls_cert": options["tls-cert"],
@@ -356,11 +358,12 @@ class WorkerPool(Service):
         if port in slot.ports:
             self._forget(slot, port)
         slot.ports[port] = user
-        owned = self._by_user.setdefault(user, [])
-        owned.append((slot.index, port))
+        owned = self._by_user.setdefault(user, {})
+        owned[(slot.index, port)] = None
         limit = self.options["user-allocation-limit"]
         while limit and len(owned) > limit:
-            index, old = owned.pop(0)
+            index, old = oldest = next(iter(owned))
+            del owned[oldest]
             holder = self.slots[index]
             holder.ports.pop(old, None)
             control = self._control(holder)
@@ -383,10 +386,7 @@ class WorkerPool(Service):
             return
         owned = self._by_user.get(user)
         if owned is not None:
-            try:
-                owned.remove((slot.index, port))
-            except ValueError:
-                pass
+            owned.pop((slot.index, port), None)
             if not owned:
                 del self._by_user[user]
 

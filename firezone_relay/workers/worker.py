@@ -105,8 +105,9 @@ class WorkerControl(P.QuietAMP):
         self.shell: Any = None
         self.registry: Any = None
         self._snapshot = b""
-        #: This reactor turn's allocation notices, sent together at its end.
-        self._notices: List[Dict[str, Any]] = []
+        #: This reactor turn's allocation notices (``[port, user]``, ``[port]``
+        #: for a removal), sent together at its end (``P.encode_notices``).
+        self._notices: List[List[Any]] = []
 
     # --- supervisor -> worker ----------------------------------------------------
 
@@ -171,14 +172,15 @@ class WorkerControl(P.QuietAMP):
         if not self._notices:
             self.reactor.callLater(0, self._send_notices)
         if isinstance(command, C.AllocationCreated):
-            self._notices.append({"port": command.port, "user": command.username})
+            self._notices.append([command.port, command.username])
         else:
-            self._notices.append({"port": command.port})
+            self._notices.append([command.port])
 
     def _send_notices(self) -> None:
         notices, self._notices = self._notices, []
         if notices:
-            self.callRemote(P.AllocationNotices, notices=notices)
+            for data in P.encode_notices(notices):
+                self.callRemote(P.AllocationNotices, notices=data)
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -227,6 +229,7 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
         bind_ip4=bind.get(4),
         bind_ip6=bind.get(6),
         fds={int(k): v for k, v in config["udp_fds"].items()},
+        socket_buffer=config.get("socket_buffer", 0),  # its allocation sockets', as the single process's
     )
     tls = TLSContext(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
     stream = AdoptedStreamService(
