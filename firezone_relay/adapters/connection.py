@@ -132,7 +132,7 @@ class StreamProtocol(Protocol):
         finally:
             # service.end_read(), without the call when nothing was written.
             service.reading = False
-            if service._dirty:
+            if service.dirty:
                 service.end_read()
         if not self.closed:
             # _holding(), inline: one call less per read.
@@ -244,7 +244,7 @@ class StreamProtocol(Protocol):
         self._pending_bytes = size
         service = self.service
         if service.reading:  # flush_soon's common case, inline: end_read flushes
-            service._dirty.append(self)
+            service.dirty.append(self)
         else:
             service.flush_soon(self)
 

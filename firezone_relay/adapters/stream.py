@@ -196,7 +196,9 @@ class StreamService(ListenerService):
         self.bytes: Dict[Tuple[str, str], int] = Counts()  # of closed connections
         self._next_id = _FIRST_ID
         self._all_closed: Optional[defer.Deferred[None]] = None
-        self._dirty: list[StreamProtocol] = []
+        #: Connections that wrote during this read; ``end_read`` flushes
+        #: them (a connection appends itself: ``StreamProtocol.send``).
+        self.dirty: list[StreamProtocol] = []
         self._flush_call: Any = None
         #: True while a read is being handled (a stream's, or a batched UDP
         #: read: see ``Shell.read_listener``); its end flushes,
@@ -367,7 +369,7 @@ class StreamService(ListenerService):
         else once the events of this reactor turn are handled: a call at 0 s
         runs at the start of the next turn, before the poll.  Either way the
         messages of one burst leave in one send and none waits."""
-        self._dirty.append(conn)
+        self.dirty.append(conn)
         if self._flush_call is None and not self.reading:
             self._flush_call = self.reactor.callLater(0, self.end_read)
 
@@ -383,8 +385,8 @@ class StreamService(ListenerService):
         self.reading = False
         if self._flush_call is not None:
             cancel_attributes(self, "_flush_call")
-        if self._dirty:
-            dirty, self._dirty = self._dirty, []
+        if self.dirty:
+            dirty, self.dirty = self.dirty, []
             for conn in dirty:
                 try:
                     conn.flush()

@@ -852,7 +852,7 @@ class TlsTests(StreamFixture, unittest.TestCase):
             frame = yield client.next_other()
             self.assertEqual(frame, b"\x40\x02\x00\x06back %d\x00\x00" % i)
         self.assertIsNone(self.stream._flush_call)
-        self.assertEqual(self.stream._dirty, [])
+        self.assertEqual(self.stream.dirty, [])
 
 
 class HostileStreamTests(StreamFixture, unittest.TestCase):
