@@ -19,8 +19,17 @@
  * owns ``io``; udp.py calls ``read`` per readiness event):
  *
  *   io = IO(now, pump, fds, fallback, send_failed, internal_error)
- *   io.read(fd, handler, port, family, always_view, refused) -> datagrams read
+ *   io.read(fd, handler, port, family, always_view, refused[, listener]) -> datagrams read
+ *   io.reader(fd, owner, entry, port, family, always_view, refused) -> Reader
  *   io.send(transmits) -> None
+ *
+ * ``listener`` (None or the shell's read listener, the stream transport) is
+ * told ``begin_read()`` before the read's first call that may write to a
+ * stream client (the fallback, the pump) and ``end_read()`` when the read
+ * ends, only if it was begun.  ``reader(...)()`` is ``read(fd,
+ * getattr(owner, entry), port, family, always_view, refused,
+ * owner.read_listener)`` as one C callable: the UDP transport's direct read
+ * of a socket, with no Python function around it.
  *
  * ``handler`` is the core's entry point.  For the listen port (``port`` is
  * None) it is called as handler(data, addr, now); for an allocation port as
@@ -60,6 +69,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stddef.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
@@ -372,6 +382,30 @@ flush(IOObject *self)
     return status;
 }
 
+/* The read listener of the read in progress (borrowed, NULL if none) and
+   whether its begin_read() has been called.  The listener (the stream
+   transport) holds what a read writes to stream clients until end_read():
+   it is begun lazily, before the first call into Python that may write to
+   a stream client (the fallback, the pump), and ended after the read only
+   if it was begun, so a read that only relays over UDP (every paced
+   datagram) makes neither call. */
+static PyObject *cur_listener = NULL;
+static int cur_begun = 0;
+static PyObject *str_begin_read, *str_end_read, *str_read_listener;
+
+static int
+begin_listener(void)
+{
+    if (cur_listener == NULL || cur_begun)
+        return 0;
+    cur_begun = 1;
+    PyObject *r = PyObject_CallMethodNoArgs(cur_listener, str_begin_read);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 /* Queue (or hand to the fallback) one Transmit.  Returns 0 or -1. */
 static int
 transmit(IOObject *self, PyObject *t)
@@ -409,6 +443,8 @@ transmit(IOObject *self, PyObject *t)
             }
         }
     }
+    if (begin_listener() < 0)
+        return report(self, str_send);
     PyObject *r = PyObject_CallOneArg(self->fallback, t);
     if (r == NULL)
         return report(self, str_send);
@@ -442,23 +478,12 @@ reset_recv(int n)
         rmsgs[i].msg_hdr.msg_namelen = sizeof(raddr[i]);
 }
 
+/* One read (see the module comment); ``listener`` is None or the read
+   listener, begun lazily (``begin_listener``). */
 static PyObject *
-IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+do_read(IOObject *self, int fd, PyObject *handler, PyObject *port, PyObject *family, int always_view,
+        PyObject *refused, PyObject *listener)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused)");
-        return NULL;
-    }
-    int fd = (int)PyLong_AsLong(args[0]);
-    if (fd < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "negative descriptor");
-        return NULL;
-    }
-    PyObject *handler = args[1], *port = args[2], *family = args[3], *refused = args[5];
-    int always_view = PyObject_IsTrue(args[4]);
-    if (always_view < 0)
-        return NULL;
     int is_peer = port != Py_None;
     PyObject *where = is_peer ? str_peer : str_client;
 
@@ -473,6 +498,8 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
         setup_recv();
     }
     busy = 1;
+    cur_listener = listener == Py_None ? NULL : listener;
+    cur_begun = 0;
     Py_ssize_t total = 0;
     int status = 0;
     for (int round = 0; round < ROUNDS && status == 0; round++) {
@@ -560,7 +587,7 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (flush(self) < 0 && status == 0)
             status = -1;
         if (need_pump && status == 0) {
-            PyObject *r = PyObject_CallNoArgs(self->pump);
+            PyObject *r = begin_listener() < 0 ? NULL : PyObject_CallNoArgs(self->pump);
             if (r == NULL)
                 status = report(self, str_pump);
             else
@@ -571,9 +598,170 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     release_queue();
     busy = 0;
+    if (cur_begun) {
+        /* As a ``finally``: ended whatever happened; an exception from
+           end_read replaces the read's. */
+        PyObject *exc_type, *exc_value, *exc_tb;
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        PyObject *r = PyObject_CallMethodNoArgs(cur_listener, str_end_read);
+        if (r == NULL) {
+            Py_XDECREF(exc_type);
+            Py_XDECREF(exc_value);
+            Py_XDECREF(exc_tb);
+            status = -1;
+        } else {
+            Py_DECREF(r);
+            PyErr_Restore(exc_type, exc_value, exc_tb);
+        }
+    }
+    cur_listener = NULL;
+    cur_begun = 0;
     if (status < 0)
         return NULL;
     return PyLong_FromSsize_t(total);
+}
+
+static PyObject *
+IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused[, listener])");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return NULL;
+    }
+    int always_view = PyObject_IsTrue(args[4]);
+    if (always_view < 0)
+        return NULL;
+    return do_read(self, fd, args[1], args[2], args[3], always_view, args[5], nargs == 7 ? args[6] : Py_None);
+}
+
+/* --- Reader: one socket's read, callable with no arguments ----------------- */
+
+/* What the UDP transport registers as a socket's direct read: the same as
+   ``io.read(fd, getattr(owner, entry), port, family, always_view, refused,
+   owner.read_listener)``, without a Python function around it.  The entry
+   point and the listener are looked up on ``owner`` (the shell) per call,
+   so that replacing either there takes effect at the next read. */
+typedef struct {
+    PyObject_HEAD
+    IOObject *io;
+    int fd;
+    int always_view;
+    PyObject *owner, *entry, *port, *family, *refused;
+    vectorcallfunc vectorcall;
+} ReaderObject;
+
+static PyObject *
+Reader_vectorcall(ReaderObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "a Reader takes no arguments");
+        return NULL;
+    }
+    if (self->io == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a cleared Reader");
+        return NULL;
+    }
+    PyObject *handler = PyObject_GetAttr(self->owner, self->entry);
+    if (handler == NULL)
+        return NULL;
+    PyObject *listener = PyObject_GetAttr(self->owner, str_read_listener);
+    if (listener == NULL) {
+        Py_DECREF(handler);
+        return NULL;
+    }
+    PyObject *r = do_read(self->io, self->fd, handler, self->port, self->family, self->always_view, self->refused,
+                          listener);
+    Py_DECREF(handler);
+    Py_DECREF(listener);
+    return r;
+}
+
+static int
+Reader_traverse(ReaderObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->io);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->entry);
+    Py_VISIT(self->port);
+    Py_VISIT(self->family);
+    Py_VISIT(self->refused);
+    return 0;
+}
+
+static int
+Reader_clear(ReaderObject *self)
+{
+    Py_CLEAR(self->io);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->entry);
+    Py_CLEAR(self->port);
+    Py_CLEAR(self->family);
+    Py_CLEAR(self->refused);
+    return 0;
+}
+
+static void
+Reader_dealloc(ReaderObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Reader_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "firezone_relay.adapters._udpio.Reader",
+    .tp_basicsize = sizeof(ReaderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "io.reader(...)(): one batched read of one socket (see IO.reader).",
+    .tp_vectorcall_offset = offsetof(ReaderObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_traverse = (traverseproc)Reader_traverse,
+    .tp_clear = (inquiry)Reader_clear,
+};
+
+/* io.reader(fd, owner, entry, port, family, always_view, refused) -> Reader */
+static PyObject *
+IO_reader(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "reader(fd, owner, entry, port, family, always_view, refused)");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return NULL;
+    }
+    if (!PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "reader: entry must be an attribute name (str)");
+        return NULL;
+    }
+    int always_view = PyObject_IsTrue(args[5]);
+    if (always_view < 0)
+        return NULL;
+    ReaderObject *r = PyObject_GC_New(ReaderObject, &ReaderType);
+    if (r == NULL)
+        return NULL;
+    r->vectorcall = (vectorcallfunc)Reader_vectorcall;
+    r->fd = fd;
+    r->always_view = always_view;
+    Py_INCREF(self);
+    r->io = self;
+    r->owner = Py_NewRef(args[1]);
+    r->entry = Py_NewRef(args[2]);
+    r->port = Py_NewRef(args[3]);
+    r->family = Py_NewRef(args[4]);
+    r->refused = Py_NewRef(args[6]);
+    PyObject_GC_Track(r);
+    return (PyObject *)r;
 }
 
 /* io.send(transmits): queue a list of Transmits as read() does with what the
@@ -665,6 +853,9 @@ IO_stats(IOObject *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef IO_methods[] = {
     {"read", (PyCFunction)(void (*)(void))IO_read, METH_FASTCALL,
      "read(fd, handler, port, family, always_view, refused) -> number of datagrams read"},
+    {"reader", (PyCFunction)(void (*)(void))IO_reader, METH_FASTCALL,
+     "reader(fd, owner, entry, port, family, always_view, refused) -> a callable that does "
+     "read(fd, getattr(owner, entry), port, family, always_view, refused, owner.read_listener)"},
     {"send", (PyCFunction)IO_send, METH_O,
      "send(transmits) -> None: queue each Transmit of the list (or pass it to the fallback), then sendmmsg"},
     {"stats", (PyCFunction)IO_stats, METH_NOARGS, "counters: batches, datagrams, sent, send_calls"},
@@ -694,7 +885,12 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__udpio(void)
 {
-    if (PyType_Ready(&IOType) < 0)
+    if (PyType_Ready(&IOType) < 0 || PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    str_begin_read = PyUnicode_InternFromString("begin_read");
+    str_end_read = PyUnicode_InternFromString("end_read");
+    str_read_listener = PyUnicode_InternFromString("read_listener");
+    if (!str_begin_read || !str_end_read || !str_read_listener)
         return NULL;
     str_client = PyUnicode_InternFromString("client");
     str_peer = PyUnicode_InternFromString("peer");

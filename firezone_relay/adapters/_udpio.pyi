@@ -6,6 +6,9 @@ BATCH: int
 
 Transmit = Tuple[int, int, Any, bytes]
 
+class Reader:
+    def __call__(self) -> int: ...
+
 class IO:
     def __init__(
         self,
@@ -24,6 +27,17 @@ class IO:
         family: int,
         always_view: bool,
         refused: Callable[[], None],
+        listener: Any = None,
     ) -> int: ...
+    def reader(
+        self,
+        fd: int,
+        owner: Any,
+        entry: str,
+        port: Optional[int],
+        family: int,
+        always_view: bool,
+        refused: Callable[[], None],
+    ) -> "Reader": ...
     def send(self, transmits: List[Transmit]) -> None: ...
     def stats(self) -> Dict[str, int]: ...
