@@ -73,7 +73,9 @@
 #include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <limits.h>
 
 #define BATCH 64
 #define SLOT (65536)
@@ -850,6 +852,182 @@ IO_stats(IOObject *self, PyObject *Py_UNUSED(ignored))
                          "send_calls", self->send_calls);
 }
 
+/* --- poll: one epoll_wait, the direct reads dispatched here ---------------- */
+
+/* _udpio.poll(epfd, timeout, maxevents, selectables, fast, failed)
+       -> int, or a list of (fd, event)
+
+   One epoll_wait(epfd) (the reactor's epoll; ``timeout`` in seconds, < 0 to
+   wait indefinitely, rounded up to milliseconds as select.epoll.poll does;
+   the GIL is released while it waits).  Then, in the kernel's order, each
+   event whose selectable (``selectables[fd]``; an fd not there is skipped)
+   is of a type in the set ``fast``, whose event is EPOLLIN alone and whose
+   ``direct_read`` is not None has direct_read() called here; an exception
+   from it (except KeyboardInterrupt, which propagates) is passed to
+   ``failed(selectable, exc)`` and the next event follows.  At the first
+   event that is not such a one, the poll stops and returns it and all the
+   events after it as a list of (fd, event) for the caller's own dispatch
+   (adapters/dispatch.py), in order.  Otherwise it returns the number of
+   events (0: none before the timeout, or a signal interrupted the wait;
+   Python signal handlers have run then).  This is the loop of
+   dispatch.doPoll for the relay's sockets without a Python bytecode per
+   event; it calls what that loop calls, in the same order. */
+
+static struct epoll_event *poll_events = NULL;
+static int poll_capacity = 0;
+static int polling = 0;
+static PyObject *str_direct_read;
+
+static PyObject *
+udpio_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "poll(epfd, timeout, maxevents, selectables, fast, failed)");
+        return NULL;
+    }
+    int epfd = (int)PyLong_AsLong(args[0]);
+    if (epfd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return NULL;
+    }
+    double seconds = PyFloat_AsDouble(args[1]);
+    if (seconds == -1.0 && PyErr_Occurred())
+        return NULL;
+    long maxevents = PyLong_AsLong(args[2]);
+    if (maxevents == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *selectables = args[3], *fast = args[4], *failed = args[5];
+    if (!PyDict_Check(selectables) || !PyAnySet_Check(fast)) {
+        PyErr_SetString(PyExc_TypeError, "poll: selectables must be a dict and fast a set");
+        return NULL;
+    }
+    if (maxevents < 1 || maxevents > INT_MAX / (int)sizeof(struct epoll_event)) {
+        PyErr_Format(PyExc_ValueError, "maxevents must be greater than 0, got %ld", maxevents);
+        return NULL;
+    }
+    if (polling) {
+        PyErr_SetString(PyExc_RuntimeError, "_udpio.poll is not reentrant");
+        return NULL;
+    }
+    int timeout_ms;
+    if (seconds < 0)
+        timeout_ms = -1;
+    else if (seconds * 1000.0 >= (double)INT_MAX)
+        timeout_ms = INT_MAX;
+    else {
+        double ms = seconds * 1000.0;
+        timeout_ms = (int)ms;
+        if ((double)timeout_ms < ms)
+            timeout_ms++; /* rounded up, as select.epoll.poll does */
+    }
+    if (maxevents > poll_capacity) {
+        struct epoll_event *grown = PyMem_RawRealloc(poll_events, (size_t)maxevents * sizeof(struct epoll_event));
+        if (grown == NULL)
+            return PyErr_NoMemory();
+        poll_events = grown;
+        poll_capacity = (int)maxevents;
+    }
+    int n;
+    Py_BEGIN_ALLOW_THREADS
+    n = epoll_wait(epfd, poll_events, (int)maxevents, timeout_ms);
+    Py_END_ALLOW_THREADS
+    if (n < 0) {
+        if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0)
+                return NULL;
+            return PyLong_FromLong(0);
+        }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    polling = 1;
+    PyObject *result = NULL;
+    int i = 0;
+    for (; i < n; i++) {
+        uint32_t event = poll_events[i].events;
+        PyObject *key = PyLong_FromLong((long)poll_events[i].data.fd);
+        if (key == NULL)
+            goto done;
+        PyObject *selectable = PyDict_GetItemWithError(selectables, key);
+        Py_DECREF(key);
+        if (selectable == NULL) {
+            if (PyErr_Occurred())
+                goto done;
+            continue;
+        }
+        if (event != EPOLLIN)
+            break;
+        int is_fast = PySet_Contains(fast, (PyObject *)Py_TYPE(selectable));
+        if (is_fast < 0)
+            goto done;
+        if (!is_fast)
+            break;
+        Py_INCREF(selectable); /* the read may drop it from the dict */
+        PyObject *direct = PyObject_GetAttr(selectable, str_direct_read);
+        if (direct == NULL) {
+            Py_DECREF(selectable);
+            goto done;
+        }
+        if (direct == Py_None) {
+            Py_DECREF(direct);
+            Py_DECREF(selectable);
+            break;
+        }
+        PyObject *r = PyObject_CallNoArgs(direct);
+        Py_DECREF(direct);
+        if (r != NULL) {
+            Py_DECREF(r);
+        } else {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (type == NULL || PyErr_GivenExceptionMatches(type, PyExc_KeyboardInterrupt)) {
+                PyErr_Restore(type, value, tb);
+                Py_DECREF(selectable);
+                goto done;
+            }
+            if (tb != NULL)
+                PyException_SetTraceback(value, tb);
+            r = PyObject_CallFunctionObjArgs(failed, selectable, value, NULL);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+            if (r == NULL) {
+                Py_DECREF(selectable);
+                goto done;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(selectable);
+    }
+    if (i == n) {
+        result = PyLong_FromLong(n);
+        goto done;
+    }
+    /* The rest, from the first event not dispatched here. */
+    result = PyList_New(n - i);
+    if (result == NULL)
+        goto done;
+    for (int k = i; k < n; k++) {
+        PyObject *pair = Py_BuildValue("(iI)", poll_events[k].data.fd, (unsigned int)poll_events[k].events);
+        if (pair == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, k - i, pair);
+    }
+done:
+    polling = 0;
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"poll", (PyCFunction)(void (*)(void))udpio_poll, METH_FASTCALL,
+     "poll(epfd, timeout, maxevents, selectables, fast, failed) -> number of events, or the list of "
+     "(fd, event) left for the caller (see the C source)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef IO_methods[] = {
     {"read", (PyCFunction)(void (*)(void))IO_read, METH_FASTCALL,
      "read(fd, handler, port, family, always_view, refused) -> number of datagrams read"},
@@ -880,6 +1058,7 @@ static struct PyModuleDef module = {
     .m_name = "firezone_relay.adapters._udpio",
     .m_doc = "Batched UDP I/O (recvmmsg/sendmmsg) for the relay's per-packet path.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
@@ -890,7 +1069,8 @@ PyInit__udpio(void)
     str_begin_read = PyUnicode_InternFromString("begin_read");
     str_end_read = PyUnicode_InternFromString("end_read");
     str_read_listener = PyUnicode_InternFromString("read_listener");
-    if (!str_begin_read || !str_end_read || !str_read_listener)
+    str_direct_read = PyUnicode_InternFromString("direct_read");
+    if (!str_begin_read || !str_end_read || !str_read_listener || !str_direct_read)
         return NULL;
     str_client = PyUnicode_InternFromString("client");
     str_peer = PyUnicode_InternFromString("peer");

@@ -1,10 +1,19 @@
 # Types of the C extension _udpio.c (batched UDP I/O); its header comment is the contract.
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 #: Datagrams per recvmmsg/sendmmsg call.
 BATCH: int
 
 Transmit = Tuple[int, int, Any, bytes]
+
+def poll(
+    epfd: int,
+    timeout: float,
+    maxevents: int,
+    selectables: Dict[int, Any],
+    fast: Set[type],
+    failed: Callable[[Any, BaseException], None],
+) -> "int | List[Tuple[int, int]]": ...
 
 class Reader:
     def __call__(self) -> int: ...
