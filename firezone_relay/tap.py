@@ -16,7 +16,6 @@ that ``twistd --reactor=...`` still chooses it.
 from __future__ import annotations
 
 import getopt
-import ipaddress
 import os
 import sys
 from functools import partial
@@ -25,6 +24,24 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequen
 from twisted.logger import Logger
 from twisted.python import usage
 
+from firezone_relay.flagcheck import (
+    DEFAULT_CONTROL_ENDPOINT,
+    MIN_SECRET_LENGTH,
+    check_control_endpoint,
+    check_otlp,
+    check_realm,
+    check_rest_secret,
+    check_secret,
+    check_stream_options,
+    choice,
+    parse_host_port,
+    parse_int,
+    parse_ip,
+    parse_network,
+    parse_rate,
+    parse_seconds,
+    read_token,
+)
 from firezone_relay.service import (  # noqa: F401 (moved; still reachable as tap.*)
     SOFTWARE,
     detect_public_ip4,
@@ -41,7 +58,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = Logger(namespace="firezone_relay.tap")
 
 DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
-DEFAULT_CONTROL_ENDPOINT = "127.0.0.1:9999"  # upstream's
 
 
 def _udpio_missing() -> str:
@@ -128,158 +144,6 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
 
-def read_token(value: str) -> str:
-    """The token itself, or the stripped content of the file ``value`` names.
-
-    A value that looks like a path (starts with ``/`` or ``./``) must be a
-    readable file; any other value is a file if one exists by that name, and
-    the token itself otherwise.
-    """
-    looks_like_path = value.startswith("/") or value.startswith("./")
-    if looks_like_path or os.path.isfile(value):
-        try:
-            with open(value, encoding="utf-8") as f:
-                token = f.read().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise usage.UsageError(
-                "--token names a file that cannot be read: %s" % (exc.strerror if isinstance(exc, OSError) else exc)
-            ) from None
-        if not token:
-            raise usage.UsageError("--token names an empty file")
-        return token
-    return value
-
-
-def _parse_ip(flag: str, value: str, version: int) -> str:
-    try:
-        ip = ipaddress.ip_address(value.strip("[]") if version == 6 else value)
-    except ValueError:
-        raise usage.UsageError("--%s: %r is not an IPv%d address" % (flag, value, version)) from None
-    if ip.version != version:
-        raise usage.UsageError("--%s: %r is an IPv%d address, expected IPv%d" % (flag, value, ip.version, version))
-    return ip.compressed
-
-
-def _parse_int(flag: str, value: Any, low: Optional[int] = None, high: Optional[int] = None) -> int:
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise usage.UsageError("--%s: %r is not an integer" % (flag, value)) from None
-    if low is not None and number < low:
-        if low == 0:
-            raise usage.UsageError("--%s must not be negative (got %d)" % (flag, number))
-        if high is None:
-            raise usage.UsageError("--%s must be at least %d (got %d)" % (flag, low, number))
-        raise usage.UsageError("--%s must be between %d and %d (got %d)" % (flag, low, high, number))
-    if high is not None and number > high:
-        raise usage.UsageError("--%s must be between %s and %d (got %d)" % (flag, low, high, number))
-    return number
-
-
-def _parse_network(flag: str, value: str) -> str:
-    try:
-        return ipaddress.ip_network(value.strip(), strict=False).compressed
-    except ValueError:
-        raise usage.UsageError("--%s: %r is not a CIDR (e.g. 203.0.113.0/24 or 2001:db8::/32)" % (flag, value)) from None
-
-
-def _parse_host_port(flag: str, value: str) -> Tuple[str, int]:
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise usage.UsageError("--%s: %r is not host:port" % (flag, value))
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise usage.UsageError("--%s: %r is not host:port with an IP address as host" % (flag, value)) from None
-    return host, _parse_int(flag, port_text, 0, 65535)
-
-
-#: SPEC §3: signed error replies let anyone test guesses of the secret
-#: offline, so a given secret must not be guessable.  The generated one is 64.
-#: Shorter REST secrets are accepted (deployments have them) but warned about.
-MIN_SECRET_LENGTH = 32
-
-
-def _check_secret(value: str) -> str:
-    if not value:
-        raise usage.UsageError("--auth-secret must not be empty")
-    if len(value) < MIN_SECRET_LENGTH:
-        raise usage.UsageError(
-            "--auth-secret must be at least %d characters (got %d): signed replies let anyone test guesses "
-            "offline; use e.g. the output of `openssl rand -hex 32`" % (MIN_SECRET_LENGTH, len(value))
-        )
-    if len(value) > 256:
-        raise usage.UsageError("--auth-secret must be at most 256 characters")
-    if not all(33 <= ord(c) <= 126 for c in value) or ":" in value:
-        raise usage.UsageError("--auth-secret must be printable ASCII without spaces or ':'")
-    return value
-
-
-def _parse_seconds(flag: str, value: Any, zero: bool = False) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise usage.UsageError("--%s: %r is not a number of seconds" % (flag, value)) from None
-    if not (0 <= seconds if zero else 0 < seconds) or seconds == float("inf"):
-        raise usage.UsageError("--%s must be a %s number of seconds" % (flag, "non-negative" if zero else "positive"))
-    return seconds
-
-
-def _choice(flag: str, choices: Sequence[str], value: str) -> str:
-    if value not in choices:
-        listed = ", ".join(choices[:-1]) + " or " + choices[-1]
-        raise usage.UsageError("--%s must be %s (got %r)" % (flag, listed, value))
-    return value
-
-
-def _parse_rate(value: str) -> float:
-    try:
-        rate = float(value)
-    except (TypeError, ValueError):
-        rate = -1.0
-    if not 0 <= rate < float("inf"):
-        raise usage.UsageError("--unauthenticated-rate must be a number >= 0 (got %r)" % (value,))
-    return rate
-
-
-def _check_stream_options(options: Any) -> None:
-    """TCP/TLS flags (SPEC §8) beyond each one's own check (``_COERCE``); the
-    certificate is loaded once here so that a bad file stops the start with a
-    clear message."""
-    tls_port = options["tls-port"]
-    if tls_port == options["listen-port"]:
-        raise usage.UsageError("--tls-port (%d) must differ from --listen-port, which serves TCP" % tls_port)
-    for flag in ("tls-cert", "tls-key"):
-        if options[flag] is not None and not options[flag].strip():
-            options[flag] = None
-    if (options["tls-cert"] is None) != (options["tls-key"] is None):
-        raise usage.UsageError("--tls-cert and --tls-key go together")
-    if options["tls-cert"] is not None:
-        from firezone_relay.adapters.tls import describe_tls_error, make_tls_context
-
-        try:
-            make_tls_context(options["tls-cert"], options["tls-key"])
-        except OSError as exc:  # ssl.SSLError included
-            raise usage.UsageError("--tls-cert/--tls-key cannot be used: %s" % describe_tls_error(exc)) from None
-
-
-def _check_rest_secret(value: str) -> str:
-    if not value:
-        raise usage.UsageError("--rest-auth-secret must not be empty")
-    if len(value) > 1024 or not all(32 <= ord(c) <= 126 for c in value):
-        raise usage.UsageError("--rest-auth-secret must be printable ASCII of at most 1024 characters")
-    return value
-
-
-def _check_realm(value: str) -> str:
-    value = value.strip()
-    if not value or len(value) > 127 or not all(33 <= ord(c) <= 126 and c != '"' for c in value):
-        raise usage.UsageError("--realm must be 1 to 127 printable ASCII characters without spaces or quotes (got %r)" % (value,))
-    return value
-
-
 def warn_short_rest_secrets(secrets: Sequence[str]) -> None:
     """SPEC §10: signed replies let anyone test guesses of a short secret offline."""
     short = sum(1 for secret in secrets if len(secret) < MIN_SECRET_LENGTH)
@@ -288,43 +152,6 @@ def warn_short_rest_secrets(secrets: Sequence[str]) -> None:
             "{short} of the {count} --rest-auth-secret values are shorter than {minimum} characters: signed replies "
             "let anyone test guesses offline; use e.g. `openssl rand -hex 32`",
             short=short, count=len(secrets), minimum=MIN_SECRET_LENGTH,
-        )
-
-
-def _check_control_endpoint(options: Any) -> None:
-    """``--control-endpoint``: ``off``, or host:port.  The default address is
-    optional (a bind failure is logged); one the operator gave is required."""
-    value = str(options["control-endpoint"]).strip()
-    if value.lower() in ("off", "none", "disabled", ""):
-        options["control-endpoint"] = None
-        return
-    options["control-endpoint-required"] = value != DEFAULT_CONTROL_ENDPOINT
-    options["control-endpoint"] = _parse_host_port("control-endpoint", value)
-    if options["control-endpoint"] == options["health-check-addr"] and options["control-endpoint"][1] != 0:
-        raise usage.UsageError(
-            "--control-endpoint and --health-check-addr are both %s:%d; give them different ports"
-            % options["control-endpoint"]
-        )
-
-
-def _check_otlp(options: Any) -> None:
-    """``--otlp-grpc-endpoint`` (SPEC §7): a URL, the SDK installed, its variables sane."""
-    value = options["otlp-grpc-endpoint"]
-    if value is None or not value.strip():
-        options["otlp-grpc-endpoint"] = None
-        return
-    from firezone_relay.adapters.otlpconfig import check_environment, missing_sdk, parse_endpoint
-
-    try:
-        options["otlp-grpc-endpoint"] = parse_endpoint(value)
-        check_environment(options._environ)
-    except ValueError as exc:
-        raise usage.UsageError(str(exc)) from None
-    missing = missing_sdk()
-    if missing:
-        raise usage.UsageError(
-            "--otlp-grpc-endpoint needs the OpenTelemetry SDK and its OTLP/gRPC exporter, which are not installed "
-            "(%s); install them with: pip install 'firezone-relay[otlp]'" % (missing,)
         )
 
 
@@ -339,39 +166,39 @@ def _parse_workers(value: str) -> int:
 #: UsageError, not ValueError (which Twisted prefixes with "Parameter type
 #: enforcement failed"), so the message is ours.  Checks of two flags: postOptions.
 _COERCE: Dict[str, Callable[[str], Any]] = {
-    "public-ip4-addr": partial(_parse_ip, "public-ip4-addr", version=4),
-    "public-ip6-addr": partial(_parse_ip, "public-ip6-addr", version=6),
-    "bind-ip4-addr": partial(_parse_ip, "bind-ip4-addr", version=4),
-    "bind-ip6-addr": partial(_parse_ip, "bind-ip6-addr", version=6),
-    "listen-port": partial(_parse_int, "listen-port", low=1, high=65535),
-    "lowest-port": partial(_parse_int, "lowest-port", low=1024, high=65535),
-    "highest-port": partial(_parse_int, "highest-port", low=1024, high=65535),
-    "rng-seed": partial(_parse_int, "rng-seed"),
-    "log-format": partial(_choice, "log-format", ("human", "json")),
-    "health-check-addr": partial(_parse_host_port, "health-check-addr"),
-    "max-allocations": partial(_parse_int, "max-allocations", low=0),
-    "unauthenticated-burst": partial(_parse_int, "unauthenticated-burst", low=1),
-    "unauthenticated-rate": _parse_rate,
-    "user-allocation-limit": partial(_parse_int, "user-allocation-limit", low=0),
-    "socket-buffer": partial(_parse_int, "socket-buffer", low=0),
-    "udp-io": partial(_choice, "udp-io", ("auto", "batched", "python")),
-    "ebpf-attach-mode": partial(_choice, "ebpf-attach-mode", ("auto", "driver", "generic")),
-    "ebpf-int4-addr": partial(_parse_ip, "ebpf-int4-addr", version=4),
-    "ebpf-int6-addr": partial(_parse_ip, "ebpf-int6-addr", version=6),
-    "drain-timeout": partial(_parse_seconds, "drain-timeout", zero=True),
-    "realm": _check_realm,
-    "max-bps": partial(_parse_int, "max-bps", low=0),
+    "public-ip4-addr": partial(parse_ip, "public-ip4-addr", version=4),
+    "public-ip6-addr": partial(parse_ip, "public-ip6-addr", version=6),
+    "bind-ip4-addr": partial(parse_ip, "bind-ip4-addr", version=4),
+    "bind-ip6-addr": partial(parse_ip, "bind-ip6-addr", version=6),
+    "listen-port": partial(parse_int, "listen-port", low=1, high=65535),
+    "lowest-port": partial(parse_int, "lowest-port", low=1024, high=65535),
+    "highest-port": partial(parse_int, "highest-port", low=1024, high=65535),
+    "rng-seed": partial(parse_int, "rng-seed"),
+    "log-format": partial(choice, "log-format", ("human", "json")),
+    "health-check-addr": partial(parse_host_port, "health-check-addr"),
+    "max-allocations": partial(parse_int, "max-allocations", low=0),
+    "unauthenticated-burst": partial(parse_int, "unauthenticated-burst", low=1),
+    "unauthenticated-rate": parse_rate,
+    "user-allocation-limit": partial(parse_int, "user-allocation-limit", low=0),
+    "socket-buffer": partial(parse_int, "socket-buffer", low=0),
+    "udp-io": partial(choice, "udp-io", ("auto", "batched", "python")),
+    "ebpf-attach-mode": partial(choice, "ebpf-attach-mode", ("auto", "driver", "generic")),
+    "ebpf-int4-addr": partial(parse_ip, "ebpf-int4-addr", version=4),
+    "ebpf-int6-addr": partial(parse_ip, "ebpf-int6-addr", version=6),
+    "drain-timeout": partial(parse_seconds, "drain-timeout", zero=True),
+    "realm": check_realm,
+    "max-bps": partial(parse_int, "max-bps", low=0),
     # TCP/TLS (SPEC §8); the per-allocation caps (SPEC §5): a channel number is one of 0x4000-0x7FFF.
-    "tls-port": partial(_parse_int, "tls-port", low=1, high=65535),
-    "tls-handshake-timeout": partial(_parse_seconds, "tls-handshake-timeout"),
-    "stream-idle-timeout": partial(_parse_seconds, "stream-idle-timeout"),
-    "max-connections": partial(_parse_int, "max-connections", low=0),
-    "max-connections-per-ip": partial(_parse_int, "max-connections-per-ip", low=0),
-    "stream-write-buffer": partial(_parse_int, "stream-write-buffer", low=1),
-    "stream-auth-timeout": partial(_parse_seconds, "stream-auth-timeout"),
-    "stream-buffer-budget": partial(_parse_int, "stream-buffer-budget", low=1),
-    "max-permissions-per-allocation": partial(_parse_int, "max-permissions-per-allocation", low=1, high=65536),
-    "max-channels-per-allocation": partial(_parse_int, "max-channels-per-allocation", low=1, high=0x4000),
+    "tls-port": partial(parse_int, "tls-port", low=1, high=65535),
+    "tls-handshake-timeout": partial(parse_seconds, "tls-handshake-timeout"),
+    "stream-idle-timeout": partial(parse_seconds, "stream-idle-timeout"),
+    "max-connections": partial(parse_int, "max-connections", low=0),
+    "max-connections-per-ip": partial(parse_int, "max-connections-per-ip", low=0),
+    "stream-write-buffer": partial(parse_int, "stream-write-buffer", low=1),
+    "stream-auth-timeout": partial(parse_seconds, "stream-auth-timeout"),
+    "stream-buffer-budget": partial(parse_int, "stream-buffer-budget", low=1),
+    "max-permissions-per-allocation": partial(parse_int, "max-permissions-per-allocation", low=1, high=65536),
+    "max-channels-per-allocation": partial(parse_int, "max-channels-per-allocation", low=1, high=0x4000),
     "workers": _parse_workers,
 }
 _DEFAULTS = {entry[0]: entry[2] for entry in _PARAMETERS}
@@ -563,16 +390,16 @@ class Options(usage.Options):
             )
         if self["ebpf-offloading"] is not None and not self["ebpf-offloading"].strip():
             self["ebpf-offloading"] = None
-        _check_control_endpoint(self)
-        self["rest-auth-secret"] = tuple(_check_rest_secret(v) for v in self["rest-auth-secret"])
+        check_control_endpoint(self)
+        self["rest-auth-secret"] = tuple(check_rest_secret(v) for v in self["rest-auth-secret"])
         if self["max-bps"] and self["ebpf-offloading"]:
             raise usage.UsageError(
                 "--max-bps cannot be combined with --ebpf-offloading: the XDP fast path relays without counting bytes"
             )
-        self["allow-peer"] = tuple(_parse_network("allow-peer", v) for v in self["allow-peer"])
-        self["deny-peer"] = tuple(_parse_network("deny-peer", v) for v in self["deny-peer"])
-        _check_stream_options(self)
-        _check_otlp(self)
+        self["allow-peer"] = tuple(parse_network("allow-peer", v) for v in self["allow-peer"])
+        self["deny-peer"] = tuple(parse_network("deny-peer", v) for v in self["deny-peer"])
+        check_stream_options(self)
+        check_otlp(self, self._environ)
         from firezone_relay.discovery import check_options as _check_discovery_options
 
         _check_discovery_options(self, self._environ)
@@ -590,7 +417,7 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     "--auth-secret is for standalone mode only; in portal mode the relay makes its own secret"
                 )
-            _check_secret(self["auth-secret"])
+            check_secret(self["auth-secret"])
         if self["user-allocation-limit"] is None:
             self["user-allocation-limit"] = 1 if self["token"] else 0
 

@@ -819,7 +819,7 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
             self.unbound.append(command)
 
     def pool(self) -> Any:
-        from firezone_relay.workers.supervisor import WorkerPool
+        from firezone_relay.workers.pool import WorkerPool
 
         options = tap.Options(environ={})
         options.parseOptions([
@@ -828,7 +828,7 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
             "--user-allocation-limit", "1", "--max-channels-per-allocation", "2",
         ])
         maps = self.Maps()
-        return WorkerPool(options, SECRET, 2, None, reactor, fast_path=maps), maps
+        return WorkerPool(options, SECRET, None, reactor, fast_path=maps), maps
 
     @staticmethod
     def channel(port: int, number: int = 0x4000) -> Dict[str, Any]:

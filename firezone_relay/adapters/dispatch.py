@@ -100,6 +100,15 @@ def unsent(transport: Any) -> bool:
     return bool(transport._tempDataLen or transport.dataBuffer)
 
 
+def disconnect(reactor: Any, selectable: Any, why: BaseException) -> None:
+    """What Twisted's ``_doReadOrWrite`` does after a read of ``selectable``
+    returned or raised ``why``: remove it from the reactor and tell it the
+    connection is lost.  For a ``direct_read``, which bypasses
+    ``_doReadOrWrite``; the reactor's private ``_disconnectSelectable`` is
+    called here only (no public interface ends a selectable that way)."""
+    reactor._disconnectSelectable(selectable, why, True)
+
+
 def _epoll_reactor_type() -> Any:
     try:
         from twisted.internet.epollreactor import EPollReactor
@@ -204,7 +213,7 @@ def _make_do_poll(reactor: Any, c_poll: Optional[Callable[..., Any]] = None) -> 
                         if direct is not None:
                             # What _doReadOrWrite does after a failed doRead.
                             try:
-                                reactor._disconnectSelectable(selectable, exc, True)
+                                disconnect(reactor, selectable, exc)
                             except BaseException:
                                 log.err(None, "error closing %r" % (selectable,))
                 else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping, Tuple
 from urllib.parse import urlsplit
 
 from firezone_relay.adapters._twisted import import_failure
@@ -17,6 +17,12 @@ from firezone_relay.adapters._twisted import import_failure
 TEMPORALITY_ENV = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"
 _TEMPORALITIES = ("cumulative", "delta", "lowmemory")
 _MILLISECOND_ENV = ("OTEL_METRIC_EXPORT_INTERVAL", "OTEL_METRIC_EXPORT_TIMEOUT")
+#: The exporter's files (TLS), each for all signals and for metrics only.
+_FILE_ENV = tuple(
+    "OTEL_EXPORTER_OTLP_%s%s" % (scope, kind)
+    for kind in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY")
+    for scope in ("", "METRICS_")
+)
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
 
@@ -83,12 +89,17 @@ def temporality_preference(environ: Mapping[str, str]) -> str:
     return text
 
 
-def _check_positive(environ: Mapping[str, str], names: Iterable[str], unit: str) -> None:
-    """Each of ``names`` that is set must be a positive, finite number (of ``unit``)."""
+def _given(environ: Mapping[str, str], names: Iterable[str]) -> Iterator[Tuple[str, str]]:
+    """``(name, value stripped)`` of each of ``names`` set to more than blanks."""
     for name in names:
         text = environ.get(name, "").strip()
-        if not text:
-            continue
+        if text:
+            yield name, text
+
+
+def _check_positive(environ: Mapping[str, str], names: Iterable[str], unit: str) -> None:
+    """Each of ``names`` that is set must be a positive, finite number (of ``unit``)."""
+    for name, text in _given(environ, names):
         try:
             value = float(text)
         except ValueError:
@@ -105,17 +116,12 @@ def check_environment(environ: Mapping[str, str]) -> None:
     # The exporter's own variables: the SDK raises on these deep inside the
     # exporter (a traceback at start-up) or only fails at the first export.
     _check_positive(environ, ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT"), "seconds")
-    for name in ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION"):
-        text = environ.get(name, "").strip().lower()
-        if text and text not in ("gzip", "deflate", "none"):
+    for name, text in _given(environ, ("OTEL_EXPORTER_OTLP_COMPRESSION", "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION")):
+        if text.lower() not in ("gzip", "deflate", "none"):
             raise ValueError("%s must be gzip, deflate or none (got %r)" % (name, environ[name]))
-    for kind in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
-        for name in ("OTEL_EXPORTER_OTLP_%s" % kind, "OTEL_EXPORTER_OTLP_METRICS_%s" % kind):
-            path = environ.get(name, "").strip()
-            if not path:
-                continue
-            try:
-                with open(path, "rb") as f:
-                    f.read(1)
-            except OSError as exc:
-                raise ValueError("%s: %r cannot be read: %s" % (name, path, exc.strerror or exc)) from None
+    for name, path in _given(environ, _FILE_ENV):
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ValueError("%s: %r cannot be read: %s" % (name, path, exc.strerror or exc)) from None

@@ -15,7 +15,7 @@ adapter:
    rate-limited log line;
 3. re-arm the single ``DelayedCall`` from ``poll_timeout()``.
 
-Connecting is our own loop (``_connect`` → ``_lost``/``_connect_failed`` →
+Connecting is our own loop (``_connect`` → ``protocol_lost``/``_connect_failed`` →
 ``ReconnectPolicy.next_delay`` → ``callLater(_connect)``), not
 ``ClientService``: its ``prepareConnection`` path wedges on an early
 disconnect (see the style anchors §5.4), and we need to look at every failure
@@ -192,18 +192,18 @@ class PortalProtocol(WebSocketClientProtocol):
     client: "PortalClient"
 
     def onOpen(self) -> None:
-        self.client._opened(self)
+        self.client.protocol_opened(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            self.client._ignored("binary frame of %d bytes" % len(payload))
+            self.client.log_ignored("binary frame of %d bytes" % len(payload))
             return
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:  # autobahn validates UTF-8; belt and braces
-            self.client._ignored("text frame that is not UTF-8")
+            self.client.log_ignored("text frame that is not UTF-8")
             return
-        self.client._text_received(self, text)
+        self.client.protocol_text(self, text)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # autobahn's onClose says "peer dropped the TCP connection" for every
@@ -211,7 +211,7 @@ class PortalProtocol(WebSocketClientProtocol):
         try:
             super().connectionLost(reason)
         finally:
-            self.client._lost(self, reason)
+            self.client.protocol_lost(self, reason)
 
     def upgrade_failure(self) -> Tuple[Optional[int], dict[str, str], str]:
         """``(status, headers, body)`` of a refused upgrade, status ``None`` otherwise."""
@@ -447,9 +447,9 @@ class PortalClient(Service):
         )
         self._retry_call = self.clock.callLater(delay, self._connect)
 
-    # --- protocol callbacks ---------------------------------------------------
+    # --- what PortalProtocol calls ----------------------------------------------
 
-    def _opened(self, protocol: PortalProtocol) -> None:
+    def protocol_opened(self, protocol: PortalProtocol) -> None:
         if protocol is not self.protocol or self._stopped:
             protocol.dropConnection(abort=True)
             return
@@ -457,13 +457,13 @@ class PortalClient(Service):
         self.session.connection_opened(self.clock.seconds())
         self._pump()
 
-    def _text_received(self, protocol: PortalProtocol, text: str) -> None:
+    def protocol_text(self, protocol: PortalProtocol, text: str) -> None:
         if protocol is not self.protocol:
             return
         self.session.text_received(text, self.clock.seconds())
         self._pump()
 
-    def _lost(self, protocol: PortalProtocol, reason: Failure) -> None:
+    def protocol_lost(self, protocol: PortalProtocol, reason: Failure) -> None:
         if protocol is not self.protocol:
             return
         self.protocol = None
@@ -539,7 +539,7 @@ class PortalClient(Service):
             elif kind is Fatal:
                 self._fatal(event.reason)  # type: ignore[union-attr]
             elif kind is Ignored:
-                self._ignored(event.reason)  # type: ignore[union-attr]
+                self.log_ignored(event.reason)  # type: ignore[union-attr]
             event = session.next_event()
         self._update_readiness()
         self._timer.arm(session.poll_timeout() if session.open and not self._stopped else None)
@@ -582,7 +582,9 @@ class PortalClient(Service):
             self.protocol.dropConnection(abort=True)
         self._on_fatal(reason)
 
-    def _ignored(self, reason: str) -> None:
+    def log_ignored(self, reason: str) -> None:
+        """Count a frame or message the relay ignores and log it (at most
+        ``IGNORED_LOG_BURST`` lines per ``IGNORED_LOG_WINDOW``)."""
         self.ignored += 1
         now = self.clock.seconds()
         if now - self._ignored_window >= IGNORED_LOG_WINDOW:

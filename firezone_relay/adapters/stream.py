@@ -124,8 +124,7 @@ class _StreamServer(tcp.Server):
         # disconnect _doReadOrWrite makes.
         why = self.doRead()
         if why:
-            reactor: Any = self.reactor
-            reactor._disconnectSelectable(self, why, True)
+            dispatch.disconnect(self.reactor, self, why)
 
 
 class _StreamFactory(Factory):

@@ -1,10 +1,38 @@
 """STUN attribute values: one decoder and one encoder per value shape.
 
-``stun.CODECS`` maps each attribute type to a pair from here; ``stun.decode``
-and ``stun.encode`` are the only callers.  A decoder takes the value bytes
-and the transaction ID (for the XOR-ed addresses) and returns the plain
-Python value listed in ``stun``'s module docstring, or raises
-``AttributeValueError``; an encoder is its inverse.
+``CODECS`` (at the end) maps each attribute type to a pair from here;
+``stun.decode`` and ``stun.encode`` are the only callers.  A decoder takes
+the value bytes and the transaction ID (for the XOR-ed addresses) and returns
+the plain Python value listed below, or raises ``AttributeValueError``; an
+encoder is its inverse.
+
+Attribute values are decoded eagerly into plain Python values so that a
+malformed message is rejected as a whole, never half-read:
+
+==========================  =========================================
+attribute                   value
+==========================  =========================================
+addresses (MAPPED, XOR-*,   ``(ip, port)`` with ``ip`` as text
+ALTERNATE-SERVER)
+USERNAME, REALM, NONCE,     ``str``
+SOFTWARE
+USERHASH, DATA,             ``bytes``
+RESERVATION-TOKEN,
+MESSAGE-INTEGRITY(-SHA256)
+ERROR-CODE                  ``(code, reason)``
+ADDRESS-ERROR-CODE          ``(family, code, reason)``
+UNKNOWN-ATTRIBUTES          ``tuple`` of attribute types
+LIFETIME, FINGERPRINT,      ``int``
+CHANNEL-NUMBER,
+REQUESTED-TRANSPORT,
+REQUESTED-/ADDITIONAL-
+ADDRESS-FAMILY
+EVEN-PORT                   ``bool`` (the R bit)
+DONT-FRAGMENT               ``True``
+PASSWORD-ALGORITHM          ``(algorithm, parameters)``
+PASSWORD-ALGORITHMS         ``tuple`` of ``(algorithm, parameters)``
+anything else               the raw value ``bytes``
+==========================  =========================================
 """
 
 from __future__ import annotations
@@ -13,6 +41,14 @@ import ipaddress
 import struct
 from typing import Callable, Sequence, Tuple
 
+from .iana import ADDITIONAL_ADDRESS_FAMILY, ADDRESS_ERROR_CODE, ALTERNATE_SERVER, CHANNEL_NUMBER, DATA, DONT_FRAGMENT
+from .iana import ERROR_CODE, EVEN_PORT, FINGERPRINT, LIFETIME, MAPPED_ADDRESS, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256
+from .iana import NONCE, PASSWORD_ALGORITHM, PASSWORD_ALGORITHMS, REALM, REQUESTED_ADDRESS_FAMILY, REQUESTED_TRANSPORT
+from .iana import RESERVATION_TOKEN, SOFTWARE, UNKNOWN_ATTRIBUTES, USERHASH, USERNAME, XOR_MAPPED_ADDRESS
+from .iana import XOR_PEER_ADDRESS, XOR_RELAYED_ADDRESS
+
+#: RFC 8489 §5: the length of the message header.
+HEADER_LENGTH = 20
 #: RFC 8489 §5: the magic cookie, which also masks XOR-ed addresses (§14.2).
 MAGIC_COOKIE = 0x2112A442
 _MAGIC_BYTES = MAGIC_COOKIE.to_bytes(4, "big")
@@ -47,11 +83,6 @@ class AttributeValueError(Exception):
 
 
 # --- addresses -----------------------------------------------------------
-
-
-def ip_family(ip: str) -> int:
-    """4 or 6."""
-    return 6 if ":" in ip else 4
 
 
 _OCTETS = {text: i for i, text in enumerate(str(i) for i in range(256))}
@@ -390,3 +421,39 @@ def decode_mi_sha256(value: bytes, tid: bytes) -> bytes:
     return value
 
 
+# --- the codec of each attribute type --------------------------------------
+
+_username = text_codec(MAX_USERNAME)
+_text = text_codec(MAX_TEXT)
+_mi = fixed_bytes_codec((20,))
+_mi256_encode = fixed_bytes_codec(tuple(range(16, 33, 4)))[1]
+
+CODECS: dict[int, Tuple[Decoder, Encoder]] = {
+    MAPPED_ADDRESS: (decode_address, encode_address),
+    ALTERNATE_SERVER: (decode_address, encode_address),
+    XOR_MAPPED_ADDRESS: (decode_xor_address, encode_xor_address),
+    XOR_PEER_ADDRESS: (decode_xor_address, encode_xor_address),
+    XOR_RELAYED_ADDRESS: (decode_xor_address, encode_xor_address),
+    USERNAME: _username,
+    REALM: _text,
+    NONCE: _text,
+    SOFTWARE: _text,
+    USERHASH: fixed_bytes_codec((32,)),
+    MESSAGE_INTEGRITY: _mi,
+    MESSAGE_INTEGRITY_SHA256: (decode_mi_sha256, _mi256_encode),
+    PASSWORD_ALGORITHM: (decode_password_algorithm, encode_password_algorithm),
+    PASSWORD_ALGORITHMS: (decode_password_algorithms, encode_password_algorithms),
+    FINGERPRINT: (decode_u32, encode_u32),
+    ERROR_CODE: (decode_error_code, encode_error_code),
+    ADDRESS_ERROR_CODE: (decode_address_error_code, encode_address_error_code),
+    UNKNOWN_ATTRIBUTES: (decode_unknown_attributes, encode_unknown_attributes),
+    LIFETIME: (decode_u32, encode_u32),
+    REQUESTED_TRANSPORT: (decode_first_byte, encode_first_byte),
+    REQUESTED_ADDRESS_FAMILY: (decode_first_byte, encode_first_byte),
+    ADDITIONAL_ADDRESS_FAMILY: (decode_first_byte, encode_first_byte),
+    CHANNEL_NUMBER: (decode_channel_number, encode_channel_number),
+    DATA: (decode_any_bytes, encode_any_bytes),
+    EVEN_PORT: (decode_even_port, encode_even_port),
+    RESERVATION_TOKEN: fixed_bytes_codec((8,)),
+    DONT_FRAGMENT: (decode_flag, encode_flag),
+}

@@ -30,7 +30,7 @@ import hashlib
 import hmac
 from typing import Optional, Sequence, Tuple
 
-from . import stun
+from . import integrity, stun
 from .commands import Client
 
 REALM = "firezone"
@@ -128,7 +128,7 @@ class NonceFactory:
 
     def _mac(self, full: bool, issued: int, client: Tuple[str, int]) -> bytes:
         text = ("%s|%d|%s|%d" % ("f" if full else "p", issued, client[0], client[1])).encode("utf-8", "replace")
-        return stun.keyed_hmac(self._key, text, "sha256")[:_NONCE_MAC_BYTES]
+        return integrity.keyed_hmac(self._key, text, "sha256")[:_NONCE_MAC_BYTES]
 
     def issue(self, client: Tuple[str, int], now: float, full: bool = True) -> str:
         """A nonce for ``client``: with the RFC 8489 cookie and feature set
@@ -194,7 +194,7 @@ def firezone_key(secret: str, username: str, realm: str, algorithm: int = stun.A
     parsed = parse_username(username)
     if parsed is None:
         return None
-    return stun.long_term_key(username, realm, generate_password(secret, parsed[0], parsed[1]), algorithm)
+    return integrity.long_term_key(username, realm, generate_password(secret, parsed[0], parsed[1]), algorithm)
 
 
 def derive_key(message: stun.Message, request: Request, secret: str, realm: str) -> tuple[Optional[tuple[int, str]], bool]:
@@ -228,7 +228,7 @@ def _firezone_long_term_key(secret: str, username: str, realm: str, algorithm: i
     """``firezone_key`` of a parsed username, kept for the last 1024
     (secret, username, realm, algorithm): a client signs every request with
     the same credentials, and deriving the key is two hashes."""
-    return stun.long_term_key(username, realm, generate_password(secret, expiry, salt), algorithm)
+    return integrity.long_term_key(username, realm, generate_password(secret, expiry, salt), algorithm)
 
 
 def authenticate(
@@ -261,14 +261,14 @@ def authenticate(
     rest_expiry = parse_rest_username(username) if rest_secrets else None
     if (parsed is None or request.key is None) and rest_expiry is None:
         return "malformed_username", 401
-    check = stun.check_integrity_sha256 if request.sha256 else stun.check_integrity
+    check = integrity.check_integrity_sha256 if request.sha256 else integrity.check_integrity
     expiry: Optional[int] = None
     if parsed is not None and request.key is not None and check(message, request.key):
         expiry = parsed[0]
     elif rest_expiry is not None:
         # TURN REST credentials (SPEC §10): either scheme's key may verify.
         for rest_secret in rest_secrets:
-            key = stun.long_term_key(username, realm, rest_password(rest_secret, username), request.algorithm)
+            key = integrity.long_term_key(username, realm, rest_password(rest_secret, username), request.algorithm)
             if check(message, key):
                 request.key = key
                 request.username = username

@@ -8,9 +8,16 @@ the public addresses (hairpin) and never on a service port.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .commands import Address
 from .config import RelayConfig
 from .policy import OwnAddresses, PeerPolicy
+
+
+def _by_family(ip4: Optional[str], ip6: Optional[str]) -> dict[int, str]:
+    """``{4: ip4, 6: ip6}`` without the ones not configured (None or empty)."""
+    return {family: ip for family, ip in ((4, ip4), (6, ip6)) if ip}
 
 
 class PeerRules:
@@ -21,11 +28,7 @@ class PeerRules:
     def _init_peers(self, config: RelayConfig) -> None:
         self._policy = PeerPolicy(config.allow_peers, config.deny_peers, config.allow_loopback_peers)
         #: family -> the public address relayed addresses are given in
-        self._public: dict[int, str] = {}
-        if config.public_ip4:
-            self._public[4] = config.public_ip4
-        if config.public_ip6:
-            self._public[6] = config.public_ip6
+        self._public = _by_family(config.public_ip4, config.public_ip6)
         self._own_ips = frozenset(self._public.values())
         self._own = OwnAddresses(list(self._public.values()) + list(config.own_addresses))
         self._service_ports = frozenset((config.listen_port, *config.service_ports))
@@ -37,11 +40,7 @@ class PeerRules:
         )
         #: family -> the local address another worker's port is reached at
         #: (only when the public address is not local).
-        self._sibling_ip: dict[int, str] = {}
-        if config.sibling_ip4:
-            self._sibling_ip[4] = config.sibling_ip4
-        if config.sibling_ip6:
-            self._sibling_ip[6] = config.sibling_ip6
+        self._sibling_ip = _by_family(config.sibling_ip4, config.sibling_ip6)
 
     def _peer_allowed(self, peer: Address) -> tuple[bool, bool]:
         """``(allowed, hairpin)`` for a peer transport address (SPEC §5).

@@ -31,8 +31,9 @@ sits in one deadline heap (``timers.py``).
 Where things live: this module dispatches input and has one handler per
 RFC 8656 request.  ``Relay``'s bases hold the rest of its state:
 ``table.AllocationTable`` (allocations, permissions, channels and their
-indexes), ``peers.PeerRules`` (who may be a peer), ``replies.Replies``
-(encoding, signing and limiting replies).  ``auth.py`` is RFC 8489 §9.2,
+indexes), ``peers.PeerRules`` (who may be a peer), ``checks.RequestChecks``
+(each request's first checks) on ``replies.Replies`` (encoding, signing and
+limiting replies).  ``auth.py`` is RFC 8489 §9.2,
 ``ratelimit.py`` the token buckets, ``stats.py`` the counters,
 ``channel_data.py`` the ChannelData format (inlined below for speed).
 Nonces are stateless: nothing is stored for a client until it allocates.
@@ -48,13 +49,14 @@ from .allocation import CHANNEL_LIFETIME, CHANNEL_RESERVE, DEFAULT_LIFETIME, MAX
 from .allocation import RESERVATION_LIFETIME, Allocation, AllocationInfo, Channel, Permission, Reservation
 from .allocation import initial_lifetime, refresh_lifetime
 from .auth import MAX_AMPLIFICATION, MAX_REST_LIFETIME, NonceFactory, Request
+from .checks import RequestChecks
 from .channel_data import MAX_CHANNEL, MIN_CHANNEL
 from .config import FIXED_FIELDS, LIVE_FIELDS, RandomSource, RelayConfig
 from .commands import Address, AllocationCreated, Client, ClosePort, Command, SendDatagram, Transmit
 from .peers import PeerRules
 from .policy import PeerPolicy
 from .ratelimit import ReflectionGuard, over_budget
-from .replies import Replies, family_of
+from .replies import family_of
 from .stats import SIZE_BUCKET, RelayStats
 from .table import AllocationTable
 
@@ -68,8 +70,6 @@ __all__ = [
 UDP = 17
 #: SPEC §1: a CreatePermission lists at most this many XOR-PEER-ADDRESS (more → 400).
 MAX_PEERS_PER_REQUEST = 32
-#: SPEC §1: a 420 lists at most this many attribute types in UNKNOWN-ATTRIBUTES.
-MAX_UNKNOWN_LISTED = 16
 #: SPEC §1 ("more than 64 attributes → 400 or drop"): a STUN message larger
 #: than this, other than a Send indication (whose DATA may be up to 64 KiB),
 #: is dropped unread, counted as ``oversized``.  No request the relay serves
@@ -81,13 +81,7 @@ _SEND_INDICATION = stun.message_type(stun.SEND, stun.INDICATION)
 _WIRE_FAMILY = {stun.FAMILY_IPV4: 4, stun.FAMILY_IPV6: 6}
 
 
-def _unknown_listed(message: stun.Message) -> tuple[int, ...]:
-    """What a 420 lists: the distinct unknown comprehension-required types,
-    first ones first, at most ``MAX_UNKNOWN_LISTED`` (SPEC §1)."""
-    return tuple(dict.fromkeys(message.unknown_required))[:MAX_UNKNOWN_LISTED]
-
-
-class Relay(AllocationTable, PeerRules, Replies):
+class Relay(AllocationTable, PeerRules, RequestChecks):
     """The relay state machine.  See the module docstring."""
 
     def __init__(self, config: RelayConfig, rng: RandomSource) -> None:
@@ -315,57 +309,12 @@ class Relay(AllocationTable, PeerRules, Replies):
         else:
             self.stats.drop("unexpected_message")
 
-    # --- authentication -------------------------------------------------------
-
-    def _authenticate(self, message: stun.Message, request: Request, now: float) -> bool:
-        """RFC 8489 §9.2 (``auth.authenticate``); on failure the reply
-        (401/438 challenge, or 400) is queued and False returned."""
-        failure = auth.authenticate(
-            message, request, self._nonces, self.config.auth_secret, self.config.realm, self.config.rest_secrets, now
-        )
-        if failure is None:
-            return True
-        reason, code = failure
-        self.stats.auth_failure(reason)
-        if code == 400:
-            self._error(request, 400, now)
-        else:
-            self._challenge(request, code, now)
-        return False
-
-    def _common_checks(self, message: stun.Message, request: Request, now: float) -> bool:
-        """Authentication, then 420 for unknown comprehension-required attributes."""
-        if not self._authenticate(message, request, now):
-            return False
-        if message.unknown_required:
-            self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, _unknown_listed(message))])
-            return False
-        return True
-
-    def _owned_allocation(
-        self, message: stun.Message, request: Request, now: float, any_username: bool = False
-    ) -> Optional[Allocation]:
-        """After ``_common_checks``, the sender's active allocation, else 437;
-        wrong username → 441 unless ``any_username`` (an authenticated
-        delete from the 5-tuple).  ``None`` when a reply has been queued."""
-        if not self._common_checks(message, request, now):
-            return None
-        alloc = self._allocations.get(request.sender)
-        if alloc is None or not alloc.active:
-            self._error(request, 437, now)
-            return None
-        if alloc.username != request.username and not any_username:
-            self._error(request, 441, now)
-            return None
-        return alloc
-
     # --- Binding ---------------------------------------------------------------
 
     def _handle_binding(self, message: stun.Message, request: Request, now: float) -> None:
         """Binding (RFC 8489 §6.3.1, §7.3): XOR-MAPPED-ADDRESS, no
         authentication; within the reflection guard and 4x budget (SPEC §5)."""
-        if message.unknown_required:
-            self._error(request, 420, now, [(stun.UNKNOWN_ATTRIBUTES, _unknown_listed(message))])
+        if self._unknown_attributes(message, request, now):
             return
         if not self._unauthenticated_allowed(request.sender, now):
             self.stats.drop("rate_limited")
@@ -634,7 +583,7 @@ class Relay(AllocationTable, PeerRules, Replies):
             return
         self._commands.append(SendDatagram(alloc.port, family, self._peer_destination(peer), data))
 
-    # --- bandwidth -------------------------------------------------------------------------------
+    # --- bandwidth, hairpin ----------------------------------------------------------------------
 
     def _over_budget(self, meter: list[float], at: int, size: int, now: float) -> bool:
         """--max-bps (``ratelimit.over_budget``); counted when over."""
@@ -643,7 +592,6 @@ class Relay(AllocationTable, PeerRules, Replies):
             return True
         return False
 
-    # --- hairpin -----------------------------------------------------------------
     def _hairpin(self, port: int, family: int, peer: Address, payload: bytes, now: float) -> Optional[Transmit]:
         """Deliver to one of our own allocations as if the datagram had arrived
         on its port from ``(our public address, port)``."""

@@ -6,67 +6,38 @@ Pure functions over bytes.  ``decode`` turns one datagram into a
 into bytes, optionally signed (MESSAGE-INTEGRITY, MESSAGE-INTEGRITY-SHA256)
 and fingerprinted.
 
-The attribute value codecs are in ``attributes``; ``CODECS`` below maps
-each attribute type to its pair.
+The attribute value codecs, ``attributes.CODECS`` (each attribute type to its
+pair) and the plain Python value of each attribute are in ``attributes``.
 
 Decoding is linear in the datagram and bounded (SPEC §1): at most
 ``MAX_ATTRIBUTES`` attribute headers are read (a longer message is rejected,
 a request with a 400), list-valued attributes hold a bounded number of
 entries, and IPv6 addresses are formatted without the ``ipaddress`` module.
-
-Attribute values are decoded eagerly into plain Python values so that a
-malformed message is rejected as a whole, never half-read:
-
-==========================  =========================================
-attribute                   value
-==========================  =========================================
-addresses (MAPPED, XOR-*,   ``(ip, port)`` with ``ip`` as text
-ALTERNATE-SERVER)
-USERNAME, REALM, NONCE,     ``str``
-SOFTWARE
-USERHASH, DATA,             ``bytes``
-RESERVATION-TOKEN,
-MESSAGE-INTEGRITY(-SHA256)
-ERROR-CODE                  ``(code, reason)``
-ADDRESS-ERROR-CODE          ``(family, code, reason)``
-UNKNOWN-ATTRIBUTES          ``tuple`` of attribute types
-LIFETIME, FINGERPRINT,      ``int``
-CHANNEL-NUMBER,
-REQUESTED-TRANSPORT,
-REQUESTED-/ADDITIONAL-
-ADDRESS-FAMILY
-EVEN-PORT                   ``bool`` (the R bit)
-DONT-FRAGMENT               ``True``
-PASSWORD-ALGORITHM          ``(algorithm, parameters)``
-PASSWORD-ALGORITHMS         ``tuple`` of ``(algorithm, parameters)``
-anything else               the raw value ``bytes``
-==========================  =========================================
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 import zlib
-from typing import Any, Callable, Iterable, Optional, Tuple, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Tuple, TypeVar
 
 from . import attributes as _attr
 from .attributes import FAMILY_IPV4 as FAMILY_IPV4, FAMILY_IPV6 as FAMILY_IPV6, MAGIC_COOKIE as MAGIC_COOKIE
-from .attributes import Address as Address, ip_family as ip_family
+from .attributes import Address as Address
 from .attributes import ATTR_HEADER as _ATTR_HEADER, U16 as _U16, U32 as _U32, AttributeValueError as _AttributeError
-from .attributes import Decoder as _Decoder, Encoder as _Encoder
+from .attributes import CODECS, Decoder as _Decoder, Encoder as _Encoder, HEADER_LENGTH as HEADER_LENGTH
+from .integrity import keyed_hmac
+
+# Message integrity and long-term keys live in ``integrity``; these names stay
+# importable here for the clients outside the core (tests, benchmarks).
+from .integrity import check_integrity as check_integrity, check_integrity_sha256 as check_integrity_sha256
+from .integrity import long_term_key as long_term_key
 
 # The registry values (methods, classes, attribute types, password
 # algorithms, reason phrases) live in ``iana``; stun.BINDING etc. stay here.
 from .iana import *  # noqa: F401,F403
 
-#: Kept under their old names for the codec tests (test_hostile_codec
-#: compares the IPv6 formatter with ``ipaddress`` and counts address decodes).
-_unpack_ip6 = _attr.unpack_ip6
-_decode_xor_address = _attr.decode_xor_address
-
-HEADER_LENGTH = 20
 FINGERPRINT_XOR = 0x5354554E
 
 
@@ -133,41 +104,6 @@ def split_message_type(mtype: int) -> Tuple[int, int]:
     return method, msg_class
 
 
-_username = _attr.text_codec(_attr.MAX_USERNAME)
-_text = _attr.text_codec(_attr.MAX_TEXT)
-_mi = _attr.fixed_bytes_codec((20,))
-_mi256_encode = _attr.fixed_bytes_codec(tuple(range(16, 33, 4)))[1]
-
-CODECS: dict[int, Tuple[_Decoder, _Encoder]] = {
-    MAPPED_ADDRESS: (_attr.decode_address, _attr.encode_address),
-    ALTERNATE_SERVER: (_attr.decode_address, _attr.encode_address),
-    XOR_MAPPED_ADDRESS: (_attr.decode_xor_address, _attr.encode_xor_address),
-    XOR_PEER_ADDRESS: (_attr.decode_xor_address, _attr.encode_xor_address),
-    XOR_RELAYED_ADDRESS: (_attr.decode_xor_address, _attr.encode_xor_address),
-    USERNAME: _username,
-    REALM: _text,
-    NONCE: _text,
-    SOFTWARE: _text,
-    USERHASH: _attr.fixed_bytes_codec((32,)),
-    MESSAGE_INTEGRITY: _mi,
-    MESSAGE_INTEGRITY_SHA256: (_attr.decode_mi_sha256, _mi256_encode),
-    PASSWORD_ALGORITHM: (_attr.decode_password_algorithm, _attr.encode_password_algorithm),
-    PASSWORD_ALGORITHMS: (_attr.decode_password_algorithms, _attr.encode_password_algorithms),
-    FINGERPRINT: (_attr.decode_u32, _attr.encode_u32),
-    ERROR_CODE: (_attr.decode_error_code, _attr.encode_error_code),
-    ADDRESS_ERROR_CODE: (_attr.decode_address_error_code, _attr.encode_address_error_code),
-    UNKNOWN_ATTRIBUTES: (_attr.decode_unknown_attributes, _attr.encode_unknown_attributes),
-    LIFETIME: (_attr.decode_u32, _attr.encode_u32),
-    REQUESTED_TRANSPORT: (_attr.decode_first_byte, _attr.encode_first_byte),
-    REQUESTED_ADDRESS_FAMILY: (_attr.decode_first_byte, _attr.encode_first_byte),
-    ADDITIONAL_ADDRESS_FAMILY: (_attr.decode_first_byte, _attr.encode_first_byte),
-    CHANNEL_NUMBER: (_attr.decode_channel_number, _attr.encode_channel_number),
-    DATA: (_attr.decode_any_bytes, _attr.encode_any_bytes),
-    EVEN_PORT: (_attr.decode_even_port, _attr.encode_even_port),
-    RESERVATION_TOKEN: _attr.fixed_bytes_codec((8,)),
-    DONT_FRAGMENT: (_attr.decode_flag, _attr.encode_flag),
-}
-
 _DECODERS: dict[int, _Decoder] = {t: c[0] for t, c in CODECS.items()}
 _ENCODERS: dict[int, _Encoder] = {t: c[1] for t, c in CODECS.items()}
 
@@ -219,6 +155,7 @@ def is_comprehension_required(attr_type: int) -> bool:
 # --- messages ------------------------------------------------------------
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Message:
     """A decoded STUN message.
 
@@ -229,39 +166,15 @@ class Message:
     RFC 8489 §14.5–14.6 says to ignore them.
     """
 
-    __slots__ = (
-        "method",
-        "msg_class",
-        "transaction_id",
-        "attributes",
-        "raw",
-        "integrity_offset",
-        "integrity_sha256_offset",
-        "has_fingerprint",
-        "unknown_required",
-    )
-
-    def __init__(
-        self,
-        method: int,
-        msg_class: int,
-        transaction_id: bytes,
-        attributes: list[Attribute],
-        raw: bytes = b"",
-        integrity_offset: int = -1,
-        integrity_sha256_offset: int = -1,
-        has_fingerprint: bool = False,
-        unknown_required: Tuple[int, ...] = (),
-    ) -> None:
-        self.method = method
-        self.msg_class = msg_class
-        self.transaction_id = transaction_id
-        self.attributes = attributes
-        self.raw = raw
-        self.integrity_offset = integrity_offset
-        self.integrity_sha256_offset = integrity_sha256_offset
-        self.has_fingerprint = has_fingerprint
-        self.unknown_required = unknown_required
+    method: int
+    msg_class: int
+    transaction_id: bytes
+    attributes: list[Attribute]
+    raw: bytes = b""
+    integrity_offset: int = -1
+    integrity_sha256_offset: int = -1
+    has_fingerprint: bool = False
+    unknown_required: Tuple[int, ...] = ()
 
     def get(self, attr_type: int) -> object:
         """The value of the first attribute of this type, or ``None``."""
@@ -541,7 +454,7 @@ def _username_at(data: bytes, username_at: int, tid: bytes) -> Optional[str]:
         return None
     ulen = _U16.unpack_from(data, username_at + 2)[0]
     try:
-        value = _username[0](data[username_at + 4 : username_at + 4 + ulen], tid)
+        value = _DECODERS[USERNAME](data[username_at + 4 : username_at + 4 + ulen], tid)
     except _AttributeError:
         return None
     return value if isinstance(value, str) else None
@@ -624,76 +537,11 @@ def encode(
     return _HEADER.pack(mtype, len(body), MAGIC_COOKIE) + transaction_id + body
 
 
-#: (hash name, key) -> the hash states after HMAC's inner and outer key
-#: blocks (RFC 2104): what ``hmac.digest`` sets up again on every call, about
-#: half its cost with OpenSSL 3.  Kept for the last ``_HMAC_KEYS`` keys
-#: (each client signs with one long-term key; the nonce key is fixed).
-_hmac_pads: dict[tuple[str, bytes], tuple[Any, Any]] = {}
-_HMAC_KEYS = 1024
-_HMAC_BLOCK = 64  # the block size of MD5, SHA-1 and SHA-256
-_IPAD = bytes((x ^ 0x36) for x in range(256))
-_OPAD = bytes((x ^ 0x5C) for x in range(256))
-
-
-def keyed_hmac(key: bytes, data: bytes, name: str) -> bytes:
-    """``hmac.digest(key, data, name)`` for ``name`` in sha1, sha256 (and
-    md5), from hash states kept per key."""
-    pads = _hmac_pads.get((name, key))
-    if pads is None:
-        block = key if len(key) <= _HMAC_BLOCK else hashlib.new(name, key).digest()
-        block = block.ljust(_HMAC_BLOCK, b"\x00")
-        pads = (hashlib.new(name, block.translate(_IPAD)), hashlib.new(name, block.translate(_OPAD)))
-        if len(_hmac_pads) >= _HMAC_KEYS:
-            _hmac_pads.clear()
-        _hmac_pads[(name, key)] = pads
-    inner = pads[0].copy()
-    inner.update(data)
-    outer = pads[1].copy()
-    outer.update(inner.digest())
-    return outer.digest()
-
-
 def _with_mac(body: bytes, mtype: int, tid: bytes, key: bytes, attr_type: int, algorithm: str, size: int) -> bytes:
     """``body`` with a MESSAGE-INTEGRITY(-SHA256) attribute appended: the HMAC
     of the header (its length counting the attribute) and ``body``."""
     header = _HEADER.pack(mtype, len(body) + 4 + size, MAGIC_COOKIE) + tid
     return body + _ATTR_HEADER.pack(attr_type, size) + keyed_hmac(key, header + body, algorithm)
-
-
-def _adjusted(raw: bytes, offset: int, total_after: int) -> bytes:
-    """``raw[:offset]`` with the header length set to ``offset - 20 + total_after``."""
-    return raw[:2] + (offset - HEADER_LENGTH + total_after).to_bytes(2, "big") + raw[4:offset]
-
-
-def check_integrity(message: Message, key: bytes) -> bool:
-    """Verify MESSAGE-INTEGRITY (HMAC-SHA1) in constant time."""
-    offset = message.integrity_offset
-    if offset < 0:
-        return False
-    raw = message.raw
-    mac = keyed_hmac(key, _adjusted(raw, offset, 24), "sha1")
-    return hmac.compare_digest(mac, raw[offset + 4 : offset + 24])
-
-
-def check_integrity_sha256(message: Message, key: bytes) -> bool:
-    """Verify MESSAGE-INTEGRITY-SHA256 (HMAC-SHA256, possibly truncated) in constant time."""
-    offset = message.integrity_sha256_offset
-    if offset < 0:
-        return False
-    raw = message.raw
-    length = (raw[offset + 2] << 8) | raw[offset + 3]
-    mac = keyed_hmac(key, _adjusted(raw, offset, 4 + length), "sha256")[:length]
-    return hmac.compare_digest(mac, raw[offset + 4 : offset + 4 + length])
-
-
-# --- long-term credential keys (RFC 8489 §9.2.2) --------------------------
-
-
-def long_term_key(username: str, realm: str, password: str, algorithm: int = ALGORITHM_MD5) -> bytes:
-    text = ("%s:%s:%s" % (username, realm, password)).encode("utf-8")
-    if algorithm == ALGORITHM_SHA256:
-        return hashlib.sha256(text).digest()
-    return hashlib.md5(text).digest()
 
 
 # --- ChannelData: see channel_data.py (RFC 8656 §12) ---------------------------

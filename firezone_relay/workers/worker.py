@@ -1,6 +1,6 @@
 """One worker process of ``--workers N``: ``python -m firezone_relay.workers.worker SLOT PARENT_PID``.
 
-Started by the supervisor (``supervisor.WorkerPool``) with:
+Started by the supervisor (``pool.WorkerPool``) with:
 
 * fd 0 / fd 1: the control channel (AMP, ``protocol``); fd 1 is moved
   away at once and fd 1 becomes a copy of fd 2, so that nothing printed can

@@ -31,7 +31,6 @@ import shutil
 import tempfile
 from typing import Any, Dict, Optional
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 
 from firezone_relay.xdp.loader import (
@@ -42,14 +41,14 @@ from firezone_relay.xdp.loader import (
     Settings,
     find_object,
 )
-from firezone_relay.adapters._twisted import Counts, LimitedLog
+from firezone_relay.adapters._twisted import Counts, LimitedLog, ListenerService
 from firezone_relay.xdp.interface import interface_ip4, interface_ip6
 
 log = Logger(namespace="firezone_relay.xdp")
 
 
 
-class XdpService(Service):
+class XdpService(ListenerService):
     """Loads the XDP program on ``interface`` and mirrors channel bindings into it.
 
     ``mode``: ``"generic"`` (SKB mode: veth, bridges, any driver),
@@ -82,13 +81,11 @@ class XdpService(Service):
 
     # --- life cycle -----------------------------------------------------------
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
-        self._load()
-
-    def startService(self) -> None:
-        super().startService()
-        if self.program is None and self.failure is None:  # without privilegedStartService (tests)
+    def open_listeners(self) -> None:
+        """Load and attach the program (``ListenerService``: before twistd
+        drops privileges, and at ``startService`` without that step: tests);
+        once, whether it worked or not."""
+        if self.program is None and self.failure is None:
             self._load()
 
     def stopService(self) -> None:

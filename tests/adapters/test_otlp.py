@@ -467,6 +467,9 @@ class OptionsTests(unittest.SynchronousTestCase):
             ({"OTEL_EXPORTER_OTLP_METRICS_TIMEOUT": "0"}, "must be a positive number of seconds"),
             ({"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "OTEL_EXPORTER_OTLP_COMPRESSION must be gzip, deflate or none"),
             ({"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent.pem"}, "OTEL_EXPORTER_OTLP_CERTIFICATE: '/nonexistent.pem' cannot be read"),
+            ({"OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": " br "}, "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION must be gzip, deflate or none (got ' br ')"),
+            ({"OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": "/nonexistent.crt"}, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE: '/nonexistent.crt' cannot be read"),
+            ({"OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY": " /nonexistent.key"}, "OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY: '/nonexistent.key' cannot be read"),
         ]:
             with self.assertRaises(usage.UsageError) as caught:
                 self.parse(["--otlp-grpc-endpoint", "https://c:1"], environ)

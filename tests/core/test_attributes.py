@@ -42,7 +42,7 @@ class AttributeCodecTests(SynchronousTestCase):
 
     def test_every_codec_in_the_table_is_one_of_these(self) -> None:
         module_functions = {v for v in vars(attributes).values() if callable(v)}
-        for atype, (decoder, encoder) in stun.CODECS.items():
+        for atype, (decoder, encoder) in attributes.CODECS.items():
             for function in (decoder, encoder):
                 self.assertTrue(function in module_functions or function.__module__ == attributes.__name__, (atype, function))
 

@@ -17,7 +17,7 @@ from unittest import mock
 from hypothesis import example, given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from firezone_relay.core import auth, stun
+from firezone_relay.core import attributes, auth, stun
 from firezone_relay.core.commands import SendDatagram
 from firezone_relay.core.relay import MAX_PEERS_PER_REQUEST, MAX_STUN_MESSAGE
 
@@ -153,7 +153,7 @@ class DecodeBoundTests(SynchronousTestCase):
 
         def counting(value: bytes, tid: bytes) -> object:
             calls.append(value)
-            return stun._decode_xor_address(value, tid)
+            return attributes.decode_xor_address(value, tid)
 
         with mock.patch.dict(stun._DECODERS, {stun.XOR_PEER_ADDRESS: counting}):
             with self.assertRaises(stun.StunDecodeError) as caught:
@@ -212,12 +212,12 @@ class DecodeBoundTests(SynchronousTestCase):
     @example(b"\x20\x01\x0d\xb8\x00\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00\x01")
     @example(b"\x00\x01\x00\x00\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x01")
     def test_ipv6_text_is_what_ipaddress_would_say(self, raw: bytes) -> None:
-        self.assertEqual(stun._unpack_ip6(raw), ipaddress.IPv6Address(raw).compressed)
+        self.assertEqual(attributes.unpack_ip6(raw), ipaddress.IPv6Address(raw).compressed)
 
     @given(st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF, 0x2001, 0xDB8]), min_size=8, max_size=8))
     def test_ipv6_zero_runs(self, words: list[int]) -> None:
         raw = struct.pack(">8H", *words)
-        self.assertEqual(stun._unpack_ip6(raw), ipaddress.IPv6Address(raw).compressed)
+        self.assertEqual(attributes.unpack_ip6(raw), ipaddress.IPv6Address(raw).compressed)
 
     def test_list_attributes_are_bounded(self) -> None:
         """One 64 KiB attribute must not be a loop of thousands of entries."""
@@ -536,7 +536,7 @@ class BindingStructureTests(SynchronousTestCase):
 
         def counting(value: bytes, tid: bytes) -> object:
             calls.append(value)
-            return stun._decode_xor_address(value, tid)
+            return attributes.decode_xor_address(value, tid)
 
         with mock.patch.dict(stun._DECODERS, {stun.XOR_PEER_ADDRESS: counting}):
             reply = d.request(stun.encode(stun.BINDING, stun.REQUEST, d.next_tid(), peers))

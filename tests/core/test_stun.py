@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from firezone_relay.core import auth, stun
+from firezone_relay.core.attributes import CODECS
 from firezone_relay.core.channel_data import is_stun
 from tests import hypothesis_profile  # noqa: F401  (loads the settings profile)
 
@@ -565,7 +566,7 @@ VALUES = {
 LISTABLE = sorted(set(VALUES) - set(_SIGNATURES))
 
 typed_attributes = st.sampled_from(LISTABLE).flatmap(lambda t: VALUES[t].map(lambda v: (t, v)))
-unknown_attributes = st.tuples(u16.filter(lambda t: t not in stun.CODECS), st.binary(max_size=40))
+unknown_attributes = st.tuples(u16.filter(lambda t: t not in CODECS), st.binary(max_size=40))
 attribute_lists = st.lists(st.one_of(typed_attributes, unknown_attributes), max_size=8)
 keys = st.one_of(st.none(), st.binary(min_size=1, max_size=64))
 
@@ -595,13 +596,13 @@ def encode_drawn(drawn: Tuple[int, int, bytes, List[stun.Attribute], Optional[by
 
 class RoundTripTests(SynchronousTestCase):
     def test_every_codec_has_a_strategy(self) -> None:
-        self.assertEqual(set(VALUES), set(stun.CODECS))
+        self.assertEqual(set(VALUES), set(CODECS))
 
     @given(st.data())
     def test_each_attribute_type(self, data: st.DataObject) -> None:
         tid = data.draw(tids)
-        for atype in sorted(stun.CODECS):
-            decoder, encoder = stun.CODECS[atype]
+        for atype in sorted(CODECS):
+            decoder, encoder = CODECS[atype]
             value = data.draw(VALUES[atype], label="0x%04x" % atype)
             raw = encoder(value, tid)
             self.assertEqual(decoder(raw, tid), value)
@@ -624,7 +625,7 @@ class RoundTripTests(SynchronousTestCase):
         )
         self.assertEqual(signatures, expected_signatures)
         self.assertEqual(message.has_fingerprint, fingerprint)
-        self.assertEqual(message.unknown_required, tuple(t for t, _ in attributes if t not in stun.CODECS and t < 0x8000))
+        self.assertEqual(message.unknown_required, tuple(t for t, _ in attributes if t not in CODECS and t < 0x8000))
         if key is not None:
             self.assertTrue(stun.check_integrity(message, key))
             self.assertFalse(stun.check_integrity(message, key + b"x"))
@@ -659,19 +660,19 @@ class RoundTripTests(SynchronousTestCase):
     def test_xor_address_example(self) -> None:
         """The XOR is with the cookie (and the transaction id for IPv6): RFC 5769 §2.2 by hand."""
         tid = bytes.fromhex("b7e7a701bc34d686fa87dfae")
-        raw = stun.CODECS[stun.XOR_MAPPED_ADDRESS][1](("192.0.2.1", 32853), tid)
+        raw = CODECS[stun.XOR_MAPPED_ADDRESS][1](("192.0.2.1", 32853), tid)
         self.assertEqual(raw, bytes.fromhex("0001a147e112a643"))
-        plain = stun.CODECS[stun.MAPPED_ADDRESS][1](("192.0.2.1", 32853), tid)
+        plain = CODECS[stun.MAPPED_ADDRESS][1](("192.0.2.1", 32853), tid)
         self.assertEqual(plain, bytes.fromhex("00018055c0000201"))
 
     def test_text_limits(self) -> None:
         tid = b"t" * 12
         for atype, limit in ((stun.USERNAME, 512), (stun.REALM, 763), (stun.NONCE, 763), (stun.SOFTWARE, 763)):
-            decoder, encoder = stun.CODECS[atype]
+            decoder, encoder = CODECS[atype]
             at_limit = "\u00e9" * (limit // 2) + "x" * (limit % 2)
             self.assertEqual(decoder(encoder(at_limit, tid), tid), at_limit)
             self.assertRaises(ValueError, encoder, at_limit + "x", tid)
-        self.assertRaises(ValueError, stun.CODECS[stun.ERROR_CODE][1], (400, "x" * 764), tid)
+        self.assertRaises(ValueError, CODECS[stun.ERROR_CODE][1], (400, "x" * 764), tid)
 
 
 class EncoderMisuseTests(SynchronousTestCase):
@@ -725,7 +726,7 @@ def decode_or_error(test: SynchronousTestCase, data: bytes) -> Optional[stun.Mes
         return None
     # Whatever decodes is something the relay could echo back: every typed value re-encodes.
     for atype, value in message.attributes:
-        codec = stun.CODECS.get(atype)
+        codec = CODECS.get(atype)
         if codec is not None:
             test.assertEqual(codec[0](codec[1](value, message.transaction_id), message.transaction_id), value)
         else:
@@ -755,7 +756,7 @@ def mutated(draw: st.DrawFn) -> bytes:
         elif kind == "attr-type" and len(data) > 24:
             starts = [start - 4 for _, start, _ in walk(bytes(data))] or [20]
             pos = draw(st.sampled_from(starts))
-            data[pos : pos + 2] = struct.pack(">H", draw(st.one_of(st.sampled_from(sorted(stun.CODECS)), u16)))
+            data[pos : pos + 2] = struct.pack(">H", draw(st.one_of(st.sampled_from(sorted(CODECS)), u16)))
         elif kind == "byte" and data:
             data[draw(st.integers(0, len(data) - 1))] = draw(u8)
     return bytes(data)
@@ -766,7 +767,7 @@ def plausible(draw: st.DrawFn) -> bytes:
     """A right header (cookie, length) around random attribute bytes: reaches the attribute parser."""
     body = bytearray()
     for _ in range(draw(st.integers(0, 5))):
-        atype = draw(st.one_of(st.sampled_from(sorted(stun.CODECS)), u16))
+        atype = draw(st.one_of(st.sampled_from(sorted(CODECS)), u16))
         value = draw(st.binary(max_size=40))
         body += attr(atype, value)
     body += draw(st.binary(max_size=8).map(lambda b: b[: len(b) // 4 * 4]))
@@ -985,7 +986,7 @@ class EncodedConstantTests(SynchronousTestCase):
     def plain(attributes: List[Tuple[int, object]]) -> bytes:
         body = b""
         for atype, value in attributes:
-            raw = stun.CODECS[atype][1](value, b"T" * 12)
+            raw = CODECS[atype][1](value, b"T" * 12)
             body += struct.pack("!HH", atype, len(raw)) + raw + b"\0" * (-len(raw) % 4)
         return struct.pack("!HHI", 0x0113, len(body), 0x2112A442) + b"T" * 12 + body
 
