@@ -852,37 +852,127 @@ IO_stats(IOObject *self, PyObject *Py_UNUSED(ignored))
                          "send_calls", self->send_calls);
 }
 
-/* --- poll: one epoll_wait, the direct reads dispatched here ---------------- */
+/* --- poll: epoll_wait, the direct reads dispatched here ---------------------- */
 
-/* _udpio.poll(epfd, timeout, maxevents, selectables, fast, failed)
+/* _udpio.poll(epfd, timeout, maxevents, selectables, fast, failed[, reactor, end])
        -> int, or a list of (fd, event)
 
    One epoll_wait(epfd) (the reactor's epoll; ``timeout`` in seconds, < 0 to
    wait indefinitely, rounded up to milliseconds as select.epoll.poll does;
-   the GIL is released while it waits).  Then, in the kernel's order, each
-   event whose selectable (``selectables[fd]``; an fd not there is skipped)
-   is of a type in the set ``fast``, whose event is EPOLLIN alone and whose
-   ``direct_read`` is not None has direct_read() called here; an exception
-   from it (except KeyboardInterrupt, which propagates) is passed to
-   ``failed(selectable, exc)`` and the next event follows.  At the first
-   event that is not such a one, the poll stops and returns it and all the
-   events after it as a list of (fd, event) for the caller's own dispatch
-   (adapters/dispatch.py), in order.  Otherwise it returns the number of
-   events (0: none before the timeout, or a signal interrupted the wait;
-   Python signal handlers have run then).  This is the loop of
-   dispatch.doPoll for the relay's sockets without a Python bytecode per
-   event; it calls what that loop calls, in the same order. */
+   the GIL is released while it waits; ``maxevents``: at most that many
+   events).  Then, in the kernel's order, each event whose selectable
+   (``selectables[fd]``; an fd not there is skipped) is of a type in the set
+   ``fast``, whose event is EPOLLIN alone and whose ``direct_read`` is not
+   None has direct_read() called here; an exception from it (except
+   KeyboardInterrupt, which propagates) is passed to ``failed(selectable,
+   exc)`` and the next event follows.  At the first event that is not such
+   a one, the poll stops and returns it and all the events after it as a
+   list of (fd, event) for the caller's own dispatch (adapters/dispatch.py),
+   in order.  Otherwise it returns the number of events (0: none before the
+   timeout, or a signal interrupted the wait; Python signal handlers have
+   run then).
+
+   With ``reactor`` (Twisted's EPollReactor) and ``end`` (the caller's
+   deadline, reactor.seconds() time, or None), a poll whose every event was
+   dispatched here is followed by the checks of dispatch.doPoll's loop, and
+   by another poll while they pass: it returns 0 when the timeout is 0,
+   when the reactor has a new timed call (``_newTimedCalls``), a call from a
+   thread (``threadCallQueue``) or is stopping (``_justStopped``), or when
+   ``end`` or the first pending timed call (``_pendingTimedCalls[0].time``)
+   has come; else it waits again until the earlier of the two.  ``maxevents``
+   is then the size of ``selectables`` at each poll.  This is dispatch.doPoll
+   for the relay's sockets without a Python bytecode per event or per wake-up;
+   it calls what that loop calls, in the same order. */
 
 static struct epoll_event *poll_events = NULL;
 static int poll_capacity = 0;
 static int polling = 0;
-static PyObject *str_direct_read;
+static PyObject *str_direct_read, *str_new_timed, *str_thread_queue, *str_just_stopped, *str_pending_timed,
+    *str_time, *str_seconds;
+
+static int
+timeout_ms_of(double seconds)
+{
+    if (seconds < 0)
+        return -1;
+    double ms = seconds * 1000.0;
+    if (ms >= (double)INT_MAX)
+        return INT_MAX;
+    int timeout_ms = (int)ms;
+    if ((double)timeout_ms < ms)
+        timeout_ms++; /* rounded up, as select.epoll.poll does */
+    return timeout_ms;
+}
+
+/* 1 if the attribute ``name`` of ``obj`` is true, 0 if not, -1 on error. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* doPoll's checks after a poll whose events all went to direct reads: 1 and
+   *timeout_ms set to poll again, 0 to return, -1 on error. */
+static int
+poll_again(PyObject *reactor, double end, int *timeout_ms)
+{
+    if (*timeout_ms == 0)
+        return 0;
+    int r;
+    if ((r = attr_true(reactor, str_new_timed)) != 0 || (r = attr_true(reactor, str_thread_queue)) != 0 ||
+        (r = attr_true(reactor, str_just_stopped)) != 0)
+        return r < 0 ? -1 : 0;
+    PyObject *now_obj = PyObject_CallMethodNoArgs(reactor, str_seconds);
+    if (now_obj == NULL)
+        return -1;
+    double now = PyFloat_AsDouble(now_obj);
+    Py_DECREF(now_obj);
+    if (now == -1.0 && PyErr_Occurred())
+        return -1;
+    int bounded = end >= 0;
+    double remaining = bounded ? end - now : 0;
+    PyObject *pending = PyObject_GetAttr(reactor, str_pending_timed);
+    if (pending == NULL)
+        return -1;
+    if (PyList_Check(pending) && PyList_GET_SIZE(pending) > 0) {
+        PyObject *t = PyObject_GetAttr(PyList_GET_ITEM(pending, 0), str_time);
+        double due = t == NULL ? -1.0 : PyFloat_AsDouble(t);
+        Py_XDECREF(t);
+        if (due == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(pending);
+            return -1;
+        }
+        due -= now;
+        if (!bounded || due < remaining) {
+            remaining = due;
+            bounded = 1;
+        }
+    } else if (!PyList_Check(pending)) {
+        Py_DECREF(pending);
+        PyErr_SetString(PyExc_TypeError, "poll: reactor._pendingTimedCalls is not a list");
+        return -1;
+    }
+    Py_DECREF(pending);
+    if (!bounded) {
+        *timeout_ms = -1;
+        return 1;
+    }
+    if (remaining <= 0)
+        return 0;
+    *timeout_ms = timeout_ms_of(remaining);
+    return 1;
+}
 
 static PyObject *
 udpio_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "poll(epfd, timeout, maxevents, selectables, fast, failed)");
+    if (nargs != 6 && nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "poll(epfd, timeout, maxevents, selectables, fast, failed[, reactor, end])");
         return NULL;
     }
     int epfd = (int)PyLong_AsLong(args[0]);
@@ -898,123 +988,137 @@ udpio_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (maxevents == -1 && PyErr_Occurred())
         return NULL;
     PyObject *selectables = args[3], *fast = args[4], *failed = args[5];
+    PyObject *reactor = nargs == 8 && args[6] != Py_None ? args[6] : NULL;
+    double end = -1.0;
+    if (reactor != NULL && args[7] != Py_None) {
+        end = PyFloat_AsDouble(args[7]);
+        if (end == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (end < 0)
+            end = 0;
+    }
     if (!PyDict_Check(selectables) || !PyAnySet_Check(fast)) {
         PyErr_SetString(PyExc_TypeError, "poll: selectables must be a dict and fast a set");
-        return NULL;
-    }
-    if (maxevents < 1 || maxevents > INT_MAX / (int)sizeof(struct epoll_event)) {
-        PyErr_Format(PyExc_ValueError, "maxevents must be greater than 0, got %ld", maxevents);
         return NULL;
     }
     if (polling) {
         PyErr_SetString(PyExc_RuntimeError, "_udpio.poll is not reentrant");
         return NULL;
     }
-    int timeout_ms;
-    if (seconds < 0)
-        timeout_ms = -1;
-    else if (seconds * 1000.0 >= (double)INT_MAX)
-        timeout_ms = INT_MAX;
-    else {
-        double ms = seconds * 1000.0;
-        timeout_ms = (int)ms;
-        if ((double)timeout_ms < ms)
-            timeout_ms++; /* rounded up, as select.epoll.poll does */
-    }
-    if (maxevents > poll_capacity) {
-        struct epoll_event *grown = PyMem_RawRealloc(poll_events, (size_t)maxevents * sizeof(struct epoll_event));
-        if (grown == NULL)
-            return PyErr_NoMemory();
-        poll_events = grown;
-        poll_capacity = (int)maxevents;
-    }
-    int n;
-    Py_BEGIN_ALLOW_THREADS
-    n = epoll_wait(epfd, poll_events, (int)maxevents, timeout_ms);
-    Py_END_ALLOW_THREADS
-    if (n < 0) {
-        if (errno == EINTR) {
-            if (PyErr_CheckSignals() < 0)
-                return NULL;
-            return PyLong_FromLong(0);
-        }
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
+    int timeout_ms = timeout_ms_of(seconds);
     polling = 1;
     PyObject *result = NULL;
-    int i = 0;
-    for (; i < n; i++) {
-        uint32_t event = poll_events[i].events;
-        PyObject *key = PyLong_FromLong((long)poll_events[i].data.fd);
-        if (key == NULL)
+    for (;;) {
+        if (maxevents < 1 || maxevents > INT_MAX / (int)sizeof(struct epoll_event)) {
+            PyErr_Format(PyExc_ValueError, "maxevents must be greater than 0, got %ld", maxevents);
             goto done;
-        PyObject *selectable = PyDict_GetItemWithError(selectables, key);
-        Py_DECREF(key);
-        if (selectable == NULL) {
-            if (PyErr_Occurred())
+        }
+        if (maxevents > poll_capacity) {
+            struct epoll_event *grown = PyMem_RawRealloc(poll_events, (size_t)maxevents * sizeof(struct epoll_event));
+            if (grown == NULL) {
+                PyErr_NoMemory();
                 goto done;
-            continue;
+            }
+            poll_events = grown;
+            poll_capacity = (int)maxevents;
         }
-        if (event != EPOLLIN)
-            break;
-        int is_fast = PySet_Contains(fast, (PyObject *)Py_TYPE(selectable));
-        if (is_fast < 0)
-            goto done;
-        if (!is_fast)
-            break;
-        Py_INCREF(selectable); /* the read may drop it from the dict */
-        PyObject *direct = PyObject_GetAttr(selectable, str_direct_read);
-        if (direct == NULL) {
-            Py_DECREF(selectable);
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(epfd, poll_events, (int)maxevents, timeout_ms);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() == 0)
+                    result = PyLong_FromLong(0);
+                goto done;
+            }
+            PyErr_SetFromErrno(PyExc_OSError);
             goto done;
         }
-        if (direct == Py_None) {
+        int i = 0;
+        for (; i < n; i++) {
+            uint32_t event = poll_events[i].events;
+            PyObject *key = PyLong_FromLong((long)poll_events[i].data.fd);
+            if (key == NULL)
+                goto done;
+            PyObject *selectable = PyDict_GetItemWithError(selectables, key);
+            Py_DECREF(key);
+            if (selectable == NULL) {
+                if (PyErr_Occurred())
+                    goto done;
+                continue;
+            }
+            if (event != EPOLLIN)
+                break;
+            int is_fast = PySet_Contains(fast, (PyObject *)Py_TYPE(selectable));
+            if (is_fast < 0)
+                goto done;
+            if (!is_fast)
+                break;
+            Py_INCREF(selectable); /* the read may drop it from the dict */
+            PyObject *direct = PyObject_GetAttr(selectable, str_direct_read);
+            if (direct == NULL) {
+                Py_DECREF(selectable);
+                goto done;
+            }
+            if (direct == Py_None) {
+                Py_DECREF(direct);
+                Py_DECREF(selectable);
+                break;
+            }
+            PyObject *r = PyObject_CallNoArgs(direct);
             Py_DECREF(direct);
+            if (r != NULL) {
+                Py_DECREF(r);
+            } else {
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                if (type == NULL || PyErr_GivenExceptionMatches(type, PyExc_KeyboardInterrupt)) {
+                    PyErr_Restore(type, value, tb);
+                    Py_DECREF(selectable);
+                    goto done;
+                }
+                if (tb != NULL)
+                    PyException_SetTraceback(value, tb);
+                r = PyObject_CallFunctionObjArgs(failed, selectable, value, NULL);
+                Py_XDECREF(type);
+                Py_XDECREF(value);
+                Py_XDECREF(tb);
+                if (r == NULL) {
+                    Py_DECREF(selectable);
+                    goto done;
+                }
+                Py_DECREF(r);
+            }
             Py_DECREF(selectable);
-            break;
         }
-        PyObject *r = PyObject_CallNoArgs(direct);
-        Py_DECREF(direct);
-        if (r != NULL) {
-            Py_DECREF(r);
-        } else {
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            if (type == NULL || PyErr_GivenExceptionMatches(type, PyExc_KeyboardInterrupt)) {
-                PyErr_Restore(type, value, tb);
-                Py_DECREF(selectable);
+        if (i < n) {
+            /* The rest, from the first event not dispatched here. */
+            result = PyList_New(n - i);
+            if (result == NULL)
                 goto done;
+            for (int k = i; k < n; k++) {
+                PyObject *pair = Py_BuildValue("(iI)", poll_events[k].data.fd, (unsigned int)poll_events[k].events);
+                if (pair == NULL) {
+                    Py_CLEAR(result);
+                    goto done;
+                }
+                PyList_SET_ITEM(result, k - i, pair);
             }
-            if (tb != NULL)
-                PyException_SetTraceback(value, tb);
-            r = PyObject_CallFunctionObjArgs(failed, selectable, value, NULL);
-            Py_XDECREF(type);
-            Py_XDECREF(value);
-            Py_XDECREF(tb);
-            if (r == NULL) {
-                Py_DECREF(selectable);
-                goto done;
-            }
-            Py_DECREF(r);
-        }
-        Py_DECREF(selectable);
-    }
-    if (i == n) {
-        result = PyLong_FromLong(n);
-        goto done;
-    }
-    /* The rest, from the first event not dispatched here. */
-    result = PyList_New(n - i);
-    if (result == NULL)
-        goto done;
-    for (int k = i; k < n; k++) {
-        PyObject *pair = Py_BuildValue("(iI)", poll_events[k].data.fd, (unsigned int)poll_events[k].events);
-        if (pair == NULL) {
-            Py_CLEAR(result);
             goto done;
         }
-        PyList_SET_ITEM(result, k - i, pair);
+        if (reactor == NULL || n == 0) {
+            result = PyLong_FromLong(n);
+            goto done;
+        }
+        int again = poll_again(reactor, end, &timeout_ms);
+        if (again <= 0) {
+            if (again == 0)
+                result = PyLong_FromLong(0);
+            goto done;
+        }
+        maxevents = (long)PyDict_Size(selectables);
     }
 done:
     polling = 0;
@@ -1023,8 +1127,8 @@ done:
 
 static PyMethodDef module_methods[] = {
     {"poll", (PyCFunction)(void (*)(void))udpio_poll, METH_FASTCALL,
-     "poll(epfd, timeout, maxevents, selectables, fast, failed) -> number of events, or the list of "
-     "(fd, event) left for the caller (see the C source)"},
+     "poll(epfd, timeout, maxevents, selectables, fast, failed[, reactor, end]) -> number of events, or the "
+     "list of (fd, event) left for the caller (see the C source)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1070,7 +1174,14 @@ PyInit__udpio(void)
     str_end_read = PyUnicode_InternFromString("end_read");
     str_read_listener = PyUnicode_InternFromString("read_listener");
     str_direct_read = PyUnicode_InternFromString("direct_read");
-    if (!str_begin_read || !str_end_read || !str_read_listener || !str_direct_read)
+    str_new_timed = PyUnicode_InternFromString("_newTimedCalls");
+    str_thread_queue = PyUnicode_InternFromString("threadCallQueue");
+    str_just_stopped = PyUnicode_InternFromString("_justStopped");
+    str_pending_timed = PyUnicode_InternFromString("_pendingTimedCalls");
+    str_time = PyUnicode_InternFromString("time");
+    str_seconds = PyUnicode_InternFromString("seconds");
+    if (!str_begin_read || !str_end_read || !str_read_listener || !str_direct_read || !str_new_timed ||
+        !str_thread_queue || !str_just_stopped || !str_pending_timed || !str_time || !str_seconds)
         return NULL;
     str_client = PyUnicode_InternFromString("client");
     str_peer = PyUnicode_InternFromString("peer");

@@ -13,6 +13,8 @@ def poll(
     selectables: Dict[int, Any],
     fast: Set[type],
     failed: Callable[[Any, BaseException], None],
+    reactor: Any = None,
+    end: Optional[float] = None,
 ) -> "int | List[Tuple[int, int]]": ...
 
 class Reader:

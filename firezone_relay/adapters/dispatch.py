@@ -40,11 +40,13 @@ went to ``mainLoop``'s ``runUntilCurrent``/``timeout`` and
   waker of ``callFromThread`` and of signals, HTTP, the portal) ends it.
 
 When the C extension ``_udpio`` is built, the wait and the direct reads
-of a poll's events run in ``_udpio.poll`` (one ``epoll_wait``; the
+of a poll's events run in ``_udpio.poll`` (``epoll_wait``; the
 ``direct_read`` of each leading event that has one is called there, a
-failure handed back to be logged and closed as above); the events from the
+failure handed back to be logged and closed as above), and so do the
+checks above and the polls again while they pass; the events from the
 first other one on come back in order to the loop here.  The same calls
-in the same order, without a Python bytecode per datagram event.
+in the same order, without a Python bytecode per datagram event or per
+wake-up.
 
 The stream connections' direct write (``direct_socket``, ``unsent``) is the
 other use of Twisted's private parts, kept here beside it, guarded the same way.
@@ -157,6 +159,9 @@ def _make_do_poll(reactor: Any, c_poll: Optional[Callable[..., Any]] = None) -> 
         hasattr(reactor, name) for name in ("_newTimedCalls", "_pendingTimedCalls", "threadCallQueue", "_justStopped")
     )
 
+    # What c_poll needs to poll again itself (the checks below): the reactor.
+    loop_state = reactor if inner_loop else None
+
     def direct_failed(selectable: Any, exc: BaseException) -> None:
         """A direct read in ``c_poll`` raised ``exc``: as below."""
         log.err(Failure(exc, type(exc), exc.__traceback__), "error dispatching an event of %r" % (selectable,))
@@ -176,15 +181,14 @@ def _make_do_poll(reactor: Any, c_poll: Optional[Callable[..., Any]] = None) -> 
         events: Any
         while True:
             if c_poll is not None:
-                # The direct reads ran there; what is left (from the first
-                # other event on, in order), if anything, goes on below.
-                got = c_poll(epfd, timeout, len(selectables), selectables, fast, direct_failed)
+                # The direct reads ran there, and so did the checks below
+                # and the polls again while only direct reads had events
+                # (an int: back to mainLoop).  What is left (from the first
+                # other event on, in order) goes on here.
+                got = c_poll(epfd, timeout, len(selectables), selectables, fast, direct_failed, loop_state, end)
                 if type(got) is int:
-                    if not got:
-                        return  # no event (a timeout, or a signal)
-                    events = ()
-                else:
-                    events = got
+                    return
+                events = got
             else:
                 try:
                     events = poll(timeout, len(selectables))

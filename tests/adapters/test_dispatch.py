@@ -366,6 +366,45 @@ class CPollTests(unittest.TestCase):
         s.close()
         return fd
 
+    def test_with_the_reactor_it_polls_again_until_a_check_fails(self) -> None:
+        class State:
+            _newTimedCalls: List[Any] = []
+            threadCallQueue: List[Any] = []
+            _justStopped = False
+            _pendingTimedCalls: List[Any] = []
+            seconds = staticmethod(time.time)
+
+        state = State()
+        a, a_peer = self.selectable(_Fast, "a")
+        b, b_peer = self.selectable(_Fast, "b")
+        a.direct_read = lambda: (a.sock.recv(100), self.order.append("a"), b_peer.send(b"y"))
+        b.direct_read = lambda: (b.sock.recv(100), self.order.append("b"), setattr(state, "_justStopped", True))
+        a_peer.send(b"x")
+        started = time.monotonic()
+        got = self.poll(self.epoll.fileno(), 5.0, 16, self.selectables, dispatch._FAST_TYPES, print, state,
+                        time.time() + 5.0)  # fmt: skip
+        self.assertEqual((got, self.order), (0, ["a", "b"]))  # b's event came from a second poll in the call
+        self.assertLess(time.monotonic() - started, 4.0)  # returned at the check, not at the timeout
+        # The caller's deadline: after a's read nothing comes; back when it passes.
+        state._justStopped = False
+        a.direct_read = lambda: (a.sock.recv(100), self.order.append("a"))
+        a_peer.send(b"x")
+        started = time.monotonic()
+        got = self.poll(self.epoll.fileno(), 0.2, 16, self.selectables, dispatch._FAST_TYPES, print, state,
+                        time.time() + 0.2)  # fmt: skip
+        self.assertEqual((got, self.order[2:]), (0, ["a"]))
+        self.assertGreaterEqual(time.monotonic() - started, 0.15)
+        # A pending timed call that is due ends it at once; a new one too.
+        a_peer.send(b"x")
+
+        class Due:
+            time = 0.0
+
+        state._pendingTimedCalls = [Due()]
+        self.assertEqual(self.poll(self.epoll.fileno(), 5.0, 16, self.selectables, dispatch._FAST_TYPES, print, state,
+                                   None), 0)  # fmt: skip
+        self.assertEqual(self.order[3:], ["a"])
+
     def test_install_uses_it(self) -> None:
         calls: List[int] = []
         real = self.poll
