@@ -3,6 +3,7 @@
     python -m benchmarks.bench_instructions                      # this tree: stream and flood rows
     python -m benchmarks.bench_instructions --root /tmp/old      # another export of the tree
     python -m benchmarks.bench_instructions --cases tls,tcp --trips 2000
+    python -m benchmarks.bench_instructions --cases udp --annotate /tmp/udp.txt
 
 Wall-clock benchmarks (bench_stream, bench_flood) measure what an operator
 sees, but on a shared machine their medians move by 20-50 % between runs.
@@ -15,6 +16,13 @@ user-space instructions (valgrind ``callgrind``, ``Ir``) the relay executes:
   on (``callgrind_control -i on``) for ``--trips`` round trips of 100-byte
   ChannelData, one in flight (client -> relay over the stream -> peer over
   UDP -> relay -> client), then off.  Reported: instructions per round trip.
+* ``udp``: the same for a UDP client (the batched C reader): one
+  allocation, a channel to a UDP echo peer, 100-byte ChannelData one in
+  flight, so that every datagram wakes the relay on its own, as in the
+  paced many-client case (``turnutils_uclient -m 100``): the per-wake-up
+  cost (dispatch, the read, the core, the send).  Instructions per round
+  trip (two relayed datagrams); ``--annotate FILE`` keeps callgrind's
+  per-function breakdown (``callgrind_annotate``) of the last case.
 * ``flood``: the core alone (``Relay.handle_client_input`` and draining its
   commands, no I/O) fed bench_flood's eight hostile kinds in turn from 50
   sources, the reflection guard off so that every request gets its reply;
@@ -158,16 +166,76 @@ def stream_round_trips(root: Path, tls: bool, trips: int) -> float:
         subprocess.run(control + ["-i", "off", str(proc.pid)], capture_output=True, check=True, timeout=60)
         subprocess.run(control + ["-d", str(proc.pid)], capture_output=True, check=True, timeout=60)
         time.sleep(2.0)
-        total = 0
-        for path in glob.glob(str(out) + "*"):
-            with open(path) as f:
-                for line in f:
-                    if line.startswith(("summary:", "totals:")):
-                        total = max(total, int(line.split()[1]))
+        total = _callgrind_total(out)
         sock.close()
         peer.close()
         return total / trips
     finally:
+        proc.kill()
+        proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _callgrind_total(out: Path) -> int:
+    total = 0
+    for path in glob.glob(str(out) + "*"):
+        with open(path) as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+    return total
+
+
+def udp_round_trips(root: Path, trips: int, annotate: str = "") -> float:
+    """Instructions of the relay per UDP ChannelData round trip, one in flight."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import _procs
+    from benchmarks._turnclient import wait_for_binding
+    from benchmarks.bench_relay import CHANNEL, Target
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ir-"))
+    out = work / "callgrind.out"
+    server = _procs.Server("ours", 34200, 34399, root=None if root == REPO else str(root))
+    server.port = _procs.free_port()
+    argv, env = server._command()
+    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=%s" % out] + argv
+    with open(work / "server.log", "ab") as log:
+        proc = subprocess.Popen(argv, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_binding(server.address, 300.0)
+        server.proc = proc
+        target = Target(server, 1)
+        sock, peer = target.client.sock, target.peer
+        sock.settimeout(30)
+        peer.settimeout(30)
+        frame = struct.pack("!HH", CHANNEL, 100) + os.urandom(100)
+
+        def loop(n: int) -> None:
+            for _ in range(n):
+                sock.send(frame)
+                data, addr = peer.recvfrom(65536)
+                peer.sendto(data, addr)
+                if len(sock.recv(65536)) != len(frame):
+                    raise RuntimeError("a short ChannelData came back")
+                # A pause, so that the relay sleeps in epoll_wait before each datagram.
+                time.sleep(0.0005)
+
+        loop(200)
+        control = ["callgrind_control"]
+        subprocess.run(control + ["-i", "on", str(proc.pid)], capture_output=True, check=True, timeout=60)
+        loop(trips)
+        subprocess.run(control + ["-i", "off", str(proc.pid)], capture_output=True, check=True, timeout=60)
+        subprocess.run(control + ["-d", str(proc.pid)], capture_output=True, check=True, timeout=60)
+        time.sleep(2.0)
+        if annotate:
+            dumps = sorted(glob.glob(str(out) + "*"), key=os.path.getmtime)
+            with open(annotate, "w") as f:  # by function: exclusive, then inclusive
+                for inclusive in ("no", "yes"):
+                    f.flush()
+                    subprocess.run(["callgrind_annotate", "--inclusive=" + inclusive, dumps[-1]], stdout=f, timeout=120)
+        return _callgrind_total(out) / trips
+    finally:
+        server.proc = None
         proc.kill()
         proc.wait(30)
         shutil.rmtree(work, ignore_errors=True)
@@ -178,6 +246,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--root", default=str(REPO), help="the tree to measure (default: this one)")
     parser.add_argument("--cases", default="tls,tcp,flood", help="tls, tcp, flood, flood:<kind>; comma-separated")
     parser.add_argument("--trips", type=int, default=2000, help="round trips (tls, tcp) or datagrams (flood) counted")
+    parser.add_argument("--annotate", default="", help="udp: write callgrind_annotate's breakdown to this file")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind (callgrind) is not installed", file=sys.stderr)
@@ -188,6 +257,8 @@ def main(argv: List[str] | None = None) -> int:
     for case in [c for c in args.cases.split(",") if c]:
         if case in ("tls", "tcp"):
             value, unit = stream_round_trips(root, case == "tls", args.trips), "per round trip"
+        elif case == "udp":
+            value, unit = udp_round_trips(root, args.trips, args.annotate), "per round trip"
         elif case == "flood" or case.startswith("flood:"):
             kind = case.partition(":")[2] or "all"
             value, unit = flood_core(root, kind, args.trips), "per datagram (%s)" % kind

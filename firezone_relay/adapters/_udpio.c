@@ -19,8 +19,17 @@
  * owns ``io``; udp.py calls ``read`` per readiness event):
  *
  *   io = IO(now, pump, fds, fallback, send_failed, internal_error)
- *   io.read(fd, handler, port, family, always_view, refused) -> datagrams read
+ *   io.read(fd, handler, port, family, always_view, refused[, listener]) -> datagrams read
+ *   io.reader(fd, owner, entry, port, family, always_view, refused) -> Reader
  *   io.send(transmits) -> None
+ *
+ * ``listener`` (None or the shell's read listener, the stream transport) is
+ * told ``begin_read()`` before the read's first call that may write to a
+ * stream client (the fallback, the pump) and ``end_read()`` when the read
+ * ends, only if it was begun.  ``reader(...)()`` is ``read(fd,
+ * getattr(owner, entry), port, family, always_view, refused,
+ * owner.read_listener)`` as one C callable: the UDP transport's direct read
+ * of a socket, with no Python function around it.
  *
  * ``handler`` is the core's entry point.  For the listen port (``port`` is
  * None) it is called as handler(data, addr, now); for an allocation port as
@@ -60,10 +69,13 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stddef.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <limits.h>
 
 #define BATCH 64
 #define SLOT (65536)
@@ -348,10 +360,7 @@ flush(IOObject *self)
         int fd = queue[i].fd, j = i + 1;
         while (j < queued && queue[j].fd == fd)
             j++;
-        int r;
-        Py_BEGIN_ALLOW_THREADS
-        r = sendmmsg(fd, &smsgs[i], (unsigned int)(j - i), MSG_DONTWAIT);
-        Py_END_ALLOW_THREADS
+        int r = sendmmsg(fd, &smsgs[i], (unsigned int)(j - i), MSG_DONTWAIT); /* non-blocking: GIL held */
         self->send_calls++;
         if (r > 0) {
             self->sent += r;
@@ -373,6 +382,30 @@ flush(IOObject *self)
     }
     release_queue();
     return status;
+}
+
+/* The read listener of the read in progress (borrowed, NULL if none) and
+   whether its begin_read() has been called.  The listener (the stream
+   transport) holds what a read writes to stream clients until end_read():
+   it is begun lazily, before the first call into Python that may write to
+   a stream client (the fallback, the pump), and ended after the read only
+   if it was begun, so a read that only relays over UDP (every paced
+   datagram) makes neither call. */
+static PyObject *cur_listener = NULL;
+static int cur_begun = 0;
+static PyObject *str_begin_read, *str_end_read, *str_read_listener;
+
+static int
+begin_listener(void)
+{
+    if (cur_listener == NULL || cur_begun)
+        return 0;
+    cur_begun = 1;
+    PyObject *r = PyObject_CallMethodNoArgs(cur_listener, str_begin_read);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
 }
 
 /* Queue (or hand to the fallback) one Transmit.  Returns 0 or -1. */
@@ -412,6 +445,8 @@ transmit(IOObject *self, PyObject *t)
             }
         }
     }
+    if (begin_listener() < 0)
+        return report(self, str_send);
     PyObject *r = PyObject_CallOneArg(self->fallback, t);
     if (r == NULL)
         return report(self, str_send);
@@ -419,6 +454,11 @@ transmit(IOObject *self, PyObject *t)
     return 0;
 }
 
+/* The receive headers, set up once (with the slots).  recvmmsg writes only
+   msg_len, msg_namelen and msg_flags of the entries it fills; msg_namelen
+   is an input too, so ``reset_recv`` puts it back for those entries (and
+   the next) after each call (a full set-up of all BATCH entries per read cost more than
+   the rest of a one-datagram read). */
 static void
 setup_recv(void)
 {
@@ -433,23 +473,19 @@ setup_recv(void)
     }
 }
 
-static PyObject *
-IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+static inline void
+reset_recv(int n)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused)");
-        return NULL;
-    }
-    int fd = (int)PyLong_AsLong(args[0]);
-    if (fd < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "negative descriptor");
-        return NULL;
-    }
-    PyObject *handler = args[1], *port = args[2], *family = args[3], *refused = args[5];
-    int always_view = PyObject_IsTrue(args[4]);
-    if (always_view < 0)
-        return NULL;
+    for (int i = 0; i < n; i++)
+        rmsgs[i].msg_hdr.msg_namelen = sizeof(raddr[i]);
+}
+
+/* One read (see the module comment); ``listener`` is None or the read
+   listener, begun lazily (``begin_listener``). */
+static PyObject *
+do_read(IOObject *self, int fd, PyObject *handler, PyObject *port, PyObject *family, int always_view,
+        PyObject *refused, PyObject *listener)
+{
     int is_peer = port != Py_None;
     PyObject *where = is_peer ? str_peer : str_client;
 
@@ -461,16 +497,20 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
         slots = PyMem_RawMalloc((size_t)BATCH * SLOT);
         if (slots == NULL)
             return PyErr_NoMemory();
+        setup_recv();
     }
     busy = 1;
+    cur_listener = listener == Py_None ? NULL : listener;
+    cur_begun = 0;
     Py_ssize_t total = 0;
     int status = 0;
     for (int round = 0; round < ROUNDS && status == 0; round++) {
-        setup_recv();
-        int n;
-        Py_BEGIN_ALLOW_THREADS
-        n = recvmmsg(fd, rmsgs, BATCH, MSG_DONTWAIT, NULL);
-        Py_END_ALLOW_THREADS
+        /* Non-blocking (MSG_DONTWAIT): the GIL stays held, as for the
+           sendmmsg in flush(); releasing and taking it back cost more than
+           the Python work on a datagram, and the relay is one thread. */
+        int n = recvmmsg(fd, rmsgs, BATCH, MSG_DONTWAIT, NULL);
+        if (n > 0)
+            reset_recv(n < BATCH ? n + 1 : n); /* and the entry that found the socket empty */
         if (n < 0) {
             int err = errno;
             if (err == EINTR)
@@ -549,7 +589,7 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (flush(self) < 0 && status == 0)
             status = -1;
         if (need_pump && status == 0) {
-            PyObject *r = PyObject_CallNoArgs(self->pump);
+            PyObject *r = begin_listener() < 0 ? NULL : PyObject_CallNoArgs(self->pump);
             if (r == NULL)
                 status = report(self, str_pump);
             else
@@ -560,9 +600,170 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     release_queue();
     busy = 0;
+    if (cur_begun) {
+        /* As a ``finally``: ended whatever happened; an exception from
+           end_read replaces the read's. */
+        PyObject *exc_type, *exc_value, *exc_tb;
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        PyObject *r = PyObject_CallMethodNoArgs(cur_listener, str_end_read);
+        if (r == NULL) {
+            Py_XDECREF(exc_type);
+            Py_XDECREF(exc_value);
+            Py_XDECREF(exc_tb);
+            status = -1;
+        } else {
+            Py_DECREF(r);
+            PyErr_Restore(exc_type, exc_value, exc_tb);
+        }
+    }
+    cur_listener = NULL;
+    cur_begun = 0;
     if (status < 0)
         return NULL;
     return PyLong_FromSsize_t(total);
+}
+
+static PyObject *
+IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused[, listener])");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return NULL;
+    }
+    int always_view = PyObject_IsTrue(args[4]);
+    if (always_view < 0)
+        return NULL;
+    return do_read(self, fd, args[1], args[2], args[3], always_view, args[5], nargs == 7 ? args[6] : Py_None);
+}
+
+/* --- Reader: one socket's read, callable with no arguments ----------------- */
+
+/* What the UDP transport registers as a socket's direct read: the same as
+   ``io.read(fd, getattr(owner, entry), port, family, always_view, refused,
+   owner.read_listener)``, without a Python function around it.  The entry
+   point and the listener are looked up on ``owner`` (the shell) per call,
+   so that replacing either there takes effect at the next read. */
+typedef struct {
+    PyObject_HEAD
+    IOObject *io;
+    int fd;
+    int always_view;
+    PyObject *owner, *entry, *port, *family, *refused;
+    vectorcallfunc vectorcall;
+} ReaderObject;
+
+static PyObject *
+Reader_vectorcall(ReaderObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "a Reader takes no arguments");
+        return NULL;
+    }
+    if (self->io == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a cleared Reader");
+        return NULL;
+    }
+    PyObject *handler = PyObject_GetAttr(self->owner, self->entry);
+    if (handler == NULL)
+        return NULL;
+    PyObject *listener = PyObject_GetAttr(self->owner, str_read_listener);
+    if (listener == NULL) {
+        Py_DECREF(handler);
+        return NULL;
+    }
+    PyObject *r = do_read(self->io, self->fd, handler, self->port, self->family, self->always_view, self->refused,
+                          listener);
+    Py_DECREF(handler);
+    Py_DECREF(listener);
+    return r;
+}
+
+static int
+Reader_traverse(ReaderObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->io);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->entry);
+    Py_VISIT(self->port);
+    Py_VISIT(self->family);
+    Py_VISIT(self->refused);
+    return 0;
+}
+
+static int
+Reader_clear(ReaderObject *self)
+{
+    Py_CLEAR(self->io);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->entry);
+    Py_CLEAR(self->port);
+    Py_CLEAR(self->family);
+    Py_CLEAR(self->refused);
+    return 0;
+}
+
+static void
+Reader_dealloc(ReaderObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Reader_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "firezone_relay.adapters._udpio.Reader",
+    .tp_basicsize = sizeof(ReaderObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "io.reader(...)(): one batched read of one socket (see IO.reader).",
+    .tp_vectorcall_offset = offsetof(ReaderObject, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_traverse = (traverseproc)Reader_traverse,
+    .tp_clear = (inquiry)Reader_clear,
+};
+
+/* io.reader(fd, owner, entry, port, family, always_view, refused) -> Reader */
+static PyObject *
+IO_reader(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "reader(fd, owner, entry, port, family, always_view, refused)");
+        return NULL;
+    }
+    int fd = (int)PyLong_AsLong(args[0]);
+    if (fd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return NULL;
+    }
+    if (!PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "reader: entry must be an attribute name (str)");
+        return NULL;
+    }
+    int always_view = PyObject_IsTrue(args[5]);
+    if (always_view < 0)
+        return NULL;
+    ReaderObject *r = PyObject_GC_New(ReaderObject, &ReaderType);
+    if (r == NULL)
+        return NULL;
+    r->vectorcall = (vectorcallfunc)Reader_vectorcall;
+    r->fd = fd;
+    r->always_view = always_view;
+    Py_INCREF(self);
+    r->io = self;
+    r->owner = Py_NewRef(args[1]);
+    r->entry = Py_NewRef(args[2]);
+    r->port = Py_NewRef(args[3]);
+    r->family = Py_NewRef(args[4]);
+    r->refused = Py_NewRef(args[6]);
+    PyObject_GC_Track(r);
+    return (PyObject *)r;
 }
 
 /* io.send(transmits): queue a list of Transmits as read() does with what the
@@ -651,9 +852,292 @@ IO_stats(IOObject *self, PyObject *Py_UNUSED(ignored))
                          "send_calls", self->send_calls);
 }
 
+/* --- poll: epoll_wait, the direct reads dispatched here ---------------------- */
+
+/* _udpio.poll(epfd, timeout, maxevents, selectables, fast, failed[, reactor, end])
+       -> int, or a list of (fd, event)
+
+   One epoll_wait(epfd) (the reactor's epoll; ``timeout`` in seconds, < 0 to
+   wait indefinitely, rounded up to milliseconds as select.epoll.poll does;
+   the GIL is released while it waits; ``maxevents``: at most that many
+   events).  Then, in the kernel's order, each event whose selectable
+   (``selectables[fd]``; an fd not there is skipped) is of a type in the set
+   ``fast``, whose event is EPOLLIN alone and whose ``direct_read`` is not
+   None has direct_read() called here; an exception from it (except
+   KeyboardInterrupt, which propagates) is passed to ``failed(selectable,
+   exc)`` and the next event follows.  At the first event that is not such
+   a one, the poll stops and returns it and all the events after it as a
+   list of (fd, event) for the caller's own dispatch (adapters/dispatch.py),
+   in order.  Otherwise it returns the number of events (0: none before the
+   timeout, or a signal interrupted the wait; Python signal handlers have
+   run then).
+
+   With ``reactor`` (Twisted's EPollReactor) and ``end`` (the caller's
+   deadline, reactor.seconds() time, or None), a poll whose every event was
+   dispatched here is followed by the checks of dispatch.doPoll's loop, and
+   by another poll while they pass: it returns 0 when the timeout is 0,
+   when the reactor has a new timed call (``_newTimedCalls``), a call from a
+   thread (``threadCallQueue``) or is stopping (``_justStopped``), or when
+   ``end`` or the first pending timed call (``_pendingTimedCalls[0].time``)
+   has come; else it waits again until the earlier of the two.  ``maxevents``
+   is then the size of ``selectables`` at each poll.  This is dispatch.doPoll
+   for the relay's sockets without a Python bytecode per event or per wake-up;
+   it calls what that loop calls, in the same order. */
+
+static struct epoll_event *poll_events = NULL;
+static int poll_capacity = 0;
+static int polling = 0;
+static PyObject *str_direct_read, *str_new_timed, *str_thread_queue, *str_just_stopped, *str_pending_timed,
+    *str_time, *str_seconds;
+
+static int
+timeout_ms_of(double seconds)
+{
+    if (seconds < 0)
+        return -1;
+    double ms = seconds * 1000.0;
+    if (ms >= (double)INT_MAX)
+        return INT_MAX;
+    int timeout_ms = (int)ms;
+    if ((double)timeout_ms < ms)
+        timeout_ms++; /* rounded up, as select.epoll.poll does */
+    return timeout_ms;
+}
+
+/* 1 if the attribute ``name`` of ``obj`` is true, 0 if not, -1 on error. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* doPoll's checks after a poll whose events all went to direct reads: 1 and
+   *timeout_ms set to poll again, 0 to return, -1 on error. */
+static int
+poll_again(PyObject *reactor, double end, int *timeout_ms)
+{
+    if (*timeout_ms == 0)
+        return 0;
+    int r;
+    if ((r = attr_true(reactor, str_new_timed)) != 0 || (r = attr_true(reactor, str_thread_queue)) != 0 ||
+        (r = attr_true(reactor, str_just_stopped)) != 0)
+        return r < 0 ? -1 : 0;
+    PyObject *now_obj = PyObject_CallMethodNoArgs(reactor, str_seconds);
+    if (now_obj == NULL)
+        return -1;
+    double now = PyFloat_AsDouble(now_obj);
+    Py_DECREF(now_obj);
+    if (now == -1.0 && PyErr_Occurred())
+        return -1;
+    int bounded = end >= 0;
+    double remaining = bounded ? end - now : 0;
+    PyObject *pending = PyObject_GetAttr(reactor, str_pending_timed);
+    if (pending == NULL)
+        return -1;
+    if (PyList_Check(pending) && PyList_GET_SIZE(pending) > 0) {
+        PyObject *t = PyObject_GetAttr(PyList_GET_ITEM(pending, 0), str_time);
+        double due = t == NULL ? -1.0 : PyFloat_AsDouble(t);
+        Py_XDECREF(t);
+        if (due == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(pending);
+            return -1;
+        }
+        due -= now;
+        if (!bounded || due < remaining) {
+            remaining = due;
+            bounded = 1;
+        }
+    } else if (!PyList_Check(pending)) {
+        Py_DECREF(pending);
+        PyErr_SetString(PyExc_TypeError, "poll: reactor._pendingTimedCalls is not a list");
+        return -1;
+    }
+    Py_DECREF(pending);
+    if (!bounded) {
+        *timeout_ms = -1;
+        return 1;
+    }
+    if (remaining <= 0)
+        return 0;
+    *timeout_ms = timeout_ms_of(remaining);
+    return 1;
+}
+
+static PyObject *
+udpio_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 && nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "poll(epfd, timeout, maxevents, selectables, fast, failed[, reactor, end])");
+        return NULL;
+    }
+    int epfd = (int)PyLong_AsLong(args[0]);
+    if (epfd < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return NULL;
+    }
+    double seconds = PyFloat_AsDouble(args[1]);
+    if (seconds == -1.0 && PyErr_Occurred())
+        return NULL;
+    long maxevents = PyLong_AsLong(args[2]);
+    if (maxevents == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *selectables = args[3], *fast = args[4], *failed = args[5];
+    PyObject *reactor = nargs == 8 && args[6] != Py_None ? args[6] : NULL;
+    double end = -1.0;
+    if (reactor != NULL && args[7] != Py_None) {
+        end = PyFloat_AsDouble(args[7]);
+        if (end == -1.0 && PyErr_Occurred())
+            return NULL;
+        if (end < 0)
+            end = 0;
+    }
+    if (!PyDict_Check(selectables) || !PyAnySet_Check(fast)) {
+        PyErr_SetString(PyExc_TypeError, "poll: selectables must be a dict and fast a set");
+        return NULL;
+    }
+    if (polling) {
+        PyErr_SetString(PyExc_RuntimeError, "_udpio.poll is not reentrant");
+        return NULL;
+    }
+    int timeout_ms = timeout_ms_of(seconds);
+    polling = 1;
+    PyObject *result = NULL;
+    for (;;) {
+        if (maxevents < 1 || maxevents > INT_MAX / (int)sizeof(struct epoll_event)) {
+            PyErr_Format(PyExc_ValueError, "maxevents must be greater than 0, got %ld", maxevents);
+            goto done;
+        }
+        if (maxevents > poll_capacity) {
+            struct epoll_event *grown = PyMem_RawRealloc(poll_events, (size_t)maxevents * sizeof(struct epoll_event));
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            poll_events = grown;
+            poll_capacity = (int)maxevents;
+        }
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(epfd, poll_events, (int)maxevents, timeout_ms);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() == 0)
+                    result = PyLong_FromLong(0);
+                goto done;
+            }
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto done;
+        }
+        int i = 0;
+        for (; i < n; i++) {
+            uint32_t event = poll_events[i].events;
+            PyObject *key = PyLong_FromLong((long)poll_events[i].data.fd);
+            if (key == NULL)
+                goto done;
+            PyObject *selectable = PyDict_GetItemWithError(selectables, key);
+            Py_DECREF(key);
+            if (selectable == NULL) {
+                if (PyErr_Occurred())
+                    goto done;
+                continue;
+            }
+            if (event != EPOLLIN)
+                break;
+            int is_fast = PySet_Contains(fast, (PyObject *)Py_TYPE(selectable));
+            if (is_fast < 0)
+                goto done;
+            if (!is_fast)
+                break;
+            Py_INCREF(selectable); /* the read may drop it from the dict */
+            PyObject *direct = PyObject_GetAttr(selectable, str_direct_read);
+            if (direct == NULL) {
+                Py_DECREF(selectable);
+                goto done;
+            }
+            if (direct == Py_None) {
+                Py_DECREF(direct);
+                Py_DECREF(selectable);
+                break;
+            }
+            PyObject *r = PyObject_CallNoArgs(direct);
+            Py_DECREF(direct);
+            if (r != NULL) {
+                Py_DECREF(r);
+            } else {
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                PyErr_NormalizeException(&type, &value, &tb);
+                if (type == NULL || PyErr_GivenExceptionMatches(type, PyExc_KeyboardInterrupt)) {
+                    PyErr_Restore(type, value, tb);
+                    Py_DECREF(selectable);
+                    goto done;
+                }
+                if (tb != NULL)
+                    PyException_SetTraceback(value, tb);
+                r = PyObject_CallFunctionObjArgs(failed, selectable, value, NULL);
+                Py_XDECREF(type);
+                Py_XDECREF(value);
+                Py_XDECREF(tb);
+                if (r == NULL) {
+                    Py_DECREF(selectable);
+                    goto done;
+                }
+                Py_DECREF(r);
+            }
+            Py_DECREF(selectable);
+        }
+        if (i < n) {
+            /* The rest, from the first event not dispatched here. */
+            result = PyList_New(n - i);
+            if (result == NULL)
+                goto done;
+            for (int k = i; k < n; k++) {
+                PyObject *pair = Py_BuildValue("(iI)", poll_events[k].data.fd, (unsigned int)poll_events[k].events);
+                if (pair == NULL) {
+                    Py_CLEAR(result);
+                    goto done;
+                }
+                PyList_SET_ITEM(result, k - i, pair);
+            }
+            goto done;
+        }
+        if (reactor == NULL || n == 0) {
+            result = PyLong_FromLong(n);
+            goto done;
+        }
+        int again = poll_again(reactor, end, &timeout_ms);
+        if (again <= 0) {
+            if (again == 0)
+                result = PyLong_FromLong(0);
+            goto done;
+        }
+        maxevents = (long)PyDict_Size(selectables);
+    }
+done:
+    polling = 0;
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"poll", (PyCFunction)(void (*)(void))udpio_poll, METH_FASTCALL,
+     "poll(epfd, timeout, maxevents, selectables, fast, failed[, reactor, end]) -> number of events, or the "
+     "list of (fd, event) left for the caller (see the C source)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef IO_methods[] = {
     {"read", (PyCFunction)(void (*)(void))IO_read, METH_FASTCALL,
      "read(fd, handler, port, family, always_view, refused) -> number of datagrams read"},
+    {"reader", (PyCFunction)(void (*)(void))IO_reader, METH_FASTCALL,
+     "reader(fd, owner, entry, port, family, always_view, refused) -> a callable that does "
+     "read(fd, getattr(owner, entry), port, family, always_view, refused, owner.read_listener)"},
     {"send", (PyCFunction)IO_send, METH_O,
      "send(transmits) -> None: queue each Transmit of the list (or pass it to the fallback), then sendmmsg"},
     {"stats", (PyCFunction)IO_stats, METH_NOARGS, "counters: batches, datagrams, sent, send_calls"},
@@ -678,12 +1162,26 @@ static struct PyModuleDef module = {
     .m_name = "firezone_relay.adapters._udpio",
     .m_doc = "Batched UDP I/O (recvmmsg/sendmmsg) for the relay's per-packet path.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC
 PyInit__udpio(void)
 {
-    if (PyType_Ready(&IOType) < 0)
+    if (PyType_Ready(&IOType) < 0 || PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    str_begin_read = PyUnicode_InternFromString("begin_read");
+    str_end_read = PyUnicode_InternFromString("end_read");
+    str_read_listener = PyUnicode_InternFromString("read_listener");
+    str_direct_read = PyUnicode_InternFromString("direct_read");
+    str_new_timed = PyUnicode_InternFromString("_newTimedCalls");
+    str_thread_queue = PyUnicode_InternFromString("threadCallQueue");
+    str_just_stopped = PyUnicode_InternFromString("_justStopped");
+    str_pending_timed = PyUnicode_InternFromString("_pendingTimedCalls");
+    str_time = PyUnicode_InternFromString("time");
+    str_seconds = PyUnicode_InternFromString("seconds");
+    if (!str_begin_read || !str_end_read || !str_read_listener || !str_direct_read || !str_new_timed ||
+        !str_thread_queue || !str_just_stopped || !str_pending_timed || !str_time || !str_seconds)
         return NULL;
     str_client = PyUnicode_InternFromString("client");
     str_peer = PyUnicode_InternFromString("peer");

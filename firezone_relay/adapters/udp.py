@@ -304,29 +304,20 @@ class RelayService(ListenerService):
         return reader
 
     def _batched_reader(self, port: Any, protocol: DatagramProtocol) -> Callable[[], int]:
+        """The socket's batched read: ``io.read`` of the shell's current
+        entry point (looked up per read, not per datagram, so that replacing
+        it on the shell takes effect; peer datagrams always come as views),
+        with the shell's ``read_listener``, which is told when the read
+        begins and ends (what it sends to stream clients leaves at the end,
+        in one send per connection) if it sends to a stream client or
+        pumps.  A C callable (``_udpio.Reader``): no Python frame per
+        wake-up."""
         shell = self.shell
-        read, fd, refused = shell.io.read, port.fileno(), protocol.connectionRefused
         peer = isinstance(protocol, _PeerProtocol)
         number: Any = protocol.port if peer else None  # type: ignore[attr-defined]
         family = protocol.family if peer else 0  # type: ignore[attr-defined]
-
-        def batched() -> int:
-            # The entry point is looked up per read (not per datagram), so
-            # that replacing it on the shell (tests do) takes effect.
-            # Peer datagrams always come as views (``always_view``).
-            handler = shell.handle_peer_traffic if peer else shell.handle_client_input
-            listener = shell.read_listener
-            if listener is None:
-                return read(fd, handler, number, family, peer, refused)  # type: ignore[no-any-return]
-            # What this read sends to stream clients leaves when it ends, in
-            # one send per connection.
-            listener.begin_read()
-            try:
-                return read(fd, handler, number, family, peer, refused)  # type: ignore[no-any-return]
-            finally:
-                listener.end_read()
-
-        return batched
+        entry = "handle_peer_traffic" if peer else "handle_client_input"
+        return shell.io.reader(port.fileno(), shell, entry, number, family, peer, protocol.connectionRefused)  # type: ignore[no-any-return]
 
     def _open_listener(self, family: int) -> None:
         try:

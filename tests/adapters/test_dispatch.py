@@ -247,3 +247,181 @@ class DispatchTests(unittest.TestCase):
         self.reactor.doIteration(0.001)
         self.assertEqual(self.flushLoggedErrors(), [])
 
+
+
+class PythonLoopDispatchTests(DispatchTests):
+    """The same, with the loop in Python (what runs when ``_udpio`` is not built)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(dispatch, "_c_poll", None)
+
+
+class CPollTests(unittest.TestCase):
+    """``_udpio.poll``: the wait and the direct reads of ``doPoll`` in C."""
+
+    def setUp(self) -> None:
+        if EPollReactor is None:
+            raise unittest.SkipTest("epoll is Linux only")
+        from firezone_relay.adapters import shell
+
+        if shell._udpio is None:
+            raise unittest.SkipTest("the _udpio extension is not built (CI builds it: test_udpio)")
+        self.poll = shell._udpio.poll
+        import select
+
+        self.epoll = select.epoll()
+        self.addCleanup(self.epoll.close)
+        self.selectables: dict = {}
+        self.order: List[Any] = []
+        self.failures: List[Tuple[Any, BaseException]] = []
+
+    def selectable(self, kind: type, name: str, direct: Any = "read") -> Tuple[Any, socket.socket]:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        s = kind(ours, [])
+        if direct == "read":
+            s.direct_read = lambda: (ours.recv(100), self.order.append(name))
+        elif direct is not None:
+            s.direct_read = direct
+        self.selectables[ours.fileno()] = s
+        self.epoll.register(ours.fileno(), select_epollin())
+        return s, theirs
+
+    def run_poll(self, timeout: float = 0) -> Any:
+        return self.poll(self.epoll.fileno(), timeout, 16, self.selectables, dispatch._FAST_TYPES,
+                         lambda s, exc: self.failures.append((s, exc)))  # fmt: skip
+
+    def test_direct_reads_run_here_and_the_rest_comes_back_in_order(self) -> None:
+        a, a_peer = self.selectable(_Fast, "a")
+        plain, plain_peer = self.selectable(_Readable, "plain", direct=None)
+        b, b_peer = self.selectable(_Fast, "b")
+        for peer in (a_peer, plain_peer, b_peer):  # epoll reports them in the order they became ready
+            peer.send(b"x")
+        rest = self.run_poll()
+        self.assertEqual(self.order, ["a"])  # b comes after plain: left for the caller
+        self.assertEqual(rest, [(plain.fileno(), select_epollin()), (b.fileno(), select_epollin())])
+
+    def test_all_direct_gives_the_count_and_an_idle_poll_zero(self) -> None:
+        pairs = [self.selectable(_Fast, name) for name in ("a", "b", "c")]
+        for _, peer in pairs:
+            peer.send(b"x")
+        self.assertEqual(self.run_poll(), 3)
+        self.assertEqual(self.order, ["a", "b", "c"])
+        started = time.monotonic()
+        self.assertEqual(self.run_poll(0.05), 0)  # nothing ready: waits for the timeout
+        self.assertGreaterEqual(time.monotonic() - started, 0.04)
+
+    def test_a_fast_type_without_a_direct_read_and_an_unknown_fd(self) -> None:
+        unknown, unknown_peer = self.selectable(_Fast, "unknown")
+        del self.selectables[unknown.fileno()]  # not the reactor's (any more): skipped
+        slow, slow_peer = self.selectable(_Fast, "slow", direct=None)
+        unknown_peer.send(b"x")
+        slow_peer.send(b"x")
+        self.assertEqual(self.run_poll(), [(slow.fileno(), select_epollin())])
+        self.assertEqual(self.order, [])
+
+    def test_a_failing_direct_read_goes_to_failed_and_the_next_event_runs(self) -> None:
+        def boom() -> None:
+            raise ZeroDivisionError("a direct read bug")
+
+        bad, bad_peer = self.selectable(_Fast, "bad", direct=boom)
+        good, good_peer = self.selectable(_Fast, "good")
+        bad_peer.send(b"x")
+        good_peer.send(b"x")
+        self.assertEqual(self.run_poll(), 2)
+        self.assertEqual([(s, type(e)) for s, e in self.failures], [(bad, ZeroDivisionError)])
+        self.assertIsNotNone(self.failures[0][1].__traceback__)
+        self.assertEqual(self.order, ["good"])
+
+    def test_keyboard_interrupt_propagates(self) -> None:
+        def interrupt() -> None:
+            s.sock.recv(100)
+            if not self.order:
+                self.order.append("interrupted")
+                raise KeyboardInterrupt()
+
+        s, peer = self.selectable(_Fast, "ki", direct=interrupt)
+        peer.send(b"x")
+        self.assertRaises(KeyboardInterrupt, self.run_poll)
+        self.assertEqual(self.failures, [])
+        peer.send(b"x")
+        self.assertEqual(self.run_poll(), 1)  # not left "polling": usable again
+
+    def test_bad_arguments(self) -> None:
+        fd = self.epoll.fileno()
+        with self.assertRaises(ValueError):
+            self.poll(fd, 0, 0, {}, set(), print)
+        with self.assertRaises(TypeError):
+            self.poll(fd, 0, 4, [], set(), print)
+        with self.assertRaises(TypeError):
+            self.poll(fd, 0, 4, {}, set())
+        with self.assertRaises(OSError):
+            self.poll(self.fileno_of_a_closed_socket(), 0, 4, {}, set(), print)
+
+    def fileno_of_a_closed_socket(self) -> int:
+        s = socket.socket()
+        fd = s.fileno()
+        s.close()
+        return fd
+
+    def test_with_the_reactor_it_polls_again_until_a_check_fails(self) -> None:
+        class State:
+            _newTimedCalls: List[Any] = []
+            threadCallQueue: List[Any] = []
+            _justStopped = False
+            _pendingTimedCalls: List[Any] = []
+            seconds = staticmethod(time.time)
+
+        state = State()
+        a, a_peer = self.selectable(_Fast, "a")
+        b, b_peer = self.selectable(_Fast, "b")
+        a.direct_read = lambda: (a.sock.recv(100), self.order.append("a"), b_peer.send(b"y"))
+        b.direct_read = lambda: (b.sock.recv(100), self.order.append("b"), setattr(state, "_justStopped", True))
+        a_peer.send(b"x")
+        started = time.monotonic()
+        got = self.poll(self.epoll.fileno(), 5.0, 16, self.selectables, dispatch._FAST_TYPES, print, state,
+                        time.time() + 5.0)  # fmt: skip
+        self.assertEqual((got, self.order), (0, ["a", "b"]))  # b's event came from a second poll in the call
+        self.assertLess(time.monotonic() - started, 4.0)  # returned at the check, not at the timeout
+        # The caller's deadline: after a's read nothing comes; back when it passes.
+        state._justStopped = False
+        a.direct_read = lambda: (a.sock.recv(100), self.order.append("a"))
+        a_peer.send(b"x")
+        started = time.monotonic()
+        got = self.poll(self.epoll.fileno(), 0.2, 16, self.selectables, dispatch._FAST_TYPES, print, state,
+                        time.time() + 0.2)  # fmt: skip
+        self.assertEqual((got, self.order[2:]), (0, ["a"]))
+        self.assertGreaterEqual(time.monotonic() - started, 0.15)
+        # A pending timed call that is due ends it at once; a new one too.
+        a_peer.send(b"x")
+
+        class Due:
+            time = 0.0
+
+        state._pendingTimedCalls = [Due()]
+        self.assertEqual(self.poll(self.epoll.fileno(), 5.0, 16, self.selectables, dispatch._FAST_TYPES, print, state,
+                                   None), 0)  # fmt: skip
+        self.assertEqual(self.order[3:], ["a"])
+
+    def test_install_uses_it(self) -> None:
+        calls: List[int] = []
+        real = self.poll
+
+        def counting(*args: Any) -> Any:
+            calls.append(1)
+            return real(*args)
+
+        self.patch(dispatch, "_c_poll", counting)
+        reactor = EPollReactor()
+        self.addCleanup(DispatchTests._close, reactor)
+        self.assertTrue(dispatch.install(reactor))
+        reactor.doIteration(0)
+        self.assertEqual(calls, [1])
+
+
+def select_epollin() -> int:
+    import select
+
+    return select.EPOLLIN

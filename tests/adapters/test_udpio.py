@@ -494,3 +494,129 @@ class BorrowedReferenceTests(_IOCase):
             [sys.executable, "-c", _DROPPED_FD_SCRIPT], env=env, capture_output=True, text=True, timeout=60
         )
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "ok"), result.stderr[-2000:])
+
+
+class _Owner:
+    """Stands in for the shell: the entry points and the read listener a Reader looks up."""
+
+    def __init__(self, events: List[Any]) -> None:
+        self.events = events
+        self.read_listener: Any = None
+        self.handle_client_input: Callable[..., Any] = lambda data, addr, now: events.append(("client", bytes(data)))
+        self.handle_peer_traffic: Callable[..., Any] = lambda data, addr, port, family, now: events.append(
+            ("peer", type(data).__name__, bytes(data), port, family)
+        )
+
+
+class _Listener:
+    def __init__(self, events: List[Any], fail_end: bool = False) -> None:
+        self.events = events
+        self.fail_end = fail_end
+
+    def begin_read(self) -> None:
+        self.events.append("begin")
+
+    def end_read(self) -> None:
+        self.events.append("end")
+        if self.fail_end:
+            raise ValueError("end_read bug")
+
+
+class ReaderTests(_IOCase):
+    """``io.reader``: a socket's read as one C callable (what udp.py registers
+    as the direct read), with the entry point and the read listener looked up
+    on the owner per call, and the listener told only about reads that may
+    write to a stream client (a fallback send or a pump)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events: List[Any] = []
+        self.io = _udpio.IO(
+            lambda: 5.0, lambda: self.events.append("pump"), self.h.fds, lambda t: self.events.append(("fallback", t)),
+            self.h.send_errors.append, lambda where, exc: self.events.append(("error", where, type(exc).__name__)),
+        )  # fmt: skip
+        self.owner = _Owner(self.events)
+
+    def reader(self, peer: bool = False) -> Any:
+        if peer:
+            return self.io.reader(self.listener.fileno(), self.owner, "handle_peer_traffic", 50000, 4, True, self._refused)
+        return self.io.reader(self.listener.fileno(), self.owner, "handle_client_input", None, 0, False, self._refused)
+
+    def _refused(self) -> None:
+        self.events.append("refused")
+
+    def send(self, *datagrams: bytes) -> None:
+        for d in datagrams:
+            self.client.sendto(d, self.dest)
+        _settle()
+
+    def test_the_owners_current_entry_point_is_called(self) -> None:
+        read = self.reader()
+        self.send(b"\x00\x01a")
+        self.assertEqual(read(), 1)
+        self.owner.handle_client_input = lambda data, addr, now: self.events.append(("replaced", bytes(data), now))
+        self.send(b"\x00\x01b")
+        self.assertEqual(read(), 1)
+        self.assertEqual(self.events, [("client", b"\x00\x01a"), "pump", ("replaced", b"\x00\x01b", 5.0), "pump"])
+        self.assertEqual(read(), 0)  # an empty socket
+
+    def test_peer_mode(self) -> None:
+        self.send(b"\x00\x01stun-looking")
+        self.assertEqual(self.reader(peer=True)(), 1)
+        self.assertEqual(self.events, [("peer", "memoryview", b"\x00\x01stun-looking", 50000, 4), "pump"])
+
+    def test_a_read_that_only_relays_over_udp_does_not_tell_the_listener(self) -> None:
+        self.owner.read_listener = _Listener(self.events)
+        relay_out, out_port = self.relay_socket()
+        peer = _socket()
+        self.addCleanup(peer.close)
+        self.owner.handle_client_input = lambda data, addr, now: (out_port, 4, peer.getsockname(), bytes(data[4:]))
+        self.send(b"\x40\x00\x00\x02hi", b"\x40\x00\x00\x02yo")
+        self.assertEqual(self.reader()(), 2)
+        self.assertEqual([g[0] for g in _recv_all(peer, 2)], [b"hi", b"yo"])
+        self.assertEqual(self.events, [])
+
+    def test_the_listener_is_begun_before_a_fallback_send_or_a_pump_and_ended_after(self) -> None:
+        self.owner.read_listener = _Listener(self.events)
+        stream_client = ("127.0.0.1", 9, 7)
+        replies = iter([None, (3478, 4, stream_client, b"to a stream client")])
+        self.owner.handle_client_input = lambda data, addr, now: next(replies)
+        self.send(b"\x00\x01x", b"\x00\x01y")
+        self.assertEqual(self.reader()(), 2)
+        self.assertEqual(self.events, ["begin", ("fallback", (3478, 4, stream_client, b"to a stream client")),
+                                       "pump", "end"])  # fmt: skip
+        # Begun for a pump alone as well; and a new listener is looked up per read.
+        self.events.clear()
+        self.owner.handle_client_input = lambda data, addr, now: None
+        other: List[Any] = []
+        self.owner.read_listener = _Listener(other)
+        self.send(b"\x00\x01z")
+        self.assertEqual(self.reader()(), 1)
+        self.assertEqual((self.events, other), (["pump"], ["begin", "end"]))
+
+    def test_an_exception_from_end_read_comes_out_of_the_read(self) -> None:
+        self.owner.read_listener = _Listener(self.events, fail_end=True)
+        self.owner.handle_client_input = lambda data, addr, now: None
+        read = self.reader()
+        self.send(b"\x00\x01x")
+        with self.assertRaises(ValueError):
+            read()
+        self.assertEqual(self.events, ["begin", "pump", "end"])
+        # The read is over (not "busy"): the next one works, and tells the listener again.
+        self.owner.read_listener = _Listener(self.events)
+        self.send(b"\x00\x01y")
+        self.assertEqual(read(), 1)
+        self.assertEqual(self.events[3:], ["begin", "pump", "end"])
+
+    def test_bad_arguments(self) -> None:
+        fd = self.listener.fileno()
+        with self.assertRaises(TypeError):
+            self.io.reader(fd, self.owner, "handle_client_input", None, 0, False)
+        with self.assertRaises(TypeError):
+            self.io.reader(fd, self.owner, 7, None, 0, False, self._refused)
+        with self.assertRaises(ValueError):
+            self.io.reader(-1, self.owner, "handle_client_input", None, 0, False, self._refused)
+        with self.assertRaises(TypeError):
+            self.reader()(1)
+        with self.assertRaises(AttributeError):  # looked up at the read
+            self.io.reader(fd, self.owner, "no_such_entry", None, 0, False, self._refused)()
