@@ -298,7 +298,7 @@ class RelayLogger(Logger):
         event["log_format"] = format
         event["log_time"] = time.time()
         if "log_trace" in event:
-            event["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
+            event["log_trace"].append((self, self.observer))
         self.observer(event)
 
 
