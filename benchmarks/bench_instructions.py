@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,13 +159,7 @@ def stream_round_trips(root: Path, tls: bool, trips: int) -> float:
                         raise ConnectionError("the relay closed the connection")
                     got += chunk
 
-        loop(200)
-        control = ["callgrind_control"]
-        subprocess.run(control + ["-i", "on", str(proc.pid)], capture_output=True, check=True, timeout=60)
-        loop(trips)
-        subprocess.run(control + ["-i", "off", str(proc.pid)], capture_output=True, check=True, timeout=60)
-        subprocess.run(control + ["-d", str(proc.pid)], capture_output=True, check=True, timeout=60)
-        time.sleep(2.0)
+        _instrumented(proc, loop, trips)
         total = _callgrind_total(out)
         sock.close()
         peer.close()
@@ -174,6 +168,18 @@ def stream_round_trips(root: Path, tls: bool, trips: int) -> float:
         proc.kill()
         proc.wait(30)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _instrumented(proc: "subprocess.Popen[bytes]", loop: Callable[[int], None], trips: int) -> None:
+    """Warm up with 200 round trips, then count the instructions of
+    ``trips`` more (callgrind's instrumentation on around them) and dump."""
+    loop(200)
+    control = ["callgrind_control"]
+    subprocess.run(control + ["-i", "on", str(proc.pid)], capture_output=True, check=True, timeout=60)
+    loop(trips)
+    subprocess.run(control + ["-i", "off", str(proc.pid)], capture_output=True, check=True, timeout=60)
+    subprocess.run(control + ["-d", str(proc.pid)], capture_output=True, check=True, timeout=60)
+    time.sleep(2.0)
 
 
 def _callgrind_total(out: Path) -> int:
@@ -220,13 +226,7 @@ def udp_round_trips(root: Path, trips: int, annotate: str = "") -> float:
                 # A pause, so that the relay sleeps in epoll_wait before each datagram.
                 time.sleep(0.0005)
 
-        loop(200)
-        control = ["callgrind_control"]
-        subprocess.run(control + ["-i", "on", str(proc.pid)], capture_output=True, check=True, timeout=60)
-        loop(trips)
-        subprocess.run(control + ["-i", "off", str(proc.pid)], capture_output=True, check=True, timeout=60)
-        subprocess.run(control + ["-d", str(proc.pid)], capture_output=True, check=True, timeout=60)
-        time.sleep(2.0)
+        _instrumented(proc, loop, trips)
         if annotate:
             dumps = sorted(glob.glob(str(out) + "*"), key=os.path.getmtime)
             with open(annotate, "w") as f:  # by function: exclusive, then inclusive

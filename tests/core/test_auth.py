@@ -129,10 +129,8 @@ class ChallengeTests(SynchronousTestCase):
         self.assertLessEqual(len(reply), auth.MAX_AMPLIFICATION * req.size)
 
 
-class IssuedNonceTests(SynchronousTestCase):
-    """``NonceFactory.issue`` computes a client's nonce once per second and
-    form (the same string as a fresh computation), for at most
-    ``_ISSUED_MAX`` clients a second."""
+class _CountingMacs(SynchronousTestCase):
+    """A ``NonceFactory`` whose MAC computations are recorded in ``macs``."""
 
     def setUp(self) -> None:
         self.nonces = auth.NonceFactory(KEY)
@@ -144,6 +142,12 @@ class IssuedNonceTests(SynchronousTestCase):
             return mac(full, issued, client)
 
         self.nonces._mac = counting  # type: ignore[method-assign]
+
+
+class IssuedNonceTests(_CountingMacs):
+    """``NonceFactory.issue`` computes a client's nonce once per second and
+    form (the same string as a fresh computation), for at most
+    ``_ISSUED_MAX`` clients a second."""
 
     def test_one_mac_per_client_form_and_second(self) -> None:
         fresh = auth.NonceFactory(KEY)
@@ -172,7 +176,7 @@ class IssuedNonceTests(SynchronousTestCase):
         self.assertEqual(len(self.nonces._issued), 1)
 
 
-class VerifiedNonceTests(SynchronousTestCase):
+class VerifiedNonceTests(_CountingMacs):
     """``NonceFactory.is_valid`` skips the MAC of a nonce it issued to the
     same client this second, and of one that an authenticated request from
     the same client carried (``authenticated``; at most ``_VERIFIED_MAX``
@@ -180,17 +184,6 @@ class VerifiedNonceTests(SynchronousTestCase):
     every time, and nothing is kept before authentication."""
 
     OTHER = ("198.51.100.8", 40000)
-
-    def setUp(self) -> None:
-        self.nonces = auth.NonceFactory(KEY)
-        self.macs: list[tuple[bool, int, tuple[str, int]]] = []
-        mac = self.nonces._mac
-
-        def counting(full: bool, issued: int, client: tuple[str, int]) -> bytes:
-            self.macs.append((full, issued, client))
-            return mac(full, issued, client)
-
-        self.nonces._mac = counting  # type: ignore[method-assign]
 
     def test_issued_this_second_needs_no_mac(self) -> None:
         for full in (True, False):
