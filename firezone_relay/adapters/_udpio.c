@@ -623,6 +623,19 @@ do_read(IOObject *self, int fd, PyObject *handler, PyObject *port, PyObject *fam
     return PyLong_FromSsize_t(total);
 }
 
+/* A descriptor argument: >= 0, or -1 with an exception set. */
+static int
+descriptor_arg(PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd < 0 || fd > INT_MAX) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, fd < 0 ? "negative descriptor" : "descriptor out of range");
+        return -1;
+    }
+    return (int)fd;
+}
+
 static PyObject *
 IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -630,12 +643,9 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused[, listener])");
         return NULL;
     }
-    int fd = (int)PyLong_AsLong(args[0]);
-    if (fd < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+    int fd = descriptor_arg(args[0]);
+    if (fd < 0)
         return NULL;
-    }
     int always_view = PyObject_IsTrue(args[4]);
     if (always_view < 0)
         return NULL;
@@ -736,12 +746,9 @@ IO_reader(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "reader(fd, owner, entry, port, family, always_view, refused)");
         return NULL;
     }
-    int fd = (int)PyLong_AsLong(args[0]);
-    if (fd < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+    int fd = descriptor_arg(args[0]);
+    if (fd < 0)
         return NULL;
-    }
     if (!PyUnicode_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError, "reader: entry must be an attribute name (str)");
         return NULL;
@@ -975,12 +982,9 @@ udpio_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "poll(epfd, timeout, maxevents, selectables, fast, failed[, reactor, end])");
         return NULL;
     }
-    int epfd = (int)PyLong_AsLong(args[0]);
-    if (epfd < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "negative descriptor");
+    int epfd = descriptor_arg(args[0]);
+    if (epfd < 0)
         return NULL;
-    }
     double seconds = PyFloat_AsDouble(args[1]);
     if (seconds == -1.0 && PyErr_Occurred())
         return NULL;
