@@ -11,16 +11,37 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
+from twisted.trial.unittest import SkipTest, TestCase
 
 from firezone_relay.core import stun
 from firezone_relay.core.auth import REALM, make_credentials
 
 Address = Tuple[str, int]
 TIMEOUT = 5.0
+
+
+def in_ci() -> bool:
+    """``CI`` set to anything but empty/0/false/no (GitHub and GitLab set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def kill_if_running(proc: "subprocess.Popen[Any]", timeout: float = 10.0) -> None:
+    """SIGKILL a process the test started, if it still runs, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def unavailable(test: TestCase, reason: str) -> None:
+    """Skip outside CI; in CI nothing may skip, so fail with the same reason."""
+    if in_ci():
+        test.fail("CI is set, so this test must run, but: %s" % reason)
+    raise SkipTest(reason)
 
 
 def loopback(family: int) -> str:

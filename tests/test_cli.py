@@ -22,7 +22,7 @@ from twisted.trial import unittest
 
 from firezone_relay import logs
 from firezone_relay.logs import LogLevels, parse_log_level
-from tests.helpers import free_udp_port, port_range
+from tests.helpers import free_udp_port, kill_if_running, port_range
 from tests.portal_stub import TOKEN as STUB_TOKEN
 from tests.portal_stub import StubPortal
 from tests.test_tap import TWISTD, TOKEN, binding_roundtrip, parse, twistd_env
@@ -173,9 +173,7 @@ class ProcessTests(unittest.TestCase):
                     proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=20)
             finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
+                kill_if_running(proc)
             with open(log_path) as f:
                 output = f.read()
             if answered:

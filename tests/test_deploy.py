@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import configparser
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from twisted.trial import unittest
 from firezone_relay.adapters.http import Readiness
 from firezone_relay.adapters.metrics import make_registry
 from tests.core.harness import make_relay
+from tests.helpers import unavailable
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -173,9 +173,7 @@ class AlertTests(unittest.SynchronousTestCase):
         promtool = shutil.which("promtool")
         if promtool is None:
             # scripts/test.sh installs it; in CI its absence is a failure, not a skip.
-            if os.environ.get("CI") == "true":
-                self.fail("promtool is not installed in CI (scripts/test.sh installs Debian's prometheus)")
-            raise unittest.SkipTest("promtool is not installed (Debian: apt-get install prometheus)")
+            unavailable(self, "promtool is not installed (Debian: apt-get install prometheus; scripts/test.sh does)")
         result = subprocess.run([promtool, "check", "rules", str(self.path)], capture_output=True, text=True, timeout=60)
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
         tests = Path(self.mktemp())

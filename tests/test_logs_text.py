@@ -22,7 +22,7 @@ from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicL
 from twisted.trial import unittest
 
 from firezone_relay import logs
-from tests.helpers import free_udp_port, port_range
+from tests.helpers import free_udp_port, kill_if_running, port_range
 from tests.test_tap import TWISTD, binding_roundtrip, twistd_env
 
 #: twistd's text line: RFC 3339 time stamp (local offset), [namespace#level], message.
@@ -191,9 +191,7 @@ class TwistdLogFileTests(unittest.TestCase):
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+            kill_if_running(proc)
         with open(path + ".1") as f:
             before = f.read()
         with open(path) as f:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import site
 import subprocess
 import sys
@@ -15,9 +14,10 @@ from typing import Iterator, List, Tuple
 
 from twisted.trial import unittest
 
+from tests.helpers import unavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "firezone_relay" / "core"
-IN_CI = bool(os.environ.get("CI"))
 
 #: Top-level modules the core must never import: I/O, clocks, randomness and
 #: the Twisted world all belong to the adapters.
@@ -87,9 +87,7 @@ class CoreTypesTests(unittest.TestCase):
 
     def test_mypy_strict(self) -> None:
         if importlib.util.find_spec("mypy") is None:
-            if IN_CI:
-                self.fail("mypy is not installed (pip install '.[test]')")
-            raise unittest.SkipTest("mypy is not installed (pip install '.[test]')")
+            unavailable(self, "mypy is not installed (pip install '.[test]')")
         result = subprocess.run(
             [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "firezone_relay/core"],
             cwd=ROOT,
@@ -118,9 +116,7 @@ class PluginTests(unittest.SynchronousTestCase):
         installed = [d for d in _site_dirs() if (d / "twisted" / "plugins" / "firezone_relay_plugin.py").exists()]
         if not installed:
             message = "firezone-relay is not installed in site-packages (pip install .)"
-            if IN_CI:
-                self.fail(message)
-            raise unittest.SkipTest(message)
+            unavailable(self, message)
         from twisted.application.service import IServiceMaker
         from twisted.plugin import getPlugins
 

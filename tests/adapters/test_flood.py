@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Optional
 from firezone_relay.core import stun
 from firezone_relay.core.auth import REALM, make_credentials
 
-from ..helpers import free_udp_port, port_range
+from ..helpers import free_udp_port, kill_if_running, port_range
 from ..test_tap import TWISTD, binding_roundtrip, twistd_env
 
 SECRET = "5a" * 32
@@ -218,12 +218,7 @@ class FloodTests(unittest.TestCase):
             cwd=cwd, env=twistd_env(), stdout=log, stderr=subprocess.STDOUT,
         )
 
-        def stop() -> None:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-
-        self.addCleanup(stop)
+        self.addCleanup(kill_if_running, proc)
         server = ("127.0.0.1", listen_port)
         self.assertIsNotNone(binding_roundtrip(listen_port, time.time() + 20), "relay did not start")
 

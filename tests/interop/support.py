@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from firezone_relay import tap
 from firezone_relay.core.auth import make_credentials
-from tests.helpers import free_udp_port, ipv6_available, port_range
+from tests.helpers import free_udp_port, ipv6_available, port_range, unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -39,18 +39,6 @@ SECRET = "4c98bf59c99b3e467ecd7cf9d6b3e5279645fca59be67bc5bb4af3cf653761ab"
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 STARTUP_TIMEOUT = 15.0
 MAGIC_COOKIE = 0x2112A442
-
-
-def in_ci() -> bool:
-    """``CI`` set to anything but empty/0/false/no (GitHub and GitLab set ``CI=true``)."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def unavailable(test: TestCase, reason: str) -> None:
-    """Skip outside CI; in CI nothing may skip, so fail with the same reason."""
-    if in_ci():
-        test.fail("CI is set, so this interop test must run, but: %s" % reason)
-    raise SkipTest(reason)
 
 
 def require_tool(test: TestCase, name: str) -> str:

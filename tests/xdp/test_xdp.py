@@ -24,6 +24,7 @@ from firezone_relay.core import commands as C
 from firezone_relay.core import stun
 from firezone_relay.xdp import loader
 from firezone_relay.xdp.service import XdpService
+from tests.helpers import in_ci
 from tests.xdp import netns
 from tests.xdp.netns import ADDR, HIGHEST, LISTEN_PORT, LOWEST, SECRET, BlockingTurnClient, RelayProcess, Topology
 
@@ -39,7 +40,7 @@ def _skip_without_root() -> None:
 
 def _missing_tool(reason: str) -> None:
     """Skip outside CI; CI runs as root and installs the toolchain, so there it fails."""
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no") and os.geteuid() == 0:
+    if in_ci() and os.geteuid() == 0:
         raise AssertionError("CI is set and we are root, so this XDP test must run, but: %s" % reason)
     raise unittest.SkipTest(reason)
 
