@@ -16,20 +16,20 @@
  *     into sockaddrs through a hashed cache keyed by object identity.
  *
  * Contract with the Python shell (firezone_relay/adapters/shell.py, which
- * owns ``io``; udp.py calls ``read`` per readiness event):
+ * owns ``io``; udp.py registers a socket's ``reader`` as its direct read):
  *
  *   io = IO(now, pump, fds, fallback, send_failed, internal_error)
- *   io.read(fd, handler, port, family, always_view, refused[, listener]) -> datagrams read
+ *   io.read(fd, handler, port, family, always_view, refused) -> datagrams read
  *   io.reader(fd, owner, entry, port, family, always_view, refused) -> Reader
  *   io.send(transmits) -> None
  *
- * ``listener`` (None or the shell's read listener, the stream transport) is
- * told ``begin_read()`` before the read's first call that may write to a
- * stream client (the fallback, the pump) and ``end_read()`` when the read
- * ends, only if it was begun.  ``reader(...)()`` is ``read(fd,
- * getattr(owner, entry), port, family, always_view, refused,
- * owner.read_listener)`` as one C callable: the UDP transport's direct read
- * of a socket, with no Python function around it.
+ * ``reader(...)()`` is ``read(fd, getattr(owner, entry), port, family,
+ * always_view, refused)`` as one C callable, the UDP transport's direct read
+ * of a socket with no Python function around it, and with a listener:
+ * ``owner.read_listener`` (None or the shell's read listener, the stream
+ * transport) is told ``begin_read()`` before the read's first call that may
+ * write to a stream client (the fallback, the pump) and ``end_read()`` when
+ * the read ends, only if it was begun.
  *
  * ``handler`` is the core's entry point.  For the listen port (``port`` is
  * None) it is called as handler(data, addr, now); for an allocation port as
@@ -639,8 +639,8 @@ descriptor_arg(PyObject *arg)
 static PyObject *
 IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6 && nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused[, listener])");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused)");
         return NULL;
     }
     int fd = descriptor_arg(args[0]);
@@ -649,7 +649,7 @@ IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
     int always_view = PyObject_IsTrue(args[4]);
     if (always_view < 0)
         return NULL;
-    return do_read(self, fd, args[1], args[2], args[3], always_view, args[5], nargs == 7 ? args[6] : Py_None);
+    return do_read(self, fd, args[1], args[2], args[3], always_view, args[5], Py_None);
 }
 
 /* --- Reader: one socket's read, callable with no arguments ----------------- */

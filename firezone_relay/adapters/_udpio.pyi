@@ -38,7 +38,6 @@ class IO:
         family: int,
         always_view: bool,
         refused: Callable[[], None],
-        listener: Any = None,
     ) -> int: ...
     def reader(
         self,

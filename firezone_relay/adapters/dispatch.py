@@ -48,14 +48,13 @@ first other one on come back in order to the loop here.  The same calls
 in the same order, without a Python bytecode per datagram event or per
 wake-up.
 
-The stream connections' direct write (``direct_socket``, ``unsent``) is the
+The stream connections' direct write (``direct_socket``) is the
 other use of Twisted's private parts, kept here beside it, guarded the same way.
 """
 
 from __future__ import annotations
 
 import errno
-from select import EPOLLIN
 from typing import Any, Callable, Optional, Set
 
 from twisted.python import log
@@ -83,23 +82,20 @@ def fast_type(kind: type) -> type:
 
 
 def direct_socket(transport: Any) -> Any:
-    """The socket of a TCP ``transport`` that ``unsent`` can look into, or
-    None (TLS's wrapper, another Twisted): then write through the transport.
+    """The socket of a TCP ``transport`` whose unsent bytes
+    ``StreamProtocol._write`` can look into, or None (TLS's wrapper, another
+    Twisted): then write through the transport.
 
     The stream connections write straight on the socket when Twisted holds
     nothing unsent (``StreamProtocol._write``): a loop iteration and two
     epoll_ctl calls less per write.  No public interface says whether a
     ``FileDescriptor`` holds unsent bytes (``IPushProducer`` only says when
-    its buffer is full), so ``unsent`` reads its two private buffers; this
+    its buffer is full), so ``_write`` reads its two private buffers; this
     guard keeps a Twisted without them on the public path."""
     if not all(hasattr(transport, name) for name in ("_tempDataLen", "dataBuffer")):
         return None
     return getattr(transport, "socket", None)
 
-
-def unsent(transport: Any) -> bool:
-    """Whether a transport ``direct_socket`` accepted holds bytes not yet sent."""
-    return bool(transport._tempDataLen or transport.dataBuffer)
 
 
 def disconnect(reactor: Any, selectable: Any, why: BaseException) -> None:
@@ -147,6 +143,8 @@ def _make_do_poll(reactor: Any, c_poll: Optional[Callable[..., Any]] = None) -> 
     same calls in the same order as the loop below, without a Python
     bytecode per event (per wake-up, this loop cost about as much as the
     relay's core on a ChannelData datagram)."""
+    from select import EPOLLIN  # Linux only, as the EPollReactor this serves
+
     selectables = reactor._selectables
     do_read_or_write = reactor._doReadOrWrite
     fast = _FAST_TYPES  # the set itself: a type registered later counts too
@@ -163,10 +161,12 @@ def _make_do_poll(reactor: Any, c_poll: Optional[Callable[..., Any]] = None) -> 
     loop_state = reactor if inner_loop else None
 
     def direct_failed(selectable: Any, exc: BaseException) -> None:
-        """A direct read in ``c_poll`` raised ``exc``: as below."""
+        """A direct read raised ``exc`` (in ``c_poll`` or the loop below):
+        log it and close the selectable, as ``_doReadOrWrite`` does after a
+        failed ``doRead``."""
         log.err(Failure(exc, type(exc), exc.__traceback__), "error dispatching an event of %r" % (selectable,))
         try:
-            reactor._disconnectSelectable(selectable, exc, True)
+            disconnect(reactor, selectable, exc)
         except BaseException:
             log.err(None, "error closing %r" % (selectable,))
 
@@ -213,13 +213,11 @@ def _make_do_poll(reactor: Any, c_poll: Optional[Callable[..., Any]] = None) -> 
                     except KeyboardInterrupt:
                         raise
                     except BaseException as exc:
-                        log.err(None, "error dispatching an event of %r" % (selectable,))
                         if direct is not None:
                             # What _doReadOrWrite does after a failed doRead.
-                            try:
-                                disconnect(reactor, selectable, exc)
-                            except BaseException:
-                                log.err(None, "error closing %r" % (selectable,))
+                            direct_failed(selectable, exc)
+                        else:
+                            log.err(None, "error dispatching an event of %r" % (selectable,))
                 else:
                     only_fast = False
                     call_with_logger(selectable, do_read_or_write, selectable, fd, event)

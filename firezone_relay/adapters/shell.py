@@ -104,14 +104,6 @@ class FastPath(Protocol):
     def channel_unbound(self, command: C.ChannelUnbound) -> None: ...
 
 
-def _sends_from(sends: List[Tuple[int, int, Any, bytes]], port: int, family: int) -> bool:
-    """Whether one of ``sends`` leaves from UDP port ``port`` of ``family``."""
-    for send in sends:
-        if send[0] == port and send[1] == family:
-            return True
-    return False
-
-
 class Shell(MultiService):
     """Owns a ``Relay`` core, its timer, its pump and the routing of what it sends.
 
@@ -270,23 +262,19 @@ class Shell(MultiService):
             # batched read) leave together, in sendmmsg calls, at the end;
             # before a port closes, what is queued for it leaves first.
             sends: List[Tuple[int, int, Any, bytes]] = []
-            # The source ports in ``sends``: a ClosePort (one per Refresh 0
-            # of a deallocation storm) looks through ``sends`` only when its
-            # port is among them, not through every queued reply.
-            ports: set[int] = set()
+            # The (source port, family) of every one of ``sends``: a
+            # ClosePort (one per Refresh 0 of a deallocation storm) flushes
+            # them only when its port is among them.
+            ports: set[Tuple[int, int]] = set()
             try:
                 while command is not None:
                     if type(command) is C.SendDatagram and len(command.destination) == 2:
                         # (A stream client's reply still goes at once, in
                         # its place among the allocation events.)
                         sends.append((command.source_port, command.family, command.destination, command.payload))
-                        ports.add(command.source_port)
+                        ports.add((command.source_port, command.family))
                     else:
-                        if (
-                            type(command) is C.ClosePort
-                            and command.port in ports
-                            and _sends_from(sends, command.port, command.family)
-                        ):
+                        if type(command) is C.ClosePort and (command.port, command.family) in ports:
                             io.send(sends)
                             sends = []
                             ports.clear()

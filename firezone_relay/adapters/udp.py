@@ -169,21 +169,6 @@ class _Reader:
         self.direct_read = None
         self.socket.close()
 
-    def stop_reading(self, reactor: Any) -> "defer.Deferred[None]":
-        """No more reads; the socket closes at the start of the next reactor
-        turn, as Twisted's ``stopListening`` does: a batched read that is
-        still running on this descriptor must not see its number reused by
-        a port opened in the same turn."""
-        reactor.removeReader(self)
-        d: defer.Deferred[None] = defer.Deferred()
-
-        def close() -> None:
-            self.close()
-            d.callback(None)
-
-        reactor.callLater(0, close)
-        return d
-
     def doRead(self) -> None:
         batched = self.batched
         if batched is not None:
@@ -363,8 +348,10 @@ class RelayService(ListenerService):
 
     def _close(self, port: int, family: int) -> Optional["defer.Deferred[None]"]:
         """No more reads from the socket of ``port``; it closes at the start
-        of the next reactor turn, as ``_Reader.stop_reading`` explains,
-        together with every other socket closed in this turn: one timed
+        of the next reactor turn, as Twisted's ``stopListening`` does (a
+        batched read still running on this descriptor must not see its
+        number reused by a port opened in the same turn), together with
+        every other socket closed in this turn: one timed
         call and one Deferred for all of them (a deallocation storm closes
         thousands), fired when they are closed."""
         listening = self._ports.pop((port, family), None)
