@@ -175,7 +175,7 @@ class ReloadService(Service):
         if self.running:
             self._handlers.install()
 
-    def _run(self, signum: int = signal.SIGHUP) -> None:
+    def _run(self, signum: int) -> None:
         try:
             self.reload()
         except Exception:  # noqa: BLE001 - a reload must never stop the relay

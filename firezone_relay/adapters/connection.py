@@ -135,17 +135,13 @@ class StreamProtocol(Protocol):
             if service.dirty:
                 service.end_read()
         if not self.closed:
-            # _holding(), inline: one call less per read.
+            # Bytes of partial input kept until the next read.
             held = len(self._buffer) + self._record_received
             if held != self._held:
                 self._account(held)
 
     #: Bytes of an incomplete TLS record held by OpenSSL (``TLSStreamProtocol``).
     _record_received = 0
-
-    def _holding(self) -> int:
-        """Bytes of partial input kept until the next read."""
-        return len(self._buffer) + self._record_received
 
     def _account(self, held: int) -> None:
         """Move this connection's share of ``service.buffered`` to ``held``,
@@ -268,8 +264,8 @@ class StreamProtocol(Protocol):
         Twisted's buffer, so order and the write-buffer bound are kept."""
         transport: Any = self.transport
         sock = self._socket
-        # not dispatch.unsent(transport), inline (direct_socket checked that
-        # the transport has these two attributes).
+        # Whether Twisted holds unsent bytes: its two private buffers
+        # (dispatch.direct_socket checked that the transport has them).
         if sock is not None and not (transport._tempDataLen or transport.dataBuffer):
             try:
                 sent = sock.send(data)

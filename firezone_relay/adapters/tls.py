@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from twisted.logger import Logger
 
-from firezone_relay.adapters._twisted import cancel_call
+from firezone_relay.adapters._twisted import cancel_attributes
 from firezone_relay.adapters.connection import StreamProtocol
 
 if TYPE_CHECKING:
@@ -217,8 +217,7 @@ class TLSStreamProtocol(StreamProtocol):
                 self._tls_ended()
                 return
             self.handshaken = True
-            call, self._handshake_call = self._handshake_call, None
-            cancel_call(call)
+            cancel_attributes(self, "_handshake_call")
             self._send_tls_output()  # the server's last flight
         # Each record's data is handled as soon as it is decrypted: the
         # ChannelData it carries leaves before the next record is read.
@@ -264,7 +263,8 @@ class TLSStreamProtocol(StreamProtocol):
 
     def flush(self) -> None:
         """Encrypt what this reactor turn produced and send it, in one send
-        (``StreamProtocol.flush`` and ``_write`` in one call)."""
+        (in place of ``StreamProtocol.flush`` and its ``_write``;
+        ``StreamProtocol._write`` is the plaintext wire write)."""
         pending, self._pending = self._pending, None
         tls = self._tls_c
         if not pending or self.closed or tls is None:
@@ -277,17 +277,6 @@ class TLSStreamProtocol(StreamProtocol):
         outgoing: Any = self._tls_out  # not None while _tls_c is not
         if outgoing.pending:
             StreamProtocol._write(self, outgoing.read())
-
-    def _write(self, data: bytes) -> None:
-        tls = self._tls_c
-        if tls is None:
-            return
-        try:
-            tls.write(data)  # records of at most 16 KiB, all into the BIO
-        except ssl.SSLError:
-            self._tls_ended()
-            return
-        self._send_tls_output()
 
     def _send_tls_output(self) -> None:
         """Send what OpenSSL wrote into its outgoing BIO, in one send."""
