@@ -21,13 +21,10 @@ import socket
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.internet import tcp
-from twisted.logger import Logger
 
 from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.stream import StreamService, _StreamFactory, _StreamServer
 from firezone_relay.adapters.udp import RelayService, _ClientProtocol
-
-log = Logger(namespace="firezone_relay.workers.worker")
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 

@@ -56,7 +56,6 @@ def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
     from twisted.application.service import Service as _Service
 
     from firezone_relay.adapters.http import Readiness
-    from firezone_relay.adapters.metrics import make_registry  # noqa: F401 (process collectors below)
     from firezone_relay.service import _add_portal_and_drain, add_health
 
     count = options["workers"]

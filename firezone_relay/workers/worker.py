@@ -28,22 +28,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import zlib
 from typing import Any, Dict, List, Optional, cast
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.internet.protocol import connectionDone
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from firezone_relay.workers import protocol as P
 
 log = Logger(namespace="firezone_relay.workers.worker")
 
-_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 #: The supervisor reports these itself (its readiness, its drain, its portal).
 SUPERVISOR_METRICS = frozenset(("relay_ready", "relay_draining", "relay_portal_connected"))
 
