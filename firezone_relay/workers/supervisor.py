@@ -40,7 +40,6 @@ Theory of operation (SPEC §9).  The supervisor relays nothing itself.  It
 
 from __future__ import annotations
 
-import signal
 from typing import Any, Callable
 
 from twisted.logger import Logger
@@ -53,9 +52,8 @@ log = Logger(namespace="firezone_relay.workers.supervisor")
 
 def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
     """The services of a supervisor into ``top``: the pool, HTTP, portal and drain."""
-    from twisted.application.service import Service as _Service
-
     from firezone_relay.adapters.http import Readiness
+    from firezone_relay.reload import ReloadService
     from firezone_relay.service import _add_portal_and_drain, add_health
 
     count = options["workers"]
@@ -112,16 +110,8 @@ def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
 
     _add_portal_and_drain(options, top, _Shell(), secret, readiness, reactor)
 
-    class _Hangup(_Service):
-        def startService(self) -> None:
-            super().startService()
-            reactor.callWhenRunning(signal.signal, signal.SIGHUP, self._hangup)
-
-        def _hangup(self, signum: int, frame: Any) -> None:
-            reactor.callFromThread(
-                log.warn, "SIGHUP: reloading is not supported with --workers above 1 yet; ignored"
-            )
-
-    _Hangup().setServiceParent(top)
+    # SIGHUP is answered (and the previous handler put back at stop) as the
+    # single process's reload is, with a line saying it does nothing yet.
+    ReloadService(lambda: log.warn("SIGHUP: reloading is not supported with --workers above 1 yet; ignored"), reactor).setServiceParent(top)
     return top
 
