@@ -19,17 +19,18 @@
  * owns ``io``; udp.py registers a socket's ``reader`` as its direct read):
  *
  *   io = IO(now, pump, fds, fallback, send_failed, internal_error)
- *   io.read(fd, handler, port, family, always_view, refused) -> datagrams read
- *   io.reader(fd, owner, entry, port, family, always_view, refused) -> Reader
+ *   read = io.reader(fd, owner, entry, port, family, always_view, refused)
+ *   read() -> datagrams read
  *   io.send(transmits) -> None
  *
- * ``reader(...)()`` is ``read(fd, getattr(owner, entry), port, family,
- * always_view, refused)`` as one C callable, the UDP transport's direct read
- * of a socket with no Python function around it, and with a listener:
+ * A Reader (``read``) reads the socket ``fd``: the UDP transport's direct
+ * read of a socket, with no Python function around it.  Each call looks up
+ * its ``handler``, ``getattr(owner, entry)``, and its read listener,
  * ``owner.read_listener`` (None or the shell's read listener, the stream
- * transport) is told ``begin_read()`` before the read's first call that may
- * write to a stream client (the fallback, the pump) and ``end_read()`` when
- * the read ends, only if it was begun.
+ * transport), so that replacing either on the owner takes effect at the next
+ * read.  The listener is told ``begin_read()`` before the read's first call
+ * that may write to a stream client (the fallback, the pump) and
+ * ``end_read()`` when the read ends, only if it was begun.
  *
  * ``handler`` is the core's entry point.  For the listen port (``port`` is
  * None) it is called as handler(data, addr, now); for an allocation port as
@@ -49,14 +50,14 @@
  * sendmmsg entry is reported as ``send_failed(errno)`` and the rest of the
  * batch still goes.  An exception from the handler, the fallback or the pump
  * is passed to ``internal_error(where, exc)`` and the batch carries on:
- * nothing a datagram causes escapes ``read``.  ``refused()`` is called for a
+ * nothing a datagram causes escapes the read.  ``refused()`` is called for a
  * pending ECONNREFUSED (an ICMP error) on the socket.
  *
  * ``send`` takes a list of Transmits that did not come from a read (the
  * stream transport collects the ChannelData of one TCP/TLS read this way) and
- * treats each as read() treats a returned one: queued, or passed to the
+ * treats each as a read treats a returned one: queued, or passed to the
  * fallback, then everything leaves in sendmmsg calls before it returns.
- * send_failed and internal_error report failures as for read().  It may run
+ * send_failed and internal_error report failures as for a read.  It may run
  * inside a read (the shared queue is simply flushed early, in order).
  *
  * Reentrancy: the buffers are static and the reactor is single-threaded; a
@@ -490,7 +491,7 @@ do_read(IOObject *self, int fd, PyObject *handler, PyObject *port, PyObject *fam
     PyObject *where = is_peer ? str_peer : str_client;
 
     if (busy) {
-        PyErr_SetString(PyExc_RuntimeError, "_udpio.read is not reentrant");
+        PyErr_SetString(PyExc_RuntimeError, "_udpio: a read is not reentrant");
         return NULL;
     }
     if (slots == NULL) {
@@ -636,29 +637,11 @@ descriptor_arg(PyObject *arg)
     return (int)fd;
 }
 
-static PyObject *
-IO_read(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "read(fd, handler, port, family, always_view, refused)");
-        return NULL;
-    }
-    int fd = descriptor_arg(args[0]);
-    if (fd < 0)
-        return NULL;
-    int always_view = PyObject_IsTrue(args[4]);
-    if (always_view < 0)
-        return NULL;
-    return do_read(self, fd, args[1], args[2], args[3], always_view, args[5], Py_None);
-}
-
 /* --- Reader: one socket's read, callable with no arguments ----------------- */
 
-/* What the UDP transport registers as a socket's direct read: the same as
-   ``io.read(fd, getattr(owner, entry), port, family, always_view, refused,
-   owner.read_listener)``, without a Python function around it.  The entry
-   point and the listener are looked up on ``owner`` (the shell) per call,
-   so that replacing either there takes effect at the next read. */
+/* What the UDP transport registers as a socket's direct read (see the module
+   comment): ``do_read`` of the socket with the handler and the listener
+   looked up on ``owner`` (the shell) per call. */
 typedef struct {
     PyObject_HEAD
     IOObject *io;
@@ -773,7 +756,7 @@ IO_reader(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
     return (PyObject *)r;
 }
 
-/* io.send(transmits): queue a list of Transmits as read() does with what the
+/* io.send(transmits): queue a list of Transmits as a read does with what the
    handler returns (the stream shell's ChannelData towards peers), then flush. */
 static PyObject *
 IO_send(IOObject *self, PyObject *transmits)
@@ -1137,11 +1120,9 @@ static PyMethodDef module_methods[] = {
 };
 
 static PyMethodDef IO_methods[] = {
-    {"read", (PyCFunction)(void (*)(void))IO_read, METH_FASTCALL,
-     "read(fd, handler, port, family, always_view, refused) -> number of datagrams read"},
     {"reader", (PyCFunction)(void (*)(void))IO_reader, METH_FASTCALL,
-     "reader(fd, owner, entry, port, family, always_view, refused) -> a callable that does "
-     "read(fd, getattr(owner, entry), port, family, always_view, refused, owner.read_listener)"},
+     "reader(fd, owner, entry, port, family, always_view, refused) -> a callable that reads the socket fd "
+     "and calls getattr(owner, entry) per datagram (see the C source)"},
     {"send", (PyCFunction)IO_send, METH_O,
      "send(transmits) -> None: queue each Transmit of the list (or pass it to the fallback), then sendmmsg"},
     {"stats", (PyCFunction)IO_stats, METH_NOARGS, "counters: batches, datagrams, sent, send_calls"},

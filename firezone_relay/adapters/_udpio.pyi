@@ -30,15 +30,6 @@ class IO:
         send_failed: Callable[[int], None],
         internal_error: Callable[[str, BaseException], None],
     ) -> None: ...
-    def read(
-        self,
-        fd: int,
-        handler: Callable[..., Optional[Transmit]],
-        port: Optional[int],
-        family: int,
-        always_view: bool,
-        refused: Callable[[], None],
-    ) -> int: ...
     def reader(
         self,
         fd: int,

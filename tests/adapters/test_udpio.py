@@ -1,8 +1,8 @@
 """The batched UDP I/O extension (firezone_relay/adapters/_udpio.c) on real sockets.
 
-These call ``IO.read`` directly, with recording callables in place of the
-core and the shell, so every branch of the contract in the C file's header
-is driven by real datagrams on loopback.  The end-to-end tests in
+These read through ``IO.reader`` directly, with recording callables in
+place of the core and the shell, so every branch of the contract in the C
+file's header is driven by real datagrams on loopback.  The end-to-end tests in
 test_udp.py run the relay on it as well (and on the pure-Python reader).
 """
 
@@ -71,7 +71,17 @@ class Harness:
 
     def read(self, sock: socket.socket, handler: Callable[..., Any], port: Optional[int] = None, family: int = 4,
              always_view: bool = False) -> int:  # fmt: skip
-        return int(self.io.read(sock.fileno(), handler, port, family, always_view, self._refused))
+        """One read of ``sock`` by a Reader whose entry point is ``handler``."""
+        return int(self.io.reader(sock.fileno(), _Entry(handler), "handler", port, family, always_view, self._refused)())
+
+
+class _Entry:
+    """A Reader's owner with the entry point ``handler`` and no read listener."""
+
+    read_listener = None
+
+    def __init__(self, handler: Callable[..., Any]) -> None:
+        self.handler = handler
 
 
 def _recv_all(sock: socket.socket, count: int, timeout: float = 2.0) -> List[Tuple[bytes, Any]]:
@@ -244,7 +254,7 @@ class ReadTests(_IOCase):
         self.client.sendto(b"y", self.dest)
         _settle()
         replies = iter([None, (1, 4, ("127.0.0.1", 1, 2), b"z")])
-        io.read(self.listener.fileno(), lambda d, a, n: next(replies), None, 4, False, lambda: None)
+        io.reader(self.listener.fileno(), _Entry(lambda d, a, n: next(replies)), "handler", None, 4, False, lambda: None)()
         self.assertEqual(errors, [("send", "ValueError"), ("pump", "KeyError")])
 
     def test_nested_read_is_refused(self) -> None:
@@ -375,10 +385,11 @@ class ReadTests(_IOCase):
         self.assertEqual(got[0][1][:2], out.getsockname()[:2])
 
     def test_bad_arguments(self) -> None:
-        self.assertRaises(TypeError, self.h.io.read, 1, 2)
-        self.assertRaises(ValueError, self.h.io.read, -1, None, None, 4, False, None)
+        self.assertRaises(TypeError, self.h.io.reader, 1, 2)
+        self.assertRaises(ValueError, self.h.io.reader, -1, _Entry(lambda d, a, n: None), "handler", None, 4, False, None)
         self.assertRaises(TypeError, _udpio.IO, 1, 2, "not a dict", 4, 5, 6)
-        self.assertRaises(OSError, self.h.io.read, 10**6, lambda d, a, n: None, None, 4, False, lambda: None)
+        read = self.h.io.reader(10**6, _Entry(lambda d, a, n: None), "handler", None, 4, False, lambda: None)
+        self.assertRaises(OSError, read)
 
 
 class SendTests(_IOCase):
