@@ -290,16 +290,54 @@ sockaddr_of(PyObject *dest, int family, queued_t *q)
     return 1;
 }
 
+/* --- references held by the objects ------------------------------------------ */
+
+/* Each type names the references it holds once, in a list REFS(X) that
+   applies X to each member: the struct declares them from it, and the
+   type's traverse and clear (GC_FUNCTIONS) go through the same list, so a
+   new member cannot be left out of either. */
+#define DECLARE_REF(member) PyObject *member;
+#define VISIT_REF(member) Py_VISIT(self->member);
+#define CLEAR_REF(member) Py_CLEAR(self->member);
+
+/* Type##_traverse and Type##_clear of the Type##Object whose references
+   REFS lists. */
+#define GC_FUNCTIONS(Type, REFS)                                                   \
+    static int Type##_traverse(Type##Object *self, visitproc visit, void *arg)     \
+    {                                                                              \
+        REFS(VISIT_REF)                                                            \
+        return 0;                                                                  \
+    }                                                                              \
+                                                                                   \
+    static int Type##_clear(Type##Object *self)                                    \
+    {                                                                              \
+        REFS(CLEAR_REF)                                                            \
+        return 0;                                                                  \
+    }
+
+/* The tp_dealloc of both types: untracked, its references dropped (its
+   tp_clear), freed. */
+static void
+gc_dealloc(PyObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Py_TYPE(self)->tp_clear(self);
+    Py_TYPE(self)->tp_free(self);
+}
+
 /* --- the IO object ----------------------------------------------------------- */
+
+#define IO_REFS(X)                               \
+    X(now)            /* () -> float */          \
+    X(pump)           /* () -> None */           \
+    X(fds)            /* {family: {port: fd}} */ \
+    X(fallback)       /* (transmit) -> None */   \
+    X(send_failed)    /* (errno) -> None */      \
+    X(internal_error) /* (where, exc) -> None */
 
 typedef struct {
     PyObject_HEAD
-    PyObject *now;            /* () -> float */
-    PyObject *pump;           /* () -> None */
-    PyObject *fds;            /* {family: {port: fd}} */
-    PyObject *fallback;       /* (transmit) -> None */
-    PyObject *send_failed;    /* (errno) -> None */
-    PyObject *internal_error; /* (where, exc) -> None */
+    IO_REFS(DECLARE_REF)
     Py_ssize_t batches;       /* recvmmsg calls that returned datagrams */
     Py_ssize_t datagrams;     /* datagrams read */
     Py_ssize_t sent;          /* datagrams sent by sendmmsg */
@@ -641,13 +679,15 @@ descriptor_arg(PyObject *arg)
 
 /* What the UDP transport registers as a socket's direct read (see the module
    comment): ``do_read`` of the socket with the handler and the listener
-   looked up on ``owner`` (the shell) per call. */
+   looked up on ``owner`` (the shell) per call.  It holds ``io``, the IO it
+   reads for, and the objects among io.reader's arguments. */
+#define READER_REFS(X) X(io) X(owner) X(entry) X(port) X(family) X(refused)
+
 typedef struct {
     PyObject_HEAD
-    IOObject *io;
+    READER_REFS(DECLARE_REF)
     int fd;
     int always_view;
-    PyObject *owner, *entry, *port, *family, *refused;
     vectorcallfunc vectorcall;
 } ReaderObject;
 
@@ -670,44 +710,14 @@ Reader_vectorcall(ReaderObject *self, PyObject *const *args, size_t nargsf, PyOb
         Py_DECREF(handler);
         return NULL;
     }
-    PyObject *r = do_read(self->io, self->fd, handler, self->port, self->family, self->always_view, self->refused,
+    PyObject *r = do_read((IOObject *)self->io, self->fd, handler, self->port, self->family, self->always_view, self->refused,
                           listener);
     Py_DECREF(handler);
     Py_DECREF(listener);
     return r;
 }
 
-static int
-Reader_traverse(ReaderObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->io);
-    Py_VISIT(self->owner);
-    Py_VISIT(self->entry);
-    Py_VISIT(self->port);
-    Py_VISIT(self->family);
-    Py_VISIT(self->refused);
-    return 0;
-}
-
-static int
-Reader_clear(ReaderObject *self)
-{
-    Py_CLEAR(self->io);
-    Py_CLEAR(self->owner);
-    Py_CLEAR(self->entry);
-    Py_CLEAR(self->port);
-    Py_CLEAR(self->family);
-    Py_CLEAR(self->refused);
-    return 0;
-}
-
-static void
-Reader_dealloc(ReaderObject *self)
-{
-    PyObject_GC_UnTrack(self);
-    Reader_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_FUNCTIONS(Reader, READER_REFS)
 
 static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "firezone_relay.adapters._udpio.Reader",
@@ -716,7 +726,7 @@ static PyTypeObject ReaderType = {
     .tp_doc = "io.reader(...)(): one batched read of one socket (see IO.reader).",
     .tp_vectorcall_offset = offsetof(ReaderObject, vectorcall),
     .tp_call = PyVectorcall_Call,
-    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_dealloc = gc_dealloc,
     .tp_traverse = (traverseproc)Reader_traverse,
     .tp_clear = (inquiry)Reader_clear,
 };
@@ -745,8 +755,7 @@ IO_reader(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
     r->vectorcall = (vectorcallfunc)Reader_vectorcall;
     r->fd = fd;
     r->always_view = always_view;
-    Py_INCREF(self);
-    r->io = self;
+    r->io = Py_NewRef((PyObject *)self);
     r->owner = Py_NewRef(args[1]);
     r->entry = Py_NewRef(args[2]);
     r->port = Py_NewRef(args[3]);
@@ -803,37 +812,7 @@ IO_init(IOObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
-static int
-IO_traverse(IOObject *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->now);
-    Py_VISIT(self->pump);
-    Py_VISIT(self->fds);
-    Py_VISIT(self->fallback);
-    Py_VISIT(self->send_failed);
-    Py_VISIT(self->internal_error);
-    return 0;
-}
-
-static int
-IO_clear(IOObject *self)
-{
-    Py_CLEAR(self->now);
-    Py_CLEAR(self->pump);
-    Py_CLEAR(self->fds);
-    Py_CLEAR(self->fallback);
-    Py_CLEAR(self->send_failed);
-    Py_CLEAR(self->internal_error);
-    return 0;
-}
-
-static void
-IO_dealloc(IOObject *self)
-{
-    PyObject_GC_UnTrack(self);
-    IO_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_FUNCTIONS(IO, IO_REFS)
 
 static PyObject *
 IO_stats(IOObject *self, PyObject *Py_UNUSED(ignored))
@@ -1136,7 +1115,7 @@ static PyTypeObject IOType = {
     .tp_doc = "Batched UDP reads and sends for one relay shell (see the module docstring).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)IO_init,
-    .tp_dealloc = (destructor)IO_dealloc,
+    .tp_dealloc = gc_dealloc,
     .tp_traverse = (traverseproc)IO_traverse,
     .tp_clear = (inquiry)IO_clear,
     .tp_methods = IO_methods,
