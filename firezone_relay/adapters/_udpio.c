@@ -346,30 +346,48 @@ typedef struct {
 
 static PyObject *str_client, *str_peer, *str_send, *str_pump;
 
-/* Pass the current exception (if an Exception) to internal_error.  Returns 0,
-   or -1 when it must propagate (BaseException, or internal_error failed). */
+/* The result of a call into Python: 0 with the result dropped, or -1 when
+   the call failed (``result`` NULL, an exception set). */
+static inline int
+drop_result(PyObject *result)
+{
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
+
+/* Hand the current exception, its traceback set on it, to ``callback(arg,
+   exc)`` if it is an instance of ``passed`` but not of ``kept`` (NULL: no
+   such class).  Returns 0 when handed over (or none was set), -1 when it
+   propagates: not such an exception, or the callback failed. */
 static int
-report(IOObject *self, PyObject *where)
+hand_over(PyObject *callback, PyObject *arg, PyObject *passed, PyObject *kept)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyErr_NormalizeException(&type, &value, &tb);
     if (type == NULL)
         return 0;
-    if (!PyErr_GivenExceptionMatches(type, PyExc_Exception)) {
+    if (!PyErr_GivenExceptionMatches(type, passed) || (kept != NULL && PyErr_GivenExceptionMatches(type, kept))) {
         PyErr_Restore(type, value, tb);
         return -1;
     }
     if (tb != NULL)
         PyException_SetTraceback(value, tb);
-    PyObject *r = PyObject_CallFunctionObjArgs(self->internal_error, where, value, NULL);
+    PyObject *r = PyObject_CallFunctionObjArgs(callback, arg, value, NULL);
     Py_XDECREF(type);
     Py_XDECREF(value);
     Py_XDECREF(tb);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return drop_result(r);
+}
+
+/* Pass the current exception (if an Exception) to internal_error.  Returns 0,
+   or -1 when it must propagate (BaseException, or internal_error failed). */
+static int
+report(IOObject *self, PyObject *where)
+{
+    return hand_over(self->internal_error, where, PyExc_Exception, NULL);
 }
 
 static void
@@ -411,13 +429,8 @@ flush(IOObject *self)
         /* datagram i failed: count it, go on with the next one */
         int err = r < 0 ? errno : EAGAIN;
         i++;
-        if (status == 0) {
-            PyObject *res = PyObject_CallFunction(self->send_failed, "i", err);
-            if (res == NULL)
-                status = report(self, str_send);
-            else
-                Py_DECREF(res);
-        }
+        if (status == 0 && drop_result(PyObject_CallFunction(self->send_failed, "i", err)) < 0)
+            status = report(self, str_send);
     }
     release_queue();
     return status;
@@ -440,11 +453,7 @@ begin_listener(void)
     if (cur_listener == NULL || cur_begun)
         return 0;
     cur_begun = 1;
-    PyObject *r = PyObject_CallMethodNoArgs(cur_listener, str_begin_read);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return drop_result(PyObject_CallMethodNoArgs(cur_listener, str_begin_read));
 }
 
 /* Queue (or hand to the fallback) one Transmit.  Returns 0 or -1. */
@@ -484,12 +493,8 @@ transmit(IOObject *self, PyObject *t)
             }
         }
     }
-    if (begin_listener() < 0)
+    if (begin_listener() < 0 || drop_result(PyObject_CallOneArg(self->fallback, t)) < 0)
         return report(self, str_send);
-    PyObject *r = PyObject_CallOneArg(self->fallback, t);
-    if (r == NULL)
-        return report(self, str_send);
-    Py_DECREF(r);
     return 0;
 }
 
@@ -555,11 +560,8 @@ do_read(IOObject *self, int fd, PyObject *handler, PyObject *port, PyObject *fam
             if (err == EINTR)
                 continue;
             if (err == ECONNREFUSED) {
-                PyObject *r = PyObject_CallNoArgs(refused);
-                if (r == NULL)
+                if (drop_result(PyObject_CallNoArgs(refused)) < 0)
                     status = report(self, where);
-                else
-                    Py_DECREF(r);
                 continue;
             }
             if (err != EAGAIN && err != EWOULDBLOCK) {
@@ -627,13 +629,8 @@ do_read(IOObject *self, int fd, PyObject *handler, PyObject *port, PyObject *fam
         Py_DECREF(now);
         if (flush(self) < 0 && status == 0)
             status = -1;
-        if (need_pump && status == 0) {
-            PyObject *r = begin_listener() < 0 ? NULL : PyObject_CallNoArgs(self->pump);
-            if (r == NULL)
-                status = report(self, str_pump);
-            else
-                Py_DECREF(r);
-        }
+        if (need_pump && status == 0 && (begin_listener() < 0 || drop_result(PyObject_CallNoArgs(self->pump)) < 0))
+            status = report(self, str_pump);
         if (n < BATCH)
             break; /* the socket is (very likely) empty: back to the reactor */
     }
@@ -644,14 +641,12 @@ do_read(IOObject *self, int fd, PyObject *handler, PyObject *port, PyObject *fam
            end_read replaces the read's. */
         PyObject *exc_type, *exc_value, *exc_tb;
         PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-        PyObject *r = PyObject_CallMethodNoArgs(cur_listener, str_end_read);
-        if (r == NULL) {
+        if (drop_result(PyObject_CallMethodNoArgs(cur_listener, str_end_read)) < 0) {
             Py_XDECREF(exc_type);
             Py_XDECREF(exc_value);
             Py_XDECREF(exc_tb);
             status = -1;
         } else {
-            Py_DECREF(r);
             PyErr_Restore(exc_type, exc_value, exc_tb);
         }
     }
@@ -1032,30 +1027,12 @@ udpio_poll(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 Py_DECREF(selectable);
                 break;
             }
-            PyObject *r = PyObject_CallNoArgs(direct);
+            int read_failed = drop_result(PyObject_CallNoArgs(direct));
             Py_DECREF(direct);
-            if (r != NULL) {
-                Py_DECREF(r);
-            } else {
-                PyObject *type, *value, *tb;
-                PyErr_Fetch(&type, &value, &tb);
-                PyErr_NormalizeException(&type, &value, &tb);
-                if (type == NULL || PyErr_GivenExceptionMatches(type, PyExc_KeyboardInterrupt)) {
-                    PyErr_Restore(type, value, tb);
-                    Py_DECREF(selectable);
-                    goto done;
-                }
-                if (tb != NULL)
-                    PyException_SetTraceback(value, tb);
-                r = PyObject_CallFunctionObjArgs(failed, selectable, value, NULL);
-                Py_XDECREF(type);
-                Py_XDECREF(value);
-                Py_XDECREF(tb);
-                if (r == NULL) {
-                    Py_DECREF(selectable);
-                    goto done;
-                }
-                Py_DECREF(r);
+            /* as dispatch's loop: all but KeyboardInterrupt go to failed */
+            if (read_failed < 0 && hand_over(failed, selectable, PyExc_BaseException, PyExc_KeyboardInterrupt) < 0) {
+                Py_DECREF(selectable);
+                goto done;
             }
             Py_DECREF(selectable);
         }

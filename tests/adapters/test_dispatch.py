@@ -349,6 +349,19 @@ class CPollTests(unittest.TestCase):
         peer.send(b"x")
         self.assertEqual(self.run_poll(), 1)  # not left "polling": usable again
 
+    def test_other_base_exceptions_go_to_failed(self) -> None:
+        """As dispatch's Python loop (and Twisted's ``_doReadOrWrite``): only
+        KeyboardInterrupt propagates; SystemExit from a direct read is handed
+        to ``failed`` like an Exception."""
+
+        def leave() -> None:
+            raise SystemExit(3)
+
+        s, peer = self.selectable(_Fast, "exit", direct=leave)
+        peer.send(b"x")
+        self.assertEqual(self.run_poll(), 1)
+        self.assertEqual([(f, type(e)) for f, e in self.failures], [(s, SystemExit)])
+
     def test_bad_arguments(self) -> None:
         fd = self.epoll.fileno()
         with self.assertRaises(ValueError):

@@ -240,6 +240,22 @@ class ReadTests(_IOCase):
         self.assertIsNotNone(self.h.errors[0][1].__traceback__)
         self.assertEqual(self.h.pumps, 1)
 
+    def test_a_base_exception_from_the_handler_propagates(self) -> None:
+        """Only an Exception goes to internal_error; SystemExit (any
+        BaseException that is not one) ends the read and comes out of it."""
+
+        def handler(data: Any, addr: Any, now: float) -> None:
+            raise SystemExit(3)
+
+        self.client.sendto(b"x", self.dest)
+        _settle()
+        self.assertRaises(SystemExit, self.h.read, self.listener, handler)
+        self.assertEqual(self.h.errors, [])
+        # The read is over (not "busy"): the next one works.
+        self.client.sendto(b"y", self.dest)
+        _settle()
+        self.assertEqual(self.h.read(self.listener, lambda d, a, n: None), 1)
+
     def test_pump_and_fallback_exceptions_are_reported(self) -> None:
         def bad_pump() -> None:
             raise KeyError("pump bug")
