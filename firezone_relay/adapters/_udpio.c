@@ -1106,30 +1106,37 @@ static struct PyModuleDef module = {
     .m_methods = module_methods,
 };
 
+/* The str_* strings, interned when the module is made. */
+static const struct {
+    PyObject **str;
+    const char *text;
+} interned[] = {
+    {&str_client, "client"},
+    {&str_peer, "peer"},
+    {&str_send, "send"},
+    {&str_pump, "pump"},
+    {&str_begin_read, "begin_read"},
+    {&str_end_read, "end_read"},
+    {&str_read_listener, "read_listener"},
+    {&str_direct_read, "direct_read"},
+    {&str_new_timed, "_newTimedCalls"},
+    {&str_thread_queue, "threadCallQueue"},
+    {&str_just_stopped, "_justStopped"},
+    {&str_pending_timed, "_pendingTimedCalls"},
+    {&str_time, "time"},
+    {&str_seconds, "seconds"},
+};
+
 PyMODINIT_FUNC
 PyInit__udpio(void)
 {
     if (PyType_Ready(&IOType) < 0 || PyType_Ready(&ReaderType) < 0)
         return NULL;
-    str_begin_read = PyUnicode_InternFromString("begin_read");
-    str_end_read = PyUnicode_InternFromString("end_read");
-    str_read_listener = PyUnicode_InternFromString("read_listener");
-    str_direct_read = PyUnicode_InternFromString("direct_read");
-    str_new_timed = PyUnicode_InternFromString("_newTimedCalls");
-    str_thread_queue = PyUnicode_InternFromString("threadCallQueue");
-    str_just_stopped = PyUnicode_InternFromString("_justStopped");
-    str_pending_timed = PyUnicode_InternFromString("_pendingTimedCalls");
-    str_time = PyUnicode_InternFromString("time");
-    str_seconds = PyUnicode_InternFromString("seconds");
-    if (!str_begin_read || !str_end_read || !str_read_listener || !str_direct_read || !str_new_timed ||
-        !str_thread_queue || !str_just_stopped || !str_pending_timed || !str_time || !str_seconds)
-        return NULL;
-    str_client = PyUnicode_InternFromString("client");
-    str_peer = PyUnicode_InternFromString("peer");
-    str_send = PyUnicode_InternFromString("send");
-    str_pump = PyUnicode_InternFromString("pump");
-    if (!str_client || !str_peer || !str_send || !str_pump)
-        return NULL;
+    for (size_t i = 0; i < sizeof(interned) / sizeof(interned[0]); i++) {
+        *interned[i].str = PyUnicode_InternFromString(interned[i].text);
+        if (*interned[i].str == NULL)
+            return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
