@@ -149,7 +149,8 @@ mix32(uint32_t h)
 }
 
 /* The first cache slot of a received sockaddr (IPv4 or IPv6), filling its
-   key fields into *key.  Returns -1 for another family. */
+   key fields into *key (its address bytes, the first 4 for IPv4, and its port
+   in network order).  Returns -1 for another family. */
 static int
 recv_slot(const struct sockaddr_storage *sa, recv_entry_t *key)
 {
@@ -180,8 +181,12 @@ address_of(const struct sockaddr_storage *sa)
 {
     recv_entry_t key;
     int home = recv_slot(sa, &key);
+    if (home < 0) {
+        PyErr_Format(PyExc_OSError, "unexpected address family %d", (int)sa->ss_family);
+        return NULL;
+    }
     recv_entry_t *e = NULL; /* the slot a miss fills */
-    for (int i = 0; home >= 0 && i < PROBE; i++) {
+    for (int i = 0; i < PROBE; i++) {
         recv_entry_t *c = &recv_cache[(home + i) & (CACHE_SIZE - 1)];
         if (c->value == NULL) {
             if (e == NULL)
@@ -193,34 +198,20 @@ address_of(const struct sockaddr_storage *sa)
             return c->value;
         }
     }
-    if (e == NULL && home >= 0)
+    if (e == NULL)
         e = &recv_cache[(home + (victim++ % PROBE)) & (CACHE_SIZE - 1)];
+    /* A miss: the tuple from the key's address bytes and port. */
     char text[INET6_ADDRSTRLEN];
-    int port;
-    if (sa->ss_family == AF_INET) {
-        const struct sockaddr_in *a = (const void *)sa;
-        if (inet_ntop(AF_INET, &a->sin_addr, text, sizeof(text)) == NULL)
-            return PyErr_SetFromErrno(PyExc_OSError);
-        port = ntohs(a->sin_port);
-    } else if (sa->ss_family == AF_INET6) {
-        const struct sockaddr_in6 *a = (const void *)sa;
-        if (inet_ntop(AF_INET6, &a->sin6_addr, text, sizeof(text)) == NULL)
-            return PyErr_SetFromErrno(PyExc_OSError);
-        port = ntohs(a->sin6_port);
-    } else {
-        PyErr_Format(PyExc_OSError, "unexpected address family %d", (int)sa->ss_family);
-        return NULL;
-    }
-    PyObject *value = Py_BuildValue("(si)", text, port);
+    if (inet_ntop(key.family, key.addr, text, sizeof(text)) == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *value = Py_BuildValue("(si)", text, (int)ntohs(key.port));
     if (value == NULL)
         return NULL;
-    if (e != NULL) {
-        key.value = value;
-        Py_INCREF(value);
-        PyObject *old = e->value;
-        *e = key;
-        Py_XDECREF(old);
-    }
+    key.value = value;
+    Py_INCREF(value);
+    PyObject *old = e->value;
+    *e = key;
+    Py_XDECREF(old);
     return value;
 }
 
