@@ -286,10 +286,13 @@ sockaddr_of(PyObject *dest, int family, queued_t *q)
 /* Each type names the references it holds once, in a list REFS(X) that
    applies X to each member: the struct declares them from it, and the
    type's traverse and clear (GC_FUNCTIONS) go through the same list, so a
-   new member cannot be left out of either. */
+   new member cannot be left out of either (nor out of IO's init, which sets
+   each from its argument). */
 #define DECLARE_REF(member) PyObject *member;
 #define VISIT_REF(member) Py_VISIT(self->member);
 #define CLEAR_REF(member) Py_CLEAR(self->member);
+/* self->member = the variable of the same name (the argument that sets it) */
+#define SET_REF(member) Py_XSETREF(self->member, Py_NewRef(member));
 
 /* Type##_traverse and Type##_clear of the Type##Object whose references
    REFS lists. */
@@ -661,6 +664,14 @@ descriptor_arg(PyObject *arg)
     return (int)fd;
 }
 
+/* descriptor_arg as a PyArg_Parse converter ("O&") into an int. */
+static int
+descriptor_converter(PyObject *arg, void *fd)
+{
+    *(int *)fd = descriptor_arg(arg);
+    return *(int *)fd >= 0;
+}
+
 /* --- Reader: one socket's read, callable with no arguments ----------------- */
 
 /* What the UDP transport registers as a socket's direct read (see the module
@@ -719,21 +730,12 @@ static PyTypeObject ReaderType = {
 
 /* io.reader(fd, owner, entry, port, family, always_view, refused) -> Reader */
 static PyObject *
-IO_reader(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
+IO_reader(IOObject *self, PyObject *args)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "reader(fd, owner, entry, port, family, always_view, refused)");
-        return NULL;
-    }
-    int fd = descriptor_arg(args[0]);
-    if (fd < 0)
-        return NULL;
-    if (!PyUnicode_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "reader: entry must be an attribute name (str)");
-        return NULL;
-    }
-    int always_view = PyObject_IsTrue(args[5]);
-    if (always_view < 0)
+    int fd, always_view;
+    PyObject *owner, *entry, *port, *family, *refused;
+    if (!PyArg_ParseTuple(args, "O&OUOOpO:reader", descriptor_converter, &fd, &owner, &entry, &port, &family,
+                          &always_view, &refused))
         return NULL;
     ReaderObject *r = PyObject_GC_New(ReaderObject, &ReaderType);
     if (r == NULL)
@@ -742,11 +744,11 @@ IO_reader(IOObject *self, PyObject *const *args, Py_ssize_t nargs)
     r->fd = fd;
     r->always_view = always_view;
     r->io = Py_NewRef((PyObject *)self);
-    r->owner = Py_NewRef(args[1]);
-    r->entry = Py_NewRef(args[2]);
-    r->port = Py_NewRef(args[3]);
-    r->family = Py_NewRef(args[4]);
-    r->refused = Py_NewRef(args[6]);
+    r->owner = Py_NewRef(owner);
+    r->entry = Py_NewRef(entry);
+    r->port = Py_NewRef(port);
+    r->family = Py_NewRef(family);
+    r->refused = Py_NewRef(refused);
     PyObject_GC_Track(r);
     return (PyObject *)r;
 }
@@ -783,18 +785,7 @@ IO_init(IOObject *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO!OOO", kwlist, &now, &pump, &PyDict_Type, &fds, &fallback,
                                      &send_failed, &internal_error))
         return -1;
-    Py_INCREF(now);
-    Py_XSETREF(self->now, now);
-    Py_INCREF(pump);
-    Py_XSETREF(self->pump, pump);
-    Py_INCREF(fds);
-    Py_XSETREF(self->fds, fds);
-    Py_INCREF(fallback);
-    Py_XSETREF(self->fallback, fallback);
-    Py_INCREF(send_failed);
-    Py_XSETREF(self->send_failed, send_failed);
-    Py_INCREF(internal_error);
-    Py_XSETREF(self->internal_error, internal_error);
+    IO_REFS(SET_REF) /* self->now = now, ... */
     return 0;
 }
 
@@ -1067,7 +1058,7 @@ static PyMethodDef module_methods[] = {
 };
 
 static PyMethodDef IO_methods[] = {
-    {"reader", (PyCFunction)(void (*)(void))IO_reader, METH_FASTCALL,
+    {"reader", (PyCFunction)IO_reader, METH_VARARGS,
      "reader(fd, owner, entry, port, family, always_view, refused) -> a callable that reads the socket fd "
      "and calls getattr(owner, entry) per datagram (see the C source)"},
     {"send", (PyCFunction)IO_send, METH_O,
