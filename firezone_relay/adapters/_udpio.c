@@ -862,6 +862,18 @@ attr_true(PyObject *obj, PyObject *name)
     return r;
 }
 
+/* *value from ``result``, a new reference that it drops (NULL: the call or
+   the lookup that gave it failed): 0, or -1 with an exception set. */
+static int
+float_result(PyObject *result, double *value)
+{
+    if (result == NULL)
+        return -1;
+    *value = PyFloat_AsDouble(result);
+    Py_DECREF(result);
+    return *value == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
 /* doPoll's checks after a poll whose events all went to direct reads: 1 and
    *timeout_ms set to poll again, 0 to return, -1 on error. */
 static int
@@ -873,12 +885,8 @@ poll_again(PyObject *reactor, double end, int *timeout_ms)
     if ((r = attr_true(reactor, str_new_timed)) != 0 || (r = attr_true(reactor, str_thread_queue)) != 0 ||
         (r = attr_true(reactor, str_just_stopped)) != 0)
         return r < 0 ? -1 : 0;
-    PyObject *now_obj = PyObject_CallMethodNoArgs(reactor, str_seconds);
-    if (now_obj == NULL)
-        return -1;
-    double now = PyFloat_AsDouble(now_obj);
-    Py_DECREF(now_obj);
-    if (now == -1.0 && PyErr_Occurred())
+    double now;
+    if (float_result(PyObject_CallMethodNoArgs(reactor, str_seconds), &now) < 0)
         return -1;
     int bounded = end >= 0;
     double remaining = bounded ? end - now : 0;
@@ -886,10 +894,8 @@ poll_again(PyObject *reactor, double end, int *timeout_ms)
     if (pending == NULL)
         return -1;
     if (PyList_Check(pending) && PyList_GET_SIZE(pending) > 0) {
-        PyObject *t = PyObject_GetAttr(PyList_GET_ITEM(pending, 0), str_time);
-        double due = t == NULL ? -1.0 : PyFloat_AsDouble(t);
-        Py_XDECREF(t);
-        if (due == -1.0 && PyErr_Occurred()) {
+        double due;
+        if (float_result(PyObject_GetAttr(PyList_GET_ITEM(pending, 0), str_time), &due) < 0) {
             Py_DECREF(pending);
             return -1;
         }
