@@ -134,7 +134,7 @@ class _Reader:
     ``bytes``.  The view is only valid during the call: nothing keeps it.
 
     With the C extension (``batched`` set by ``RelayService._adopt``) the
-    whole read goes to ``_udpio.IO.read`` instead: recvmmsg, the core's
+    whole read goes to a ``_udpio.Reader`` instead: recvmmsg, the core's
     entry point called per datagram, sendmmsg of what it returned, one pump
     per batch.  See firezone_relay/adapters/_udpio.c.
     """
@@ -289,7 +289,7 @@ class RelayService(ListenerService):
         return reader
 
     def _batched_reader(self, port: Any, protocol: DatagramProtocol) -> Callable[[], int]:
-        """The socket's batched read: ``io.read`` of the shell's current
+        """The socket's batched read: an ``io.reader`` of the shell's current
         entry point (looked up per read, not per datagram, so that replacing
         it on the shell takes effect; peer datagrams always come as views),
         with the shell's ``read_listener``, which is told when the read
