@@ -707,8 +707,8 @@ Reader_vectorcall(ReaderObject *self, PyObject *const *args, size_t nargsf, PyOb
         Py_DECREF(handler);
         return NULL;
     }
-    PyObject *r = do_read((IOObject *)self->io, self->fd, handler, self->port, self->family, self->always_view, self->refused,
-                          listener);
+    PyObject *r = do_read((IOObject *)self->io, self->fd, handler, self->port, self->family, self->always_view,
+                          self->refused, listener);
     Py_DECREF(handler);
     Py_DECREF(listener);
     return r;
