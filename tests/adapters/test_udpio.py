@@ -632,6 +632,29 @@ class ReaderTests(_IOCase):
         self.assertEqual(read(), 1)
         self.assertEqual(self.events[3:], ["begin", "pump", "end"])
 
+    def test_the_collector_sees_every_reference_and_frees_the_shell_cycle(self) -> None:
+        """A Reader and an IO show the collector every object they hold
+        (tp_traverse), so that the cycle a relay makes (the shell holds its
+        IO and its sockets' Readers, which hold the shell) is freed."""
+        import gc
+        import weakref
+
+        fd, owner, entry, port, refused = self.listener.fileno(), _Owner([]), "handle_peer_traffic", 50000, lambda: None
+        reader = self.io.reader(fd, owner, entry, port, 4, True, refused)
+        held = [self.io, owner, entry, port, 4, refused]
+        self.assertEqual(sorted(map(id, gc.get_referents(reader))), sorted(map(id, held)))
+        shell = _Owner([])
+        fds: Dict[Any, Any] = {4: {}, 6: {}, "shell": shell}
+        callables = [lambda: 0.0, lambda: None, print, print, print]
+        io = _udpio.IO(callables[0], callables[1], fds, *callables[2:])
+        self.assertEqual(sorted(map(id, gc.get_referents(io))), sorted(map(id, callables + [fds])))
+        shell.io = io  # type: ignore[attr-defined]
+        shell.reader = io.reader(fd, shell, entry, port, 4, True, refused)  # type: ignore[attr-defined]
+        gone = weakref.ref(shell)
+        del shell, io, fds
+        gc.collect()
+        self.assertIsNone(gone())
+
     def test_bad_arguments(self) -> None:
         fd = self.listener.fileno()
         with self.assertRaises(TypeError):
