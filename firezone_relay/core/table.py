@@ -199,7 +199,7 @@ class AllocationTable:
         """EVEN-PORT with R (RFC 8656 §7.1): hold ``port + 1``; its token."""
         self._reserving -= 1
         token = self._rng.getrandbits(64).to_bytes(8, "big")
-        reservation = Reservation(token, alloc.port + 1, alloc.families[0], now + RESERVATION_LIFETIME)
+        reservation = Reservation(token, alloc.port + 1, alloc.families[0], deadline=now + RESERVATION_LIFETIME)
         reservation.owner = alloc
         alloc.reserved = reservation
         self._reservations[token] = reservation
@@ -232,7 +232,7 @@ class AllocationTable:
     def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
         permission = alloc.permissions.get(ip)
         if permission is None:
-            permission = Permission(alloc, ip, now + PERMISSION_LIFETIME)
+            permission = Permission(alloc, ip, deadline=now + PERMISSION_LIFETIME)
             alloc.permissions[ip] = permission
             self.permission_count += 1
             self._commands.append(PermissionAdded(alloc.client, alloc.port, ip))
@@ -254,11 +254,10 @@ class AllocationTable:
         and give it the fast-path entries of both directions."""
         family = family_of(peer[0])
         if channel is None:
-            channel = Channel(alloc, number, peer, family, now + CHANNEL_LIFETIME)
+            channel = Channel(alloc, number, peer, family, deadline=now + CHANNEL_LIFETIME)
             alloc.channels[number] = channel
             alloc.channel_by_peer[peer] = number
             self._channels_total += 1
-            channel.bound = False
         channel.expires = now + CHANNEL_LIFETIME
         channel.deadline = channel.expires
         if not channel.bound:
