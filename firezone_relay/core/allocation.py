@@ -9,7 +9,7 @@ refresh and delete them are the request handlers in ``relay.py``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .commands import Address, Client
@@ -59,38 +59,32 @@ def refresh_lifetime(requested: Optional[int]) -> int:
     return min(requested, MAX_LIFETIME)
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Permission(Timed):
-    __slots__ = ("allocation", "ip")
-
-    def __init__(self, allocation: "Allocation", ip: str, deadline: float) -> None:
-        super().__init__(deadline)
-        self.allocation = allocation
-        self.ip = ip
+    allocation: Allocation
+    ip: str
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Channel(Timed):
-    __slots__ = ("allocation", "number", "peer", "family", "bound", "expires")
+    """A channel; ``expires`` and ``bound`` are set by each bind, and while
+    unbound the ``deadline`` is the end of its reserve period."""
 
-    def __init__(self, allocation: "Allocation", number: int, peer: Address, family: int, expires: float) -> None:
-        super().__init__(expires)
-        self.allocation = allocation
-        self.number = number
-        self.peer = peer
-        self.family = family
-        self.bound = True
-        self.expires = expires
+    allocation: Allocation
+    number: int
+    peer: Address
+    family: int
+    bound: bool = field(default=False, init=False)
+    expires: float = field(default=0.0, init=False)
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Reservation(Timed):
-    __slots__ = ("token", "port", "family", "owner")
-
-    def __init__(self, token: bytes, port: int, family: int, deadline: float) -> None:
-        super().__init__(deadline)
-        self.token = token
-        self.port = port
-        self.family = family
-        #: The allocation that made it: the reservation goes with it (SPEC §5).
-        self.owner: Optional[Allocation] = None
+    token: bytes
+    port: int
+    family: int
+    #: The allocation that made it: the reservation goes with it (SPEC §5).
+    owner: Optional[Allocation] = field(default=None, init=False)
 
     def detach(self) -> None:
         """Cut the link with the allocation that made it."""
@@ -100,63 +94,37 @@ class Reservation(Timed):
             self.owner = None
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Allocation(Timed):
-    __slots__ = (
-        "client",
-        "username",
-        "port",
-        "families",
-        "pending_families",
-        "opened_families",
-        "permissions",
-        "channels",
-        "channel_by_peer",
-        "chan_in",
-        "request",
-        "response",
-        "lifetime",
-        "dont_fragment",
-        "even_port",
-        "reserve_next",
-        "reservation",
-        "reserved",
-        "attempts",
-        "tried_ports",
-        "active",
-        "created",
-        "meter",
-    )
-
-    def __init__(self, client: Client, username: str, families: tuple[int, ...], lifetime: int) -> None:
-        super().__init__(0.0)
-        self.client = client
-        self.username = username
-        self.port = 0
-        self.families = families
-        self.pending_families: list[int] = []
-        self.opened_families: list[int] = []
-        self.permissions: dict[str, Permission] = {}
-        self.channels: dict[int, Channel] = {}
-        self.channel_by_peer: dict[Address, int] = {}
-        #: peer -> (client, 2-byte channel prefix, client family, stream): the fast path
-        self.chan_in: dict[Address, tuple[Client, bytes, int, bool]] = {}
-        self.request: Optional[Request] = None
-        self.response = b""
-        self.lifetime = lifetime
-        self.dont_fragment = False
-        self.even_port = False
-        self.reserve_next = False
-        self.reservation: Optional[Reservation] = None
-        #: The reservation this allocation made (EVEN-PORT R), while unclaimed.
-        self.reserved: Optional[Reservation] = None
-        self.attempts = 0
-        self.tried_ports: set[int] = set()
-        self.active = False
-        self.created = 0.0
-        #: [bytes to peers, packets to peers, bytes to the client, packets to
-        #: the client, then for --max-bps: tokens and last refill of each
-        #: direction]: shared with the fast-path entries, one list per allocation
-        self.meter: list[float] = [0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0]
+    client: Client
+    username: str
+    families: tuple[int, ...]
+    lifetime: int
+    deadline: float = field(default=0.0, kw_only=True)
+    port: int = field(default=0, init=False)
+    pending_families: list[int] = field(default_factory=list, init=False)
+    opened_families: list[int] = field(default_factory=list, init=False)
+    permissions: dict[str, Permission] = field(default_factory=dict, init=False)
+    channels: dict[int, Channel] = field(default_factory=dict, init=False)
+    channel_by_peer: dict[Address, int] = field(default_factory=dict, init=False)
+    #: peer -> (client, 2-byte channel prefix, client family, stream): the fast path
+    chan_in: dict[Address, tuple[Client, bytes, int, bool]] = field(default_factory=dict, init=False)
+    request: Optional[Request] = field(default=None, init=False)
+    response: bytes = field(default=b"", init=False)
+    dont_fragment: bool = field(default=False, init=False)
+    even_port: bool = field(default=False, init=False)
+    reserve_next: bool = field(default=False, init=False)
+    reservation: Optional[Reservation] = field(default=None, init=False)
+    #: The reservation this allocation made (EVEN-PORT R), while unclaimed.
+    reserved: Optional[Reservation] = field(default=None, init=False)
+    attempts: int = field(default=0, init=False)
+    tried_ports: set[int] = field(default_factory=set, init=False)
+    active: bool = field(default=False, init=False)
+    created: float = field(default=0.0, init=False)
+    #: [bytes to peers, packets to peers, bytes to the client, packets to
+    #: the client, then for --max-bps: tokens and last refill of each
+    #: direction]: shared with the fast-path entries, one list per allocation
+    meter: list[float] = field(default_factory=lambda: [0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0], init=False)
 
 
 @dataclass(frozen=True)

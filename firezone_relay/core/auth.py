@@ -236,7 +236,7 @@ def firezone_key(secret: str, username: str, realm: str, algorithm: int = stun.A
     parsed = parse_username(username)
     if parsed is None:
         return None
-    return integrity.long_term_key(username, realm, generate_password(secret, parsed[0], parsed[1]), algorithm)
+    return _firezone_long_term_key(secret, username, realm, algorithm, parsed[0], parsed[1])
 
 
 def derive_key(message: stun.Message, request: Request, secret: str, realm: str) -> tuple[Optional[tuple[int, str]], bool]:
@@ -267,9 +267,9 @@ def derive_key(message: stun.Message, request: Request, secret: str, realm: str)
 
 @functools.lru_cache(maxsize=1024)
 def _firezone_long_term_key(secret: str, username: str, realm: str, algorithm: int, expiry: int, salt: str) -> bytes:
-    """``firezone_key`` of a parsed username, kept for the last 1024
-    (secret, username, realm, algorithm): a client signs every request with
-    the same credentials, and deriving the key is two hashes."""
+    """The long-term key of a parsed Firezone username, kept for the last
+    1024 (secret, username, realm, algorithm): a client signs every request
+    with the same credentials, and deriving the key is two hashes."""
     return integrity.long_term_key(username, realm, generate_password(secret, expiry, salt), algorithm)
 
 

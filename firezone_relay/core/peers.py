@@ -38,9 +38,10 @@ class PeerRules:
             config.relay_lowest_port or config.lowest_port,
             config.relay_highest_port or config.highest_port,
         )
-        #: family -> the local address another worker's port is reached at
-        #: (only when the public address is not local).
-        self._sibling_ip = _by_family(config.sibling_ip4, config.sibling_ip6)
+        #: public address -> the local address another worker's port on it
+        #: is reached at (only when the public address is not local).
+        sibling_ip = _by_family(config.sibling_ip4, config.sibling_ip6)
+        self._sibling_of = {public: sibling_ip[f] for f, public in self._public.items() if f in sibling_ip}
 
     def _peer_allowed(self, peer: Address) -> tuple[bool, bool]:
         """``(allowed, hairpin)`` for a peer transport address (SPEC §5).
@@ -71,14 +72,12 @@ class PeerRules:
         NAT), which is reached at the local ``sibling_ip`` of its family."""
         port = peer[1]
         if (
-            self._sibling_ip
-            and peer[0] in self._own_ips
+            self._sibling_of
+            and peer[0] in self._sibling_of
             and self._range[0] <= port <= self._range[1]
             and not self.config.lowest_port <= port <= self.config.highest_port
         ):
-            for family, public in self._public.items():
-                if public == peer[0] and family in self._sibling_ip:
-                    return (self._sibling_ip[family], port)
+            return (self._sibling_of[peer[0]], port)
         return peer
 
     def _ip_allowed(self, ip: str) -> bool:

@@ -132,11 +132,8 @@ def embedded_ipv4(addr: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address
     return None
 
 
-def canonical_address(ip: str) -> Optional[IPAddr]:
-    """``ip`` parsed, with an embedded IPv4 address unwrapped; None if not an address."""
-    addr = parse_address(ip)
-    if addr is None:
-        return None
+def unwrapped(addr: IPAddr) -> IPAddr:
+    """``addr`` without its zone index, or the IPv4 address it embeds."""
     if isinstance(addr, ipaddress.IPv6Address):
         if addr.scope_id is not None:
             addr = ipaddress.IPv6Address(int(addr))
@@ -442,10 +439,8 @@ class OwnAddresses:
         raw = parse_address(ip)
         if raw is None:
             return False
-        candidates: list[Optional[IPAddr]] = [raw, canonical_address(ip)]
+        candidates = [raw, unwrapped(raw)]
         if isinstance(raw, ipaddress.IPv6Address) and raw in _NAT64_LOCAL:
             # A local-use NAT64 prefix (admitted with --allow-peer) as a /96.
             candidates.append(ipaddress.IPv4Address(int(raw) & 0xFFFFFFFF))
-        return any(
-            a is not None and a.version == net.version and a in net for a in candidates for net in self.networks
-        )
+        return any(a.version == net.version and a in net for a in candidates for net in self.networks)

@@ -111,10 +111,6 @@ class Relay(AllocationTable, PeerRules, RequestChecks):
     # --- public surface ----------------------------------------------------
 
     @property
-    def auth_secret(self) -> str:
-        return self.config.auth_secret
-
-    @property
     def draining(self) -> bool:
         return self._draining
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple, TypeVar
+from typing import Callable, Iterable, Optional, Tuple
 
 from . import attributes as _attr
 from .attributes import FAMILY_IPV4 as FAMILY_IPV4, FAMILY_IPV6 as FAMILY_IPV6, MAGIC_COOKIE as MAGIC_COOKIE
@@ -45,8 +45,6 @@ AttributeValue = object
 Attribute = Tuple[int, AttributeValue]
 
 _HEADER = struct.Struct(">HHI")
-
-_T = TypeVar("_T")
 
 #: Decoding bounds (SPEC §1): a message with more attributes than this is
 #: rejected after reading exactly this many attribute headers, so the cost of
@@ -123,26 +121,6 @@ _ENCODED_CONSTANTS_MAX = 64
 _encoded_constants: dict[Tuple[int, object], bytes] = {}
 
 
-def _encoded_constant(atype: int, value: object, transaction_id: bytes) -> Optional[bytes]:
-    """The whole encoded attribute (header, value, padding) of one of the
-    ``_CONSTANT_TYPES``, from ``_encoded_constants`` when it is there;
-    ``None`` for a value that cannot be a key (``encode`` then encodes it
-    as any other).  An invalid value raises as its encoder does."""
-    try:
-        return _encoded_constants[(atype, value)]
-    except KeyError:
-        pass
-    except TypeError:  # unhashable
-        return None
-    raw = _ENCODERS[atype](value, transaction_id)
-    if len(raw) > 0xFFFF:
-        raise ValueError("attribute too long")
-    chunk = _ATTR_HEADER.pack(atype, len(raw)) + raw + b"\x00" * (-len(raw) % 4)
-    if len(_encoded_constants) < _ENCODED_CONSTANTS_MAX:
-        _encoded_constants[(atype, value)] = chunk
-    return chunk
-
-
 def _fingerprint(message: bytes) -> int:
     """The FINGERPRINT value of the message bytes before it (RFC 8489 §14.7)."""
     return (zlib.crc32(message) ^ FINGERPRINT_XOR) & 0xFFFFFFFF
@@ -178,8 +156,8 @@ class Message:
 
     # The getters run per request (and ``get_address``/``get_bytes`` per
     # Send indication): their loops and type checks are written inline, not
-    # through ``_first``/``_of_type`` (a call each) or ``any()`` over a
-    # generator (``has`` 154 -> 582 ns with five attributes).
+    # through a shared helper (a call each) or ``any()`` over a generator
+    # (``has`` 154 -> 582 ns with five attributes).
 
     def get(self, attr_type: int) -> object:
         """The value of the first attribute of this type, or ``None``."""
@@ -319,14 +297,8 @@ def _decode(data: bytes) -> Message:
             try:
                 append((atype, decoder(data[start:end], tid)))
             except _AttributeError as exc:
-                raise StunDecodeError(
-                    "attribute 0x%04x: %s" % (atype, exc),
-                    error_code=400,
-                    method=method,
-                    msg_class=msg_class,
-                    transaction_id=tid,
-                    username=_first_username(attributes),
-                ) from None
+                reason = "attribute 0x%04x: %s" % (atype, exc)
+                raise _bad_request(reason, _first_username(attributes), method, msg_class, tid) from None
             if atype in _INTEGRITY_TYPES:
                 ignoring = True
                 if atype == MESSAGE_INTEGRITY:
@@ -365,6 +337,11 @@ def decode_structure(data: bytes) -> Message:
 def _decode_structure(data: bytes) -> Message:
     data, n, mtype, tid = _header(data)
     method, msg_class = split_message_type(mtype)
+    if n > _MAY_EXCEED_ATTRIBUTES:
+        # As in ``_decode``: more than MAX_ATTRIBUTES attributes are refused
+        # first; the walk below then reads at most that many headers (a
+        # shorter message cannot hold more).
+        _count_attributes(data, n, method, msg_class, tid)
     unpack_attr = _ATTR_HEADER.unpack_from
     special = _STRUCTURE_TYPES
     types: list[int] = []
@@ -372,18 +349,12 @@ def _decode_structure(data: bytes) -> Message:
     cut = -1  # index of the first MESSAGE-INTEGRITY(-SHA256): what follows is ignored
     mi_offset = -1
     mi256_offset = -1
-    username_at = -1
     has_fingerprint = False
     pos = HEADER_LENGTH
-    for _ in range(MAX_ATTRIBUTES):
-        if pos >= n:
-            break
+    while pos < n:
         atype, alen = unpack_attr(data, pos)
         if atype in special:
-            if atype == USERNAME:
-                if username_at < 0 and cut < 0:
-                    username_at = pos
-            elif atype == FINGERPRINT:
+            if atype == FINGERPRINT:
                 if pos + 8 != n or alen != 4:
                     raise StunDecodeError("bad FINGERPRINT length" if pos + 8 == n else "attribute after FINGERPRINT")
                 if int.from_bytes(data[pos + 4 : pos + 8], "big") != _fingerprint(data[:pos]):
@@ -401,9 +372,6 @@ def _decode_structure(data: bytes) -> Message:
                     mi256_offset = pos
         append(atype)
         pos += 4 + ((alen + 3) & ~3)
-    else:
-        if pos < n:
-            raise _too_many_attributes(_username_at(data, username_at, tid), method, msg_class, tid)
     if pos != n:
         raise StunDecodeError("attribute runs past the end")
     known = _DECODERS
@@ -411,7 +379,7 @@ def _decode_structure(data: bytes) -> Message:
     return Message(method, msg_class, tid, [], data, mi_offset, mi256_offset, has_fingerprint, unknown_required)
 
 
-_STRUCTURE_TYPES = frozenset((USERNAME, FINGERPRINT, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
+_STRUCTURE_TYPES = frozenset((FINGERPRINT, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
 
 
 #: A message body longer than this may hold more than MAX_ATTRIBUTES attributes.
@@ -448,16 +416,23 @@ def _count_attributes(data: bytes, n: int, method: int, msg_class: int, tid: byt
 
 
 def _too_many_attributes(username: Optional[str], method: int, msg_class: int, tid: bytes) -> StunDecodeError:
-    """The error for a message with more than MAX_ATTRIBUTES attributes,
-    with its first USERNAME (if any, and valid) for a signed 400."""
+    """The error for a message with more than MAX_ATTRIBUTES attributes."""
+    return _bad_request("more than %d attributes" % MAX_ATTRIBUTES, username, method, msg_class, tid, "too_many_attributes")
+
+
+def _bad_request(
+    reason: str, username: Optional[str], method: int, msg_class: int, tid: bytes, drop_reason: str = "malformed"
+) -> StunDecodeError:
+    """The error for a request a server answers with 400, with its first
+    USERNAME (if any, and valid) so that the 400 can be signed."""
     return StunDecodeError(
-        "more than %d attributes" % MAX_ATTRIBUTES,
+        reason,
         error_code=400,
         method=method,
         msg_class=msg_class,
         transaction_id=tid,
         username=username,
-        drop_reason="too_many_attributes",
+        drop_reason=drop_reason,
     )
 
 
@@ -477,22 +452,10 @@ def _username_at(data: bytes, username_at: int, tid: bytes) -> Optional[str]:
 _USERNAME_AND_INTEGRITY = frozenset((USERNAME, MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256))
 
 
-def _first(attributes: list[Attribute], attr_type: int) -> object:
-    """The value of the first attribute of ``attr_type`` in ``attributes``, or ``None``."""
-    for t, v in attributes:
-        if t == attr_type:
-            return v
-    return None
-
-
-def _of_type(value: object, kind: type[_T]) -> Optional[_T]:
-    """``value`` if it is a ``kind``, else ``None`` (the typed getters)."""
-    return value if isinstance(value, kind) else None
-
-
 def _first_username(attributes: list[Attribute]) -> Optional[str]:
     """The first USERNAME decoded so far, so that a 400 can still be signed."""
-    return _of_type(_first(attributes, USERNAME), str)
+    username = next((v for t, v in attributes if t == USERNAME), None)
+    return username if isinstance(username, str) else None
 
 
 def encode(
@@ -518,11 +481,18 @@ def encode(
         raise ValueError("method is 12 bits, class 2 bits")
     parts = []
     for atype, value in attributes:
+        # One of the _CONSTANT_TYPES: its whole encoded attribute from
+        # ``_encoded_constants``, or kept there once encoded below (an
+        # unhashable value is encoded as any other).
+        constant: Optional[Tuple[int, object]] = None
         if atype in _CONSTANT_TYPES:
-            chunk = _encoded_constant(atype, value, transaction_id)
-            if chunk is not None:
-                parts.append(chunk)
+            try:
+                parts.append(_encoded_constants[(atype, value)])
                 continue
+            except KeyError:
+                constant = (atype, value)
+            except TypeError:
+                pass
         encoder = _ENCODERS.get(atype)
         raw = encoder(value, transaction_id) if encoder is not None else _attr.encode_any_bytes(value, transaction_id)
         if len(raw) > 0xFFFF:
@@ -532,6 +502,8 @@ def encode(
         pad = -len(raw) % 4
         if pad:
             parts.append(b"\x00" * pad)
+        if constant is not None and len(_encoded_constants) < _ENCODED_CONSTANTS_MAX:
+            _encoded_constants[constant] = b"".join(parts[-3 if pad else -2 :])
     body = b"".join(parts)
     trailer = (
         (24 if integrity_key is not None else 0)

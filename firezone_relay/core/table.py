@@ -12,7 +12,7 @@ the request handlers in ``relay.py`` decide *whether* to do it.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Collection, Optional, Sequence
+from typing import Callable, Collection, Optional
 
 from .allocation import (
     CHANNEL_LIFETIME,
@@ -173,19 +173,11 @@ class AllocationTable:
         del owned[alloc]
         if not owned:
             del self._by_username[alloc.username]
-        channels = self._chan_out.get(alloc.client)
         for channel in alloc.channels.values():
             channel.dead = True
             self._channels_total -= 1
             if channel.bound:
-                self.channel_count -= 1
-                if channels is not None:
-                    channels.pop(channel.number, None)
-                self._commands.append(
-                    ChannelUnbound(alloc.client, channel.number, channel.peer, alloc.port, channel.family)
-                )
-        if channels is not None and not channels:
-            del self._chan_out[alloc.client]
+                self._unbind_channel(alloc, channel)
         for permission in alloc.permissions.values():
             permission.dead = True
             self.permission_count -= 1
@@ -207,7 +199,7 @@ class AllocationTable:
         """EVEN-PORT with R (RFC 8656 §7.1): hold ``port + 1``; its token."""
         self._reserving -= 1
         token = self._rng.getrandbits(64).to_bytes(8, "big")
-        reservation = Reservation(token, alloc.port + 1, alloc.families[0], now + RESERVATION_LIFETIME)
+        reservation = Reservation(token, alloc.port + 1, alloc.families[0], deadline=now + RESERVATION_LIFETIME)
         reservation.owner = alloc
         alloc.reserved = reservation
         self._reservations[token] = reservation
@@ -240,7 +232,7 @@ class AllocationTable:
     def _install_permission(self, alloc: Allocation, ip: str, now: float) -> None:
         permission = alloc.permissions.get(ip)
         if permission is None:
-            permission = Permission(alloc, ip, now + PERMISSION_LIFETIME)
+            permission = Permission(alloc, ip, deadline=now + PERMISSION_LIFETIME)
             alloc.permissions[ip] = permission
             self.permission_count += 1
             self._commands.append(PermissionAdded(alloc.client, alloc.port, ip))
@@ -262,11 +254,10 @@ class AllocationTable:
         and give it the fast-path entries of both directions."""
         family = family_of(peer[0])
         if channel is None:
-            channel = Channel(alloc, number, peer, family, now + CHANNEL_LIFETIME)
+            channel = Channel(alloc, number, peer, family, deadline=now + CHANNEL_LIFETIME)
             alloc.channels[number] = channel
             alloc.channel_by_peer[peer] = number
             self._channels_total += 1
-            channel.bound = False
         channel.expires = now + CHANNEL_LIFETIME
         channel.deadline = channel.expires
         if not channel.bound:
@@ -283,15 +274,7 @@ class AllocationTable:
         alloc = channel.allocation
         if channel.bound:
             # Unbind; the number and the peer stay reserved for the pair.
-            channel.bound = False
-            self.channel_count -= 1
-            channels = self._chan_out.get(alloc.client)
-            if channels is not None:
-                channels.pop(channel.number, None)
-                if not channels:
-                    del self._chan_out[alloc.client]
-            alloc.chan_in.pop(channel.peer, None)
-            self._commands.append(ChannelUnbound(alloc.client, channel.number, channel.peer, alloc.port, channel.family))
+            self._unbind_channel(alloc, channel)
             channel.deadline = channel.expires + CHANNEL_RESERVE
             self._schedule(channel)
             return
@@ -299,6 +282,19 @@ class AllocationTable:
         self._channels_total -= 1
         del alloc.channels[channel.number]
         del alloc.channel_by_peer[channel.peer]
+
+    def _unbind_channel(self, alloc: Allocation, channel: Channel) -> None:
+        """Take a bound channel out of both fast paths and tell the shell
+        (``ChannelUnbound``); the record itself stays with the caller."""
+        channel.bound = False
+        self.channel_count -= 1
+        channels = self._chan_out.get(alloc.client)
+        if channels is not None:
+            channels.pop(channel.number, None)
+            if not channels:
+                del self._chan_out[alloc.client]
+        alloc.chan_in.pop(channel.peer, None)
+        self._commands.append(ChannelUnbound(alloc.client, channel.number, channel.peer, alloc.port, channel.family))
 
     # --- introspection for the control endpoint, metrics and tests ---
     def allocations(self, now: float, username: Optional[str] = None) -> list[AllocationInfo]:

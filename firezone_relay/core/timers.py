@@ -14,20 +14,22 @@ factor of what is alive.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 _NEVER = float("inf")
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class Timed:
-    """Something with a deadline: ``dead`` once it is gone for good."""
+    """Something with a deadline: ``dead`` once it is gone for good.
 
-    __slots__ = ("deadline", "scheduled", "dead")
+    A record class: ``deadline`` is given by keyword, after the subclass's
+    own fields.  Compared and hashed by identity."""
 
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.scheduled = _NEVER
-        self.dead = False
+    deadline: float = field(kw_only=True)
+    scheduled: float = field(default=_NEVER, init=False)
+    dead: bool = field(default=False, init=False)
 
 
 class Deadlines:

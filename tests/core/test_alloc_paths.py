@@ -60,8 +60,9 @@ class KeyCacheTests(SynchronousTestCase):
         for secret in ("secret-a", "secret-b", "secret-a"):
             for realm in ("firezone", "other"):
                 for algorithm in (stun.ALGORITHM_MD5, stun.ALGORITHM_SHA256):
-                    expected = auth.firezone_key(secret, username, realm, algorithm)
+                    expected = stun.long_term_key(username, realm, auth.generate_password(secret, *auth.parse_username(username)), algorithm)  # type: ignore[misc]  # fmt: skip
                     self.assertEqual(auth._firezone_long_term_key(secret, username, realm, algorithm, *auth.parse_username(username)), expected)  # type: ignore[misc]  # fmt: skip
+                    self.assertEqual(auth.firezone_key(secret, username, realm, algorithm), expected)
 
     def test_another_secret_refuses_the_same_credentials(self) -> None:
         # Two relays in one process share the cache: it is keyed by the secret.

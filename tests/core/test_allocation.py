@@ -65,7 +65,7 @@ class PickPortTests(SynchronousTestCase):
 class RecordTests(SynchronousTestCase):
     def test_reservation_detach_cuts_both_links(self) -> None:
         alloc = Allocation(("198.51.100.7", 40000), "u", (4,), 600)
-        reservation = Reservation(b"t" * 8, 50001, 4, 30.0)
+        reservation = Reservation(b"t" * 8, 50001, 4, deadline=30.0)
         reservation.owner, alloc.reserved = alloc, reservation
         reservation.detach()
         self.assertIsNone(reservation.owner)

@@ -527,6 +527,20 @@ class BindingStructureTests(SynchronousTestCase):
                       "integrity_offset", "integrity_sha256_offset", "raw")  # fmt: skip
             self.assertEqual([getattr(shape, f) for f in fields], [getattr(full, f) for f in fields])
 
+    def test_structure_refuses_too_many_attributes_first_as_decode_does(self) -> None:
+        """More than 64 attributes are refused with a signable 400 before any
+        other structural fault is looked for, by both decoders (before,
+        decode_structure met a FINGERPRINT that is not last first and
+        dropped the message where decode answered 400)."""
+        username = credentials()[0].encode()
+        body = attr(stun.USERNAME, username) + attr(stun.FINGERPRINT, b"\x00" * 4) + attr(0x8888, b"") * 70
+        data = raw_message(stun.BINDING, body)
+        for decoder in (stun.decode, stun.decode_structure):
+            with self.assertRaises(stun.StunDecodeError) as caught:
+                decoder(data)
+            exc = caught.exception
+            self.assertEqual((exc.error_code, exc.drop_reason, exc.username), (400, "too_many_attributes", username.decode()))
+
     def test_binding_with_64_ipv6_addresses_decodes_none(self) -> None:
         """The worst Binding within the bounds (64 IPv6 XOR-PEER-ADDRESS) costs
         header reads only: no address is formatted."""

@@ -20,7 +20,7 @@ class Records:
         self.heap = Deadlines(lambda: list(self.live), lambda: len(self.live))
 
     def add(self, deadline: float) -> Timed:
-        obj = Timed(deadline)
+        obj = Timed(deadline=deadline)
         self.live.append(obj)
         self.heap.schedule(obj)
         return obj
