@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence, TypeVar
 
 from twisted.application.service import Service
-from twisted.logger import Logger
 
 K = TypeVar("K", bound=Hashable)
 
@@ -51,8 +50,7 @@ class LimitedLog:
     """Decides whether a line of a given kind may be logged now: at most once
     per ``interval`` seconds (monotonic time) per kind."""
 
-    def __init__(self, log: Logger, interval: float = LOG_INTERVAL) -> None:
-        self.log = log
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
         self.interval = interval
         self._last: Dict[Hashable, float] = {}
 
@@ -63,6 +61,12 @@ class LimitedLog:
             self._last[kind] = now
             return True
         return False
+
+    def count(self, counts: Dict[K, int], kind: K) -> bool:
+        """Count one more ``kind`` in ``counts`` (errors by kind); whether a
+        line about it is due now."""
+        counts[kind] += 1
+        return self.due(kind)
 
 
 def cancel_call(call: Optional[Any]) -> None:

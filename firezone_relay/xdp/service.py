@@ -29,7 +29,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from twisted.logger import Logger
 
@@ -72,7 +72,7 @@ class XdpService(ListenerService):
         self.failure: Optional[str] = None
         self.errors: Counts[str] = Counts()
         self.channels = 0
-        self._limited = LimitedLog(log)
+        self._limited = LimitedLog()
         self._atexit_registered = False
 
     @property
@@ -200,8 +200,7 @@ class XdpService(ListenerService):
             return None
 
     def _error(self, kind: str, exc: XdpError) -> None:
-        self.errors[kind] += 1
-        if self._limited.due(kind):
+        if self._limited.count(self.errors, kind):
             log.warn(
                 "XDP map {kind} failed (count {count}; userspace relays that channel): {reason}",
                 kind=kind,
