@@ -20,11 +20,10 @@ from __future__ import annotations
 import signal
 from typing import Any, Callable, Optional
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from firezone_relay.adapters._twisted import SignalHandlers, default_reactor
+from firezone_relay.adapters._twisted import SignalHandlers, WhenRunningService, default_reactor
 
 log = Logger(namespace="firezone_relay.reload")
 
@@ -155,7 +154,7 @@ class Reloader:
         return bool(self.tls.reload())
 
 
-class ReloadService(Service):
+class ReloadService(WhenRunningService):
     """Runs ``reload`` on the reactor thread for each SIGHUP while running."""
 
     name = "reload"
@@ -167,13 +166,8 @@ class ReloadService(Service):
         self.signum = signum
         self._handlers = SignalHandlers(reactor, (signum,), self._run)
 
-    def startService(self) -> None:
-        super().startService()
-        self.reactor.callWhenRunning(self._install)
-
-    def _install(self) -> None:
-        if self.running:
-            self._handlers.install()
+    def when_running(self) -> None:
+        self._handlers.install()
 
     def _run(self, signum: int) -> None:
         try:
