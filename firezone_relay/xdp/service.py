@@ -53,7 +53,7 @@ class XdpService(ListenerService):
 
     ``mode``: ``"generic"`` (SKB mode: veth, bridges, any driver),
     ``"driver"`` (native) or ``"auto"`` (native, generic if the driver
-    refuses); ``attached_mode`` is the one in use once attached.
+    refuses); ``program.mode`` is the one in use once attached.
     ``settings``: what to relay (``loader.Settings``); ``int4``/``int6``
     unset there default to the interface's own addresses.
     """
@@ -65,9 +65,6 @@ class XdpService(ListenerService):
         #: Entries per channel map (None: the object's 65,536); tests make it small.
         self.map_entries = map_entries
         self.program: Optional[XdpProgram] = None
-        self.attached_mode: Optional[str] = None
-        #: Where the loaded object came from (shipped or compiled), for the log.
-        self.object_origin: Optional[str] = None
         #: Why the fast path is off, once start-up has failed.
         self.failure: Optional[str] = None
         self.errors: Counts[str] = Counts()
@@ -96,15 +93,15 @@ class XdpService(ListenerService):
         workdir = tempfile.mkdtemp(prefix="firezone-relay-xdp-")
         program = None
         try:
-            path, self.object_origin = find_object(workdir)
-            log.info("XDP program: {origin}", origin=self.object_origin, interface=self.interface)
+            path, origin = find_object(workdir)  # shipped or compiled
+            log.info("XDP program: {origin}", origin=origin, interface=self.interface)
             program = XdpProgram(path, self.interface, map_entries=self.map_entries)
             settings = self.settings._replace(
                 int4=self.settings.int4 or interface_ip4(self.interface),
                 int6=self.settings.int6 or interface_ip6(self.interface),
             )
             program.configure(settings)
-            self.attached_mode = program.attach(self.mode)
+            program.attach(self.mode)
         except XdpError as exc:
             if program is not None:
                 program.close()
@@ -140,7 +137,7 @@ class XdpService(ListenerService):
             "IPv4 {int4}, IPv6 {int6}; hairpin for {public4} {public6}; detach a stale one with: "
             "ip link set dev {interface} xdp off",
             interface=self.interface,
-            mode=self.attached_mode,
+            mode=program.mode,
             requested=self.mode,
             send="XDP_REDIRECT" if program.redirect else "XDP_TX",
             prog_id=program.attached_id(),
