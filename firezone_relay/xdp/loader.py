@@ -417,10 +417,6 @@ class XdpProgram:
             )
         self.mode = mode
 
-    @property
-    def attached(self) -> bool:
-        return self.mode is not None
-
     def attached_id(self) -> int:
         """The id of the XDP program on the interface in our mode, 0 if none."""
         prog_id = ctypes.c_uint32(0)

@@ -72,10 +72,6 @@ class XdpService(ListenerService):
         self._limited = LimitedLog()
         self._atexit_registered = False
 
-    @property
-    def active(self) -> bool:
-        return self.program is not None
-
     # --- life cycle -----------------------------------------------------------
 
     def open_listeners(self) -> None:
