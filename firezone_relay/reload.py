@@ -93,14 +93,11 @@ class Reloader:
         self.tls = tls
         self.set_log_level = set_log_level
         self.on_secrets = on_secrets
-        self.reloads = 0
-        self.failures = 0
 
     def __call__(self) -> bool:
         try:
             new = self.parse()
         except usage.UsageError as exc:
-            self.failures += 1
             log.error("configuration reload failed, the running configuration stays: {error}", error=str(exc))
             self._reload_tls()
             return False
@@ -120,7 +117,6 @@ class Reloader:
         try:
             self.apply_core(merged)
         except ValueError as exc:  # the core refused: keep everything as it was
-            self.failures += 1
             log.error("configuration reload failed, the running configuration stays: {error}", error=str(exc))
             return False
         if self.tls is not None and ("tls-cert" in live or "tls-key" in live):
@@ -138,7 +134,6 @@ class Reloader:
         self.given = dict(given)
         for name in live:
             self.given[name] = new[name]
-        self.reloads += 1
         log.info(
             "configuration reloaded: {changes}",
             changes=", ".join("%s=%s" % (name, _shown(name, merged[name])) for name in live) or "nothing changed",
