@@ -20,11 +20,10 @@ from __future__ import annotations
 import signal
 from typing import Any, Callable, Optional
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from firezone_relay.adapters._twisted import SignalHandlers, default_reactor
+from firezone_relay.adapters._twisted import SignalHandlers, WhenRunningService, default_reactor
 
 log = Logger(namespace="firezone_relay.reload")
 
@@ -94,14 +93,11 @@ class Reloader:
         self.tls = tls
         self.set_log_level = set_log_level
         self.on_secrets = on_secrets
-        self.reloads = 0
-        self.failures = 0
 
     def __call__(self) -> bool:
         try:
             new = self.parse()
         except usage.UsageError as exc:
-            self.failures += 1
             log.error("configuration reload failed, the running configuration stays: {error}", error=str(exc))
             self._reload_tls()
             return False
@@ -121,7 +117,6 @@ class Reloader:
         try:
             self.apply_core(merged)
         except ValueError as exc:  # the core refused: keep everything as it was
-            self.failures += 1
             log.error("configuration reload failed, the running configuration stays: {error}", error=str(exc))
             return False
         if self.tls is not None and ("tls-cert" in live or "tls-key" in live):
@@ -139,7 +134,6 @@ class Reloader:
         self.given = dict(given)
         for name in live:
             self.given[name] = new[name]
-        self.reloads += 1
         log.info(
             "configuration reloaded: {changes}",
             changes=", ".join("%s=%s" % (name, _shown(name, merged[name])) for name in live) or "nothing changed",
@@ -155,7 +149,7 @@ class Reloader:
         return bool(self.tls.reload())
 
 
-class ReloadService(Service):
+class ReloadService(WhenRunningService):
     """Runs ``reload`` on the reactor thread for each SIGHUP while running."""
 
     name = "reload"
@@ -167,13 +161,8 @@ class ReloadService(Service):
         self.signum = signum
         self._handlers = SignalHandlers(reactor, (signum,), self._run)
 
-    def startService(self) -> None:
-        super().startService()
-        self.reactor.callWhenRunning(self._install)
-
-    def _install(self) -> None:
-        if self.running:
-            self._handlers.install()
+    def when_running(self) -> None:
+        self._handlers.install()
 
     def _run(self, signum: int) -> None:
         try:

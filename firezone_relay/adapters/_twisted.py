@@ -4,7 +4,8 @@
 form of a client or peer address), ``default_reactor`` (the global reactor,
 imported only when no reactor was injected), ``LimitedLog`` (a log line
 at most once per interval per kind, for events a remote party can cause at
-will) and ``SignalHandlers`` (signal handlers that run on the reactor thread).
+will), ``SignalHandlers`` (signal handlers that run on the reactor thread)
+and ``WhenRunningService`` (a service with work for when the reactor runs).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import time
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence, TypeVar
 
 from twisted.application.service import Service
-from twisted.logger import Logger
 
 K = TypeVar("K", bound=Hashable)
 
@@ -51,8 +51,7 @@ class LimitedLog:
     """Decides whether a line of a given kind may be logged now: at most once
     per ``interval`` seconds (monotonic time) per kind."""
 
-    def __init__(self, log: Logger, interval: float = LOG_INTERVAL) -> None:
-        self.log = log
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
         self.interval = interval
         self._last: Dict[Hashable, float] = {}
 
@@ -63,6 +62,12 @@ class LimitedLog:
             self._last[kind] = now
             return True
         return False
+
+    def count(self, counts: Dict[K, int], kind: K) -> bool:
+        """Count one more ``kind`` in ``counts`` (errors by kind); whether a
+        line about it is due now."""
+        counts[kind] += 1
+        return self.due(kind)
 
 
 def cancel_call(call: Optional[Any]) -> None:
@@ -160,6 +165,26 @@ class ListenerService(Service):
         self.open_listeners()
 
     def open_listeners(self) -> None:
+        raise NotImplementedError
+
+
+class WhenRunningService(Service):
+    """A service with work to do once the reactor runs: ``when_running()``,
+    from ``reactor.callWhenRunning`` (after every service has started, and
+    after twistd's own signal handlers, which the reactor installs "during
+    startup"), unless the service was stopped before that."""
+
+    reactor: Any
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(self._reactor_running)
+
+    def _reactor_running(self) -> None:
+        if self.running:
+            self.when_running()
+
+    def when_running(self) -> None:
         raise NotImplementedError
 
 

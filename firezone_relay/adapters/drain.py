@@ -40,11 +40,10 @@ import signal
 import sys
 from typing import Any, Optional, Sequence
 
-from twisted.application.service import Service
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
-from firezone_relay.adapters._twisted import SignalHandlers, cancel_attributes, default_reactor
+from firezone_relay.adapters._twisted import SignalHandlers, WhenRunningService, cancel_attributes, default_reactor
 
 log = Logger(namespace="firezone_relay.adapters.drain")
 
@@ -91,7 +90,7 @@ def _exit_with(code: int) -> None:
         os._exit(code)
 
 
-class DrainController(Service):
+class DrainController(WhenRunningService):
     """First SIGTERM/SIGINT drains, the second stops; see the module docstring.
 
     ``relay_service`` is the ``RelayService`` (its ``relay`` is the core; it
@@ -135,11 +134,6 @@ class DrainController(Service):
 
     # --- life cycle -----------------------------------------------------------
 
-    def startService(self) -> None:
-        super().startService()
-        # After twistd's own handlers, which the reactor installs "during startup".
-        self.reactor.callWhenRunning(self.install)
-
     def stopService(self) -> None:
         super().stopService()
         self._cancel(("_check_call", "_timeout_call", "_poll_call"))
@@ -147,16 +141,13 @@ class DrainController(Service):
             # Stopped from outside (tests): give the signals back.  When the
             # process is going down our handlers stay: twistd's would turn a
             # late SIGTERM into exit status 143.
-            self.uninstall()
+            self._handlers.uninstall()
 
-    def install(self) -> None:
-        if not self.running or self._handlers.installed:
-            return
-        self._handlers.install()
-        log.debug("drain signal handlers installed")
-
-    def uninstall(self) -> None:
-        self._handlers.uninstall()
+    def when_running(self) -> None:
+        # After twistd's own handlers (WhenRunningService), so ours win.
+        if not self._handlers.installed:
+            self._handlers.install()
+            log.debug("drain signal handlers installed")
 
     # --- the drain --------------------------------------------------------------
 

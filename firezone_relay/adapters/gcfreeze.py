@@ -15,8 +15,9 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.logger import Logger
+
+from firezone_relay.adapters._twisted import WhenRunningService
 
 log = Logger(namespace="firezone_relay.adapters.gcfreeze")
 
@@ -40,7 +41,7 @@ def freeze_startup_objects() -> int:
     return gc.get_freeze_count()
 
 
-class StartupFreeze(Service):
+class StartupFreeze(WhenRunningService):
     """Freezes the start-up objects once the reactor runs (after every
     other service has started)."""
 
@@ -50,13 +51,7 @@ class StartupFreeze(Service):
         self.reactor = reactor
         self.frozen = 0
 
-    def startService(self) -> None:
-        super().startService()
-        self.reactor.callWhenRunning(self._freeze)
-
-    def _freeze(self) -> None:
-        if not self.running:
-            return
+    def when_running(self) -> None:
         self.frozen = freeze_startup_objects()
         log.info(
             "garbage collector: {count} start-up objects frozen (full collections skip them), thresholds {thresholds}",

@@ -36,7 +36,8 @@ Closes and refusals are counted (``relay_http_connections_refused_total``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional
+from functools import partial
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -109,10 +110,12 @@ class Readiness:
 
 
 class _Endpoint(Resource):
-    """A leaf answering GET and HEAD, 405 otherwise; nothing below it."""
+    """A leaf answering GET and HEAD with ``get(request)``, 405 otherwise;
+    nothing below it."""
 
-    def get(self, request: Request) -> bytes:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def __init__(self, get: Callable[[Request], bytes]) -> None:
+        super().__init__()
+        self.get = get
 
     def render(self, request: Request) -> bytes:
         request.setHeader(b"Cache-Control", b"no-store")
@@ -147,34 +150,23 @@ def _text(request: Request, text: str) -> bytes:
     return text.encode("utf-8")
 
 
-class Healthz(_Endpoint):
-    def get(self, request: Request) -> bytes:
-        return _text(request, "ok\n")
+def _healthz(request: Request) -> bytes:
+    return _text(request, "ok\n")
 
 
-class Readyz(_Endpoint):
-    def __init__(self, readiness: Readiness) -> None:
-        super().__init__()
-        self.readiness = readiness
-
-    def get(self, request: Request) -> bytes:
-        status = self.readiness.status()
-        if status != "ready":
-            request.setResponseCode(http.SERVICE_UNAVAILABLE)
-        return _text(request, status + "\n")
+def _readyz(readiness: Readiness, request: Request) -> bytes:
+    status = readiness.status()
+    if status != "ready":
+        request.setResponseCode(http.SERVICE_UNAVAILABLE)
+    return _text(request, status + "\n")
 
 
-class Metrics(_Endpoint):
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def get(self, request: Request) -> bytes:
-        accept = request.getHeader(b"accept")
-        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
-        body: bytes = encoder(self.registry)
-        request.setHeader(b"Content-Type", content_type.encode("ascii"))
-        return body
+def _metrics(registry: CollectorRegistry, request: Request) -> bytes:
+    accept = request.getHeader(b"accept")
+    encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+    body: bytes = encoder(registry)
+    request.setHeader(b"Content-Type", content_type.encode("ascii"))
+    return body
 
 
 class Root(Resource):
@@ -182,9 +174,9 @@ class Root(Resource):
 
     def __init__(self, registry: CollectorRegistry, readiness: Readiness) -> None:
         super().__init__()
-        self.putChild(b"healthz", Healthz())
-        self.putChild(b"readyz", Readyz(readiness))
-        self.putChild(b"metrics", Metrics(registry))
+        self.putChild(b"healthz", _Endpoint(_healthz))
+        self.putChild(b"readyz", _Endpoint(partial(_readyz, readiness)))
+        self.putChild(b"metrics", _Endpoint(partial(_metrics, registry)))
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return _NOT_FOUND
@@ -211,16 +203,14 @@ class _Channel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._arm_deadline()
+        self._set_waiting(True)
 
-    def _arm_deadline(self) -> None:
-        self._cancel_deadline()
-        self.waiting = True
-        if not self._gone:
-            self._deadline_call = self.callLater(self.factory.request_deadline, self._deadline_passed)
-
-    def _cancel_deadline(self) -> None:
+    def _set_waiting(self, waiting: bool) -> None:
+        """Waiting for a request (its deadline runs) or handling one (none)."""
         cancel_attributes(self, "_deadline_call")
+        self.waiting = waiting
+        if waiting and not self._gone:
+            self._deadline_call = self.callLater(self.factory.request_deadline, self._deadline_passed)
 
     def _deadline_passed(self) -> None:
         self._deadline_call = None
@@ -234,19 +224,18 @@ class _Channel(http.HTTPChannel):
             transport.abortConnection()
 
     def allContentReceived(self) -> None:
-        self._cancel_deadline()
-        self.waiting = False
+        self._set_waiting(False)
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
         # Armed first: a pipelined request buffered behind this one is parsed
         # inside super().requestDone and must be able to cancel it.
-        self._arm_deadline()
+        self._set_waiting(True)
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
-        self._cancel_deadline()
+        cancel_attributes(self, "_deadline_call")
         self.factory.unregister(self)
         super().connectionLost(reason)
 
@@ -350,12 +339,6 @@ class HttpCollector(Collector):
         yield family
 
 
-def make_site(registry: CollectorRegistry, readiness: Readiness, **site_options: Any) -> HealthSite:
-    """The health and metrics site; ``site_options`` are ``HealthSite``'s
-    keyword arguments, whose defaults are the only ones."""
-    return HealthSite(Root(registry, readiness), **site_options)
-
-
 class SiteService(ListenerService):
     """A TCP listener for a ``Site``, opened (``open_listeners``) before the
     reactor runs, like the UDP listeners (``ListenerService``)."""
@@ -382,7 +365,7 @@ class SiteService(ListenerService):
 
 
 class HealthService(SiteService):
-    """Listens on ``host:port`` (TCP) with ``make_site``; ``port=0`` picks one (tests)."""
+    """Listens on ``host:port`` (TCP) with a ``HealthSite`` of ``Root``; ``port=0`` picks one (tests)."""
 
     def __init__(
         self,
@@ -395,11 +378,11 @@ class HealthService(SiteService):
     ) -> None:
         """``site_options``: ``timeout``, ``max_connections``,
         ``request_deadline``, ``max_connections_per_source`` (``HealthSite``'s
-        keyword arguments)."""
+        keyword arguments, whose defaults are the only ones)."""
         super().__init__(host, port, reactor)
         self.registry = registry
         self.readiness = readiness
-        self.site = make_site(registry, readiness, reactor=self.reactor, **site_options)
+        self.site = HealthSite(Root(registry, readiness), reactor=self.reactor, **site_options)
         registry.register(HttpCollector(self.site))
 
     def open_listeners(self) -> None:

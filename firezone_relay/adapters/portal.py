@@ -331,18 +331,6 @@ class PortalClient(Service):
         self.serving = False  # the first init has arrived
         self.fatal_reason: Optional[str] = None
 
-    # --- state for /readyz and metrics ------------------------------------------
-
-    @property
-    def connected(self) -> bool:
-        """The websocket is open (``relay_portal_connected``)."""
-        return self.session.open
-
-    @property
-    def ready(self) -> bool:
-        """Joined on the current connection, and serving since the first init."""
-        return self.session.joined and self.serving
-
     # --- life cycle -----------------------------------------------------------
 
     def startService(self) -> None:

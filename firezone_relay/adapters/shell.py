@@ -166,7 +166,7 @@ class Shell(MultiService):
         self.read_listener: Optional[StreamTransport] = None
         #: The one timer, at the core's ``poll_timeout()``.
         self.timer = OneTimer(self.clock, self._on_timer)
-        self._limited = LimitedLog(log)
+        self._limited = LimitedLog()
         self._usernames: Dict[int, str] = {}  # allocation port -> username, for the channel log lines
 
     # --- transports -------------------------------------------------------------
@@ -390,8 +390,7 @@ class Shell(MultiService):
         """Count (and log, at most once a minute per kind) an exception that
         a transport caught around the core or a socket."""
         kind = "%s:%s" % (where, type(exc).__name__)
-        self.errors[kind] += 1
-        if self._limited.due(kind):
+        if self._limited.count(self.errors, kind):
             log.failure(
                 "internal error handling {where} input (count {count}; logged at most once a minute per kind)",
                 # Built from the exception: the batched reader reports it

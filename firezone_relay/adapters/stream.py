@@ -204,7 +204,7 @@ class StreamService(ListenerService):
         #: read: see ``Shell.read_listener``); its end flushes,
         #: so ``flush_soon`` schedules nothing.
         self.reading = False
-        self._limited = LimitedLog(log)
+        self._limited = LimitedLog()
         shell.attach_stream(self)
 
     # --- life cycle -----------------------------------------------------------

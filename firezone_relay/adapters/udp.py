@@ -64,14 +64,22 @@ _IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
 _IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
 
 
-class _ClientProtocol(DatagramProtocol):
-    """The listen port of one family: datagrams from TURN clients."""
+class _Protocol(DatagramProtocol):
+    """What the listen and the allocation ports' protocols share: the shell,
+    the family, and a refused datagram counted as a drop."""
 
-    noisy = False
+    noisy = False  # no "Starting protocol" line per allocation
 
     def __init__(self, shell: Shell, family: int) -> None:
         self.shell = shell
         self.family = family
+
+    def connectionRefused(self) -> None:
+        self.shell.drops["refused"] += 1
+
+
+class _ClientProtocol(_Protocol):
+    """The listen port of one family: datagrams from TURN clients."""
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         shell = self.shell
@@ -83,19 +91,13 @@ class _ClientProtocol(DatagramProtocol):
         except Exception as exc:
             shell.internal_error("client", exc)
 
-    def connectionRefused(self) -> None:
-        self.shell.drops["refused"] += 1
 
-
-class _PeerProtocol(DatagramProtocol):
+class _PeerProtocol(_Protocol):
     """One allocation port of one family: datagrams from peers."""
 
-    noisy = False  # no "Starting protocol" line per allocation
-
     def __init__(self, shell: Shell, port: int, family: int) -> None:
-        self.shell = shell
+        super().__init__(shell, family)
         self.port = port
-        self.family = family
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         shell = self.shell
@@ -104,9 +106,6 @@ class _PeerProtocol(DatagramProtocol):
             shell.transmit(t) if t is not None else shell.pump()  # as _ClientProtocol
         except Exception as exc:
             shell.internal_error("peer", exc)
-
-    def connectionRefused(self) -> None:
-        self.shell.drops["refused"] += 1
 
 
 #: Datagrams read per readiness event before going back to the reactor.
@@ -224,7 +223,6 @@ class RelayService(ListenerService):
         self.socket_buffer = socket_buffer
         self.reactor = shell.reactor
         self._ports: Dict[Tuple[int, int], Any] = {}
-        self._closing: set[defer.Deferred[None]] = set()
         #: Readers taken off the reactor in this turn, closed at the next
         #: (``_close``), and the Deferred that fires then.
         self._to_close: list[_Reader] = []
@@ -244,11 +242,13 @@ class RelayService(ListenerService):
 
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
-        waits: list[Optional[defer.Deferred[None]]] = [d for d in self._closing]
-        for key, port in list(self._ports.items()):
-            waits.append(self._close(key[0], key[1]))
+        for port, family in list(self._ports):
+            self.close_port(port, family)
         self.listening.clear()
-        return defer.gatherResults(list(dict.fromkeys(d for d in waits if d is not None)), consumeErrors=True)
+        # Every socket closed in this turn (and any closed earlier in it)
+        # closes at the start of the next: done when they all are.
+        pending = self._to_close_done
+        return defer.succeed(None) if pending is None else pending
 
     # --- sockets ------------------------------------------------------------
 
@@ -280,7 +280,7 @@ class RelayService(ListenerService):
             raise
         return sock
 
-    def _adopt(self, sock: socket.socket, family: int, protocol: DatagramProtocol) -> _Reader:
+    def _adopt(self, sock: socket.socket, family: int, protocol: _Protocol) -> _Reader:
         reader = _Reader(sock, protocol, always_view=isinstance(protocol, _PeerProtocol), v6=family == 6)
         if self.shell.io is not None:
             reader.batched = self._batched_reader(reader, protocol)
@@ -288,7 +288,7 @@ class RelayService(ListenerService):
         self.reactor.addReader(reader)
         return reader
 
-    def _batched_reader(self, port: Any, protocol: DatagramProtocol) -> Callable[[], int]:
+    def _batched_reader(self, port: Any, protocol: _Protocol) -> Callable[[], int]:
         """The socket's batched read: an ``io.reader`` of the shell's current
         entry point (looked up per read, not per datagram, so that replacing
         it on the shell takes effect; peer datagrams always come as views),
@@ -300,7 +300,7 @@ class RelayService(ListenerService):
         shell = self.shell
         peer = isinstance(protocol, _PeerProtocol)
         number: Any = protocol.port if peer else None  # type: ignore[attr-defined]
-        family = protocol.family if peer else 0  # type: ignore[attr-defined]
+        family = protocol.family if peer else 0
         entry = "handle_peer_traffic" if peer else "handle_client_input"
         return shell.io.reader(port.fileno(), shell, entry, number, family, peer, protocol.connectionRefused)  # type: ignore[no-any-return]
 
@@ -343,30 +343,24 @@ class RelayService(ListenerService):
         return True
 
     def close_port(self, port: int, family: int) -> None:
-        """Close allocation port ``port`` (the core's ``ClosePort``)."""
-        self._close(port, family)
+        """Close allocation port ``port`` (the core's ``ClosePort``).
 
-    def _close(self, port: int, family: int) -> Optional["defer.Deferred[None]"]:
-        """No more reads from the socket of ``port``; it closes at the start
+        No more reads from the socket of ``port``; it closes at the start
         of the next reactor turn, as Twisted's ``stopListening`` does (a
         batched read still running on this descriptor must not see its
         number reused by a port opened in the same turn), together with
         every other socket closed in this turn: one timed
         call and one Deferred for all of them (a deallocation storm closes
-        thousands), fired when they are closed."""
+        thousands), ``_to_close_done``, fired when they are closed."""
         listening = self._ports.pop((port, family), None)
         self.shell.remove_socket(port, family)
         if listening is None:
-            return None
+            return
         self.reactor.removeReader(listening)
         self._to_close.append(listening)
-        d = self._to_close_done
-        if d is None:
-            d = self._to_close_done = defer.Deferred()
-            self._closing.add(d)
-            d.addBoth(self._closed, d)
+        if self._to_close_done is None:
+            self._to_close_done = defer.Deferred()
             self.reactor.callLater(0, self._close_pending)
-        return d
 
     def _close_pending(self) -> None:
         readers, self._to_close = self._to_close, []
@@ -375,10 +369,6 @@ class RelayService(ListenerService):
             reader.close()
         if d is not None:
             d.callback(None)
-
-    def _closed(self, result: Any, d: "defer.Deferred[None]") -> Any:
-        self._closing.discard(d)
-        return result
 
     def port_numbers(self) -> list[Tuple[int, int]]:
         """``(port, family)`` of every open socket, listeners included."""

@@ -307,8 +307,7 @@ class XdpProgram:
             raise XdpError("no network interface named %r" % interface) from None
         self._lib = lib = _libbpf()
         self._obj: Optional[int] = None
-        self._attached_flags: Optional[int] = None
-        #: The mode attached in ("generic" or "driver"), once attached.
+        #: The mode attached in ("generic" or "driver") while attached.
         self.mode: Optional[str] = None
         #: After ``attach("auto")`` fell back to generic: why driver mode was not used.
         self.fallback: Optional[str] = None
@@ -416,26 +415,22 @@ class XdpProgram:
             raise XdpError(
                 "could not attach XDP to %s in %s mode: %s%s" % (self.interface, mode, _errno_text(code), hint), code
             )
-        self._attached_flags = flags
         self.mode = mode
-
-    @property
-    def attached(self) -> bool:
-        return self._attached_flags is not None
 
     def attached_id(self) -> int:
         """The id of the XDP program on the interface in our mode, 0 if none."""
         prog_id = ctypes.c_uint32(0)
-        flags = self._attached_flags or XDP_FLAGS_SKB_MODE
+        flags = MODES[self.mode] if self.mode is not None else XDP_FLAGS_SKB_MODE
         self._lib.bpf_xdp_query_id(self.ifindex, flags, ctypes.byref(prog_id))
         return prog_id.value
 
     def detach(self) -> bool:
         """Detach if (and only if) our program is still the one attached.
         Idempotent; returns True when something was detached."""
-        flags, self._attached_flags = self._attached_flags, None
-        if flags is None:
+        mode, self.mode = self.mode, None
+        if mode is None:
             return False
+        flags = MODES[mode]
         opts = _AttachOpts(ctypes.sizeof(_AttachOpts), self.prog_fd, 0)
         err = self._lib.bpf_xdp_attach(self.ifindex, -1, flags | XDP_FLAGS_REPLACE, ctypes.byref(opts))
         if err:

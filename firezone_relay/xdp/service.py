@@ -29,7 +29,7 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from twisted.logger import Logger
 
@@ -53,7 +53,7 @@ class XdpService(ListenerService):
 
     ``mode``: ``"generic"`` (SKB mode: veth, bridges, any driver),
     ``"driver"`` (native) or ``"auto"`` (native, generic if the driver
-    refuses); ``attached_mode`` is the one in use once attached.
+    refuses); ``program.mode`` is the one in use once attached.
     ``settings``: what to relay (``loader.Settings``); ``int4``/``int6``
     unset there default to the interface's own addresses.
     """
@@ -65,19 +65,12 @@ class XdpService(ListenerService):
         #: Entries per channel map (None: the object's 65,536); tests make it small.
         self.map_entries = map_entries
         self.program: Optional[XdpProgram] = None
-        self.attached_mode: Optional[str] = None
-        #: Where the loaded object came from (shipped or compiled), for the log.
-        self.object_origin: Optional[str] = None
         #: Why the fast path is off, once start-up has failed.
         self.failure: Optional[str] = None
         self.errors: Counts[str] = Counts()
         self.channels = 0
-        self._limited = LimitedLog(log)
+        self._limited = LimitedLog()
         self._atexit_registered = False
-
-    @property
-    def active(self) -> bool:
-        return self.program is not None
 
     # --- life cycle -----------------------------------------------------------
 
@@ -96,15 +89,15 @@ class XdpService(ListenerService):
         workdir = tempfile.mkdtemp(prefix="firezone-relay-xdp-")
         program = None
         try:
-            path, self.object_origin = find_object(workdir)
-            log.info("XDP program: {origin}", origin=self.object_origin, interface=self.interface)
+            path, origin = find_object(workdir)  # shipped or compiled
+            log.info("XDP program: {origin}", origin=origin, interface=self.interface)
             program = XdpProgram(path, self.interface, map_entries=self.map_entries)
             settings = self.settings._replace(
                 int4=self.settings.int4 or interface_ip4(self.interface),
                 int6=self.settings.int6 or interface_ip6(self.interface),
             )
             program.configure(settings)
-            self.attached_mode = program.attach(self.mode)
+            program.attach(self.mode)
         except XdpError as exc:
             if program is not None:
                 program.close()
@@ -140,7 +133,7 @@ class XdpService(ListenerService):
             "IPv4 {int4}, IPv6 {int6}; hairpin for {public4} {public6}; detach a stale one with: "
             "ip link set dev {interface} xdp off",
             interface=self.interface,
-            mode=self.attached_mode,
+            mode=program.mode,
             requested=self.mode,
             send="XDP_REDIRECT" if program.redirect else "XDP_TX",
             prog_id=program.attached_id(),
@@ -200,8 +193,7 @@ class XdpService(ListenerService):
             return None
 
     def _error(self, kind: str, exc: XdpError) -> None:
-        self.errors[kind] += 1
-        if self._limited.due(kind):
+        if self._limited.count(self.errors, kind):
             log.warn(
                 "XDP map {kind} failed (count {count}; userspace relays that channel): {reason}",
                 kind=kind,

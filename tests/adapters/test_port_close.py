@@ -59,7 +59,7 @@ class PortCloseTests(unittest.TestCase):
         yield task.deferLater(reactor, 0, lambda: None)
         self.assertFalse(any(fd_open(fd) for fd in fds[:7]))
         self.assertTrue(all(fd_open(fd) for fd in fds[7:]))
-        self.assertEqual(service._closing, set())
+        self.assertIsNone(service._to_close_done)
         # The port numbers are free again (unless another worker took one meanwhile).
         reopened = [port for port in self.ports[:7] if service.open_port(port, 4, False)]
         self.assertGreaterEqual(len(reopened), 5, reopened)
@@ -79,7 +79,7 @@ class PortCloseTests(unittest.TestCase):
         yield service.stopService()
         self.assertFalse(any(fd_open(fd) for fd in fds))
         self.assertEqual(service.port_numbers(), [])
-        self.assertEqual(service._closing, set())
+        self.assertIsNone(service._to_close_done)
 
     @defer.inlineCallbacks
     def test_a_closed_port_reads_nothing_more(self) -> Any:

@@ -195,7 +195,7 @@ class PortalClientTests(unittest.TestCase):
         join = yield stub.wait("join")
         self.assertEqual(join, {"topic": "relay", "event": "phx_join", "payload": {"stamp_secret": SECRET}, "ref": 0})
         yield wait_until(lambda: self.inits, what="init")
-        self.assertTrue(client.ready and client.connected)
+        self.assertTrue(client.session.joined and client.serving and client.session.open)
         self.assertEqual(self.messages("connected to the portal"), ["connected to the portal (joined topic relay)"])
         for i in range(1, 6):
             self.clock.advance(10)
@@ -215,7 +215,7 @@ class PortalClientTests(unittest.TestCase):
         yield self.joined(stub, client)
         self.assertTrue(readiness.portal_joined)
         stub.drop()
-        yield wait_until(lambda: not client.connected, what="connection loss")
+        yield wait_until(lambda: not client.session.open, what="connection loss")
         self.assertFalse(readiness.portal_joined)
 
     # --- reconnect rules ---------------------------------------------------------

@@ -353,13 +353,13 @@ class ServiceTests(unittest.SynchronousTestCase):
         s = self.service(None)
         s.channel_bound(C.ChannelBound(("192.0.2.1", 5000), CHAN, ("198.51.100.7", 6000), 50000, 4))
         self.assertIsNone(s.counters())
-        self.assertFalse(s.active)
+        self.assertIsNone(s.program)
 
     def test_load_failure_is_logged_and_leaves_the_fast_path_off(self) -> None:
         s = XdpService("no-such-if0", "generic", loader.Settings(3478, 49152, 65535))
         s.startService()
         self.addCleanup(s.stopService)
-        self.assertFalse(s.active)
+        self.assertIsNone(s.program)
         self.assertIsNotNone(s.failure)
         self.assertTrue(
             any(w in (s.failure or "") for w in ("no-such-if0", "clang", "libbpf")),
@@ -401,7 +401,7 @@ class VerifierTests(unittest.SynchronousTestCase):
             "from firezone_relay.xdp.service import XdpService\n"
             "s = XdpService('lo', 'generic', Settings(3478, 49152, 65535))\n"
             "s.startService()\n"
-            "print(s.active, s.failure)\n" % netns.ROOT
+            "print(s.program is not None, s.failure)\n" % netns.ROOT
         )
         done = subprocess.run(
             [setpriv, "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all",
@@ -677,7 +677,7 @@ class ProgramTests(_Namespaced):
                 service.stopService()
 
         self.addCleanup(stop)
-        self.assertTrue(service.active, service.failure)
+        self.assertIsNotNone(service.program, service.failure)
         client = self.sock(topology, "client", V4)
         peers = [self.sock(topology, "peer", V4) for _ in range(4)]
         caddr = client.getsockname()[:2]
@@ -764,7 +764,7 @@ class ProgramTests(_Namespaced):
             with self.assertRaises(loader.XdpError) as caught:
                 program.attach("driver")
             self.assertIn("in driver mode: Numerical result out of range", str(caught.exception))
-            self.assertFalse(program.attached)
+            self.assertIsNone(program.mode)
             self.assertFalse(topology.xdp_attached())
             self.assertEqual(program.attach("generic"), "generic")
             self.assertIsNone(program.fallback)
