@@ -288,6 +288,11 @@ class RelayLogger(Logger):
         are info lines."""
         self._emit(_INFO, format, kwargs)
 
+    def info_event(self, format: str, event: dict[str, Any]) -> None:
+        """An info line whose fields the caller has put in ``event``, a dict
+        it gives up (the logger's keys are added to it)."""
+        self._emit(_INFO, format, event)
+
     def _emit(self, level: NamedConstant, format: Optional[str], event: dict[str, Any]) -> None:
         # Twisted's Logger.emit builds the same keys with event.update(...)
         # (a dict of keyword arguments more per event); the same order.

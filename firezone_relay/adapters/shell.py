@@ -316,30 +316,19 @@ class Shell(MultiService):
                 if self.udp is not None:
                     self.udp.close_port(command.port, command.family)
             case C.AllocationCreated():
-                # The fields both lines share written out in each (no dict
-                # merged in with ** per line); their order is the JSON's.
-                client = command.client
-                log.info(
+                self._allocation_line(
                     "allocation created: client {client} ({transport}) user {username} port {port} "
                     "relayed {relayed} lifetime {lifetime}s",
-                    relayed=[format_address(a) for a in command.relayed],
-                    lifetime=command.lifetime,
-                    client=format_address(client),
-                    transport="udp" if len(client) == 2 else self.transport_of(client),
-                    username=command.username,
-                    port=command.port,
+                    {"relayed": [format_address(a) for a in command.relayed], "lifetime": command.lifetime},
+                    command,
                 )
                 self._usernames[command.port] = command.username
                 self._allocation_changed(command)
             case C.AllocationDeleted():
-                client = command.client
-                log.info(
+                self._allocation_line(
                     "allocation deleted: client {client} ({transport}) user {username} port {port} ({reason})",
-                    reason=command.reason,
-                    client=format_address(client),
-                    transport="udp" if len(client) == 2 else self.transport_of(client),
-                    username=command.username,
-                    port=command.port,
+                    {"reason": command.reason},
+                    command,
                 )
                 self._usernames.pop(command.port, None)
                 self._allocation_changed(command)
@@ -365,6 +354,20 @@ class Shell(MultiService):
                 # mirrors them; the userspace path needs nothing (and they
                 # are too many to log).
                 pass
+
+    def _allocation_line(
+        self, format: str, event: Dict[str, Any], command: C.AllocationCreated | C.AllocationDeleted
+    ) -> None:
+        """Log an allocation's creation or deletion: ``event`` holds the
+        line's own fields, this adds the four both lines share (in the
+        JSON's order, after the own ones) and hands the dict to the logger
+        as the event itself (no keyword arguments packed again)."""
+        client = command.client
+        event["client"] = format_address(client)
+        event["transport"] = "udp" if len(client) == 2 else self.transport_of(client)
+        event["username"] = command.username
+        event["port"] = command.port
+        log.info_event(format, event)
 
     def _allocation_changed(self, command: Any) -> None:
         if len(command.client) == 3 and self.stream is not None:

