@@ -372,6 +372,54 @@ class OptionTests(unittest.SynchronousTestCase):
             "firezone-relay: --workers 4 needs at least 4 allocation ports; --lowest-port..--highest-port has 3",
         )
 
+    def test_port_zero_with_workers_is_one_clear_line_at_parsing(self) -> None:
+        """Each worker's listener is its own socket: with port 0 each would get
+        its own port (a client would reach one worker per port).  The option
+        parser refuses port 0 before any socket or worker exists."""
+        for flag in ("--listen-port=0", "--tls-port=0"):
+            args = TWISTD + [
+                "-n", "--pidfile=", "firezone-relay", "--workers=2", flag, "--auth-secret=%s" % SECRET,
+                "--public-ip4-addr=127.0.0.1", "--bind-ip4-addr=127.0.0.1", "--control-endpoint=off",
+            ]
+            done = subprocess.run(args, env=twistd_env(), capture_output=True, text=True, timeout=60)
+            self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+            self.assertEqual(done.stdout, "")
+            self.assertEqual(
+                done.stderr,
+                "firezone-relay: error: %s must be between 1 and 65535 (got 0) (--help lists the options)\n"
+                % flag.split("=")[0],
+            )
+
+    def test_listeners_bind_the_one_port_of_each_kind(self) -> None:
+        """Every worker's UDP and TCP listener is on --listen-port, TLS on
+        --tls-port, in both families."""
+        from firezone_relay.workers.pool import Slot
+        from firezone_relay.workers.listeners import Listeners
+        from tests.certs import make_certificate
+
+        cert, key = make_certificate(Path(self.mktemp()).resolve())
+        port = free_udp_and_tcp_port((4, 6))
+        tls_port = free_tcp_port()
+        options = tap.Options(environ={})
+        options.parseOptions([
+            "--auth-secret", SECRET, "--workers", "2", "--public-ip4-addr", "127.0.0.1", "--bind-ip4-addr", "127.0.0.1",
+            "--public-ip6-addr", "::1", "--bind-ip6-addr", "::1", "--listen-port", str(port),
+            "--tls-port", str(tls_port), "--tls-cert", str(cert), "--tls-key", str(key), "--control-endpoint", "off",
+            "--lowest-port", "40000", "--highest-port", "40099",
+        ])
+        listeners = Listeners(options)
+        slots = [Slot(0, 40000, 40049), Slot(1, 40050, 40099)]
+        listeners.make(slots)
+        self.addCleanup(listeners.close)
+        self.assertEqual(len(listeners.sockets), 12)
+        for slot in slots:
+            self.assertEqual(sorted(slot.fds), ["tcp:4", "tcp:6", "tls:4", "tls:6", "udp:4", "udp:6"])
+        got = {(s.family, s.type, s.getsockname()[1]) for s in listeners.sockets}
+        self.assertEqual(got, {
+            (family, type_, p) for family in (socket.AF_INET, socket.AF_INET6)
+            for type_, p in ((socket.SOCK_DGRAM, port), (socket.SOCK_STREAM, port), (socket.SOCK_STREAM, tls_port))
+        })
+
     def test_one_worker_is_todays_relay(self) -> None:
         from firezone_relay.service import build
 

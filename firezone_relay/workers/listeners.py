@@ -60,8 +60,8 @@ class Listeners:
     def __init__(self, options: Any) -> None:
         self.options = options
         self.sockets: List[socket.socket] = []
-        self.tcp_port = options["listen-port"]
-        self.tls_port = options["tls-port"]
+        #: The port of each kind of listener (the option parser refuses port 0).
+        self.ports = {"udp": options["listen-port"], "tcp": options["listen-port"], "tls": options["tls-port"]}
 
     def make(self, slots: Sequence["Slot"]) -> None:
         """Create the sockets (once): one per worker, listener and family."""
@@ -81,10 +81,6 @@ class Listeners:
                     sock = self._listener(family, ip, kind, type_)
                     slot.fds["%s:%d" % (kind, family)] = sock.fileno()
 
-    def _port(self, kind: str) -> int:
-        ports: Dict[str, int] = {"udp": self.options["listen-port"], "tcp": self.tcp_port, "tls": self.tls_port}
-        return ports[kind]
-
     def _probe(self, family: int, ip: str, kind: str, type_: int) -> None:
         """Bind the port once without ``SO_REUSEPORT`` first: a port another
         relay (or anything) holds is an error at start-up, as without
@@ -93,12 +89,6 @@ class Listeners:
 
     def _listener(self, family: int, ip: str, kind: str, type_: int) -> socket.socket:
         sock = self._bind(family, ip, kind, type_, shared=True)
-        if self._port(kind) == 0:  # tests: the kernel's choice, shared by the other workers
-            chosen = sock.getsockname()[1]
-            if kind == "tls":
-                self.tls_port = chosen
-            else:
-                self.tcp_port = chosen
         self.sockets.append(sock)
         return sock
 
@@ -106,7 +96,7 @@ class Listeners:
         """A socket bound to the port of ``kind``; ``shared``: with
         ``SO_REUSEPORT``, listening and non-blocking, for a worker.  A failure
         closes every listener: it is an error at start-up."""
-        port = self._port(kind)
+        port = self.ports[kind]
         sock = socket.socket(_AF[family], type_)
         try:
             if family == 6:

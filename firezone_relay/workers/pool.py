@@ -217,7 +217,7 @@ class WorkerPool(Service):
             "udp_io": options["udp-io"],
             "socket_buffer": options["socket-buffer"],  # for its allocation sockets
             "listen_port": options["listen-port"],
-            "tls_port": self.listeners.tls_port,
+            "tls_port": options["tls-port"],
             "tls_cert": options["tls-cert"],
             "tls_key": options["tls-key"],
             "bind": {str(f): options["bind-ip%d-addr" % f] for f in (4, 6) if options["public-ip%d-addr" % f]},
