@@ -874,7 +874,7 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
             "--user-allocation-limit", str(limit), "--max-channels-per-allocation", "2",
         ])
         maps = self.Maps()
-        return WorkerPool(options, SECRET, None, reactor, fast_path=maps), maps
+        return WorkerPool(options, SECRET, reactor, fast_path=maps), maps
 
     @staticmethod
     def channel(port: int, number: int = 0x4000) -> Dict[str, Any]:
@@ -905,7 +905,7 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         pool._unbind_all(second)
         self.assertEqual(sorted((c.port, c.channel) for c in maps.unbound),
                          [(40001, 0x4000), (40001, 0x4001), (40071, 0x4000)])
-        self.assertEqual((first.channels, second.channels, first.channel_counts, second.channel_counts), (set(), set(), {}, {}))
+        self.assertEqual((first.channels, second.channels), ({}, {}))
 
     def test_the_user_limit_evicts_the_oldest_left_after_removals_anywhere(self) -> None:
         # Oldest first across both slots, whatever was removed in between
@@ -927,6 +927,32 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         self.assertEqual((pool.allocation_count, pool._by_user), (0, {}))
         pool.allocation_removed(first, 40004)  # twice (an Evict's own notice): nothing happens
         self.assertEqual(pool.allocation_count, 0)
+
+    def test_notices_from_a_worker_reach_the_maps_through_the_control_channel(self) -> None:
+        """A worker's allocation and channel notices, as it writes them, read
+        by the supervisor's end of the channel."""
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from firezone_relay.core import commands as C
+        from firezone_relay.workers.control import SupervisorControl
+        from firezone_relay.workers.worker import WorkerControl
+
+        pool, maps = self.pool()
+        worker, sent = WorkerControl(0, Clock()), StringTransport()
+        worker.makeConnection(sent)
+        supervisor = SupervisorControl(pool, pool.slots[0])
+        supervisor.makeConnection(StringTransport())
+        client, peer = ("192.0.2.1", 5000), ("198.51.100.1", 9)
+        worker.allocation_event(C.AllocationCreated(client, "alice", 40001, (), 600))
+        worker.channel_bound(C.ChannelBound(client, 0x4000, peer, 40001, 4))
+        worker.channel_bound(C.ChannelBound(client, 0x4001, peer, 40001, 4))
+        worker.channel_unbound(C.ChannelUnbound(client, 0x4000, peer, 40001, 4))
+        supervisor.dataReceived(sent.value())
+        self.assertEqual(pool.slots[0].ports, {40001: "alice"})
+        self.assertEqual(maps.bound, [C.ChannelBound(client, 0x4000, peer, 40001, 4), C.ChannelBound(client, 0x4001, peer, 40001, 4)])
+        self.assertEqual(maps.unbound, [C.ChannelUnbound(client, 0x4000, peer, 40001, 4)])
+        self.assertEqual(pool.slots[0].channels, {40001: {(client, 0x4001, peer, 40001, 4)}})
 
     def test_an_allocation_outside_the_slice_is_refused(self) -> None:
         pool, _ = self.pool()
@@ -988,7 +1014,7 @@ class NoticeBatchTests(unittest.SynchronousTestCase):
         client = ("192.0.2.1", 5000)
         control.allocation_event(C.AllocationCreated(client, "alice", 40001, (), 600))
         control.channel_bound(C.ChannelBound(client, 0x4000, ("198.51.100.1", 9), 40001, 4))
-        self.assertEqual([b[b"_command"] for b in self._boxes(transport.value())], [b"AllocationNotices", b"ChannelBound"])
+        self.assertEqual([b[b"_command"] for b in self._boxes(transport.value())], [b"AllocationNotices", b"ChannelChanged"])
         clock.advance(0)
         self.assertEqual(len(self._boxes(transport.value())), 2)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 from twisted.internet import tcp
 
@@ -32,18 +32,19 @@ _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 class WorkerShell(Shell):
     """``Shell`` plus the allocation notices and the sibling source mapping."""
 
-    def __init__(
-        self,
-        relay: Any,
-        on_allocation: Callable[[Any], None],
-        siblings: Optional[Dict[int, Tuple[str, str]]] = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, relay: Any, on_allocation: Callable[[Any], None], **kwargs: Any) -> None:
         super().__init__(relay, **kwargs)
         self._on_allocation = on_allocation
         config = relay.config
         low = config.relay_lowest_port or config.lowest_port
         high = config.relay_highest_port or config.highest_port
+        #: family -> (the local address another worker's allocation port
+        #: sends from, the public address the client's permission names)
+        siblings = {
+            family: (local, public)
+            for family, local, public in ((4, config.sibling_ip4, config.public_ip4), (6, config.sibling_ip6, config.public_ip6))
+            if local is not None
+        }
         if siblings:
             core_entry = self.handle_peer_traffic
 

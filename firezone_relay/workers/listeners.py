@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
 from twisted.internet.error import CannotListenError
 
+from firezone_relay.service import served_binds
+
 if TYPE_CHECKING:
     from firezone_relay.workers.pool import Slot
 
@@ -37,11 +39,11 @@ def _is_local(ip: str) -> bool:
     return True
 
 
-def siblings(options: Any) -> Dict[int, Tuple[str, str]]:
-    """family -> (local address, public address) for the families whose
-    public address cannot reach the other workers' allocation ports
-    directly (1:1 NAT: not local, or not the address bound)."""
-    out: Dict[int, Tuple[str, str]] = {}
+def siblings(options: Any) -> Dict[int, str]:
+    """family -> the local address at which the workers reach each other's
+    allocation ports, for the families whose public address cannot (1:1
+    NAT: not local, or not the address bound)."""
+    out: Dict[int, str] = {}
     for family in (4, 6):
         public = options["public-ip%d-addr" % family]
         if not public:
@@ -50,7 +52,7 @@ def siblings(options: Any) -> Dict[int, Tuple[str, str]]:
         unspecified = ipaddress.ip_address(bind).is_unspecified
         if _is_local(public) and (unspecified or ipaddress.ip_address(bind) == ipaddress.ip_address(public)):
             continue
-        out[family] = (_LOOPBACK[family] if unspecified else bind, public)
+        out[family] = _LOOPBACK[family] if unspecified else bind
     return out
 
 
@@ -68,7 +70,7 @@ class Listeners:
         if self.sockets:
             return
         options = self.options
-        served = [(f, options["bind-ip%d-addr" % f]) for f in (4, 6) if options["public-ip%d-addr" % f]]
+        served = served_binds(options).items()
         kinds: List[Tuple[str, int]] = [("udp", socket.SOCK_DGRAM)]
         if options["max-connections"] > 0:
             kinds.append(("tcp", socket.SOCK_STREAM))
