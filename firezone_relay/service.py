@@ -285,16 +285,7 @@ def build(options: "Options", reactor: Any) -> "MultiService":
         batched_io={"auto": None, "batched": True, "python": False}[options["udp-io"]],
         fast_path=xdp,
     )
-    _, stream = make_transports(
-        shell,
-        listen_port=options["listen-port"],
-        bind=served_binds(options),
-        socket_buffer=options["socket-buffer"],
-        tls_cert=options["tls-cert"],
-        tls_key=options["tls-key"],
-        tls_port=options["tls-port"],
-        limits=stream_limits(options),
-    )
+    _, stream = make_transports(shell, options, stream_limits(options))
     if shell.io is not None:
         log.info("UDP I/O: batched (recvmmsg/sendmmsg, up to {batch} datagrams per system call)", batch=shell.io_batch)
     elif options["udp-io"] == "python":
@@ -491,23 +482,26 @@ def served_binds(options: Mapping[str, Any]) -> Dict[int, str]:
     return {f: options["bind-ip%d-addr" % f] for f in (4, 6) if options["public-ip%d-addr" % f]}
 
 
+#: The options ``make_transports`` reads (a worker gets them in its configuration).
+TRANSPORT_OPTIONS = (
+    "listen-port", "public-ip4-addr", "public-ip6-addr", "bind-ip4-addr", "bind-ip6-addr", "socket-buffer",
+    "tls-cert", "tls-key", "tls-port",
+)
+
+
 def make_transports(
     shell: Any,
-    listen_port: int,
-    bind: Mapping[int, str],
-    socket_buffer: int,
-    tls_cert: Optional[str],
-    tls_key: Optional[str],
-    tls_port: int,
+    options: Mapping[str, Any],
     limits: Any,
     fds: Optional[Tuple[Dict[int, int], Dict[Tuple[str, int], int]]] = None,
 ) -> Tuple[Any, Any]:
-    """``(udp, stream)``: the shell's transports (each registers with it).
-    UDP and TCP on ``listen_port``, TLS on ``tls_port`` given a certificate
-    (SPEC §8), for the families of ``bind`` (``served_binds``).  ``fds``: a
-    worker's listening sockets, made by the supervisor (UDP: family ->
-    descriptor; stream: (transport, family) -> descriptor), adopted instead
-    of bound.  SIGHUP belongs to the ``ReloadService``, which reloads TLS too."""
+    """``(udp, stream)``: the shell's transports (each registers with it),
+    for the families served (``served_binds``): UDP and TCP on the listen
+    port, TLS given a certificate (SPEC §8); the clients' bounds ``limits``.
+    ``options``: at least ``TRANSPORT_OPTIONS``.  ``fds``: a worker's
+    listening sockets, made by the supervisor (UDP: family -> descriptor;
+    stream: (transport, family) -> descriptor), adopted instead of bound.
+    SIGHUP belongs to the ``ReloadService``, which reloads TLS too."""
     from firezone_relay.adapters.stream import StreamService
     from firezone_relay.adapters.tls import TLSContext
     from firezone_relay.adapters.udp import RelayService
@@ -519,16 +513,21 @@ def make_transports(
 
         udp_class = functools.partial(AdoptedRelayService, fds=fds[0])
         stream_class = functools.partial(AdoptedStreamService, fds=fds[1])
+    bind = served_binds(options)
     udp = udp_class(
-        shell, listen_port=listen_port, bind_ip4=bind.get(4), bind_ip6=bind.get(6), socket_buffer=socket_buffer
+        shell,
+        listen_port=options["listen-port"],
+        bind_ip4=bind.get(4),
+        bind_ip6=bind.get(6),
+        socket_buffer=options["socket-buffer"],
     )
     stream = stream_class(
         shell,
-        tcp_port=listen_port,
+        tcp_port=options["listen-port"],
         bind_ip4=bind.get(4),
         bind_ip6=bind.get(6),
-        tls=TLSContext(tls_cert, tls_key) if tls_cert and tls_key else None,  # given together (flagcheck)
-        tls_port=tls_port,
+        tls=TLSContext(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None,
+        tls_port=options["tls-port"],
         limits=limits,
         reload_signal=None,
     )

@@ -201,7 +201,7 @@ class WorkerPool(Service):
     # --- workers -------------------------------------------------------------------------
 
     def worker_config(self, slot: Slot) -> Dict[str, Any]:
-        from firezone_relay.service import served_binds, stream_limits
+        from firezone_relay.service import TRANSPORT_OPTIONS, stream_limits
 
         options = self.options
         config = dataclasses.replace(self.relay_config, lowest_port=slot.lowest, highest_port=slot.highest)
@@ -214,12 +214,7 @@ class WorkerPool(Service):
             "nonce_key": self.nonce_key.hex(),
             "draining": self.draining,
             "udp_io": options["udp-io"],
-            "socket_buffer": options["socket-buffer"],  # for its allocation sockets
-            "listen_port": options["listen-port"],
-            "tls_port": options["tls-port"],
-            "tls_cert": options["tls-cert"],
-            "tls_key": options["tls-key"],
-            "bind": served_binds(options),
+            "transport": {name: options[name] for name in TRANSPORT_OPTIONS},
             "udp_fds": {k.split(":")[1]: fd for k, fd in slot.fds.items() if k.startswith("udp:")},
             "stream_fds": {k: fd for k, fd in slot.fds.items() if not k.startswith("udp:")},
             "stream_limits": limits,

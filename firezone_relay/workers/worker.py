@@ -220,13 +220,8 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
     )
     _, stream = make_transports(
         shell,
-        listen_port=config["listen_port"],
-        bind={int(k): v for k, v in config["bind"].items()},
-        socket_buffer=config["socket_buffer"],  # its allocation sockets', as the single process's
-        tls_cert=config["tls_cert"],
-        tls_key=config["tls_key"],
-        tls_port=config["tls_port"],
-        limits=StreamLimits(**config["stream_limits"]),
+        config["transport"],
+        StreamLimits(**config["stream_limits"]),
         fds=(
             {int(k): v for k, v in config["udp_fds"].items()},
             {(k.split(":")[0], int(k.split(":")[1])): v for k, v in config["stream_fds"].items()},
