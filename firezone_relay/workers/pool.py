@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from firezone_relay.adapters._twisted import cancel_call
+from firezone_relay.service import TRANSPORT_OPTIONS, relay_config, stream_limits
 from firezone_relay.workers import protocol as P
 from firezone_relay.workers.control import CONTROL_RATE, CONTROL_SHARE, SupervisorControl, WorkerProcess
 from firezone_relay.workers.counters import fetch_counters, keep_counters
@@ -109,8 +110,6 @@ class WorkerPool(Service):
         self._counters = LoopingCall(self._fetch_all)
         self._counters.clock = reactor
         self._ended: Dict[int, defer.Deferred[None]] = {}
-        from firezone_relay.service import relay_config
-
         sibling_ip = siblings(options)
         #: Every worker's core configuration but its slice (``worker_config``), made once.
         self.relay_config = dataclasses.replace(
@@ -201,8 +200,6 @@ class WorkerPool(Service):
     # --- workers -------------------------------------------------------------------------
 
     def worker_config(self, slot: Slot) -> Dict[str, Any]:
-        from firezone_relay.service import TRANSPORT_OPTIONS, stream_limits
-
         options = self.options
         config = dataclasses.replace(self.relay_config, lowest_port=slot.lowest, highest_port=slot.highest)
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "nonce_key"}
