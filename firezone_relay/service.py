@@ -12,12 +12,13 @@ service is made, so that ``twistd --reactor=...`` still chooses it).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import random
 import socket
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, NoReturn, Optional, Tuple
 
 from twisted.logger import Logger
 from twisted.python import usage
@@ -212,7 +213,6 @@ def build(options: "Options", reactor: Any) -> "MultiService":
     from firezone_relay.adapters.http import Readiness, ServingFlag
     from firezone_relay.adapters.metrics import StatsLogger, StreamCollector, make_registry
     from firezone_relay.adapters.shell import Shell
-    from firezone_relay.adapters.udp import RelayService
     from firezone_relay.core.relay import Relay
 
     given = dict(options)  # as parsed: what a SIGHUP reload compares with
@@ -230,8 +230,6 @@ def build(options: "Options", reactor: Any) -> "MultiService":
         raise SystemExit("firezone-relay: %s" % exc) from None
 
     secret, generated = make_secret(options["auth-secret"], options["rng-seed"])
-    rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else BufferedSystemRandom()
-    relay = Relay(relay_config(options, secret), rng)
     if options["rest-auth-secret"]:
         log.info("TURN REST credentials: {count} shared secret(s), realm {realm}",
                  count=len(options["rest-auth-secret"]), realm=options["realm"])
@@ -273,6 +271,8 @@ def build(options: "Options", reactor: Any) -> "MultiService":
         from firezone_relay.workers.supervisor import build_supervisor
 
         return build_supervisor(options, reactor, secret, top)  # type: ignore[no-any-return]
+    rng: Any = random.Random(options["rng-seed"]) if options["rng-seed"] is not None else BufferedSystemRandom()
+    relay = Relay(relay_config(options, secret), rng)
     # The XDP fast path starts before the UDP service (and so stops after
     # it): it must be attached before the first ChannelBound is mirrored.
     xdp = make_xdp_service(options)
@@ -285,13 +285,7 @@ def build(options: "Options", reactor: Any) -> "MultiService":
         batched_io={"auto": None, "batched": True, "python": False}[options["udp-io"]],
         fast_path=xdp,
     )
-    udp = RelayService(
-        shell,
-        listen_port=options["listen-port"],
-        bind_ip4=options["bind-ip4-addr"] if options["public-ip4-addr"] else None,
-        bind_ip6=options["bind-ip6-addr"] if options["public-ip6-addr"] else None,
-        socket_buffer=options["socket-buffer"],
-    )
+    _, stream = make_transports(shell, options, stream_limits(options))
     if shell.io is not None:
         log.info("UDP I/O: batched (recvmmsg/sendmmsg, up to {batch} datagrams per system call)", batch=shell.io_batch)
     elif options["udp-io"] == "python":
@@ -311,7 +305,9 @@ def build(options: "Options", reactor: Any) -> "MultiService":
     # /readyz on once the listeners are open and off first at shutdown.  In
     # portal mode the portal client sets the readiness flags itself.
     readiness = Readiness(relay, portal_required=bool(options["token"]))
-    stream = _add_stream(options, shell, udp.bind)
+    if stream.tls is None:
+        log.info("TURN over TLS is off: give --tls-cert and --tls-key to serve it on port {tls_port}",
+                 tls_port=options["tls-port"])
     registry, _ = make_registry(
         relay, readiness, drop_sources=[shell.drops, stream.drops], shell=shell, fast_path=xdp
     )
@@ -480,23 +476,59 @@ def stream_limits(options: Mapping[str, Any], workers: int = 1) -> Any:
     )
 
 
-def _add_stream(options: "Options", shell: Any, bind: Any) -> Any:
-    """TURN over TCP on the listen port and, with a certificate, over TLS (SPEC §8)."""
+def served_binds(options: Mapping[str, Any]) -> Dict[int, str]:
+    """family -> the address to bind, for each family served (the ones with
+    a public address)."""
+    return {f: options["bind-ip%d-addr" % f] for f in (4, 6) if options["public-ip%d-addr" % f]}
+
+
+#: The options ``make_transports`` reads (a worker gets them in its configuration).
+TRANSPORT_OPTIONS = (
+    "listen-port", "public-ip4-addr", "public-ip6-addr", "bind-ip4-addr", "bind-ip6-addr", "socket-buffer",
+    "tls-cert", "tls-key", "tls-port",
+)
+
+
+def make_transports(
+    shell: Any,
+    options: Mapping[str, Any],
+    limits: Any,
+    fds: Optional[Tuple[Dict[int, int], Dict[Tuple[str, int], int]]] = None,
+) -> Tuple[Any, Any]:
+    """``(udp, stream)``: the shell's transports (each registers with it),
+    for the families served (``served_binds``): UDP and TCP on the listen
+    port, TLS given a certificate (SPEC §8); the clients' bounds ``limits``.
+    ``options``: at least ``TRANSPORT_OPTIONS``.  ``fds``: a worker's
+    listening sockets, made by the supervisor (UDP: family -> descriptor;
+    stream: (transport, family) -> descriptor), adopted instead of bound.
+    SIGHUP belongs to the ``ReloadService``, which reloads TLS too."""
     from firezone_relay.adapters.stream import StreamService
     from firezone_relay.adapters.tls import TLSContext
+    from firezone_relay.adapters.udp import RelayService
 
-    tls = TLSContext(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None
-    stream = StreamService(
+    udp_class: Any = RelayService
+    stream_class: Any = StreamService
+    if fds is not None:
+        from firezone_relay.workers.adopted import AdoptedRelayService, AdoptedStreamService
+
+        udp_class = functools.partial(AdoptedRelayService, fds=fds[0])
+        stream_class = functools.partial(AdoptedStreamService, fds=fds[1])
+    bind = served_binds(options)
+    udp = udp_class(
+        shell,
+        listen_port=options["listen-port"],
+        bind_ip4=bind.get(4),
+        bind_ip6=bind.get(6),
+        socket_buffer=options["socket-buffer"],
+    )
+    stream = stream_class(
         shell,
         tcp_port=options["listen-port"],
-        bind_ip4=bind[4],
-        bind_ip6=bind[6],
-        tls=tls,
+        bind_ip4=bind.get(4),
+        bind_ip6=bind.get(6),
+        tls=TLSContext(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None,
         tls_port=options["tls-port"],
-        limits=stream_limits(options),
-        reload_signal=None,  # SIGHUP belongs to the ReloadService, which reloads TLS too
+        limits=limits,
+        reload_signal=None,
     )
-    if tls is None:
-        log.info("TURN over TLS is off: give --tls-cert and --tls-key to serve it on port {tls_port}",
-                 tls_port=options["tls-port"])
-    return stream
+    return udp, stream

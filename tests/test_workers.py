@@ -372,6 +372,54 @@ class OptionTests(unittest.SynchronousTestCase):
             "firezone-relay: --workers 4 needs at least 4 allocation ports; --lowest-port..--highest-port has 3",
         )
 
+    def test_port_zero_with_workers_is_one_clear_line_at_parsing(self) -> None:
+        """Each worker's listener is its own socket: with port 0 each would get
+        its own port (a client would reach one worker per port).  The option
+        parser refuses port 0 before any socket or worker exists."""
+        for flag in ("--listen-port=0", "--tls-port=0"):
+            args = TWISTD + [
+                "-n", "--pidfile=", "firezone-relay", "--workers=2", flag, "--auth-secret=%s" % SECRET,
+                "--public-ip4-addr=127.0.0.1", "--bind-ip4-addr=127.0.0.1", "--control-endpoint=off",
+            ]
+            done = subprocess.run(args, env=twistd_env(), capture_output=True, text=True, timeout=60)
+            self.assertEqual(done.returncode, 1, done.stdout + done.stderr)
+            self.assertEqual(done.stdout, "")
+            self.assertEqual(
+                done.stderr,
+                "firezone-relay: error: %s must be between 1 and 65535 (got 0) (--help lists the options)\n"
+                % flag.split("=")[0],
+            )
+
+    def test_listeners_bind_the_one_port_of_each_kind(self) -> None:
+        """Every worker's UDP and TCP listener is on --listen-port, TLS on
+        --tls-port, in both families."""
+        from firezone_relay.workers.pool import Slot
+        from firezone_relay.workers.listeners import Listeners
+        from tests.certs import make_certificate
+
+        cert, key = make_certificate(Path(self.mktemp()).resolve())
+        port = free_udp_and_tcp_port((4, 6))
+        tls_port = free_tcp_port()
+        options = tap.Options(environ={})
+        options.parseOptions([
+            "--auth-secret", SECRET, "--workers", "2", "--public-ip4-addr", "127.0.0.1", "--bind-ip4-addr", "127.0.0.1",
+            "--public-ip6-addr", "::1", "--bind-ip6-addr", "::1", "--listen-port", str(port),
+            "--tls-port", str(tls_port), "--tls-cert", str(cert), "--tls-key", str(key), "--control-endpoint", "off",
+            "--lowest-port", "40000", "--highest-port", "40099",
+        ])
+        listeners = Listeners(options)
+        slots = [Slot(0, 40000, 40049), Slot(1, 40050, 40099)]
+        listeners.make(slots)
+        self.addCleanup(listeners.close)
+        self.assertEqual(len(listeners.sockets), 12)
+        for slot in slots:
+            self.assertEqual(sorted(slot.fds), ["tcp:4", "tcp:6", "tls:4", "tls:6", "udp:4", "udp:6"])
+        got = {(s.family, s.type, s.getsockname()[1]) for s in listeners.sockets}
+        self.assertEqual(got, {
+            (family, type_, p) for family in (socket.AF_INET, socket.AF_INET6)
+            for type_, p in ((socket.SOCK_DGRAM, port), (socket.SOCK_STREAM, port), (socket.SOCK_STREAM, tls_port))
+        })
+
     def test_one_worker_is_todays_relay(self) -> None:
         from firezone_relay.service import build
 
@@ -826,7 +874,7 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
             "--user-allocation-limit", str(limit), "--max-channels-per-allocation", "2",
         ])
         maps = self.Maps()
-        return WorkerPool(options, SECRET, None, reactor, fast_path=maps), maps
+        return WorkerPool(options, SECRET, reactor, fast_path=maps), maps
 
     @staticmethod
     def channel(port: int, number: int = 0x4000) -> Dict[str, Any]:
@@ -857,7 +905,7 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         pool._unbind_all(second)
         self.assertEqual(sorted((c.port, c.channel) for c in maps.unbound),
                          [(40001, 0x4000), (40001, 0x4001), (40071, 0x4000)])
-        self.assertEqual((first.channels, second.channels, first.channel_counts, second.channel_counts), (set(), set(), {}, {}))
+        self.assertEqual((first.channels, second.channels), ({}, {}))
 
     def test_the_user_limit_evicts_the_oldest_left_after_removals_anywhere(self) -> None:
         # Oldest first across both slots, whatever was removed in between
@@ -879,6 +927,32 @@ class PoolBookkeepingTests(unittest.SynchronousTestCase):
         self.assertEqual((pool.allocation_count, pool._by_user), (0, {}))
         pool.allocation_removed(first, 40004)  # twice (an Evict's own notice): nothing happens
         self.assertEqual(pool.allocation_count, 0)
+
+    def test_notices_from_a_worker_reach_the_maps_through_the_control_channel(self) -> None:
+        """A worker's allocation and channel notices, as it writes them, read
+        by the supervisor's end of the channel."""
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from firezone_relay.core import commands as C
+        from firezone_relay.workers.control import SupervisorControl
+        from firezone_relay.workers.worker import WorkerControl
+
+        pool, maps = self.pool()
+        worker, sent = WorkerControl(0, Clock()), StringTransport()
+        worker.makeConnection(sent)
+        supervisor = SupervisorControl(pool, pool.slots[0])
+        supervisor.makeConnection(StringTransport())
+        client, peer = ("192.0.2.1", 5000), ("198.51.100.1", 9)
+        worker.allocation_event(C.AllocationCreated(client, "alice", 40001, (), 600))
+        worker.channel_bound(C.ChannelBound(client, 0x4000, peer, 40001, 4))
+        worker.channel_bound(C.ChannelBound(client, 0x4001, peer, 40001, 4))
+        worker.channel_unbound(C.ChannelUnbound(client, 0x4000, peer, 40001, 4))
+        supervisor.dataReceived(sent.value())
+        self.assertEqual(pool.slots[0].ports, {40001: "alice"})
+        self.assertEqual(maps.bound, [C.ChannelBound(client, 0x4000, peer, 40001, 4), C.ChannelBound(client, 0x4001, peer, 40001, 4)])
+        self.assertEqual(maps.unbound, [C.ChannelUnbound(client, 0x4000, peer, 40001, 4)])
+        self.assertEqual(pool.slots[0].channels, {40001: {(client, 0x4001, peer, 40001, 4)}})
 
     def test_an_allocation_outside_the_slice_is_refused(self) -> None:
         pool, _ = self.pool()
@@ -940,7 +1014,7 @@ class NoticeBatchTests(unittest.SynchronousTestCase):
         client = ("192.0.2.1", 5000)
         control.allocation_event(C.AllocationCreated(client, "alice", 40001, (), 600))
         control.channel_bound(C.ChannelBound(client, 0x4000, ("198.51.100.1", 9), 40001, 4))
-        self.assertEqual([b[b"_command"] for b in self._boxes(transport.value())], [b"AllocationNotices", b"ChannelBound"])
+        self.assertEqual([b[b"_command"] for b in self._boxes(transport.value())], [b"AllocationNotices", b"ChannelChanged"])
         clock.advance(0)
         self.assertEqual(len(self._boxes(transport.value())), 2)
 

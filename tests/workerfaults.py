@@ -55,7 +55,8 @@ def main() -> int:
             real_build(control, config)
             sent = [0]
 
-            box = amp.AmpBox(_command=b"AllocationRemoved", port=str(config["relay"]["lowest_port"]).encode()).serialize()
+            removed = b"[[%d]]" % config["relay"]["lowest_port"]  # one removal: nothing to forget, all cost
+            box = amp.AmpBox(_command=b"AllocationNotices", notices=removed).serialize()
 
             def flood() -> None:
                 control.transport.write(box * 5000)

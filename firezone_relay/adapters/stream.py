@@ -253,18 +253,7 @@ class StreamService(ListenerService):
                     self._listen(transport_name, family, port)
 
     def _listen(self, transport_name: str, family: int, port: int) -> None:
-        ip = self.bind[family]
-        sock = socket.socket(_AF[family], socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == 6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((ip, port))
-            sock.listen(_LISTEN_BACKLOG)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise CannotListenError(ip, port, exc) from exc
+        sock = self._listen_socket(transport_name, family, port)
         factory = _StreamFactory(self, transport_name)
         try:
             listening = self.reactor.adoptStreamPort(sock.fileno(), _AF[family], factory)
@@ -278,11 +267,28 @@ class StreamService(ListenerService):
         else:
             self.tcp_port = number
         self.listening[(transport_name, family)] = listening
+
+    def _listen_socket(self, transport_name: str, family: int, port: int) -> socket.socket:
+        """A listening socket of ``family`` on ``port``, bound (a worker's: adopted)."""
+        ip = self.bind[family]
+        sock = socket.socket(_AF[family], socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == 6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((ip, port))
+            sock.listen(_LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise CannotListenError(ip, port, exc) from exc
+        number = sock.getsockname()[1]
         log.info(
             "TURN over {transport} on {address}",
             transport=transport_name.upper(),
             address="[%s]:%d" % (ip, number) if family == 6 else "%s:%d" % (ip, number),
         )
+        return sock
 
     def _install_reload_signal(self) -> None:
         if self.running and self._reload_handlers is not None:

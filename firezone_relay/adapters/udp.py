@@ -305,6 +305,17 @@ class RelayService(ListenerService):
         return shell.io.reader(port.fileno(), shell, entry, number, family, peer, protocol.connectionRefused)  # type: ignore[no-any-return]
 
     def _open_listener(self, family: int) -> None:
+        sock = self._listen_socket(family)
+        port = self._adopt(sock, family, _ClientProtocol(self.shell, family))
+        number = sock.getsockname()[1]
+        if self.listen_port == 0:  # tests ask for any free port
+            self.listen_port = number
+        self.listening[family] = port
+        self._ports[(number, family)] = port
+        self.shell.add_socket(number, family, port.socket)
+
+    def _listen_socket(self, family: int) -> socket.socket:
+        """The listen port's socket of ``family``, bound (a worker's: adopted)."""
         try:
             sock = self._make_socket(family, self.listen_port)
         except OSError as exc:
@@ -319,13 +330,7 @@ class RelayService(ListenerService):
                 sndbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
                 asked=self.socket_buffer,
             )
-        port = self._adopt(sock, family, _ClientProtocol(self.shell, family))
-        number = sock.getsockname()[1]
-        if self.listen_port == 0:  # tests ask for any free port
-            self.listen_port = number
-        self.listening[family] = port
-        self._ports[(number, family)] = port
-        self.shell.add_socket(number, family, port.socket)
+        return sock
 
     def open_port(self, port: int, family: int, dont_fragment: bool) -> bool:
         """Open allocation port ``port`` (the core's ``OpenPort``); False if

@@ -16,15 +16,12 @@ as its source, so that the permission the client installed for it matches.
 
 from __future__ import annotations
 
-import os
 import socket
-from typing import Any, Callable, Dict, Optional, Tuple
-
-from twisted.internet import tcp
+from typing import Any, Callable, Dict, Tuple
 
 from firezone_relay.adapters.shell import Shell
-from firezone_relay.adapters.stream import StreamService, _StreamFactory, _StreamServer
-from firezone_relay.adapters.udp import RelayService, _ClientProtocol
+from firezone_relay.adapters.stream import StreamService
+from firezone_relay.adapters.udp import RelayService
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
@@ -32,18 +29,19 @@ _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 class WorkerShell(Shell):
     """``Shell`` plus the allocation notices and the sibling source mapping."""
 
-    def __init__(
-        self,
-        relay: Any,
-        on_allocation: Callable[[Any], None],
-        siblings: Optional[Dict[int, Tuple[str, str]]] = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, relay: Any, on_allocation: Callable[[Any], None], **kwargs: Any) -> None:
         super().__init__(relay, **kwargs)
         self._on_allocation = on_allocation
         config = relay.config
         low = config.relay_lowest_port or config.lowest_port
         high = config.relay_highest_port or config.highest_port
+        #: family -> (the local address another worker's allocation port
+        #: sends from, the public address the client's permission names)
+        siblings = {
+            family: (local, public)
+            for family, local, public in ((4, config.sibling_ip4, config.public_ip4), (6, config.sibling_ip6, config.public_ip6))
+            if local is not None
+        }
         if siblings:
             core_entry = self.handle_peer_traffic
 
@@ -70,17 +68,10 @@ class AdoptedRelayService(RelayService):
         self.fds = dict(fds)
         super().__init__(shell, **kwargs)
 
-    def _open_listener(self, family: int) -> None:
-        fd = self.fds.pop(family, None)
-        if fd is None:
-            return
-        sock = socket.socket(_AF[family], socket.SOCK_DGRAM, fileno=fd)
+    def _listen_socket(self, family: int) -> socket.socket:
+        sock = socket.socket(_AF[family], socket.SOCK_DGRAM, fileno=self.fds.pop(family))
         sock.setblocking(False)
-        port = self._adopt(sock, family, _ClientProtocol(self.shell, family))
-        number = sock.getsockname()[1]
-        self.listening[family] = port
-        self._ports[(number, family)] = port
-        self.shell.add_socket(number, family, port.socket)
+        return sock
 
 
 class AdoptedStreamService(StreamService):
@@ -90,15 +81,5 @@ class AdoptedStreamService(StreamService):
         self.fds = dict(fds)
         super().__init__(shell, **kwargs)
 
-    def _listen(self, transport_name: str, family: int, port: int) -> None:
-        fd = self.fds.pop((transport_name, family), None)
-        if fd is None:
-            return
-        factory = _StreamFactory(self, transport_name)
-        try:
-            listening = self.reactor.adoptStreamPort(fd, _AF[family], factory)
-        finally:
-            os.close(fd)  # the reactor holds its own duplicate
-        if isinstance(listening, tcp.Port):
-            listening.transport = _StreamServer
-        self.listening[(transport_name, family)] = listening
+    def _listen_socket(self, transport_name: str, family: int, port: int) -> socket.socket:
+        return socket.socket(_AF[family], socket.SOCK_STREAM, fileno=self.fds.pop((transport_name, family)))

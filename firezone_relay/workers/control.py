@@ -15,7 +15,7 @@ however fast or loaded the host.  What the messages mean is the pool's
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List
 
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -94,20 +94,9 @@ class SupervisorControl(P.QuietAMP):
                 pool.allocation_created(slot, notice["port"], user)
         return {}
 
-    @P.AllocationCreated.responder
-    @P.AllocationRemoved.responder
-    def allocation_notice(self, port: int, user: Optional[str] = None) -> Dict[str, Any]:
-        """One notice alone (``AllocationRemoved`` has no ``user``)."""
-        return self.allocation_notices([{"port": port, "user": user}])
-
-    @P.ChannelBound.responder
-    def channel_bound(self, **fields: Any) -> Dict[str, Any]:
-        self.pool.channel_changed(self.slot, True, fields)
-        return {}
-
-    @P.ChannelUnbound.responder
-    def channel_unbound(self, **fields: Any) -> Dict[str, Any]:
-        self.pool.channel_changed(self.slot, False, fields)
+    @P.ChannelChanged.responder
+    def channel_changed(self, bound: bool, **fields: Any) -> Dict[str, Any]:
+        self.pool.channel_changed(self.slot, bound, fields)
         return {}
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
 from twisted.internet.error import CannotListenError
 
+from firezone_relay.service import served_binds
+
 if TYPE_CHECKING:
     from firezone_relay.workers.pool import Slot
 
@@ -37,11 +39,11 @@ def _is_local(ip: str) -> bool:
     return True
 
 
-def siblings(options: Any) -> Dict[int, Tuple[str, str]]:
-    """family -> (local address, public address) for the families whose
-    public address cannot reach the other workers' allocation ports
-    directly (1:1 NAT: not local, or not the address bound)."""
-    out: Dict[int, Tuple[str, str]] = {}
+def siblings(options: Any) -> Dict[int, str]:
+    """family -> the local address at which the workers reach each other's
+    allocation ports, for the families whose public address cannot (1:1
+    NAT: not local, or not the address bound)."""
+    out: Dict[int, str] = {}
     for family in (4, 6):
         public = options["public-ip%d-addr" % family]
         if not public:
@@ -50,7 +52,7 @@ def siblings(options: Any) -> Dict[int, Tuple[str, str]]:
         unspecified = ipaddress.ip_address(bind).is_unspecified
         if _is_local(public) and (unspecified or ipaddress.ip_address(bind) == ipaddress.ip_address(public)):
             continue
-        out[family] = (_LOOPBACK[family] if unspecified else bind, public)
+        out[family] = _LOOPBACK[family] if unspecified else bind
     return out
 
 
@@ -60,15 +62,15 @@ class Listeners:
     def __init__(self, options: Any) -> None:
         self.options = options
         self.sockets: List[socket.socket] = []
-        self.tcp_port = options["listen-port"]
-        self.tls_port = options["tls-port"]
+        #: The port of each kind of listener (the option parser refuses port 0).
+        self.ports = {"udp": options["listen-port"], "tcp": options["listen-port"], "tls": options["tls-port"]}
 
     def make(self, slots: Sequence["Slot"]) -> None:
         """Create the sockets (once): one per worker, listener and family."""
         if self.sockets:
             return
         options = self.options
-        served = [(f, options["bind-ip%d-addr" % f]) for f in (4, 6) if options["public-ip%d-addr" % f]]
+        served = served_binds(options).items()
         kinds: List[Tuple[str, int]] = [("udp", socket.SOCK_DGRAM)]
         if options["max-connections"] > 0:
             kinds.append(("tcp", socket.SOCK_STREAM))
@@ -81,10 +83,6 @@ class Listeners:
                     sock = self._listener(family, ip, kind, type_)
                     slot.fds["%s:%d" % (kind, family)] = sock.fileno()
 
-    def _port(self, kind: str) -> int:
-        ports: Dict[str, int] = {"udp": self.options["listen-port"], "tcp": self.tcp_port, "tls": self.tls_port}
-        return ports[kind]
-
     def _probe(self, family: int, ip: str, kind: str, type_: int) -> None:
         """Bind the port once without ``SO_REUSEPORT`` first: a port another
         relay (or anything) holds is an error at start-up, as without
@@ -93,12 +91,6 @@ class Listeners:
 
     def _listener(self, family: int, ip: str, kind: str, type_: int) -> socket.socket:
         sock = self._bind(family, ip, kind, type_, shared=True)
-        if self._port(kind) == 0:  # tests: the kernel's choice, shared by the other workers
-            chosen = sock.getsockname()[1]
-            if kind == "tls":
-                self.tls_port = chosen
-            else:
-                self.tcp_port = chosen
         self.sockets.append(sock)
         return sock
 
@@ -106,7 +98,7 @@ class Listeners:
         """A socket bound to the port of ``kind``; ``shared``: with
         ``SO_REUSEPORT``, listening and non-blocking, for a worker.  A failure
         closes every listener: it is an error at start-up."""
-        port = self._port(kind)
+        port = self.ports[kind]
         sock = socket.socket(_AF[family], type_)
         try:
             if family == 6:

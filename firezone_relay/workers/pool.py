@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from firezone_relay.adapters._twisted import cancel_call
+from firezone_relay.service import TRANSPORT_OPTIONS, relay_config, stream_limits
 from firezone_relay.workers import protocol as P
 from firezone_relay.workers.control import CONTROL_RATE, CONTROL_SHARE, SupervisorControl, WorkerProcess
 from firezone_relay.workers.counters import fetch_counters, keep_counters
@@ -70,10 +71,9 @@ class Slot:
     fetching: bool = False
     fetch_started: float = 0.0
     throttle_logged: float = -60.0
-    #: the current run's channels in the XDP maps: (client, channel, peer, port, family)
-    channels: set[Tuple[Any, ...]] = dataclasses.field(default_factory=set)
-    #: allocation port -> how many of ``channels`` it holds
-    channel_counts: Dict[int, int] = dataclasses.field(default_factory=dict)
+    #: the current run's channels in the XDP maps, by allocation port:
+    #: port -> {(client, channel, peer, port, family)}
+    channels: Dict[int, set[Tuple[Any, ...]]] = dataclasses.field(default_factory=dict)
 
 
 class WorkerPool(Service):
@@ -82,13 +82,12 @@ class WorkerPool(Service):
 
     name = "workers"
 
-    def __init__(self, options: Any, secret: str, readiness: Any, reactor: Any, fast_path: Any = None) -> None:
+    def __init__(self, options: Any, secret: str, reactor: Any, fast_path: Any = None) -> None:
         self.options = options
         self.count: int = options["workers"]
         #: In portal mode the workers start on the portal's first ``init`` (``start_workers``).
         self.serve_at_start = not options["token"]
         self.secret = secret
-        self.readiness = readiness
         self.reactor = reactor
         #: The XDP service (``--ebpf-offloading``) whose maps the workers' channels feed, or None.
         self.fast_path = fast_path
@@ -111,7 +110,15 @@ class WorkerPool(Service):
         self._counters = LoopingCall(self._fetch_all)
         self._counters.clock = reactor
         self._ended: Dict[int, defer.Deferred[None]] = {}
-        self.siblings = siblings(options)
+        sibling_ip = siblings(options)
+        #: Every worker's core configuration but its slice (``worker_config``), made once.
+        self.relay_config = dataclasses.replace(
+            relay_config(options, secret),
+            relay_lowest_port=options["lowest-port"],
+            relay_highest_port=options["highest-port"],
+            sibling_ip4=sibling_ip.get(4),
+            sibling_ip6=sibling_ip.get(6),
+        )
         self._max_channels = int(options.get("max-channels-per-allocation") or 256)
         self.listeners = Listeners(options)
 
@@ -193,19 +200,8 @@ class WorkerPool(Service):
     # --- workers -------------------------------------------------------------------------
 
     def worker_config(self, slot: Slot) -> Dict[str, Any]:
-        from firezone_relay.service import relay_config, stream_limits
-
         options = self.options
-        config = relay_config(options, self.secret)
-        config = dataclasses.replace(
-            config,
-            lowest_port=slot.lowest,
-            highest_port=slot.highest,
-            relay_lowest_port=options["lowest-port"],
-            relay_highest_port=options["highest-port"],
-            sibling_ip4=self.siblings[4][0] if 4 in self.siblings else None,
-            sibling_ip6=self.siblings[6][0] if 6 in self.siblings else None,
-        )
+        config = dataclasses.replace(self.relay_config, lowest_port=slot.lowest, highest_port=slot.highest)
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "nonce_key"}
         levels = options["log-level"]
         limits = dataclasses.asdict(stream_limits(options, self.count))
@@ -215,16 +211,10 @@ class WorkerPool(Service):
             "nonce_key": self.nonce_key.hex(),
             "draining": self.draining,
             "udp_io": options["udp-io"],
-            "socket_buffer": options["socket-buffer"],  # for its allocation sockets
-            "listen_port": options["listen-port"],
-            "tls_port": self.listeners.tls_port,
-            "tls_cert": options["tls-cert"],
-            "tls_key": options["tls-key"],
-            "bind": {str(f): options["bind-ip%d-addr" % f] for f in (4, 6) if options["public-ip%d-addr" % f]},
+            "transport": {name: options[name] for name in TRANSPORT_OPTIONS},
             "udp_fds": {k.split(":")[1]: fd for k, fd in slot.fds.items() if k.startswith("udp:")},
             "stream_fds": {k: fd for k, fd in slot.fds.items() if not k.startswith("udp:")},
             "stream_limits": limits,
-            "siblings": {str(f): list(v) for f, v in self.siblings.items()},
             "log_format": options["log-format"],
             "xdp": self.fast_path is not None,
             "log_level": [levels.default.name, levels.relay.name if levels.relay is not None else None],
@@ -256,7 +246,6 @@ class WorkerPool(Service):
         slot.ready = True
         slot.ready_since = time.monotonic()
         log.info("worker {slot} ready (pid {pid})", slot=slot.index, pid=process.pid)
-        self._update_readiness()
         self._fetch_all()  # its metric families exist from now on
         if self.draining:  # the drain began while it started
             process.control.callRemote(P.Drain).addErrback(lambda _: None)
@@ -314,7 +303,6 @@ class WorkerPool(Service):
         self._unbind_all(slot)
         for port in list(slot.ports):
             self._forget(slot, port)
-        self._update_readiness()
         self._changed()
         if self._stopping:
             return
@@ -334,10 +322,6 @@ class WorkerPool(Service):
             restarts=slot.restarts,
         )
         slot.restart_call = self.reactor.callLater(delay, self._spawn, slot)
-
-    def _update_readiness(self) -> None:
-        if self.readiness is not None:
-            self.readiness.serving = self.all_ready
 
     @property
     def all_ready(self) -> bool:
@@ -404,23 +388,22 @@ class WorkerPool(Service):
             fields["family"],
         )
         fast_path = self.fast_path
+        held = slot.channels.get(port, set())
         if bound:
             if port not in slot.ports:
                 return  # not (or no longer: just evicted) one of its allocations
-            if key in slot.channels:
+            if key in held:
                 return
-            if slot.channel_counts.get(port, 0) >= self._max_channels:
+            if len(held) >= self._max_channels:
                 self.misbehaving(slot, "reported more channels on port %d than an allocation may hold" % port)
                 return
-            slot.channels.add(key)
-            slot.channel_counts[port] = slot.channel_counts.get(port, 0) + 1
+            slot.channels.setdefault(port, held).add(key)
             if fast_path is not None:
                 fast_path.channel_bound(C.ChannelBound(*key))
-        elif key in slot.channels:
-            slot.channels.discard(key)
-            slot.channel_counts[port] -= 1  # counted when bound
-            if not slot.channel_counts[port]:
-                del slot.channel_counts[port]
+        elif key in held:
+            held.discard(key)
+            if not held:
+                del slot.channels[port]
             if fast_path is not None:
                 fast_path.channel_unbound(C.ChannelUnbound(*key))
 
@@ -428,11 +411,11 @@ class WorkerPool(Service):
         """A worker died: its channels leave the kernel's maps with it."""
         from firezone_relay.core import commands as C
 
-        channels, slot.channels = slot.channels, set()
-        slot.channel_counts.clear()
+        channels, slot.channels = slot.channels, {}
         if self.fast_path is not None:
-            for key in channels:
-                self.fast_path.channel_unbound(C.ChannelUnbound(*key))
+            for held in channels.values():
+                for key in held:
+                    self.fast_path.channel_unbound(C.ChannelUnbound(*key))
 
     # --- counters ------------------------------------------------------------------------------
 

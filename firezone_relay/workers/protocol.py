@@ -6,11 +6,11 @@ secret included, as JSON; the answer means the worker serves), ``Counters``
 bytes), ``Evict`` (delete the allocation on a port: its user's newer one
 lives in another worker), ``Drain`` and ``Stop``.
 
-Worker -> supervisor: ``AllocationNotices`` (a reactor turn's
-``AllocationCreated`` / ``AllocationRemoved``, also accepted one by one: port
-and username: the supervisor keeps ``--user-allocation-limit`` across the
-workers and counts allocations for the drain), ``ChannelBound`` /
-``ChannelUnbound`` (UDP clients' channels, for the XDP maps).
+Worker -> supervisor: ``AllocationNotices`` (a reactor turn's new and
+removed allocations, port and username: the supervisor keeps
+``--user-allocation-limit`` across the workers and counts allocations for
+the drain), ``ChannelChanged`` (a UDP client's channel bound or unbound, for
+the XDP maps).
 
 Nothing here is on the per-packet path.
 """
@@ -49,16 +49,6 @@ class Drain(amp.Command):
 
 
 class Stop(amp.Command):
-    requiresAnswer = False
-
-
-class AllocationCreated(amp.Command):
-    arguments = [(b"port", amp.Integer()), (b"user", amp.Unicode())]
-    requiresAnswer = False
-
-
-class AllocationRemoved(amp.Command):
-    arguments = [(b"port", amp.Integer())]
     requiresAnswer = False
 
 
@@ -111,8 +101,8 @@ class Notices(amp.Argument):
 
 
 class AllocationNotices(amp.Command):
-    """The ``AllocationCreated`` (with its user) and ``AllocationRemoved``
-    (``user`` absent) notices of one reactor turn of a worker, in order: one
+    """The new allocations (with their user) and the removed ones (``user``
+    absent) of one reactor turn of a worker, in order: one
     box instead of one per allocation (with thousands of Allocates a second,
     a box each was a sixth of an Allocate's CPU in worker and supervisor),
     or a few when they do not fit in one AMP value (``encode_notices``)."""
@@ -121,26 +111,20 @@ class AllocationNotices(amp.Command):
     requiresAnswer = False
 
 
-_CHANNEL = [
-    (b"client_ip", amp.Unicode()),
-    (b"client_port", amp.Integer()),
-    (b"channel", amp.Integer()),
-    (b"peer_ip", amp.Unicode()),
-    (b"peer_port", amp.Integer()),
-    (b"port", amp.Integer()),
-    (b"family", amp.Integer()),
-]
+class ChannelChanged(amp.Command):
+    """A channel ``bound`` (or unbound), for the XDP maps the supervisor owns
+    (``--ebpf-offloading``)."""
 
-
-class ChannelBound(amp.Command):
-    """For the XDP maps the supervisor owns (``--ebpf-offloading``)."""
-
-    arguments = _CHANNEL
-    requiresAnswer = False
-
-
-class ChannelUnbound(amp.Command):
-    arguments = _CHANNEL
+    arguments = [
+        (b"bound", amp.Boolean()),
+        (b"client_ip", amp.Unicode()),
+        (b"client_port", amp.Integer()),
+        (b"channel", amp.Integer()),
+        (b"peer_ip", amp.Unicode()),
+        (b"peer_port", amp.Integer()),
+        (b"port", amp.Integer()),
+        (b"family", amp.Integer()),
+    ]
     requiresAnswer = False
 
 

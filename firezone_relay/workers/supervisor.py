@@ -44,15 +44,28 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
+from firezone_relay.adapters.http import Readiness
 from firezone_relay.workers.counters import WorkersCollector
 from firezone_relay.workers.pool import WorkerPool
 
 log = Logger(namespace="firezone_relay.workers.supervisor")
 
 
+class PoolReadiness(Readiness):
+    """``serving`` while every worker of the pool (``relay``) is ready:
+    derived, so what ``Readiness`` and the portal's ``init`` set is ignored."""
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.relay.all_ready)
+
+    @serving.setter
+    def serving(self, value: bool) -> None:
+        pass
+
+
 def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
     """The services of a supervisor into ``top``: the pool, HTTP, portal and drain."""
-    from firezone_relay.adapters.http import Readiness
     from firezone_relay.reload import ReloadService
     from firezone_relay.service import _add_portal_and_drain, add_health
 
@@ -67,26 +80,14 @@ def build_supervisor(options: Any, reactor: Any, secret: str, top: Any) -> Any:
         log.info("control endpoint: off with --workers above 1 (not supported yet)")
     if options.get("otlp-grpc-endpoint"):
         log.warn("OTLP export (--otlp-grpc-endpoint) is off with --workers above 1 (not supported yet)")
-    class PoolReadiness(Readiness):
-        """Serving while every worker is ready (whatever the portal's ``init`` sets)."""
-
-        @property
-        def serving(self) -> bool:
-            return pool.all_ready
-
-        @serving.setter
-        def serving(self, value: bool) -> None:
-            pass
-
-    readiness = PoolReadiness(None, portal_required=bool(options["token"]))
     from firezone_relay.service import make_xdp_service
 
     # The XDP program starts before the workers (and so stops after them).
     xdp = make_xdp_service(options)
     if xdp is not None:
         xdp.setServiceParent(top)
-    pool = WorkerPool(options, secret, readiness, reactor, fast_path=xdp)
-    readiness.relay = pool
+    pool = WorkerPool(options, secret, reactor, fast_path=xdp)
+    readiness = PoolReadiness(pool, portal_required=bool(options["token"]))
     pool.setServiceParent(top)
 
     from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector

@@ -142,17 +142,18 @@ class WorkerControl(P.QuietAMP):
     # --- worker -> supervisor ------------------------------------------------------
 
     def channel_bound(self, command: Any) -> None:
-        self._channel(P.ChannelBound, command)
+        self._channel(True, command)
 
     def channel_unbound(self, command: Any) -> None:
-        self._channel(P.ChannelUnbound, command)
+        self._channel(False, command)
 
-    def _channel(self, kind: Any, command: Any) -> None:
+    def _channel(self, bound: bool, command: Any) -> None:
         if len(command.client) != 2:  # a stream client: not in the XDP maps
             return
         self._send_notices()  # its allocation is known to the supervisor first
         self.callRemote(
-            kind,
+            P.ChannelChanged,
+            bound=bound,
             client_ip=command.client[0],
             client_port=command.client[1],
             channel=command.channel,
@@ -195,10 +196,10 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
     from firezone_relay.adapters.connection import StreamLimits
     from firezone_relay.adapters.gcfreeze import freeze_startup_objects
     from firezone_relay.adapters.metrics import StreamCollector, make_registry
-    from firezone_relay.adapters.tls import TLSContext
     from firezone_relay.core.relay import Relay, RelayConfig
     from firezone_relay.randomness import BufferedSystemRandom
-    from firezone_relay.workers.adopted import AdoptedRelayService, AdoptedStreamService, WorkerShell
+    from firezone_relay.service import make_transports
+    from firezone_relay.workers.adopted import WorkerShell
 
     if control.relay is not None:
         raise RuntimeError("configured twice")
@@ -216,28 +217,15 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
         batched_io={"auto": None, "batched": True, "python": False}[config["udp_io"]],
         on_allocation=control.allocation_event,
         fast_path=control if config.get("xdp") else None,  # the supervisor's XDP maps
-        siblings={int(k): (v[0], v[1]) for k, v in config["siblings"].items()},
     )
-    bind = {int(k): v for k, v in config["bind"].items()}
-    AdoptedRelayService(
+    _, stream = make_transports(
         shell,
-        listen_port=config["listen_port"],
-        bind_ip4=bind.get(4),
-        bind_ip6=bind.get(6),
-        fds={int(k): v for k, v in config["udp_fds"].items()},
-        socket_buffer=config.get("socket_buffer", 0),  # its allocation sockets', as the single process's
-    )
-    tls = TLSContext(config["tls_cert"], config["tls_key"]) if config["tls_cert"] else None
-    stream = AdoptedStreamService(
-        shell,
-        tcp_port=config["listen_port"],
-        bind_ip4=bind.get(4),
-        bind_ip6=bind.get(6),
-        tls=tls,
-        tls_port=config["tls_port"],
-        limits=StreamLimits(**config["stream_limits"]),
-        reload_signal=None,
-        fds={(k.split(":")[0], int(k.split(":")[1])): v for k, v in config["stream_fds"].items()},
+        config["transport"],
+        StreamLimits(**config["stream_limits"]),
+        fds=(
+            {int(k): v for k, v in config["udp_fds"].items()},
+            {(k.split(":")[0], int(k.split(":")[1])): v for k, v in config["stream_fds"].items()},
+        ),
     )
     dispatch.install(control.reactor)
     registry, _ = make_registry(relay, None, process_metrics=False, drop_sources=[shell.drops, stream.drops], shell=shell)
