@@ -494,7 +494,6 @@ def _add_stream(options: "Options", shell: Any, bind: Any) -> Any:
         tls=tls,
         tls_port=options["tls-port"],
         limits=stream_limits(options),
-        reload_signal=None,  # SIGHUP belongs to the ReloadService, which reloads TLS too
     )
     if tls is None:
         log.info("TURN over TLS is off: give --tls-cert and --tls-key to serve it on port {tls_port}",

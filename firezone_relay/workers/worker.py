@@ -236,7 +236,6 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
         tls=tls,
         tls_port=config["tls_port"],
         limits=StreamLimits(**config["stream_limits"]),
-        reload_signal=None,
         fds={(k.split(":")[0], int(k.split(":")[1])): v for k, v in config["stream_fds"].items()},
     )
     dispatch.install(control.reactor)
