@@ -529,6 +529,5 @@ def make_transports(
         tls=TLSContext(options["tls-cert"], options["tls-key"]) if options["tls-cert"] else None,
         tls_port=options["tls-port"],
         limits=limits,
-        reload_signal=None,
     )
     return udp, stream

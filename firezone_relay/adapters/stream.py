@@ -73,7 +73,6 @@ metrics in ``metrics.StreamCollector``.
 
 from __future__ import annotations
 
-import signal
 import socket
 from errno import EWOULDBLOCK
 from typing import Any, Dict, Optional, Tuple
@@ -84,7 +83,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from firezone_relay.adapters import dispatch
-from firezone_relay.adapters._twisted import Counts, ListenerService, LimitedLog, SignalHandlers, cancel_attributes, format_address
+from firezone_relay.adapters._twisted import Counts, ListenerService, LimitedLog, cancel_attributes, format_address
 from firezone_relay.adapters.connection import TCP, TLS, TRANSPORTS, StreamLimits, StreamProtocol
 from firezone_relay.adapters.shell import Shell
 from firezone_relay.adapters.sourcekey import source_key
@@ -162,7 +161,6 @@ class StreamService(ListenerService):
         tls: Optional[TLSContext] = None,
         tls_port: int = 5349,
         limits: StreamLimits = StreamLimits(),
-        reload_signal: Optional[int] = signal.SIGHUP,
     ) -> None:
         self.shell = shell
         self.relay = shell.relay
@@ -174,13 +172,6 @@ class StreamService(ListenerService):
         self.reactor = shell.reactor
         self.clock = shell.clock
         self.now = shell.now
-        #: SIGHUP reloads the certificate (``reload_tls``) while running;
-        #: None when another service owns the signal (twistd: ``reload.py``).
-        self._reload_handlers = (
-            SignalHandlers(shell.reactor, (reload_signal,), self._reload_on_signal)
-            if tls is not None and reload_signal is not None
-            else None
-        )
         self.handle_client_input = shell.handle_client_input
         self.pump = shell.pump
         self.connections: Dict[int, StreamProtocol] = {}
@@ -209,16 +200,8 @@ class StreamService(ListenerService):
 
     # --- life cycle -----------------------------------------------------------
 
-    def startService(self) -> None:
-        super().startService()  # opens the listeners (ListenerService)
-        if self._reload_handlers is not None:
-            # After twistd's own handlers, which the reactor installs "during startup".
-            self.reactor.callWhenRunning(self._install_reload_signal)
-
     def stopService(self) -> "defer.Deferred[Any]":
         super().stopService()
-        if self._reload_handlers is not None:
-            self._reload_handlers.uninstall()
         waits = []
         for port in self.listening.values():
             d = port.stopListening()
@@ -289,17 +272,6 @@ class StreamService(ListenerService):
             address="[%s]:%d" % (ip, number) if family == 6 else "%s:%d" % (ip, number),
         )
         return sock
-
-    def _install_reload_signal(self) -> None:
-        if self.running and self._reload_handlers is not None:
-            self._reload_handlers.install()
-
-    def _reload_on_signal(self, signum: int) -> None:
-        self.reload_tls()
-
-    def reload_tls(self) -> bool:
-        """Reload the certificate and key (SIGHUP); connections stay up."""
-        return self.tls.reload() if self.tls is not None else False
 
     # --- connections ----------------------------------------------------------
 

@@ -76,7 +76,6 @@ class TLSContext:
         self.cert_path = cert_path
         self.key_path = key_path
         self.context = make_tls_context(cert_path, key_path)
-        self.reloads = 0
 
     def reload(self) -> bool:
         try:
@@ -90,7 +89,6 @@ class TLSContext:
             )
             return False
         self.context = context
-        self.reloads += 1
         log.info("TLS certificate reloaded from {cert}", cert=self.cert_path, key=self.key_path)
         return True
 

@@ -7,9 +7,7 @@ wall-clock time except the I/O itself.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import socket
 import ssl
 import time
@@ -106,7 +104,6 @@ class StreamFixture:
         limits: StreamLimits = StreamLimits(max_connections_per_ip=64),
         fake_clock: bool = True,
         size: int = 64,
-        reload_signal: Optional[int] = None,
         batched_io: Optional[bool] = None,
         **overrides: Any,
     ) -> StreamService:
@@ -147,7 +144,6 @@ class StreamFixture:
             tls=self.tls_context,
             tls_port=0,
             limits=limits,
-            reload_signal=reload_signal,
         )
         self.shell.startService()
         self.addCleanup(self.shell.stopService)
@@ -579,7 +575,7 @@ class PortalModeTests(unittest.TestCase):
         )
         shell = Shell(relay, serve_at_start=False)
         udp = RelayService(shell, listen_port, bind_ip4="127.0.0.1")
-        stream = StreamService(shell, bind_ip4="127.0.0.1", reload_signal=None)
+        stream = StreamService(shell, bind_ip4="127.0.0.1")
         shell.startService()
         self.addCleanup(shell.stopService)
         self.assertEqual(stream.listening, {})
@@ -801,7 +797,7 @@ class TlsTests(StreamFixture, unittest.TestCase):
         yield self.allocate(before)
         self.assertEqual(peer_common_name(before), "relay one")
         make_certificate(self.cert_path.parent, "relay two")  # same paths, new files
-        self.assertTrue(self.stream.reload_tls())
+        self.assertTrue(self.tls_context.reload())  # what SIGHUP runs (reload.Reloader)
         after = yield self.connect(tls=True)
         yield after.request(stun.BINDING, signed=False)  # the handshake is done
         self.assertEqual(peer_common_name(after), "relay two")
@@ -809,31 +805,11 @@ class TlsTests(StreamFixture, unittest.TestCase):
         self.assertEqual(response.msg_class, stun.SUCCESS)
         # A broken file is refused and the current certificate stays.
         self.key_path.write_text("not a key")
-        self.assertFalse(self.stream.reload_tls())
+        self.assertFalse(self.tls_context.reload())
         again = yield self.connect(tls=True)
         yield again.request(stun.BINDING, signed=False)
         self.assertEqual(peer_common_name(again), "relay two")
         self.flushLoggedErrors()
-
-
-    @defer.inlineCallbacks
-    def test_the_reload_signal_reloads_the_certificate_until_stopped(self) -> Any:
-        previous = signal.getsignal(signal.SIGUSR2)
-        self.start(tls=True, reload_signal=signal.SIGUSR2)
-        yield sleep(0)  # installed from callWhenRunning: at once, the reactor runs
-        self.assertNotEqual(signal.getsignal(signal.SIGUSR2), previous)
-        make_certificate(self.cert_path.parent, "relay two")  # same paths, new files
-        os.kill(os.getpid(), signal.SIGUSR2)
-        for _ in range(100):  # the handler hops to the reactor thread
-            if self.tls_context.reloads:
-                break
-            yield sleep(0.05)
-        self.assertEqual(self.tls_context.reloads, 1)
-        client = yield self.connect(tls=True)
-        yield client.request(stun.BINDING, signed=False)  # the handshake is done
-        self.assertEqual(peer_common_name(client), "relay two")
-        yield self.stream.stopService()
-        self.assertEqual(signal.getsignal(signal.SIGUSR2), previous)
 
 
     @defer.inlineCallbacks
