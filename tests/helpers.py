@@ -61,20 +61,30 @@ def ipv6_available() -> bool:
 
 
 def free_udp_port(families: Sequence[int] = (4, 6)) -> int:
-    """A port number currently free for UDP on the loopback of every family given."""
+    """A port number currently free for UDP, and for TCP (a relay listens on
+    both on its listen port), on the loopback of every family given."""
+    six = 6 in families and ipv6_available()
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
             port: int = s.getsockname()[1]
-        if 6 in families and ipv6_available():
-            try:
-                with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s6:
-                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    s6.bind(("::1", port))
-            except OSError:
-                continue
-        return port
+        if _free(socket.AF_INET, "127.0.0.1", port, socket.SOCK_STREAM) and (
+            not six
+            or (_free(socket.AF_INET6, "::1", port, socket.SOCK_DGRAM) and _free(socket.AF_INET6, "::1", port, socket.SOCK_STREAM))
+        ):
+            return port
     raise RuntimeError("no free UDP port found")
+
+
+def _free(family: int, host: str, port: int, kind: int) -> bool:
+    try:
+        with socket.socket(family, kind) as s:
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+    except OSError:
+        return False
+    return True
 
 
 def port_range(size: int, avoid: Iterable[int] = (), base: int = 20000) -> Tuple[int, int]:
