@@ -262,13 +262,10 @@ def _decode(data: bytes) -> Message:
     ignoring = False  # after MESSAGE-INTEGRITY(-SHA256), RFC 8489 §14.5/14.6
     unpack_attr = _ATTR_HEADER.unpack_from
     pos = HEADER_LENGTH
-    # Every attribute header read counts, ignored ones included: the loop
-    # runs at most MAX_ATTRIBUTES times whatever the datagram holds (SPEC §1).
-    remaining = MAX_ATTRIBUTES
+    # The loop reads at most MAX_ATTRIBUTES headers, ignored ones included
+    # (SPEC §1): a message with room for more was counted above, and one
+    # without cannot hold more (each header takes at least 4 bytes).
     while pos < n:
-        if not remaining:
-            raise _too_many_attributes(_first_username(attributes), method, msg_class, tid)
-        remaining -= 1
         atype, alen = unpack_attr(data, pos)
         start = pos + 4
         end = start + alen
