@@ -285,7 +285,7 @@ def build(options: "Options", reactor: Any) -> "MultiService":
         batched_io={"auto": None, "batched": True, "python": False}[options["udp-io"]],
         fast_path=xdp,
     )
-    _, stream = make_transports(shell, options, stream_limits(options))
+    stream = make_transports(shell, options, stream_limits(options))
     if shell.io is not None:
         log.info("UDP I/O: batched (recvmmsg/sendmmsg, up to {batch} datagrams per system call)", batch=shell.io_batch)
     elif options["udp-io"] == "python":
@@ -494,10 +494,11 @@ def make_transports(
     options: Mapping[str, Any],
     limits: Any,
     fds: Optional[Tuple[Dict[int, int], Dict[Tuple[str, int], int]]] = None,
-) -> Tuple[Any, Any]:
-    """``(udp, stream)``: the shell's transports (each registers with it),
-    for the families served (``served_binds``): UDP and TCP on the listen
-    port, TLS given a certificate (SPEC §8); the clients' bounds ``limits``.
+) -> Any:
+    """The shell's transports, each registered with it, for the families
+    served (``served_binds``): UDP and TCP on the listen port, TLS given a
+    certificate (SPEC §8); the clients' bounds ``limits``.  Returns the
+    stream service (its metrics and drops are read beside the shell's).
     ``options``: at least ``TRANSPORT_OPTIONS``.  ``fds``: a worker's
     listening sockets, made by the supervisor (UDP: family -> descriptor;
     stream: (transport, family) -> descriptor), adopted instead of bound.
@@ -514,7 +515,7 @@ def make_transports(
         udp_class = functools.partial(AdoptedRelayService, fds=fds[0])
         stream_class = functools.partial(AdoptedStreamService, fds=fds[1])
     bind = served_binds(options)
-    udp = udp_class(
+    udp_class(
         shell,
         listen_port=options["listen-port"],
         bind_ip4=bind.get(4),
@@ -530,4 +531,4 @@ def make_transports(
         tls_port=options["tls-port"],
         limits=limits,
     )
-    return udp, stream
+    return stream

@@ -44,11 +44,8 @@ def siblings(options: Any) -> Dict[int, str]:
     allocation ports, for the families whose public address cannot (1:1
     NAT: not local, or not the address bound)."""
     out: Dict[int, str] = {}
-    for family in (4, 6):
+    for family, bind in served_binds(options).items():
         public = options["public-ip%d-addr" % family]
-        if not public:
-            continue
-        bind = options["bind-ip%d-addr" % family]
         unspecified = ipaddress.ip_address(bind).is_unspecified
         if _is_local(public) and (unspecified or ipaddress.ip_address(bind) == ipaddress.ip_address(public)):
             continue

@@ -87,7 +87,6 @@ class WorkerPool(Service):
         self.count: int = options["workers"]
         #: In portal mode the workers start on the portal's first ``init`` (``start_workers``).
         self.serve_at_start = not options["token"]
-        self.secret = secret
         self.reactor = reactor
         #: The XDP service (``--ebpf-offloading``) whose maps the workers' channels feed, or None.
         self.fast_path = fast_path

@@ -218,7 +218,7 @@ def build_worker(control: WorkerControl, config: Dict[str, Any]) -> None:
         on_allocation=control.allocation_event,
         fast_path=control if config.get("xdp") else None,  # the supervisor's XDP maps
     )
-    _, stream = make_transports(
+    stream = make_transports(
         shell,
         config["transport"],
         StreamLimits(**config["stream_limits"]),
