@@ -45,11 +45,18 @@ STATS_INTERVAL = 10.0
 _FAMILY_LABEL = {4: "ipv4", 6: "ipv6"}
 
 
-def _relayed(unit: str, documentation: str, client_to_peer: int, peer_to_client: int, xdp: Any) -> CounterMetricFamily:
+#: ``relay_data_relayed_<unit>_total``'s documentation, by unit.
+_RELAYED_DOC = {
+    "bytes": "Payload bytes relayed (ChannelData payload or the peer datagram), by direction and datapath.",
+    "packets": "Packets relayed, by direction and datapath.",
+}
+
+
+def relayed(unit: str, client_to_peer: int, peer_to_client: int, xdp: Any) -> CounterMetricFamily:
     """``relay_data_relayed_<unit>_total`` by direction and datapath: the
     userspace counts, and the XDP fast path's (``xdp``: ``XdpCounters`` or None)."""
     family = CounterMetricFamily(
-        "relay_data_relayed_%s_total" % unit, documentation, labels=["direction", "datapath"]
+        "relay_data_relayed_%s_total" % unit, _RELAYED_DOC[unit], labels=["direction", "datapath"]
     )
     family.add_metric(["client_to_peer", USERSPACE], client_to_peer)
     family.add_metric(["peer_to_client", USERSPACE], peer_to_client)
@@ -57,6 +64,42 @@ def _relayed(unit: str, documentation: str, client_to_peer: int, peer_to_client:
         for direction in ("client_to_peer", "peer_to_client"):
             family.add_metric([direction, XDP], xdp.total(unit, direction))
     return family
+
+
+def xdp_families(xdp: Any, errors: Optional[Mapping[str, int]]) -> Iterator[Metric]:
+    """The XDP fast path's own families: ``xdp`` its ``XdpCounters``,
+    ``errors`` its failed map writes by kind (None: not known).  The single
+    process's ``/metrics`` and the supervisor's (``workers.counters``)."""
+    by_family = CounterMetricFamily(
+        "relay_xdp_relayed_packets_total",
+        "Packets relayed by the XDP fast path, by direction and client/peer address family "
+        "(different families: relayed across IPv4 and IPv6).",
+        labels=["direction", "client_family", "peer_family"],
+    )
+    for (direction, cf, pf), count in sorted(xdp.packets.items()):
+        by_family.add_metric([direction, _FAMILY_LABEL[cf], _FAMILY_LABEL[pf]], count)
+    yield by_family
+    yield CounterMetricFamily(
+        "relay_xdp_hairpin_packets_total",
+        "Packets the XDP fast path relayed from one client of this relay straight to another.",
+        value=xdp.hairpin,
+    )
+    yield _counter_by(
+        "relay_xdp_passed_packets_total",
+        "TURN-port datagrams the XDP fast path left to userspace, by reason (miss: no binding).",
+        ["reason"],
+        xdp.passed,
+    )
+    if errors is not None:
+        failed = CounterMetricFamily(
+            "relay_xdp_map_errors_total",
+            "XDP map writes that failed, by kind (full: a channel map was full, so that binding "
+            "is relayed in userspace only); userspace relays whatever XDP does not.",
+            labels=["kind"],
+        )
+        for kind in sorted(set(errors) | {"full"}):
+            failed.add_metric([kind], errors[kind])
+        yield failed
 
 
 def _counter_by(name: str, documentation: str, labels: list[str], counts: Mapping[Any, int]) -> CounterMetricFamily:
@@ -166,52 +209,10 @@ class RelayCollector(Collector):
         )
 
         xdp = self.fast_path.counters() if self.fast_path is not None else None
-        yield _relayed(
-            "bytes",
-            "Payload bytes relayed (ChannelData payload or the peer datagram), by direction and datapath.",
-            stats.client_to_peer_bytes,
-            stats.peer_to_client_bytes,
-            xdp,
-        )
-        yield _relayed(
-            "packets",
-            "Packets relayed, by direction and datapath.",
-            stats.client_to_peer_packets,
-            stats.peer_to_client_packets,
-            xdp,
-        )
+        yield relayed("bytes", stats.client_to_peer_bytes, stats.peer_to_client_bytes, xdp)
+        yield relayed("packets", stats.client_to_peer_packets, stats.peer_to_client_packets, xdp)
         if xdp is not None:
-            by_family = CounterMetricFamily(
-                "relay_xdp_relayed_packets_total",
-                "Packets relayed by the XDP fast path, by direction and client/peer address family "
-                "(different families: relayed across IPv4 and IPv6).",
-                labels=["direction", "client_family", "peer_family"],
-            )
-            for (direction, cf, pf), count in sorted(xdp.packets.items()):
-                by_family.add_metric([direction, _FAMILY_LABEL[cf], _FAMILY_LABEL[pf]], count)
-            yield by_family
-            yield CounterMetricFamily(
-                "relay_xdp_hairpin_packets_total",
-                "Packets the XDP fast path relayed from one client of this relay straight to another.",
-                value=xdp.hairpin,
-            )
-            yield _counter_by(
-                "relay_xdp_passed_packets_total",
-                "TURN-port datagrams the XDP fast path left to userspace, by reason (miss: no binding).",
-                ["reason"],
-                xdp.passed,
-            )
-            errors = getattr(self.fast_path, "errors", None)
-            if errors is not None:
-                failed = CounterMetricFamily(
-                    "relay_xdp_map_errors_total",
-                    "XDP map writes that failed, by kind (full: a channel map was full, so that binding "
-                    "is relayed in userspace only); userspace relays whatever XDP does not.",
-                    labels=["kind"],
-                )
-                for kind in sorted(set(errors) | {"full"}):
-                    failed.add_metric([kind], errors[kind])
-                yield failed
+            yield from xdp_families(xdp, getattr(self.fast_path, "errors", None))
 
         histogram = HistogramMetricFamily(
             "relay_packet_size_bytes",

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import zlib
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Tuple
 
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.internet import defer
 
+from firezone_relay.adapters.metrics import XDP, relayed, xdp_families
 from firezone_relay.workers import protocol as P
 
 if TYPE_CHECKING:
@@ -49,9 +50,14 @@ def keep_counters(slot: "Slot") -> None:
             continue
         base = slot.base.setdefault((name, type_, doc), {})
         for sample, labels, value in samples:
-            key = (sample, tuple(sorted(labels.items())))
+            key = _sample_key(sample, labels)
             base[key] = base.get(key, 0.0) + value
     slot.samples = []
+
+
+def _sample_key(sample: str, labels: Mapping[str, str]) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
+    """A sample's name and labels as a key of the sums."""
+    return (sample, tuple(sorted(labels.items())))
 
 
 _Add = Callable[[Tuple[str, str, str], Tuple[str, Tuple[Tuple[str, str], ...]], float], None]
@@ -69,42 +75,21 @@ class WorkersCollector(Collector):
         self.readiness = readiness
 
     def _add_xdp(self, add: _Add, families: Dict[str, Tuple[str, str, str]]) -> None:
-        """The XDP program's counters (the supervisor owns it), in the same
-        families as the workers' userspace ones (``datapath="xdp"``)."""
+        """The XDP program's counters (the supervisor owns it), as the single
+        process shows them (``metrics.relayed``, ``metrics.xdp_families``),
+        in the workers' families where they have them (their userspace
+        samples are the workers' own)."""
         fast_path = self.pool.fast_path
         xdp = fast_path.counters() if fast_path is not None else None
         if xdp is None:
             return
-
-        def family(name: str, type_: str, doc: str) -> Tuple[str, str, str]:
-            return families.get(name, (name, type_, doc))
-
-        def key(sample: str, **labels: str) -> Tuple[str, Tuple[Tuple[str, str], ...]]:
-            return (sample, tuple(sorted(labels.items())))
-
-        for unit in ("bytes", "packets"):
-            name = "relay_data_relayed_%s" % unit
-            for direction in ("client_to_peer", "peer_to_client"):
-                add(family(name, "counter", "Relayed %s." % unit), key(name + "_total", direction=direction, datapath="xdp"),
-                    float(xdp.total(unit, direction)))
-        names = {4: "ipv4", 6: "ipv6"}
-        by_family = family("relay_xdp_relayed_packets", "counter",
-                           "Packets relayed by the XDP fast path, by direction and client/peer address family.")
-        for (direction, cf, pf), count in sorted(xdp.packets.items()):
-            add(by_family, key("relay_xdp_relayed_packets_total", direction=direction, client_family=names[cf],
-                               peer_family=names[pf]), float(count))
-        add(family("relay_xdp_hairpin_packets", "counter",
-                   "Packets the XDP fast path relayed from one client of this relay straight to another."),
-            key("relay_xdp_hairpin_packets_total"), float(xdp.hairpin))
-        passed = family("relay_xdp_passed_packets", "counter",
-                        "TURN-port datagrams the XDP fast path left to userspace, by reason (miss: no binding).")
-        for reason, count in sorted(xdp.passed.items()):
-            add(passed, key("relay_xdp_passed_packets_total", reason=reason), float(count))
-        errors = getattr(fast_path, "errors", None)
-        if errors is not None:
-            failed = family("relay_xdp_map_errors", "counter", "XDP map writes that failed, by kind.")
-            for kind in sorted(set(errors) | {"full"}):
-                add(failed, key("relay_xdp_map_errors_total", kind=kind), float(errors[kind]))
+        metrics: List[Metric] = [relayed(unit, 0, 0, xdp) for unit in ("bytes", "packets")]
+        metrics.extend(xdp_families(xdp, getattr(fast_path, "errors", None)))
+        for metric in metrics:
+            family = families.get(metric.name, (metric.name, metric.type, metric.documentation))
+            for sample in metric.samples:
+                if sample.labels.get("datapath", XDP) == XDP:
+                    add(family, _sample_key(sample.name, sample.labels), float(sample.value))
 
     def collect(self) -> Iterator[Metric]:
         merged: Dict[Tuple[str, str, str], Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]] = {}
@@ -123,7 +108,7 @@ class WorkersCollector(Collector):
         for slot in self.pool.slots:
             for name, type_, doc, samples in slot.samples:
                 for sample, labels, value in samples:
-                    add((name, type_, doc), (sample, tuple(sorted(labels.items()))), value)
+                    add((name, type_, doc), _sample_key(sample, labels), value)
             for family, values in slot.base.items():
                 for key, value in values.items():
                     add(family, key, value)
