@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, List
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from firezone_relay.adapters._twisted import cancel_call
+from firezone_relay.adapters._twisted import cancel_attributes
 from firezone_relay.workers import protocol as P
 
 if TYPE_CHECKING:
@@ -174,8 +174,7 @@ class WorkerProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = True
-        cancel_call(self._resume)
-        self._resume = None
+        cancel_attributes(self, "_resume")
         self.control.connectionLost(reason)
         self.pool.worker_ended(self.slot, self, reason)
 

@@ -20,7 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from firezone_relay.adapters._twisted import cancel_call
+from firezone_relay.adapters._twisted import cancel_attributes, cancel_call
 from firezone_relay.service import TRANSPORT_OPTIONS, relay_config, stream_limits
 from firezone_relay.workers import protocol as P
 from firezone_relay.workers.control import CONTROL_RATE, CONTROL_SHARE, SupervisorControl, WorkerProcess
@@ -176,9 +176,7 @@ class WorkerPool(Service):
             self._counters.stop()
         waits = []
         for slot in self.slots:
-            cancel_call(slot.restart_call)
-            cancel_call(slot.ready_call)
-            slot.restart_call = slot.ready_call = None
+            cancel_attributes(slot, "restart_call", "ready_call")
             process = slot.process
             if process is None or process.ended:
                 continue
@@ -240,8 +238,7 @@ class WorkerPool(Service):
     def _ready(self, result: Dict[str, Any], slot: Slot, process: WorkerProcess) -> None:
         if slot.process is not process or process.ended:
             return
-        cancel_call(slot.ready_call)
-        slot.ready_call = None
+        cancel_attributes(slot, "ready_call")
         slot.ready = True
         slot.ready_since = time.monotonic()
         log.info("worker {slot} ready (pid {pid})", slot=slot.index, pid=process.pid)
@@ -293,8 +290,7 @@ class WorkerPool(Service):
             waiter.callback(None)
         if slot.process is not process:
             return
-        cancel_call(slot.ready_call)
-        slot.ready_call = None
+        cancel_attributes(slot, "ready_call")
         was_ready, slot.ready = slot.ready, False
         ran = time.monotonic() - (slot.ready_since if was_ready else process.started)
         slot.process = None
