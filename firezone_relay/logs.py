@@ -284,8 +284,8 @@ class RelayLogger(Logger):
 
     def info(self, format: Optional[str] = None, **kwargs: object) -> None:
         """``Logger.info``, without its second call (to ``emit``, which
-        packs the keyword arguments again): the shell's allocation lines
-        are info lines."""
+        packs the keyword arguments again): the shell's channel lines are
+        info lines (its allocation lines: ``info_event``)."""
         self._emit(_INFO, format, kwargs)
 
     def info_event(self, format: str, event: dict[str, Any]) -> None:

@@ -97,7 +97,6 @@ def direct_socket(transport: Any) -> Any:
     return getattr(transport, "socket", None)
 
 
-
 def disconnect(reactor: Any, selectable: Any, why: BaseException) -> None:
     """What Twisted's ``_doReadOrWrite`` does after a read of ``selectable``
     returned or raised ``why``: remove it from the reactor and tell it the
