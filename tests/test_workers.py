@@ -524,7 +524,7 @@ class FamilyAndPortalTests(WorkersFixture, unittest.TestCase):
         from tests.helpers import ipv6_available
 
         if not ipv6_available():
-            raise unittest.SkipTest("no IPv6 loopback on this host")
+            unavailable(self, "no IPv6 loopback on this host")
         relay = self.start_relay(ipv6=True)
         clients = yield self.clients_in_both_slices(relay, family=6)
         peer, peer_addr = self.peer()
